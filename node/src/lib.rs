@@ -1,0 +1,15 @@
+//! # mode
+//!
+//! Programs built from services that start, stop, restart and are supervised, on tokio — a
+//! Rust rebuild of Python's `mode` — and (in later layers) a cluster orchestrator for them.
+//!
+//! * [`service`]: the framework (services, tasks, timers, supervisors, signals, beacon).
+//! * [`worker`]: run a root service as a program (logging, OS signals, exit codes).
+
+#![warn(missing_docs)]
+
+pub mod service;
+pub mod worker;
+
+pub use service::{Context, Service, ServiceHandle, ServiceState};
+pub use worker::Worker;

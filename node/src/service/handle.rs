@@ -1,0 +1,796 @@
+//! `ServiceHandle`: the cheap, cloneable handle to a running (or not yet running) service, and
+//! the lifecycle state machine behind it (start, stop, restart, crash and their ordering).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use super::beacon::NodeKind;
+use super::state::{wait_until, Flag};
+use super::task::TaskEntry;
+use super::traits::{BoxFuture, DynService, Hook};
+use super::{Context, CrashReason, Service, ServiceError, ServiceState};
+
+/// How long a service may take to stop before its tasks are aborted, unless configured with
+/// [`ServiceBuilder::grace_period`]. Python mode waits up to 60 s; a shorter default keeps
+/// `kubectl delete` and Ctrl-C snappy while leaving room for a clean shutdown.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+tokio::task_local! {
+    /// The service whose hook or task is running on this tokio task, so that a service asking
+    /// to stop itself (or an ancestor) does not wait for its own task to finish.
+    static CURRENT: ServiceHandle;
+}
+
+/// A handle to a service: start, stop, restart, crash, observe. Cloning is one atomic
+/// increment; all clones control the same service.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    pub(crate) cell: Arc<Cell>,
+}
+
+pub(crate) struct Cell {
+    id: u64,
+    label: Box<str>,
+    pub(crate) kind: NodeKind,
+    grace: Duration,
+    quiet: bool,
+    state: AtomicU8,
+    generation: AtomicU64,
+    restart_count: AtomicU32,
+    forced: AtomicBool,
+    /// Set once the service started and not yet cleaned up by a stop.
+    active: AtomicBool,
+    pub(crate) stop: Flag,
+    state_changed: Notify,
+    info: Mutex<Info>,
+    family: Mutex<Family>,
+    pub(crate) tasks: Mutex<Vec<TaskEntry>>,
+    pub(crate) live_tasks: AtomicUsize,
+    pub(crate) tasks_done: Notify,
+    service: tokio::sync::Mutex<Box<dyn DynService>>,
+}
+
+#[derive(Default)]
+struct Info {
+    crash_reason: Option<CrashReason>,
+    last_crash: Option<CrashReason>,
+    started_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Family {
+    parent: Option<Weak<Cell>>,
+    /// Position among the parent's declared dependencies (used by supervisors).
+    index: usize,
+    declared_initialized: bool,
+    first_start_done: bool,
+    declared: Vec<ServiceHandle>,
+    /// Added while running; they belong to the run that added them and go away on stop.
+    runtime: Vec<ServiceHandle>,
+    /// Shown in the beacon, but started and stopped by someone else (a dedicated thread).
+    mirrored: Vec<ServiceHandle>,
+    /// Set while the service supervises its children: crashes are sent here instead of
+    /// crashing this service too.
+    inbox: Option<mpsc::UnboundedSender<ServiceHandle>>,
+}
+
+/// Options for a service handle: label, grace period, log level of lifecycle lines.
+pub struct ServiceBuilder<S> {
+    service: S,
+    label: Option<String>,
+    grace: Duration,
+    quiet: bool,
+    kind: NodeKind,
+}
+
+impl<S: Service> ServiceBuilder<S> {
+    /// Name it in logs and the beacon (default: [`Service::label`]).
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// How long `on_stop`, the service's tasks and `on_shutdown` may each take when stopping
+    /// before they are cut off (default [`DEFAULT_GRACE_PERIOD`]).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Log "Starting..."/"Stopping..." at debug instead of info (mode's `mundane_level`).
+    pub fn quiet(mut self) -> Self {
+        self.quiet = true;
+        self
+    }
+
+    pub(crate) fn kind(mut self, kind: NodeKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Create the handle. Nothing runs until [`ServiceHandle::start`].
+    pub fn build(self) -> ServiceHandle {
+        let label = self.label.unwrap_or_else(|| self.service.label());
+        ServiceHandle {
+            cell: Arc::new(Cell {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                label: label.into_boxed_str(),
+                kind: self.kind,
+                grace: self.grace,
+                quiet: self.quiet,
+                state: AtomicU8::new(ServiceState::Init.as_u8()),
+                generation: AtomicU64::new(0),
+                restart_count: AtomicU32::new(0),
+                forced: AtomicBool::new(false),
+                active: AtomicBool::new(false),
+                stop: Flag::default(),
+                state_changed: Notify::new(),
+                info: Mutex::default(),
+                family: Mutex::default(),
+                tasks: Mutex::default(),
+                live_tasks: AtomicUsize::new(0),
+                tasks_done: Notify::new(),
+                service: tokio::sync::Mutex::new(Box::new(self.service)),
+            }),
+        }
+    }
+}
+
+/// Poison-tolerant lock: a panic elsewhere must not make the lifecycle unusable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ServiceHandle {
+    /// A handle for `service` with default options.
+    pub fn new<S: Service>(service: S) -> ServiceHandle {
+        ServiceHandle::builder(service).build()
+    }
+
+    /// A handle for `service` with options (label, grace period, quiet logging).
+    pub fn builder<S: Service>(service: S) -> ServiceBuilder<S> {
+        ServiceBuilder {
+            service,
+            label: None,
+            grace: DEFAULT_GRACE_PERIOD,
+            quiet: false,
+            kind: NodeKind::Service,
+        }
+    }
+
+    // ---- observation -------------------------------------------------------------------
+
+    /// A process-unique id.
+    pub fn id(&self) -> u64 {
+        self.cell.id
+    }
+
+    /// The label shown in logs and the beacon.
+    pub fn label(&self) -> &str {
+        &self.cell.label
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> ServiceState {
+        ServiceState::from_u8(self.cell.state.load(Ordering::Acquire))
+    }
+
+    /// How many times the service was restarted (by `restart` or a supervisor).
+    pub fn restart_count(&self) -> u32 {
+        self.cell.restart_count.load(Ordering::Relaxed)
+    }
+
+    /// Why the service is crashed, while it is.
+    pub fn crash_reason(&self) -> Option<CrashReason> {
+        lock(&self.cell.info).crash_reason.clone()
+    }
+
+    /// The reason of the most recent crash, kept across restarts.
+    pub fn last_crash_reason(&self) -> Option<CrashReason> {
+        lock(&self.cell.info).last_crash.clone()
+    }
+
+    /// Time since the current run started, if it is running or starting.
+    pub fn uptime(&self) -> Option<Duration> {
+        if !matches!(self.state(), ServiceState::Starting | ServiceState::Running) {
+            return None;
+        }
+        lock(&self.cell.info).started_at.map(|t| t.elapsed())
+    }
+
+    /// Whether the last stop had to abort tasks or cut a hook off at the grace period.
+    pub fn was_forced(&self) -> bool {
+        self.cell.forced.load(Ordering::Relaxed)
+    }
+
+    /// The grace period this service was built with.
+    pub fn grace_period(&self) -> Duration {
+        self.cell.grace
+    }
+
+    /// True once a stop was requested or the service crashed (mode's `should_stop`).
+    pub fn should_stop(&self) -> bool {
+        self.cell.stop.is_set()
+    }
+
+    /// The dependencies: declared ones in order, then runtime ones.
+    pub fn dependencies(&self) -> Vec<ServiceHandle> {
+        let f = lock(&self.cell.family);
+        f.declared.iter().chain(f.runtime.iter()).cloned().collect()
+    }
+
+    /// The parent that depends on this service, if any.
+    pub fn parent(&self) -> Option<ServiceHandle> {
+        let f = lock(&self.cell.family);
+        f.parent.as_ref().and_then(Weak::upgrade).map(|cell| ServiceHandle { cell })
+    }
+
+    /// `^--Label`, mode's log prefix: one dash per ancestor.
+    pub fn log_prefix(&self) -> String {
+        let mut depth = 0;
+        let mut cur = self.parent();
+        while let Some(p) = cur {
+            depth += 1;
+            cur = p.parent();
+        }
+        format!("^{}{}", "-".repeat(depth), self.label())
+    }
+
+    /// Wait until the service is `shutdown` or `crashed`.
+    pub async fn wait_until_stopped(&self) {
+        self.wait_for(ServiceState::is_terminal).await
+    }
+
+    /// Wait until the state satisfies `ready` (checked at every state change).
+    pub async fn wait_for(&self, mut ready: impl FnMut(ServiceState) -> bool) {
+        wait_until(&self.cell.state_changed, || ready(self.state())).await
+    }
+
+    /// Wait until the service reaches `state`.
+    pub async fn wait_for_state(&self, state: ServiceState) {
+        self.wait_for(|s| s == state).await
+    }
+
+    // ---- dependencies ------------------------------------------------------------------
+
+    /// Declare `child` as a dependency: it starts (in declaration order) before this service
+    /// reaches `on_started`, and stops after it. On a service that is already running, the
+    /// child starts with the next start; use [`Context::add_runtime_dependency`] to start it now.
+    pub fn add_dependency(&self, child: ServiceHandle) -> ServiceHandle {
+        let mut f = lock(&self.cell.family);
+        let index = f.declared.len();
+        child.attach(&self.cell, index);
+        f.declared.push(child.clone());
+        child
+    }
+
+    /// Stop `child` and forget it.
+    pub async fn remove_dependency(&self, child: &ServiceHandle) {
+        child.stop().await;
+        let mut f = lock(&self.cell.family);
+        f.declared.retain(|c| !c.same(child));
+        f.runtime.retain(|c| !c.same(child));
+        drop(f);
+        lock(&child.cell.family).parent = None;
+    }
+
+    pub(crate) fn add_runtime(&self, child: &ServiceHandle) {
+        let mut f = lock(&self.cell.family);
+        child.attach(&self.cell, usize::MAX);
+        f.runtime.push(child.clone());
+    }
+
+    pub(crate) fn add_mirrored(&self, child: &ServiceHandle) {
+        lock(&self.cell.family).mirrored = vec![child.clone()];
+    }
+
+    pub(crate) fn mirrored(&self) -> Vec<ServiceHandle> {
+        lock(&self.cell.family).mirrored.clone()
+    }
+
+    pub(crate) fn attach_to(&self, parent: &ServiceHandle) {
+        self.attach(&parent.cell, usize::MAX);
+    }
+
+    pub(crate) fn reset_for_thread(&self) {
+        self.reset();
+    }
+
+    fn attach(&self, parent: &Arc<Cell>, index: usize) {
+        let mut f = lock(&self.cell.family);
+        f.parent = Some(Arc::downgrade(parent));
+        f.index = index;
+    }
+
+    pub(crate) fn index_in_parent(&self) -> usize {
+        lock(&self.cell.family).index
+    }
+
+    pub(crate) fn set_inbox(&self, inbox: Option<mpsc::UnboundedSender<ServiceHandle>>) {
+        lock(&self.cell.family).inbox = inbox;
+    }
+
+    /// Whether both handles control the same service.
+    pub fn same(&self, other: &ServiceHandle) -> bool {
+        Arc::ptr_eq(&self.cell, &other.cell)
+    }
+
+    // ---- lifecycle ---------------------------------------------------------------------
+
+    /// Start the service: hooks, tasks and dependencies, as described on [`Service`].
+    ///
+    /// Fails with [`ServiceError::StartFailed`] if a hook returns an error, a task crashes
+    /// during the start, or a dependency fails to start (the reason names it); the service is
+    /// then `crashed` and whatever it had started is stopped again.
+    pub fn start(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move {
+            let mut svc = self.cell.service.lock().await;
+            let state = self.state();
+            if state != ServiceState::Init {
+                return Err(ServiceError::NotStartable {
+                    service: self.label().to_string(),
+                    state,
+                });
+            }
+            self.start_locked(&mut svc).await
+        })
+    }
+
+    /// Start if never started; `Ok(false)` if it was already started.
+    pub async fn maybe_start(&self) -> Result<bool, ServiceError> {
+        match self.start().await {
+            Ok(()) => Ok(true),
+            Err(ServiceError::NotStartable { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stop the service and everything it started; idempotent, never hangs longer than the
+    /// grace periods involved.
+    ///
+    /// Called from one of the service's own tasks or hooks (or a descendant's), it cannot wait
+    /// for itself: it then starts the stop and returns at once.
+    pub fn stop(&self) -> BoxFuture<'_, ()> {
+        self.cell.stop.set();
+        if self.called_from_within() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut svc = me.cell.service.lock().await;
+                me.stop_locked(&mut svc).await;
+            });
+            return Box::pin(async {});
+        }
+        Box::pin(async move {
+            let mut svc = self.cell.service.lock().await;
+            self.stop_locked(&mut svc).await;
+        })
+    }
+
+    /// Stop, reset (restart count + 1, crash cleared), `on_restart`, start again.
+    /// From within the service's own tasks it runs in the background and returns at once.
+    pub fn restart(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
+        if self.called_from_within() {
+            self.cell.stop.set();
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = me.restart_now().await;
+            });
+            return Box::pin(async { Ok(()) });
+        }
+        Box::pin(self.restart_now())
+    }
+
+    async fn restart_now(&self) -> Result<(), ServiceError> {
+        self.cell.stop.set();
+        let mut svc = self.cell.service.lock().await;
+        self.stop_locked(&mut svc).await;
+        self.reset();
+        let ctx = self.context();
+        if let Err(e) = self.run_hook(&mut svc, Hook::Restart, &ctx, None).await {
+            let reason = CrashReason::new(format!("on_restart failed: {e}"));
+            return Err(self.fail_start(&mut svc, reason).await);
+        }
+        self.start_locked(&mut svc).await
+    }
+
+    /// Mark the service crashed with `reason`: its tasks see `should_stop`, its sleeps wake, and
+    /// the crash goes to its supervisor, or to its parent (which then crashes too) when the
+    /// parent does not supervise. Returns false if the service was not starting or running.
+    pub fn crash(&self, reason: impl Into<CrashReason>) -> bool {
+        let reason = reason.into();
+        let mut current = self.cell.state.load(Ordering::Acquire);
+        loop {
+            let state = ServiceState::from_u8(current);
+            if !matches!(state, ServiceState::Starting | ServiceState::Running) {
+                tracing::debug!("[{}]: ignoring crash while {state}: {reason}", self.log_prefix());
+                return false;
+            }
+            match self.cell.state.compare_exchange(
+                current,
+                ServiceState::Crashed.as_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    {
+                        let mut info = lock(&self.cell.info);
+                        info.crash_reason = Some(reason.clone());
+                        info.last_crash = Some(reason.clone());
+                    }
+                    self.cell.stop.set();
+                    self.cell.state_changed.notify_waiters();
+                    tracing::error!(
+                        "[{}]: Crashed (restarts so far: {}): {reason}",
+                        self.log_prefix(),
+                        self.restart_count()
+                    );
+                    // A crash during start is reported by `start`'s result, not escalated.
+                    if state == ServiceState::Running {
+                        self.escalate(&reason);
+                    }
+                    return true;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn escalate(&self, reason: &CrashReason) {
+        let (parent, inbox) = {
+            let f = lock(&self.cell.family);
+            let parent = f.parent.as_ref().and_then(Weak::upgrade);
+            let inbox = parent.as_ref().and_then(|p| lock(&p.family).inbox.clone());
+            (parent, inbox)
+        };
+        let Some(parent) = parent else { return };
+        let parent = ServiceHandle { cell: parent };
+        if let Some(inbox) = inbox {
+            if inbox.send(self.clone()).is_ok() {
+                return;
+            }
+        }
+        parent.crash(format!("dependency '{}' crashed: {reason}", self.label()));
+    }
+
+    // ---- internals ---------------------------------------------------------------------
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.cell.generation.load(Ordering::Acquire)
+    }
+
+    fn context(&self) -> Context {
+        Context::new(self.clone(), self.generation())
+    }
+
+    fn set_state(&self, state: ServiceState) {
+        self.cell.state.store(state.as_u8(), Ordering::Release);
+        self.cell.state_changed.notify_waiters();
+    }
+
+    /// Whether the current tokio task is running a hook or task of this service or of one of
+    /// its descendants.
+    fn called_from_within(&self) -> bool {
+        CURRENT
+            .try_with(|current| {
+                let mut cur = Some(current.clone());
+                while let Some(c) = cur {
+                    if c.same(self) {
+                        return true;
+                    }
+                    cur = c.parent();
+                }
+                false
+            })
+            .unwrap_or(false)
+    }
+
+    /// Run `fut` as code of this service (see `called_from_within`).
+    pub(crate) fn scope<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        CURRENT.scope(self.clone(), fut)
+    }
+
+    fn log_lifecycle(&self, what: &str) {
+        if self.cell.quiet {
+            tracing::debug!("[{}]: {what}", self.log_prefix());
+        } else {
+            tracing::info!("[{}]: {what}", self.log_prefix());
+        }
+    }
+
+    /// Run a hook. With `deadline`, cut it off then (stop hooks); without, abandon it when a
+    /// stop is requested (start hooks), reported as `Ok`.
+    async fn run_hook(
+        &self,
+        svc: &mut Box<dyn DynService>,
+        hook: Hook,
+        ctx: &Context,
+        deadline: Option<Duration>,
+    ) -> Result<(), HookFailure> {
+        let fut = self.scope(svc.call(hook, ctx));
+        match deadline {
+            Some(limit) => match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r.map_err(|e| HookFailure::Error(e.to_string())),
+                Err(_) => Err(HookFailure::TimedOut(limit)),
+            },
+            None => {
+                tokio::select! {
+                    r = fut => r.map_err(|e| HookFailure::Error(e.to_string())),
+                    _ = self.cell.stop.wait() => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn start_locked(&self, svc: &mut Box<dyn DynService>) -> Result<(), ServiceError> {
+        let cell = &self.cell;
+        cell.generation.fetch_add(1, Ordering::AcqRel);
+        cell.stop.reset();
+        cell.forced.store(false, Ordering::Relaxed);
+        cell.active.store(true, Ordering::Release);
+        {
+            let mut info = lock(&cell.info);
+            info.crash_reason = None;
+            info.started_at = Some(Instant::now());
+        }
+        self.set_state(ServiceState::Starting);
+        self.log_lifecycle("Starting...");
+        let ctx = self.context();
+
+        let first_start = {
+            let mut f = lock(&cell.family);
+            let first = !f.first_start_done;
+            f.first_start_done = true;
+            first
+        };
+        if !lock(&cell.family).declared_initialized {
+            let declared = svc.dependencies();
+            lock(&cell.family).declared_initialized = true;
+            for child in declared {
+                self.add_dependency(child);
+            }
+        }
+
+        let hooks: &[Hook] = if first_start { &[Hook::FirstStart, Hook::Start] } else { &[Hook::Start] };
+        for &hook in hooks {
+            if let Err(e) = self.run_hook(svc, hook, &ctx, None).await {
+                let reason = CrashReason::new(format!("{} failed: {e}", hook.name()));
+                return Err(self.fail_start(svc, reason).await);
+            }
+            if let Some(r) = self.interrupted() {
+                return self.finish_interrupted(svc, r).await;
+            }
+        }
+
+        let declared = lock(&cell.family).declared.clone();
+        for child in declared {
+            let started = tokio::select! {
+                r = child.maybe_start() => Some(r),
+                _ = cell.stop.wait() => None,
+            };
+            match started {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let why = e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string());
+                    let reason = CrashReason::new(format!(
+                        "dependency '{}' failed to start: {why}",
+                        child.label()
+                    ));
+                    return Err(self.fail_start(svc, reason).await);
+                }
+                None => break,
+            }
+        }
+        if let Some(r) = self.interrupted() {
+            return self.finish_interrupted(svc, r).await;
+        }
+
+        if let Err(e) = self.run_hook(svc, Hook::Started, &ctx, None).await {
+            let reason = CrashReason::new(format!("on_started failed: {e}"));
+            return Err(self.fail_start(svc, reason).await);
+        }
+        if let Some(r) = self.interrupted() {
+            return self.finish_interrupted(svc, r).await;
+        }
+        let promoted = cell
+            .state
+            .compare_exchange(
+                ServiceState::Starting.as_u8(),
+                ServiceState::Running.as_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if promoted {
+            cell.state_changed.notify_waiters();
+            Ok(())
+        } else {
+            let r = self.interrupted().unwrap_or(Ok(()));
+            self.finish_interrupted(svc, r).await
+        }
+    }
+
+    /// After a start step: `Some(Err)` if the service crashed meanwhile, `Some(Ok)` if a stop
+    /// was requested, `None` to go on.
+    fn interrupted(&self) -> Option<Result<(), CrashReason>> {
+        if let Some(reason) = self.crash_reason() {
+            return Some(Err(reason));
+        }
+        self.cell.stop.is_set().then_some(Ok(()))
+    }
+
+    async fn finish_interrupted(
+        &self,
+        svc: &mut Box<dyn DynService>,
+        r: Result<(), CrashReason>,
+    ) -> Result<(), ServiceError> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(self.fail_start(svc, reason).await),
+        }
+    }
+
+    /// Mark a failed start as a crash (without escalating: the caller of `start` gets the
+    /// error) and stop whatever the start had already started.
+    async fn fail_start(&self, svc: &mut Box<dyn DynService>, reason: CrashReason) -> ServiceError {
+        let reason = {
+            let mut info = lock(&self.cell.info);
+            let reason = info.crash_reason.clone().unwrap_or(reason);
+            info.crash_reason = Some(reason.clone());
+            info.last_crash = Some(reason.clone());
+            reason
+        };
+        self.set_state(ServiceState::Crashed);
+        self.cell.stop.set();
+        tracing::error!("[{}]: Failed to start: {reason}", self.log_prefix());
+        self.stop_locked(svc).await;
+        ServiceError::StartFailed {
+            service: self.label().to_string(),
+            reason,
+        }
+    }
+
+    async fn stop_locked(&self, svc: &mut Box<dyn DynService>) {
+        let cell = &self.cell;
+        cell.stop.set();
+        if !cell.active.load(Ordering::Acquire) {
+            if self.state() == ServiceState::Init {
+                self.set_state(ServiceState::Shutdown);
+            }
+            return;
+        }
+        self.set_state(ServiceState::Stopping);
+        self.log_lifecycle("Stopping...");
+        let grace = cell.grace;
+        let deadline = Instant::now() + grace;
+        let ctx = self.context();
+
+        if let Err(e) = self.run_hook(svc, Hook::Stop, &ctx, Some(grace)).await {
+            self.note_stop_problem(Hook::Stop, e);
+        }
+        self.join_tasks(deadline).await;
+
+        let (runtime, declared) = {
+            let mut f = lock(&cell.family);
+            (std::mem::take(&mut f.runtime), f.declared.clone())
+        };
+        for child in runtime.iter().rev().chain(declared.iter().rev()) {
+            child.stop().await;
+        }
+        for child in &runtime {
+            lock(&child.cell.family).parent = None;
+        }
+
+        if let Err(e) = self.run_hook(svc, Hook::Shutdown, &ctx, Some(grace)).await {
+            self.note_stop_problem(Hook::Shutdown, e);
+        }
+        cell.active.store(false, Ordering::Release);
+        let final_state = if self.crash_reason().is_some() {
+            ServiceState::Crashed
+        } else {
+            ServiceState::Shutdown
+        };
+        self.set_state(final_state);
+        if self.was_forced() {
+            self.log_lifecycle(&format!("-Stopped! (forced after the {grace:?} grace period)"));
+        } else {
+            self.log_lifecycle("-Stopped!");
+        }
+    }
+
+    fn note_stop_problem(&self, hook: Hook, failure: HookFailure) {
+        match failure {
+            HookFailure::Error(e) => {
+                tracing::warn!("[{}]: {} failed: {e}", self.log_prefix(), hook.name())
+            }
+            HookFailure::TimedOut(limit) => {
+                self.cell.forced.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "[{}]: {} did not finish within the {limit:?} grace period; cut off",
+                    self.log_prefix(),
+                    hook.name()
+                )
+            }
+        }
+    }
+
+    /// Wait for the service's tasks until `deadline`, then abort the rest and wait for the
+    /// aborts to land, so nothing the service spawned outlives its stop.
+    async fn join_tasks(&self, deadline: Instant) {
+        let cell = &self.cell;
+        let done = || cell.live_tasks.load(Ordering::Acquire) == 0;
+        let finished =
+            tokio::time::timeout_at(deadline, wait_until(&cell.tasks_done, done)).await.is_ok();
+        if !finished {
+            {
+                let entries = lock(&cell.tasks);
+                let hung: Vec<&str> =
+                    entries.iter().filter(|t| t.is_running()).map(|t| t.name()).collect();
+                tracing::warn!(
+                    "[{}]: aborting tasks still running after the {:?} grace period: {}",
+                    self.log_prefix(),
+                    cell.grace,
+                    hung.join(", ")
+                );
+                for t in entries.iter() {
+                    t.abort();
+                }
+            }
+            cell.forced.store(true, Ordering::Relaxed);
+            let aborted = tokio::time::timeout(
+                Duration::from_secs(1),
+                wait_until(&cell.tasks_done, done),
+            )
+            .await;
+            if aborted.is_err() {
+                tracing::error!(
+                    "[{}]: tasks still running after abort (blocking the thread?)",
+                    self.log_prefix()
+                );
+            }
+        }
+        lock(&cell.tasks).clear();
+    }
+
+    /// Back to `init` for the next start; dependencies are reset too.
+    fn reset(&self) {
+        self.cell.restart_count.fetch_add(1, Ordering::Relaxed);
+        lock(&self.cell.info).crash_reason = None;
+        self.set_state(ServiceState::Init);
+        let declared = lock(&self.cell.family).declared.clone();
+        for child in declared {
+            if child.state().is_terminal() {
+                child.reset();
+            }
+        }
+    }
+}
+
+enum HookFailure {
+    Error(String),
+    TimedOut(Duration),
+}
+
+impl fmt::Display for HookFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookFailure::Error(e) => f.write_str(e),
+            HookFailure::TimedOut(d) => write!(f, "timed out after {d:?}"),
+        }
+    }
+}
+
+impl fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{}: {}>", self.label(), self.state())
+    }
+}
