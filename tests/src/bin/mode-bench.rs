@@ -310,6 +310,10 @@ fn services_suite(cli: &Cli) -> anyhow::Result<Value> {
          {TARGET_SPEEDUP:.0}x faster than Python mode-ng ({PY_10K_START_STOP_MS:.0} ms)"
     );
     println!("  tree = root -> k -> k*k -> leaves (k = floor(cbrt N)), N services in total");
+    println!(
+        "  bytes/svc = VmRSS growth over construct+start / services; at small N it is dominated \
+         by fixed, page-granular process costs"
+    );
     Ok(Value::Object(out))
 }
 
@@ -393,6 +397,9 @@ fn timers_suite(cli: &Cli) -> anyhow::Result<Value> {
             }
         }
         let fires = late.len();
+        if fires == 0 {
+            bail!("no timer fired during the measurement window");
+        }
         let gaps = late.iter().filter(|&&l| l >= 50.0).count();
         late.sort_by(f64::total_cmp);
         drift.sort_by(f64::total_cmp);
