@@ -118,7 +118,9 @@ impl ServiceHandle {
             crash_reason: self.crash_reason().map(|r| r.to_string()),
             last_crash_reason: self.last_crash_reason().map(|r| r.to_string()),
             uptime_s: self.uptime().map(|d| d.as_secs_f64()),
-            detail: self.was_forced().then(|| "last stop was forced".to_string()),
+            detail: self
+                .was_forced()
+                .then(|| "last stop was forced".to_string()),
             children,
         }
     }
@@ -176,7 +178,11 @@ impl BeaconNode {
         let n = self.children.len();
         for (i, child) in self.children.iter().enumerate() {
             let last = i + 1 == n;
-            let (branch, cont) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+            let (branch, cont) = if last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
             child.write_tree(out, &format!("{rest}{branch}"), &format!("{rest}{cont}"));
         }
     }

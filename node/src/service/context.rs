@@ -3,8 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::cron::{CronError, CronSchedule};
@@ -199,7 +199,10 @@ impl Context {
         fut: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
     ) {
         if self.should_stop() {
-            tracing::debug!("[{}]: not spawning '{name}': stopping", self.handle.log_prefix());
+            tracing::debug!(
+                "[{}]: not spawning '{name}': stopping",
+                self.handle.log_prefix()
+            );
             return;
         }
         spawn_owned(&self.handle, name, kind, timer, fut);

@@ -41,14 +41,31 @@ struct Field {
     names: &'static [&'static str],
 }
 
-const MINUTE: Field = Field { name: "minute", min: 0, max: 59, names: &[] };
-const HOUR: Field = Field { name: "hour", min: 0, max: 23, names: &[] };
-const DAY: Field = Field { name: "day of month", min: 1, max: 31, names: &[] };
+const MINUTE: Field = Field {
+    name: "minute",
+    min: 0,
+    max: 59,
+    names: &[],
+};
+const HOUR: Field = Field {
+    name: "hour",
+    min: 0,
+    max: 23,
+    names: &[],
+};
+const DAY: Field = Field {
+    name: "day of month",
+    min: 1,
+    max: 31,
+    names: &[],
+};
 const MONTH: Field = Field {
     name: "month",
     min: 1,
     max: 12,
-    names: &["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"],
+    names: &[
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ],
 };
 const WEEKDAY: Field = Field {
     name: "day of week",
@@ -64,7 +81,11 @@ impl Field {
             return Ok(i as u32 + if self.min == 1 { 1 } else { 0 });
         }
         let v: u32 = text.parse().map_err(|_| {
-            format!("{} field: '{text}' is not a number{}", self.name, self.hint())
+            format!(
+                "{} field: '{text}' is not a number{}",
+                self.name,
+                self.hint()
+            )
         })?;
         if v < self.min || v > self.max {
             return Err(format!(
@@ -180,20 +201,23 @@ impl CronSchedule {
     /// `None` if the expression never fires (e.g. `0 0 30 2 *`) within the next 8 years.
     pub fn next_after(&self, unix_secs: i64) -> Option<i64> {
         let start_minute = unix_secs.div_euclid(60) + 1;
-        let mut day = start_minute.div_euclid(1440);
-        let mut minute_of_day = start_minute.rem_euclid(1440);
-        for _ in 0..(366 * 8) {
+        let first_day = start_minute.div_euclid(1440);
+        for day in first_day..first_day + 366 * 8 {
             let (y, m, d) = civil_from_days(day);
-            if self.day_matches(y, m, d) {
-                for mod_ in minute_of_day..1440 {
-                    let (h, mi) = ((mod_ / 60) as u32, (mod_ % 60) as u32);
-                    if self.hours & (1 << h) != 0 && self.minutes & (1 << mi) != 0 {
-                        return Some((day * 1440 + mod_) * 60);
-                    }
+            if !self.day_matches(y, m, d) {
+                continue;
+            }
+            let from = if day == first_day {
+                start_minute.rem_euclid(1440)
+            } else {
+                0
+            };
+            for minute_of_day in from..1440 {
+                let (h, mi) = ((minute_of_day / 60) as u32, (minute_of_day % 60) as u32);
+                if self.hours & (1 << h) != 0 && self.minutes & (1 << mi) != 0 {
+                    return Some((day * 1440 + minute_of_day) * 60);
                 }
             }
-            day += 1;
-            minute_of_day = 0;
         }
         None
     }

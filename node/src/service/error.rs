@@ -56,7 +56,9 @@ impl From<String> for CrashReason {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ServiceError {
     /// `start` was called on a service that is not in the `init` state.
-    #[error("service '{service}' cannot start from state {state}: use restart() to start it again")]
+    #[error(
+        "service '{service}' cannot start from state {state}: use restart() to start it again"
+    )]
     NotStartable {
         /// The service's label.
         service: String,

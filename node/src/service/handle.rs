@@ -229,7 +229,10 @@ impl ServiceHandle {
     /// The parent that depends on this service, if any.
     pub fn parent(&self) -> Option<ServiceHandle> {
         let f = lock(&self.cell.family);
-        f.parent.as_ref().and_then(Weak::upgrade).map(|cell| ServiceHandle { cell })
+        f.parent
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .map(|cell| ServiceHandle { cell })
     }
 
     /// `^--Label`, mode's log prefix: one dash per ancestor.
@@ -409,7 +412,10 @@ impl ServiceHandle {
         loop {
             let state = ServiceState::from_u8(current);
             if !matches!(state, ServiceState::Starting | ServiceState::Running) {
-                tracing::debug!("[{}]: ignoring crash while {state}: {reason}", self.log_prefix());
+                tracing::debug!(
+                    "[{}]: ignoring crash while {state}: {reason}",
+                    self.log_prefix()
+                );
                 return false;
             }
             match self.cell.state.compare_exchange(
@@ -560,7 +566,11 @@ impl ServiceHandle {
             }
         }
 
-        let hooks: &[Hook] = if first_start { &[Hook::FirstStart, Hook::Start] } else { &[Hook::Start] };
+        let hooks: &[Hook] = if first_start {
+            &[Hook::FirstStart, Hook::Start]
+        } else {
+            &[Hook::Start]
+        };
         for &hook in hooks {
             if let Err(e) = self.run_hook(svc, hook, &ctx, None).await {
                 let reason = CrashReason::new(format!("{} failed: {e}", hook.name()));
@@ -580,7 +590,10 @@ impl ServiceHandle {
             match started {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    let why = e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string());
+                    let why = e
+                        .reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| e.to_string());
                     let reason = CrashReason::new(format!(
                         "dependency '{}' failed to start: {why}",
                         child.label()
@@ -701,7 +714,9 @@ impl ServiceHandle {
         };
         self.set_state(final_state);
         if self.was_forced() {
-            self.log_lifecycle(&format!("-Stopped! (forced after the {grace:?} grace period)"));
+            self.log_lifecycle(&format!(
+                "-Stopped! (forced after the {grace:?} grace period)"
+            ));
         } else {
             self.log_lifecycle("-Stopped!");
         }
@@ -728,13 +743,17 @@ impl ServiceHandle {
     async fn join_tasks(&self, deadline: Instant) {
         let cell = &self.cell;
         let done = || cell.live_tasks.load(Ordering::Acquire) == 0;
-        let finished =
-            tokio::time::timeout_at(deadline, wait_until(&cell.tasks_done, done)).await.is_ok();
+        let finished = tokio::time::timeout_at(deadline, wait_until(&cell.tasks_done, done))
+            .await
+            .is_ok();
         if !finished {
             {
                 let entries = lock(&cell.tasks);
-                let hung: Vec<&str> =
-                    entries.iter().filter(|t| t.is_running()).map(|t| t.name()).collect();
+                let hung: Vec<&str> = entries
+                    .iter()
+                    .filter(|t| t.is_running())
+                    .map(|t| t.name())
+                    .collect();
                 tracing::warn!(
                     "[{}]: aborting tasks still running after the {:?} grace period: {}",
                     self.log_prefix(),
@@ -746,11 +765,9 @@ impl ServiceHandle {
                 }
             }
             cell.forced.store(true, Ordering::Relaxed);
-            let aborted = tokio::time::timeout(
-                Duration::from_secs(1),
-                wait_until(&cell.tasks_done, done),
-            )
-            .await;
+            let aborted =
+                tokio::time::timeout(Duration::from_secs(1), wait_until(&cell.tasks_done, done))
+                    .await;
             if aborted.is_err() {
                 tracing::error!(
                     "[{}]: tasks still running after abort (blocking the thread?)",

@@ -112,7 +112,13 @@ where
             let mut r = lock(&self.inner);
             let id = r.next_id;
             r.next_id += 1;
-            r.entries.insert(id, Entry { only_from, receiver });
+            r.entries.insert(
+                id,
+                Entry {
+                    only_from,
+                    receiver,
+                },
+            );
             id
         };
         let weak: Weak<Mutex<Receivers<S, T>>> = Arc::downgrade(&self.inner);
@@ -131,7 +137,11 @@ where
     }
 
     /// Connect a synchronous receiver for one sender only.
-    pub fn connect_from(&self, sender: S, f: impl Fn(&S, &T) + Send + Sync + 'static) -> Connection {
+    pub fn connect_from(
+        &self,
+        sender: S,
+        f: impl Fn(&S, &T) + Send + Sync + 'static,
+    ) -> Connection {
         self.add(Some(sender), Receiver::Sync(Arc::new(f)))
     }
 
@@ -141,7 +151,10 @@ where
         F: Fn(S, T) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.add(None, Receiver::Async(Arc::new(move |s, t| Box::pin(f(s, t)))))
+        self.add(
+            None,
+            Receiver::Async(Arc::new(move |s, t| Box::pin(f(s, t)))),
+        )
     }
 
     /// Connect an async receiver for one sender only.
@@ -150,7 +163,10 @@ where
         F: Fn(S, T) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.add(Some(sender), Receiver::Async(Arc::new(move |s, t| Box::pin(f(s, t)))))
+        self.add(
+            Some(sender),
+            Receiver::Async(Arc::new(move |s, t| Box::pin(f(s, t)))),
+        )
     }
 
     /// Number of connected receivers.
@@ -191,7 +207,9 @@ where
                     Ok(rt) => {
                         rt.spawn(f(sender.clone(), value.clone()));
                     }
-                    Err(_) => tracing::warn!("signal: async receiver skipped outside a tokio runtime"),
+                    Err(_) => {
+                        tracing::warn!("signal: async receiver skipped outside a tokio runtime")
+                    }
                 },
             }
         }

@@ -211,7 +211,10 @@ impl Supervisor {
             .label
             .clone()
             .unwrap_or_else(|| self.config.strategy.label().to_string());
-        ServiceHandle::builder(self).label(label).kind(NodeKind::Supervisor).build()
+        ServiceHandle::builder(self)
+            .label(label)
+            .kind(NodeKind::Supervisor)
+            .build()
     }
 }
 
@@ -289,12 +292,13 @@ impl Supervision {
                 biased;
                 _ = &mut stop => return Ok(()),
                 msg = inbox.recv() => match msg {
-                    Some(child) => {
-                        if !self.on_crash(child) {
-                            return Ok(());
-                        }
-                        continue;
-                    }
+                    Some(child) => match self.on_crash(child) {
+                        Decision::GiveUp => return Ok(()),
+                        Decision::Wait => continue,
+                        // Not through the timer: tokio rounds deadlines up to the next
+                        // millisecond, which would make every restart take ~1 ms.
+                        Decision::RestartNow(child) => child,
+                    },
                     None => return Ok(()),
                 },
                 _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
@@ -310,10 +314,10 @@ impl Supervision {
         }
     }
 
-    /// Handle a crash report. Returns false when the supervisor gave up (intensity exceeded).
-    fn on_crash(&mut self, child: ServiceHandle) -> bool {
+    /// Decide what to do about a crashed child.
+    fn on_crash(&mut self, child: ServiceHandle) -> Decision {
         if self.ctx.should_stop() || !self.is_our_child(&child) {
-            return true;
+            return Decision::Wait;
         }
         let me = self.ctx.handle().log_prefix();
         let reason = child
@@ -337,7 +341,7 @@ impl Supervision {
                         c.stop().await;
                     }
                 });
-                return true;
+                return Decision::Wait;
             }
             Strategy::OneForOne | Strategy::OneForAll | Strategy::RestForOne => {}
         }
@@ -346,7 +350,11 @@ impl Supervision {
             max_restarts,
             within,
         } = self.config.intensity;
-        while self.restarts.front().is_some_and(|t| now.duration_since(*t) >= within) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= within)
+        {
             self.restarts.pop_front();
         }
         if self.restarts.len() as u64 >= max_restarts as u64 {
@@ -357,7 +365,7 @@ impl Supervision {
                 within,
             );
             self.ctx.crash(reason);
-            return false;
+            return Decision::GiveUp;
         }
         self.restarts.push_back(now);
         let backoff = self.config.backoff;
@@ -379,10 +387,14 @@ impl Supervision {
             self.restarts.len(),
             if delay.is_zero() { "now".to_string() } else { format!("in {delay:?}") }
         );
-        if !self.pending.iter().any(|(_, c)| c.same(&child)) {
-            self.pending.push((now + delay, child));
+        if self.pending.iter().any(|(_, c)| c.same(&child)) {
+            return Decision::Wait;
         }
-        true
+        if delay.is_zero() {
+            return Decision::RestartNow(child);
+        }
+        self.pending.push((now + delay, child));
+        Decision::Wait
     }
 
     fn is_our_child(&self, child: &ServiceHandle) -> bool {
@@ -390,36 +402,68 @@ impl Supervision {
     }
 
     async fn restart(&mut self, child: ServiceHandle) {
-        if self.ctx.should_stop() {
-            return;
-        }
-        let children = self.ctx.handle().dependencies();
-        let (to_stop, to_restart): (Vec<ServiceHandle>, Vec<ServiceHandle>) = match self.config.strategy {
-            Strategy::OneForAll => (children.clone(), children),
-            Strategy::RestForOne => {
-                let idx = child.index_in_parent().min(children.len());
-                let rest: Vec<ServiceHandle> = children[idx..].to_vec();
-                (rest.clone(), rest)
-            }
-            _ => (vec![], vec![child.clone()]),
-        };
-        for c in to_stop.iter().rev() {
-            if !c.same(&child) {
-                c.stop().await;
-            }
-        }
-        for c in to_restart {
+        let mut next = Some(child);
+        while let Some(child) = next.take() {
             if self.ctx.should_stop() {
                 return;
             }
-            if let Err(e) = c.restart().await {
-                // A failed restart is one more crash of that child.
-                tracing::warn!("[{}]: restart failed: {e}", self.ctx.handle().log_prefix());
-                if !self.on_crash(c) {
-                    return;
-                }
+            // A failed restart is one more crash of that child.
+            let Err(failed) = self.restart_once(&child).await else {
                 return;
-            }
+            };
+            next = match self.on_crash(failed) {
+                Decision::RestartNow(c) => Some(c),
+                Decision::Wait | Decision::GiveUp => None,
+            };
         }
     }
+
+    /// Restart what the strategy says; on failure, the child that failed to start.
+    async fn restart_once(
+        &mut self,
+        child: &ServiceHandle,
+    ) -> std::result::Result<(), ServiceHandle> {
+        let group = match self.config.strategy {
+            Strategy::OneForAll => self.ctx.handle().dependencies(),
+            Strategy::RestForOne => {
+                let children = self.ctx.handle().dependencies();
+                let idx = child.index_in_parent().min(children.len());
+                children[idx..].to_vec()
+            }
+            // One-for-one touches only the crashed child, whatever the number of siblings.
+            _ => {
+                return match child.restart().await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!("[{}]: restart failed: {e}", self.ctx.handle().log_prefix());
+                        Err(child.clone())
+                    }
+                };
+            }
+        };
+        for c in group.iter().rev() {
+            if !c.same(child) {
+                c.stop().await;
+            }
+        }
+        for c in group {
+            if self.ctx.should_stop() {
+                return Ok(());
+            }
+            if let Err(e) = c.restart().await {
+                tracing::warn!("[{}]: restart failed: {e}", self.ctx.handle().log_prefix());
+                return Err(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Decision {
+    /// Restart this child now.
+    RestartNow(ServiceHandle),
+    /// Nothing to do now (ignored, forfeited, or scheduled after a backoff).
+    Wait,
+    /// The intensity was exceeded and the supervisor crashed itself.
+    GiveUp,
 }

@@ -52,7 +52,10 @@ impl Service for ThreadService {
         }
         let name = format!("mode:{}", inner.label());
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = started_tx.send(Err(CrashReason::new(format!(

@@ -29,14 +29,23 @@ where
     Fut: Future<Output = Result<()>>,
 {
     let interval = spec.interval.max(MIN_INTERVAL);
-    let mut next = Instant::now() + if spec.exec_first { Duration::ZERO } else { interval };
+    let mut next = Instant::now()
+        + if spec.exec_first {
+            Duration::ZERO
+        } else {
+            interval
+        };
     let stop = ctx.stopped();
     tokio::pin!(stop);
+    // One timer entry for the timer's whole life, re-armed each tick.
+    let sleep = sleep_until(next);
+    tokio::pin!(sleep);
     loop {
+        sleep.as_mut().reset(next);
         tokio::select! {
             biased;
             _ = &mut stop => return Ok(()),
-            _ = sleep_until(next) => {}
+            _ = sleep.as_mut() => {}
         }
         let lateness = Instant::now().saturating_duration_since(next);
         stats.record_fire(lateness);
@@ -66,7 +75,11 @@ where
     }
 }
 
-pub(crate) async fn run_cron<F, Fut>(ctx: &Context, schedule: &CronSchedule, mut body: F) -> Result<()>
+pub(crate) async fn run_cron<F, Fut>(
+    ctx: &Context,
+    schedule: &CronSchedule,
+    mut body: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,

@@ -38,7 +38,8 @@ impl BlockingDetector {
         let beat = shared.clone();
         let probe = tokio::spawn(async move {
             loop {
-                beat.last_beat_ms.store(beat.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+                beat.last_beat_ms
+                    .store(beat.base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 // std time, not tokio's: a paused test clock must not look like a blocked runtime.
                 let until = std::time::Instant::now() + period;
                 tokio::time::sleep(until - std::time::Instant::now()).await;

@@ -21,7 +21,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format '{other}': use 'text' or 'json'")),
+            other => Err(format!(
+                "unknown log format '{other}': use 'text' or 'json'"
+            )),
         }
     }
 }
@@ -76,7 +78,9 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
         filter: config.level.clone().unwrap_or(filter_text.clone()),
         message: e.to_string(),
     })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let result = match (&config.file, config.format) {
         (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
         (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),

@@ -48,6 +48,7 @@ pub struct Worker {
     install_logging: bool,
     shutdown_timeout: Duration,
     blocking_threshold: Option<Duration>,
+    worker_threads: Option<usize>,
 }
 
 /// How a worker run ended.
@@ -115,6 +116,7 @@ impl Worker {
             install_logging: true,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             blocking_threshold: Some(DEFAULT_BLOCKING_THRESHOLD),
+            worker_threads: None,
         }
     }
 
@@ -155,6 +157,15 @@ impl Worker {
         self
     }
 
+    /// Runtime worker threads for [`Worker::run`] (default: one per core).
+    ///
+    /// The blocking detector notices a blocked runtime when its probe cannot run; with several
+    /// worker threads, one blocked thread among healthy ones usually goes unnoticed.
+    pub fn worker_threads(mut self, threads: usize) -> Self {
+        self.worker_threads = Some(threads.max(1));
+        self
+    }
+
     /// The worker's root service (its services are the dependencies).
     pub fn handle(&self) -> &ServiceHandle {
         &self.root
@@ -167,7 +178,11 @@ impl Worker {
 
     /// Run on a new multi-threaded tokio runtime until stopped; returns the exit status.
     pub fn run(self) -> ExitCode {
-        let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.worker_threads {
+            builder.worker_threads(n);
+        }
+        let rt = match builder.enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("error: could not start the tokio runtime: {e}");

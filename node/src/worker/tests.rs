@@ -35,7 +35,10 @@ fn worker(svc: ServiceHandle) -> Worker {
 
 #[tokio::test]
 async fn a_clean_stop_exits_zero() {
-    let w = worker(ServiceHandle::new(Quits { after: Duration::from_millis(10), fail: false }));
+    let w = worker(ServiceHandle::new(Quits {
+        after: Duration::from_millis(10),
+        fail: false,
+    }));
     let exit = w.run_async().await;
     assert_eq!(exit, WorkerExit::Stopped);
     assert_eq!(exit.code(), 0);
@@ -43,10 +46,15 @@ async fn a_clean_stop_exits_zero() {
 
 #[tokio::test]
 async fn a_crash_exits_non_zero_with_the_reason() {
-    let w = worker(ServiceHandle::new(Quits { after: Duration::from_millis(10), fail: true }));
+    let w = worker(ServiceHandle::new(Quits {
+        after: Duration::from_millis(10),
+        fail: true,
+    }));
     let root = w.handle().clone();
     let exit = w.run_async().await;
-    let WorkerExit::Crashed(reason) = &exit else { panic!("{exit:?}") };
+    let WorkerExit::Crashed(reason) = &exit else {
+        panic!("{exit:?}")
+    };
     assert_eq!(
         reason.as_str(),
         "dependency 'Quits' crashed: task 'work' failed: lost the database"
@@ -71,7 +79,10 @@ async fn a_failed_start_exits_non_zero() {
 
 #[tokio::test]
 async fn the_worker_is_the_root_of_the_beacon() {
-    let w = worker(ServiceHandle::new(Quits { after: Duration::from_secs(60), fail: false }));
+    let w = worker(ServiceHandle::new(Quits {
+        after: Duration::from_secs(60),
+        fail: false,
+    }));
     let root = w.handle().clone();
     let run = tokio::spawn(w.run_async());
     root.wait_for_state(crate::ServiceState::Running).await;
@@ -85,13 +96,20 @@ async fn the_worker_is_the_root_of_the_beacon() {
 
 #[test]
 fn the_blocking_detector_warns_when_the_runtime_is_blocked() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let detector = BlockingDetector::start(Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(detector.detections(), 0, "an idle runtime is not blocked");
         std::thread::sleep(Duration::from_millis(600));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(detector.detections(), 1, "one blocked episode, reported once");
+        assert_eq!(
+            detector.detections(),
+            1,
+            "one blocked episode, reported once"
+        );
     });
 }

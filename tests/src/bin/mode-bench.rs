@@ -141,9 +141,14 @@ fn timed(name: &str, f: impl FnOnce() -> anyhow::Result<Value>) -> anyhow::Resul
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("MODE_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
 }
 
 // ---- services -----------------------------------------------------------------------------

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{settle, OnStart, Recorder, Trace};
-use crate::service::{
-    Context, Result, Service, ServiceError, ServiceHandle, ServiceState,
-};
+use crate::service::{Context, Result, Service, ServiceError, ServiceHandle, ServiceState};
 
 #[tokio::test(start_paused = true)]
 async fn new_service_is_init_then_running_and_second_start_is_refused() {
@@ -17,7 +15,10 @@ async fn new_service_is_init_then_running_and_second_start_is_refused() {
     assert!(svc.maybe_start().await.unwrap());
     assert_eq!(svc.state(), ServiceState::Running);
     assert!(!svc.maybe_start().await.unwrap());
-    assert!(matches!(svc.start().await, Err(ServiceError::NotStartable { .. })));
+    assert!(matches!(
+        svc.start().await,
+        Err(ServiceError::NotStartable { .. })
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -43,8 +44,15 @@ async fn hook_order_on_start_stop_and_restart_matches_mode() {
     assert_eq!(
         trace.lines(),
         [
-            "P.on_first_start", "P.on_start", "A.on_first_start", "A.on_start", "A.on_started",
-            "B.on_first_start", "B.on_start", "B.on_started", "P.on_started"
+            "P.on_first_start",
+            "P.on_start",
+            "A.on_first_start",
+            "A.on_start",
+            "A.on_started",
+            "B.on_first_start",
+            "B.on_start",
+            "B.on_started",
+            "P.on_started"
         ]
     );
     trace.clear();
@@ -52,9 +60,19 @@ async fn hook_order_on_start_stop_and_restart_matches_mode() {
     assert_eq!(
         trace.lines(),
         [
-            "P.on_stop", "B.on_stop", "B.on_shutdown", "A.on_stop", "A.on_shutdown",
-            "P.on_shutdown", "P.on_restart", "P.on_start", "A.on_start", "A.on_started",
-            "B.on_start", "B.on_started", "P.on_started"
+            "P.on_stop",
+            "B.on_stop",
+            "B.on_shutdown",
+            "A.on_stop",
+            "A.on_shutdown",
+            "P.on_shutdown",
+            "P.on_restart",
+            "P.on_start",
+            "A.on_start",
+            "A.on_started",
+            "B.on_start",
+            "B.on_started",
+            "P.on_started"
         ]
     );
     assert_eq!(p.restart_count(), 1);
@@ -62,7 +80,14 @@ async fn hook_order_on_start_stop_and_restart_matches_mode() {
     p.stop().await;
     assert_eq!(
         trace.lines(),
-        ["P.on_stop", "B.on_stop", "B.on_shutdown", "A.on_stop", "A.on_shutdown", "P.on_shutdown"]
+        [
+            "P.on_stop",
+            "B.on_stop",
+            "B.on_shutdown",
+            "A.on_stop",
+            "A.on_shutdown",
+            "P.on_shutdown"
+        ]
     );
 }
 
@@ -92,7 +117,12 @@ async fn error_in_on_start_leaves_the_service_crashed_not_running() {
     let err = s.start().await.unwrap_err();
     assert_eq!(s.state(), ServiceState::Crashed);
     let reason = s.crash_reason().unwrap();
-    assert!(reason.as_str().contains("on_start failed: database unreachable"), "{reason}");
+    assert!(
+        reason
+            .as_str()
+            .contains("on_start failed: database unreachable"),
+        "{reason}"
+    );
     assert!(err.to_string().contains("database unreachable"));
 }
 
@@ -104,7 +134,10 @@ async fn a_child_failing_to_start_fails_the_parent_with_the_childs_reason() {
     let parent = Recorder::handle("Parent", &trace, vec![ok.clone(), bad]);
     let err = parent.start().await.unwrap_err();
     let reason = err.reason().unwrap().to_string();
-    assert!(reason.contains("dependency 'FailingStart' failed to start"), "{reason}");
+    assert!(
+        reason.contains("dependency 'FailingStart' failed to start"),
+        "{reason}"
+    );
     assert!(reason.contains("database unreachable"), "{reason}");
     assert_eq!(parent.state(), ServiceState::Crashed);
     // What had started is stopped again, and the parent never reached on_started.
@@ -121,17 +154,35 @@ async fn a_chain_of_100_stops_dependents_before_their_dependencies() {
         node = Recorder::handle(&format!("S{i}"), &trace, vec![node]);
     }
     node.start().await.unwrap();
-    let started: Vec<String> = trace.lines().into_iter().filter(|l| l.ends_with(".on_started")).collect();
+    let started: Vec<String> = trace
+        .lines()
+        .into_iter()
+        .filter(|l| l.ends_with(".on_started"))
+        .collect();
     let expected: Vec<String> = (0..100).map(|i| format!("S{i}.on_started")).collect();
-    assert_eq!(started, expected, "dependencies are running before their dependents");
+    assert_eq!(
+        started, expected,
+        "dependencies are running before their dependents"
+    );
     trace.clear();
     node.stop().await;
-    let stopped: Vec<String> = trace.lines().into_iter().filter(|l| l.ends_with(".on_stop")).collect();
+    let stopped: Vec<String> = trace
+        .lines()
+        .into_iter()
+        .filter(|l| l.ends_with(".on_stop"))
+        .collect();
     let expected: Vec<String> = (0..100).rev().map(|i| format!("S{i}.on_stop")).collect();
     assert_eq!(stopped, expected);
-    let shut: Vec<String> = trace.lines().into_iter().filter(|l| l.ends_with(".on_shutdown")).collect();
+    let shut: Vec<String> = trace
+        .lines()
+        .into_iter()
+        .filter(|l| l.ends_with(".on_shutdown"))
+        .collect();
     let expected: Vec<String> = (0..100).map(|i| format!("S{i}.on_shutdown")).collect();
-    assert_eq!(shut, expected, "a dependency shuts down before the dependent's on_shutdown");
+    assert_eq!(
+        shut, expected,
+        "a dependency shuts down before the dependent's on_shutdown"
+    );
 }
 
 struct HungStop;
@@ -144,14 +195,19 @@ impl Service for HungStop {
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_on_stop_is_cut_off_at_the_grace_period() {
-    let s = ServiceHandle::builder(HungStop).grace_period(Duration::from_secs(3)).build();
+    let s = ServiceHandle::builder(HungStop)
+        .grace_period(Duration::from_secs(3))
+        .build();
     s.start().await.unwrap();
     let t0 = tokio::time::Instant::now();
     s.stop().await;
     let took = t0.elapsed();
     assert_eq!(s.state(), ServiceState::Shutdown);
     assert!(s.was_forced());
-    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 }
 
 struct DropFlag(Arc<AtomicUsize>);
@@ -183,7 +239,11 @@ async fn a_task_ignoring_stop_is_aborted_after_the_grace_period_and_nothing_outl
     s.stop().await;
     assert!(t0.elapsed() >= Duration::from_secs(2));
     assert!(s.was_forced());
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the task was dropped by the time stop returned");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the task was dropped by the time stop returned"
+    );
     assert!(s.beacon().children.is_empty());
 }
 
@@ -270,7 +330,10 @@ async fn a_crash_without_a_supervisor_escalates_to_the_parent_chain() {
     root.start().await.unwrap();
     leaf.crash("disk full");
     assert_eq!(leaf.state(), ServiceState::Crashed);
-    assert_eq!(mid.crash_reason().unwrap().as_str(), "dependency 'Leaf' crashed: disk full");
+    assert_eq!(
+        mid.crash_reason().unwrap().as_str(),
+        "dependency 'Leaf' crashed: disk full"
+    );
     assert_eq!(
         root.crash_reason().unwrap().as_str(),
         "dependency 'Mid' crashed: dependency 'Leaf' crashed: disk full"
@@ -300,7 +363,11 @@ async fn runtime_dependencies_start_at_once_and_are_not_duplicated_by_restarts()
     for _ in 0..3 {
         app.restart().await.unwrap();
     }
-    assert_eq!(app.dependencies().len(), 1, "one runtime dependency, not one per restart");
+    assert_eq!(
+        app.dependencies().len(),
+        1,
+        "one runtime dependency, not one per restart"
+    );
     assert_eq!(trace.count("Cache.on_start"), 4);
     assert_eq!(trace.count("Cache.on_stop"), 3);
     app.stop().await;
@@ -343,7 +410,9 @@ async fn a_service_can_stop_itself_from_its_own_task() {
         Ok(())
     }));
     s.start().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(1), s.wait_until_stopped()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), s.wait_until_stopped())
+        .await
+        .unwrap();
     assert_eq!(s.state(), ServiceState::Shutdown);
     assert!(!s.was_forced());
 }

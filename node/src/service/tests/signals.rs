@@ -18,7 +18,10 @@ async fn receivers_are_called_in_connection_order_with_sender_and_value() {
     let _c1 = sig.connect(move |s, v| a.lock().unwrap().push(format!("first {s} {v}")));
     let _c2 = sig.connect(move |s, v| b.lock().unwrap().push(format!("second {s} {v}")));
     assert_eq!(sig.send(&303, &"sorry not sorry".to_string()).await, 2);
-    assert_eq!(*l.lock().unwrap(), ["first 303 sorry not sorry", "second 303 sorry not sorry"]);
+    assert_eq!(
+        *l.lock().unwrap(),
+        ["first 303 sorry not sorry", "second 303 sorry not sorry"]
+    );
 }
 
 #[tokio::test]
@@ -31,7 +34,8 @@ async fn dropping_the_connection_disconnects_and_forever_keeps_it() {
     drop(conn);
     assert_eq!(sig.send(&1, &2).await, 0);
     let b = l.clone();
-    sig.connect(move |_, v| b.lock().unwrap().push(v.to_string())).forever();
+    sig.connect(move |_, v| b.lock().unwrap().push(v.to_string()))
+        .forever();
     sig.send(&1, &3).await;
     assert_eq!(*l.lock().unwrap(), ["1", "3"]);
     assert_eq!(sig.receiver_count(), 1);
@@ -42,11 +46,16 @@ async fn receivers_connected_for_one_sender_only_hear_that_sender() {
     let sig: Signal<&'static str, u32> = Signal::new();
     let l = log();
     let (a, b) = (l.clone(), l.clone());
-    let _c1 = sig.connect_from("north", move |s, v| a.lock().unwrap().push(format!("{s}:{v}")));
+    let _c1 = sig.connect_from("north", move |s, v| {
+        a.lock().unwrap().push(format!("{s}:{v}"))
+    });
     let _c2 = sig.connect(move |s, v| b.lock().unwrap().push(format!("any {s}:{v}")));
     sig.send(&"south", &1).await;
     sig.send(&"north", &2).await;
-    assert_eq!(*l.lock().unwrap(), ["any south:1", "north:2", "any north:2"]);
+    assert_eq!(
+        *l.lock().unwrap(),
+        ["any south:1", "north:2", "any north:2"]
+    );
 }
 
 #[tokio::test]

@@ -27,7 +27,13 @@ async fn fixture(strategy: Strategy) -> Fixture {
         .child(z.clone())
         .build();
     sup.start().await.unwrap();
-    Fixture { trace, sup, x, y, z }
+    Fixture {
+        trace,
+        sup,
+        x,
+        y,
+        z,
+    }
 }
 
 impl Fixture {
@@ -45,7 +51,11 @@ async fn one_for_one_restarts_only_the_crashed_child_at_once() {
     f.z.crash("boom");
     let t0 = tokio::time::Instant::now();
     f.z.wait_for_state(ServiceState::Running).await;
-    assert_eq!(t0.elapsed(), Duration::ZERO, "no polling interval before the restart");
+    assert_eq!(
+        t0.elapsed(),
+        Duration::ZERO,
+        "no polling interval before the restart"
+    );
     assert_eq!((f.stops("Z"), f.starts("Z")), (1, 2));
     assert_eq!((f.stops("Y"), f.starts("Y")), (0, 1));
     assert_eq!((f.stops("X"), f.starts("X")), (0, 1));
@@ -126,7 +136,10 @@ async fn exceeding_the_restart_intensity_escalates_exactly_once() {
     let flaky = Recorder::handle("Flaky", &trace, vec![]);
     let inner = Supervisor::new(Strategy::OneForOne)
         .label("Inner")
-        .intensity(RestartIntensity { max_restarts: 3, within: Duration::from_secs(10) })
+        .intensity(RestartIntensity {
+            max_restarts: 3,
+            within: Duration::from_secs(10),
+        })
         .backoff(Backoff::none())
         .child(flaky.clone())
         .build();
@@ -146,7 +159,10 @@ async fn exceeding_the_restart_intensity_escalates_exactly_once() {
     let reason = inner.last_crash_reason().unwrap().to_string();
     assert!(reason.contains("restart intensity exceeded"), "{reason}");
     assert!(reason.contains("child 'Flaky'"), "{reason}");
-    assert!(reason.contains("after 3 restarts within 10s (limit 3)"), "{reason}");
+    assert!(
+        reason.contains("after 3 restarts within 10s (limit 3)"),
+        "{reason}"
+    );
     assert!(reason.contains("last reason: crash 3"), "{reason}");
     assert_eq!(inner.state(), ServiceState::Crashed);
     assert_eq!(flaky.restart_count(), 3, "no fourth restart");
@@ -160,7 +176,10 @@ async fn intensity_counts_restarts_within_a_sliding_window() {
     let trace = Trace::default();
     let flaky = Recorder::handle("Flaky", &trace, vec![]);
     let sup = Supervisor::new(Strategy::OneForOne)
-        .intensity(RestartIntensity { max_restarts: 2, within: Duration::from_secs(10) })
+        .intensity(RestartIntensity {
+            max_restarts: 2,
+            within: Duration::from_secs(10),
+        })
         .backoff(Backoff::none())
         .child(flaky.clone())
         .build();
@@ -170,7 +189,11 @@ async fn intensity_counts_restarts_within_a_sliding_window() {
         flaky.wait_for_state(ServiceState::Running).await;
         tokio::time::sleep(Duration::from_secs(6)).await;
     }
-    assert_eq!(sup.state(), ServiceState::Running, "2 restarts per 10 s never exceeded");
+    assert_eq!(
+        sup.state(),
+        ServiceState::Running,
+        "2 restarts per 10 s never exceeded"
+    );
     assert_eq!(flaky.restart_count(), 6);
 }
 
@@ -194,7 +217,11 @@ async fn a_crash_in_a_grandchild_reaches_the_nearest_supervisor() {
     grandchild.crash("segfault");
     child.wait_for_state(ServiceState::Running).await;
     grandchild.wait_for_state(ServiceState::Running).await;
-    assert_eq!(child.restart_count(), 1, "the child subtree was restarted by Near");
+    assert_eq!(
+        child.restart_count(),
+        1,
+        "the child subtree was restarted by Near"
+    );
     assert_eq!(
         child.last_crash_reason().unwrap().as_str(),
         "dependency 'Grandchild' crashed: segfault"

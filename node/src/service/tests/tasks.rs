@@ -20,7 +20,10 @@ async fn a_task_returning_an_error_crashes_its_service_with_a_reason_naming_the_
     s.start().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(s.state(), ServiceState::Crashed);
-    assert_eq!(s.crash_reason().unwrap().as_str(), "task 'poll-feed' failed: feed returned 503");
+    assert_eq!(
+        s.crash_reason().unwrap().as_str(),
+        "task 'poll-feed' failed: feed returned 503"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -57,7 +60,11 @@ async fn a_task_failing_during_start_fails_the_start() {
     }
     let s = ServiceHandle::new(Eager);
     let err = s.start().await.unwrap_err();
-    assert!(err.to_string().contains("task 'fails-now' failed: bad config"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("task 'fails-now' failed: bad config"),
+        "{err}"
+    );
     assert_eq!(s.state(), ServiceState::Crashed);
 }
 
@@ -76,7 +83,11 @@ async fn futures_added_with_add_future_are_awaited_on_stop() {
     }));
     s.start().await.unwrap();
     s.stop().await;
-    assert_eq!(finished.load(Ordering::SeqCst), 1, "the future ran to completion");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the future ran to completion"
+    );
     assert!(!s.was_forced());
 }
 
@@ -116,6 +127,8 @@ async fn wait_returns_none_when_the_service_stops_first() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         s2.stop().await;
     });
-    let slow = ctx.wait(tokio::time::sleep(Duration::from_secs(3600))).await;
+    let slow = ctx
+        .wait(tokio::time::sleep(Duration::from_secs(3600)))
+        .await;
     assert!(slow.is_none());
 }

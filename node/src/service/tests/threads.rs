@@ -3,7 +3,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::service::{Context, Result, Service, ServiceHandle, ServiceState, Strategy, Supervisor, Backoff};
+use crate::service::{
+    Backoff, Context, Result, Service, ServiceHandle, ServiceState, Strategy, Supervisor,
+};
 
 struct OnThread {
     seen: Arc<Mutex<Vec<String>>>,
@@ -27,7 +29,10 @@ impl Service for OnThread {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_on_its_own_thread_runs_there_and_stops_with_its_handle() {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let h = ServiceHandle::on_own_thread(OnThread { seen: seen.clone(), crash_after: None });
+    let h = ServiceHandle::on_own_thread(OnThread {
+        seen: seen.clone(),
+        crash_after: None,
+    });
     assert_eq!(h.label(), "Thread(OnThread)");
     h.start().await.unwrap();
     assert_eq!(*seen.lock().unwrap(), ["mode:OnThread"]);
@@ -49,7 +54,10 @@ async fn a_crash_on_the_thread_reaches_the_supervisor_of_its_handle() {
         seen: seen.clone(),
         crash_after: Some(Duration::from_millis(20)),
     });
-    let sup = Supervisor::new(Strategy::OneForOne).backoff(Backoff::none()).child(h.clone()).build();
+    let sup = Supervisor::new(Strategy::OneForOne)
+        .backoff(Backoff::none())
+        .child(h.clone())
+        .build();
     sup.start().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
         while h.restart_count() == 0 {
@@ -60,7 +68,10 @@ async fn a_crash_on_the_thread_reaches_the_supervisor_of_its_handle() {
     .unwrap();
     h.wait_for_state(ServiceState::Running).await;
     let reason = h.last_crash_reason().unwrap().to_string();
-    assert!(reason.contains("task 'doomed' failed: thread work failed"), "{reason}");
+    assert!(
+        reason.contains("task 'doomed' failed: thread work failed"),
+        "{reason}"
+    );
     assert_eq!(seen.lock().unwrap().len(), 2);
     sup.stop().await;
 }

@@ -8,29 +8,27 @@ use tokio::time::Instant;
 use super::OnStart;
 use crate::service::{Context, CronSchedule, ServiceHandle, TimerSpec};
 
-fn fire_times(spec: TimerSpec, body_time: Duration, run_for: Duration) -> impl std::future::Future<Output = Vec<u128>> {
-    async move {
-        let fires = Arc::new(Mutex::new(Vec::new()));
-        let f = fires.clone();
-        let t0 = Instant::now();
-        let s = ServiceHandle::new(OnStart("Timed", move |ctx: &Context| {
+async fn fire_times(spec: TimerSpec, body_time: Duration, run_for: Duration) -> Vec<u128> {
+    let fires = Arc::new(Mutex::new(Vec::new()));
+    let f = fires.clone();
+    let t0 = Instant::now();
+    let s = ServiceHandle::new(OnStart("Timed", move |ctx: &Context| {
+        let f = f.clone();
+        ctx.timer_with("tick", spec, move || {
             let f = f.clone();
-            ctx.timer_with("tick", spec, move || {
-                let f = f.clone();
-                async move {
-                    f.lock().unwrap().push(t0.elapsed().as_millis());
-                    tokio::time::sleep(body_time).await;
-                    Ok(())
-                }
-            });
-            Ok(())
-        }));
-        s.start().await.unwrap();
-        tokio::time::sleep(run_for).await;
-        s.stop().await;
-        let v = fires.lock().unwrap().clone();
-        v
-    }
+            async move {
+                f.lock().unwrap().push(t0.elapsed().as_millis());
+                tokio::time::sleep(body_time).await;
+                Ok(())
+            }
+        });
+        Ok(())
+    }));
+    s.start().await.unwrap();
+    tokio::time::sleep(run_for).await;
+    s.stop().await;
+    let v = fires.lock().unwrap().clone();
+    v
 }
 
 #[tokio::test(start_paused = true)]
@@ -60,7 +58,11 @@ async fn exec_first_fires_once_more_at_start_and_the_first_tick_waits_one_interv
         Duration::from_millis(450),
     )
     .await;
-    assert_eq!(fires, [100, 200, 300, 400], "4 ticks, 4 calls, no double sleep first");
+    assert_eq!(
+        fires,
+        [100, 200, 300, 400],
+        "4 ticks, 4 calls, no double sleep first"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -78,7 +80,9 @@ async fn an_overrunning_body_skips_missed_ticks_instead_of_bunching_them() {
 #[tokio::test(start_paused = true)]
 async fn a_failing_timer_body_crashes_its_service() {
     let s = ServiceHandle::new(OnStart("Cleaner", |ctx: &Context| {
-        ctx.timer("remove_expired", Duration::from_secs(1), || async { Err("cache gone".into()) });
+        ctx.timer("remove_expired", Duration::from_secs(1), || async {
+            Err("cache gone".into())
+        });
         Ok(())
     }));
     s.start().await.unwrap();
@@ -115,14 +119,20 @@ fn cron_next_fire_matches_modes_examples() {
     // 2000 is a leap year: 4 July is 185 days after 1 January (mode's test counted from a
     // local-time base and got 186).
     let july_4th = CronSchedule::parse("0 13 4 7 *").unwrap();
-    assert_eq!(july_4th.next_after(Y2000).unwrap() - Y2000, 185 * 86400 + 13 * 3600);
+    assert_eq!(
+        july_4th.next_after(Y2000).unwrap() - Y2000,
+        185 * 86400 + 13 * 3600
+    );
 }
 
 #[test]
 fn cron_supports_names_lists_ranges_steps_and_macros() {
     // 2000-01-01 was a Saturday.
     let weekdays_9am = CronSchedule::parse("0 9 * * mon-fri").unwrap();
-    assert_eq!(weekdays_9am.next_after(Y2000).unwrap() - Y2000, 2 * 86400 + 9 * 3600);
+    assert_eq!(
+        weekdays_9am.next_after(Y2000).unwrap() - Y2000,
+        2 * 86400 + 9 * 3600
+    );
     let sunday_is_7 = CronSchedule::parse("0 0 * * 7").unwrap();
     assert_eq!(sunday_is_7.next_after(Y2000).unwrap() - Y2000, 86400);
     let list = CronSchedule::parse("15,45 * * * *").unwrap();
@@ -140,7 +150,10 @@ fn cron_parse_errors_name_the_field() {
     let e = CronSchedule::parse("* * * *").unwrap_err().to_string();
     assert!(e.contains("expected 5 fields"), "{e}");
     let e = CronSchedule::parse("* * * foo *").unwrap_err().to_string();
-    assert!(e.contains("month field: 'foo' is not a number or a name like 'jan'"), "{e}");
+    assert!(
+        e.contains("month field: 'foo' is not a number or a name like 'jan'"),
+        "{e}"
+    );
     let e = CronSchedule::parse("*/0 * * * *").unwrap_err().to_string();
     assert!(e.contains("step '0' must be a positive number"), "{e}");
 }
