@@ -13,3 +13,8 @@ pub mod worker;
 
 pub use service::{Context, Service, ServiceHandle, ServiceState};
 pub use worker::Worker;
+
+/// The README's code compiles (checked by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
