@@ -395,6 +395,8 @@ impl ServiceHandle {
         let mut svc = self.cell.service.lock().await;
         self.stop_locked(&mut svc).await;
         self.reset();
+        // The stop above set the flag; on_restart belongs to the coming run.
+        self.cell.stop.reset();
         let ctx = self.context();
         if let Err(e) = self.run_hook(&mut svc, Hook::Restart, &ctx, None).await {
             let reason = CrashReason::new(format!("on_restart failed: {e}"));
@@ -530,6 +532,7 @@ impl ServiceHandle {
             },
             None => {
                 tokio::select! {
+                    biased;
                     r = fut => r.map_err(|e| HookFailure::Error(e.to_string())),
                     _ = self.cell.stop.wait() => Ok(()),
                 }
