@@ -5,9 +5,14 @@
 //!
 //! * [`service`]: the framework (services, tasks, timers, supervisors, signals, beacon).
 //! * [`worker`]: run a root service as a program (logging, OS signals, exit codes).
+//! * [`cluster`]: the Raft-replicated control plane (openraft over gRPC, redb on disk).
+//! * [`api`]: the gRPC servers (Raft transport and control API).
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod cluster;
+pub mod daemon;
 pub mod service;
 pub mod worker;
 

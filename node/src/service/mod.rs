@@ -49,6 +49,7 @@ pub use beacon::{state_color, BeaconNode, NodeKind};
 pub use context::{Context, TimerSpec};
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
+pub(crate) use handle::lock;
 pub use handle::{ServiceBuilder, ServiceHandle, DEFAULT_GRACE_PERIOD};
 pub use signal::{BoundSignal, Connection, Signal};
 pub use state::ServiceState;

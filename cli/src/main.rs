@@ -1,0 +1,262 @@
+//! `modectl`: the command-line client of a mode cluster. Any node can be the endpoint; writes
+//! are forwarded to the leader.
+//!
+//! Exit status: 0 success, 1 other error, 2 usage error, 3 not found, 4 cluster unavailable.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mode_proto::v1 as pb;
+use mode_proto::v1::control_client::ControlClient;
+use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
+
+mod output;
+
+use output::{print_events, print_nodes, print_status};
+
+#[derive(Parser)]
+#[command(name = "modectl", version, about = "Control a mode cluster")]
+struct Cli {
+    /// A node of the cluster (HOST:PORT or http://HOST:PORT).
+    #[arg(
+        long,
+        global = true,
+        env = "MODE_ENDPOINT",
+        default_value = "127.0.0.1:7070"
+    )]
+    endpoint: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Give up on a request after this many seconds.
+    #[arg(long, global = true, default_value_t = 15)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The control plane.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Cluster nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The cluster's event log.
+    Events {
+        /// Only events about this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Read from the answering node without asking the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, roles, leader, term, commit/applied index, per-member lag and reachability.
+    Status {
+        /// The answering node's own view instead of the leader's.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Snapshot the state and purge the log it covers (on the answering node).
+    Compact,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes.
+    Ls {
+        /// Read from the answering node without asking the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Remove a node from the cluster.
+    Rm {
+        /// Node id.
+        id: u64,
+    },
+}
+
+/// A failure, with the exit status it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
+        let code = match status.code() {
+            tonic::Code::NotFound => 3,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 4,
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => 1,
+            _ => 1,
+        };
+        let message = match status.code() {
+            tonic::Code::Unavailable if is_connect_error(status) => format!(
+                "no mode node answers at {endpoint} ({}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at a running node",
+                root_cause(status)
+            ),
+            tonic::Code::Unimplemented => format!("{endpoint} is not a mode node of this version (it does not serve mode.v1.Control)"),
+            tonic::Code::DeadlineExceeded => format!("{endpoint} did not answer in time"),
+            _ => status.message().to_string(),
+        };
+        Failure { code, message }
+    }
+}
+
+fn is_connect_error(status: &tonic::Status) -> bool {
+    let m = root_cause(status).to_lowercase();
+    status.message().contains("transport error")
+        || m.contains("connect")
+        || m.contains("refused")
+        || m.contains("dns")
+        || m.contains("resolve")
+}
+
+fn root_cause(status: &tonic::Status) -> String {
+    let mut err: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut last = status.message().to_string();
+    while let Some(e) = err {
+        last = e.to_string();
+        err = e.source();
+    }
+    last
+}
+
+fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<ControlClient<Channel>, Failure> {
+    let url = endpoint_url(&cli.endpoint);
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| Failure {
+            code: 2,
+            message: format!("invalid --endpoint '{}': {e}", cli.endpoint),
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(cli.timeout));
+    Ok(ControlClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20))
+}
+
+async fn read(
+    client: &mut ControlClient<Channel>,
+    endpoint: &str,
+    query: &str,
+    stale: bool,
+) -> Result<Value, Failure> {
+    let reply = client
+        .read(pb::ReadRequest {
+            query: query.to_string(),
+            stale,
+        })
+        .await
+        .map_err(|s| Failure::from_status(endpoint, &s))?
+        .into_inner();
+    serde_json::from_str(&reply.result_json).map_err(|e| Failure {
+        code: 1,
+        message: format!("undecodable answer from {endpoint}: {e}"),
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let endpoint = endpoint_url(&cli.endpoint);
+    let mut client = connect(&cli).await?;
+    let json = cli.output == Format::Json;
+    let fail = |s: tonic::Status| Failure::from_status(&endpoint, &s);
+    match &cli.command {
+        Cmd::Cluster(ClusterCmd::Status { local }) => {
+            let reply = client
+                .cluster_status(pb::ClusterStatusRequest { local: *local })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            print_status(&reply, json);
+        }
+        Cmd::Cluster(ClusterCmd::Compact) => {
+            let r = client
+                .compact(pb::CompactRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index})
+                );
+            } else {
+                println!(
+                    "snapshot at index {}, log purged up to {}",
+                    r.snapshot_index, r.purged_index
+                );
+            }
+        }
+        Cmd::Node(NodeCmd::Ls { stale }) => {
+            let nodes = read(&mut client, &endpoint, "nodes", *stale).await?;
+            print_nodes(&nodes, json);
+        }
+        Cmd::Node(NodeCmd::Rm { id }) => {
+            let r = client
+                .remove_node(pb::RemoveNodeRequest { id: *id })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"removed": id, "message": r.message})
+                );
+            } else {
+                println!("{}", r.message);
+            }
+        }
+        Cmd::Events { service, stale } => {
+            let events = read(&mut client, &endpoint, "events", *stale).await?;
+            print_events(&events, service.as_deref(), json);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

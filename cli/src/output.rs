@@ -1,0 +1,191 @@
+//! Human tables and JSON for modectl's answers.
+
+use mode_proto::v1 as pb;
+use serde_json::{json, Value};
+
+/// Print rows as left-aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn yes(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
+    let leader = s.has_leader.then_some(s.leader);
+    if as_json {
+        let members: Vec<Value> = s
+            .members
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.id,
+                    "address": m.address,
+                    "role": m.role,
+                    "voter": m.voter,
+                    "lag": (m.lag >= 0).then_some(m.lag),
+                    "reachable": m.reachable,
+                    "last_error": (!m.last_error.is_empty()).then_some(&m.last_error),
+                })
+            })
+            .collect();
+        let v = json!({
+            "answered_by": s.answered_by,
+            "leader": leader,
+            "term": s.term,
+            "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "last_log_index": s.last_log_index,
+            "snapshot_index": s.snapshot_index,
+            "purged_index": s.purged_index,
+            "members": members,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    match leader {
+        Some(l) => println!(
+            "leader: node {l}   term: {}   commit: {}   applied: {}   (answered by node {})",
+            s.term, s.commit_index, s.applied_index, s.answered_by
+        ),
+        None => println!(
+            "leader: none (no quorum yet?)   term: {}   (answered by node {})",
+            s.term, s.answered_by
+        ),
+    }
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.address.clone(),
+                m.role.clone(),
+                yes(m.voter),
+                if m.lag >= 0 {
+                    m.lag.to_string()
+                } else {
+                    "-".into()
+                },
+                yes(m.reachable),
+                m.last_error.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "ADDRESS",
+            "ROLE",
+            "VOTER",
+            "LAG",
+            "REACHABLE",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+}
+
+pub(crate) fn print_nodes(nodes: &Value, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(nodes).unwrap_or_default()
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let labels = n["labels"]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            vec![
+                n["id"].to_string(),
+                n["address"].as_str().unwrap_or("").to_string(),
+                n["status"].as_str().unwrap_or("").to_string(),
+                n["capacity"].to_string(),
+                labels,
+            ]
+        })
+        .collect();
+    table(&["ID", "ADDRESS", "STATUS", "CAPACITY", "LABELS"], &rows);
+}
+
+pub(crate) fn print_events(events: &Value, service: Option<&str>, as_json: bool) {
+    let selected: Vec<&Value> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| service.is_none_or(|s| e["service"].as_str() == Some(s)))
+        .collect();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&selected).unwrap_or_default()
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = selected
+        .iter()
+        .map(|e| {
+            vec![
+                e["seq"].to_string(),
+                format_time(e["time_ms"].as_u64().unwrap_or(0)),
+                e["kind"].as_str().unwrap_or("").to_string(),
+                e["message"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    table(&["SEQ", "TIME (UTC)", "KIND", "MESSAGE"], &rows);
+}
+
+/// `2026-11-25 08:14:20.123` from ms since the epoch.
+fn format_time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
+}

@@ -1,0 +1,184 @@
+//! Forwarding to the leader over the control API, and the conversions between the control
+//! API's messages and the cluster's domain types (used by the API server too).
+
+use std::time::Duration;
+
+use mode_proto::v1 as pb;
+use mode_proto::v1::control_client::ControlClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use super::network::{describe_status, Peers};
+use super::node::{ClusterError, ClusterStatus, MemberStatus, WriteOutcome, FORWARDED};
+use super::state::Command;
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client(peers: &Peers, address: &str) -> Result<ControlClient<Channel>, ClusterError> {
+    let channel = peers.channel(address).map_err(ClusterError::Config)?;
+    Ok(ControlClient::new(channel))
+}
+
+fn forwarded<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(FORWARD_TIMEOUT);
+    req.metadata_mut()
+        .insert(FORWARDED, MetadataValue::from_static("1"));
+    req
+}
+
+/// The error a caller sees for a failed call to another node.
+pub(crate) fn from_status(address: &str, status: &tonic::Status) -> ClusterError {
+    let msg = status.message().to_string();
+    match status.code() {
+        tonic::Code::NotFound => ClusterError::NotFound(msg),
+        tonic::Code::InvalidArgument => ClusterError::Invalid(msg),
+        tonic::Code::AlreadyExists => ClusterError::Conflict(msg),
+        _ => ClusterError::Unavailable(describe_status(address, status)),
+    }
+}
+
+/// The status code for a cluster error.
+pub(crate) fn to_status(e: &ClusterError) -> tonic::Status {
+    let msg = e.to_string();
+    match e {
+        ClusterError::Unavailable(_) => tonic::Status::unavailable(msg),
+        ClusterError::NotFound(_) => tonic::Status::not_found(msg),
+        ClusterError::Invalid(_) | ClusterError::Config(_) => tonic::Status::invalid_argument(msg),
+        ClusterError::Conflict(_) => tonic::Status::already_exists(msg),
+        ClusterError::Fatal(_) | ClusterError::DataDir(_) => tonic::Status::internal(msg),
+    }
+}
+
+pub(crate) async fn write(
+    peers: &Peers,
+    address: &str,
+    command: &Command,
+) -> Result<WriteOutcome, ClusterError> {
+    let command_json =
+        serde_json::to_string(command).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+    let reply = client(peers, address)?
+        .write(forwarded(pb::WriteRequest { command_json }))
+        .await
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    let result = serde_json::from_str(&reply.response_json).map_err(|e| {
+        ClusterError::Unavailable(format!("undecodable answer from {address}: {e}"))
+    })?;
+    Ok(WriteOutcome {
+        result,
+        log_index: reply.log_index,
+        leader: reply.leader,
+    })
+}
+
+pub(crate) async fn read(
+    peers: &Peers,
+    address: &str,
+    query: &str,
+) -> Result<(serde_json::Value, u64), ClusterError> {
+    let reply = client(peers, address)?
+        .read(forwarded(pb::ReadRequest {
+            query: query.to_string(),
+            stale: false,
+        }))
+        .await
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    let value = serde_json::from_str(&reply.result_json).map_err(|e| {
+        ClusterError::Unavailable(format!("undecodable answer from {address}: {e}"))
+    })?;
+    Ok((value, reply.applied_index))
+}
+
+pub(crate) async fn status(peers: &Peers, address: &str) -> Result<ClusterStatus, ClusterError> {
+    let reply = client(peers, address)?
+        .cluster_status(forwarded(pb::ClusterStatusRequest { local: true }))
+        .await
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    Ok(status_from_proto(reply))
+}
+
+pub(crate) async fn join(
+    peers: &Peers,
+    address: &str,
+    id: u64,
+    joiner: &str,
+) -> Result<(bool, String), ClusterError> {
+    let reply = client(peers, address)?
+        .join(forwarded(pb::JoinRequest {
+            id,
+            address: joiner.to_string(),
+        }))
+        .await
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    Ok((reply.voter, reply.message))
+}
+
+pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<String, ClusterError> {
+    let reply = client(peers, address)?
+        .remove_node(forwarded(pb::RemoveNodeRequest { id }))
+        .await
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    Ok(reply.message)
+}
+
+/// Domain status → wire.
+pub(crate) fn status_to_proto(s: &ClusterStatus) -> pb::ClusterStatusReply {
+    pb::ClusterStatusReply {
+        answered_by: s.answered_by,
+        leader: s.leader.unwrap_or(0),
+        has_leader: s.leader.is_some(),
+        term: s.term,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        last_log_index: s.last_log_index,
+        snapshot_index: s.snapshot_index,
+        purged_index: s.purged_index,
+        members: s
+            .members
+            .iter()
+            .map(|m| pb::MemberStatus {
+                id: m.id,
+                address: m.address.clone(),
+                role: m.role.clone(),
+                voter: m.voter,
+                lag: m.lag.map(|l| l as i64).unwrap_or(-1),
+                reachable: m.reachable,
+                last_error: m.last_error.clone().unwrap_or_default(),
+                matched_index: m.matched_index.unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+/// Wire status → domain.
+pub fn status_from_proto(r: pb::ClusterStatusReply) -> ClusterStatus {
+    ClusterStatus {
+        answered_by: r.answered_by,
+        leader: r.has_leader.then_some(r.leader),
+        term: r.term,
+        commit_index: r.commit_index,
+        applied_index: r.applied_index,
+        last_log_index: r.last_log_index,
+        snapshot_index: r.snapshot_index,
+        purged_index: r.purged_index,
+        members: r
+            .members
+            .into_iter()
+            .map(|m| MemberStatus {
+                id: m.id,
+                address: m.address,
+                role: m.role,
+                voter: m.voter,
+                lag: (m.lag >= 0).then_some(m.lag as u64),
+                reachable: m.reachable,
+                last_error: (!m.last_error.is_empty()).then_some(m.last_error),
+                matched_index: (m.lag >= 0).then_some(m.matched_index),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,22 @@
+//! The replicated control plane: openraft over gRPC, durable in the node's data directory.
+//!
+//! openraft's types stay inside this folder; the rest of the crate uses [`ClusterNode`] and
+//! the domain types of [`state`].
+
+mod forward;
+mod network;
+mod node;
+mod raft_server;
+pub mod state;
+mod store;
+mod types;
+
+pub use forward::status_from_proto;
+pub(crate) use forward::{status_to_proto, to_status};
+pub use network::{PeerHealth, Peers};
+pub use node::{
+    check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,
+    WriteOutcome, FORWARDED, WRITE_TIMEOUT,
+};
+pub use store::DataDirError;
+pub use types::TypeConfig;

@@ -1,0 +1,261 @@
+//! The Raft network over gRPC: one cached tonic channel per peer, per-call timeouts, backoff
+//! for unreachable peers, a protocol version on every call, and per-peer health for status.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mode_proto::v1::raft_client::RaftClient;
+use mode_proto::v1::{RaftReply, RaftRequest};
+use mode_proto::PROTOCOL_VERSION;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::types::TypeConfig;
+use crate::service::lock;
+
+/// How long to wait for a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What this node last saw of a peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerHealth {
+    /// When a call last succeeded.
+    pub last_ok: Option<Instant>,
+    /// The last failure, if the last call failed.
+    pub last_error: Option<String>,
+}
+
+impl PeerHealth {
+    /// Reachable if the last call succeeded within the last 5 s.
+    pub fn reachable(&self) -> bool {
+        self.last_error.is_none()
+            && self
+                .last_ok
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+    }
+}
+
+/// Channels and health by peer, shared by the Raft network and the control API's forwarding.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<String, Channel>>,
+    health: Mutex<HashMap<u64, PeerHealth>>,
+}
+
+impl Peers {
+    /// The cached channel to `address` (`host:port`), created lazily on first use.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("invalid peer address '{address}': {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Health of every peer this node has called.
+    pub fn health(&self) -> HashMap<u64, PeerHealth> {
+        lock(&self.health).clone()
+    }
+
+    fn record(&self, peer: u64, result: Result<(), String>) {
+        let mut health = lock(&self.health);
+        let h = health.entry(peer).or_default();
+        match result {
+            Ok(()) => {
+                if h.last_error.is_some() {
+                    tracing::info!("peer {peer} is reachable again");
+                }
+                h.last_ok = Some(Instant::now());
+                h.last_error = None;
+            }
+            Err(e) => {
+                if h.last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!("peer {peer}: {e}");
+                }
+                h.last_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Creates a client per peer (openraft keeps one per replication stream).
+pub(crate) struct Network {
+    pub(crate) my_id: u64,
+    pub(crate) peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            my_id: self.my_id,
+            target,
+            address: node.addr.clone(),
+            channel: self.peers.channel(&node.addr),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+pub(crate) struct PeerClient {
+    my_id: u64,
+    target: u64,
+    address: String,
+    channel: Result<Channel, String>,
+    peers: Arc<Peers>,
+}
+
+/// A transport-level failure: the peer could not be reached or did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: Method,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, RaftError<u64, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = match &self.channel {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))))
+            }
+        };
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = RaftRequest {
+            protocol: PROTOCOL_VERSION,
+            from: self.my_id,
+            payload,
+        };
+        let mut client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
+        let timeout = option.hard_ttl();
+        let call = async {
+            match method {
+                Method::Vote => client.vote(request).await,
+                Method::Append => client.append_entries(request).await,
+                Method::Snapshot => client.install_snapshot(request).await,
+            }
+        };
+        let reply: RaftReply = match tokio::time::timeout(timeout, call).await {
+            Err(_) => {
+                let msg = format!("no answer from {} within {timeout:?}", self.address);
+                self.peers.record(self.target, Err(msg.clone()));
+                return Err(RPCError::Network(NetworkError::new(&TransportError(msg))));
+            }
+            Ok(Err(status)) => {
+                let msg = describe_status(&self.address, &status);
+                self.peers.record(self.target, Err(msg.clone()));
+                let err = TransportError(msg);
+                return Err(match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::Unimplemented => RPCError::Unreachable(Unreachable::new(&err)),
+                    _ => RPCError::Network(NetworkError::new(&err)),
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        self.peers.record(self.target, Ok(()));
+        if reply.is_error {
+            let e: RaftError<u64, E> = serde_json::from_slice(&reply.payload)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Err(RPCError::RemoteError(RemoteError::new(self.target, e)));
+        }
+        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+/// The innermost cause of a failed call ("Connection refused (os error 111)").
+fn root_cause(status: &tonic::Status) -> String {
+    let mut cause = status.message().to_string();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        cause = e.to_string();
+        next = e.source();
+    }
+    cause
+}
+
+/// A one-line explanation of a failed call, naming the peer.
+pub(crate) fn describe_status(address: &str, status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Unavailable => format!("{address} is unreachable: {}", root_cause(status)),
+        tonic::Code::Unimplemented => format!(
+            "{address} does not speak mode's Raft protocol (mode.v1): is it a mode node of the same version?"
+        ),
+        tonic::Code::FailedPrecondition => format!("{address} refused: {}", status.message()),
+        code => format!("{address} answered {code:?}: {}", status.message()),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>, RaftError<u64>> {
+        self.call(Method::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
+        self.call(Method::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>, RaftError<u64>> {
+        self.call(Method::Vote, &rpc, &option).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // Unreachable peers are retried after 50 ms, doubling up to 1 s.
+        openraft::network::Backoff::new(
+            (0..).map(|i: u32| Duration::from_millis((50u64 << i.min(5)).min(1000))),
+        )
+    }
+}

@@ -1,0 +1,430 @@
+//! The replicated domain state — nodes, service specs, placements and a bounded event log —
+//! and the typed commands that change it. Applying a command is pure and deterministic: every
+//! node applies the same committed commands in the same order and reaches the same state.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// How many events the state keeps; older ones are dropped.
+pub const MAX_EVENTS: usize = 10_000;
+
+/// A node's status as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Healthy and eligible for placements.
+    #[default]
+    Up,
+    /// Missed its heartbeats.
+    Down,
+    /// Being emptied; no new placements.
+    Draining,
+}
+
+/// A cluster member as recorded in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node id (`--id`).
+    pub id: u64,
+    /// The gRPC address other nodes and clients use.
+    pub address: String,
+    /// Labels for placement constraints.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Capacity units available for placements.
+    #[serde(default)]
+    pub capacity: u64,
+    /// Status.
+    #[serde(default)]
+    pub status: NodeStatus,
+    /// When it registered (leader's clock, ms since the epoch).
+    #[serde(default)]
+    pub registered_at_ms: u64,
+}
+
+/// A declared service (the scheduler issue extends it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// The service kind a node must offer.
+    pub kind: String,
+    /// Kind-specific configuration.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Desired number of instances.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Bumped each time the spec is stored.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increasing sequence number.
+    pub seq: u64,
+    /// Leader's clock, ms since the epoch.
+    pub time_ms: u64,
+    /// Short kind, e.g. `node-registered`, `spec-applied`.
+    pub kind: String,
+    /// What happened, for people.
+    pub message: String,
+    /// The service concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The node concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
+}
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Add or update a node.
+    RegisterNode {
+        /// Node id.
+        id: u64,
+        /// gRPC address.
+        address: String,
+        /// Labels.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        /// Capacity units.
+        #[serde(default)]
+        capacity: u64,
+    },
+    /// Change a node's status.
+    SetNodeStatus {
+        /// Node id.
+        id: u64,
+        /// New status.
+        status: NodeStatus,
+    },
+    /// Forget a node.
+    RemoveNode {
+        /// Node id.
+        id: u64,
+    },
+    /// Store (create or replace) a service spec.
+    PutSpec {
+        /// The spec.
+        spec: ServiceSpec,
+    },
+    /// Delete a service spec.
+    DeleteSpec {
+        /// Its name.
+        name: String,
+    },
+    /// Append an event.
+    RecordEvent {
+        /// Kind.
+        kind: String,
+        /// Message.
+        message: String,
+        /// Service concerned.
+        #[serde(default)]
+        service: Option<String>,
+        /// Node concerned.
+        #[serde(default)]
+        node: Option<u64>,
+    },
+}
+
+/// A command stamped by the node that proposed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The proposer's wall clock, ms since the epoch (applied as-is, so every replica agrees).
+    pub at_ms: u64,
+    /// The change.
+    pub command: Command,
+}
+
+/// The outcome of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CommandResult {
+    /// Whether it changed the state as asked.
+    pub ok: bool,
+    /// What happened, or why not.
+    pub message: String,
+    /// The spec generation stored, for `PutSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl CommandResult {
+    fn ok(message: impl Into<String>) -> Self {
+        CommandResult {
+            ok: true,
+            message: message.into(),
+            generation: None,
+        }
+    }
+
+    fn refused(message: impl Into<String>) -> Self {
+        CommandResult {
+            ok: false,
+            message: message.into(),
+            generation: None,
+        }
+    }
+}
+
+/// Everything the control plane agrees on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    /// Members by id.
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    /// Service specs by name.
+    pub specs: BTreeMap<String, ServiceSpec>,
+    /// The most recent events, oldest first.
+    pub events: VecDeque<Event>,
+    /// Sequence number of the next event.
+    pub next_event_seq: u64,
+}
+
+impl ClusterState {
+    /// Apply one committed proposal.
+    pub fn apply(&mut self, proposal: &Proposal) -> CommandResult {
+        let at = proposal.at_ms;
+        match &proposal.command {
+            Command::RegisterNode {
+                id,
+                address,
+                labels,
+                capacity,
+            } => {
+                let existing = self.nodes.get(id).cloned();
+                let info = NodeInfo {
+                    id: *id,
+                    address: address.clone(),
+                    labels: labels.clone(),
+                    capacity: *capacity,
+                    status: existing.as_ref().map(|n| n.status).unwrap_or_default(),
+                    registered_at_ms: existing.as_ref().map(|n| n.registered_at_ms).unwrap_or(at),
+                };
+                if existing.as_ref() == Some(&info) {
+                    return CommandResult::ok(format!("node {id} unchanged"));
+                }
+                self.nodes.insert(*id, info);
+                let msg = match existing {
+                    Some(_) => format!("node {id} updated at {address}"),
+                    None => format!("node {id} registered at {address}"),
+                };
+                self.event(at, "node-registered", &msg, None, Some(*id));
+                CommandResult::ok(msg)
+            }
+            Command::SetNodeStatus { id, status } => match self.nodes.get_mut(id) {
+                Some(node) if node.status == *status => CommandResult::ok("unchanged"),
+                Some(node) => {
+                    node.status = *status;
+                    let msg = format!("node {id} is now {status:?}").to_lowercase();
+                    self.event(at, "node-status", &msg, None, Some(*id));
+                    CommandResult::ok(msg)
+                }
+                None => CommandResult::refused(format!("no node {id}")),
+            },
+            Command::RemoveNode { id } => match self.nodes.remove(id) {
+                Some(_) => {
+                    let msg = format!("node {id} removed");
+                    self.event(at, "node-removed", &msg, None, Some(*id));
+                    CommandResult::ok(msg)
+                }
+                None => CommandResult::refused(format!("no node {id}")),
+            },
+            Command::PutSpec { spec } => {
+                let generation = self
+                    .specs
+                    .get(&spec.name)
+                    .map(|s| s.generation + 1)
+                    .unwrap_or(1);
+                let mut stored = spec.clone();
+                stored.generation = generation;
+                let msg = format!("service '{}' stored (generation {generation})", spec.name);
+                self.specs.insert(spec.name.clone(), stored);
+                self.event(at, "spec-applied", &msg, Some(spec.name.clone()), None);
+                CommandResult {
+                    ok: true,
+                    message: msg,
+                    generation: Some(generation),
+                }
+            }
+            Command::DeleteSpec { name } => match self.specs.remove(name) {
+                Some(_) => {
+                    let msg = format!("service '{name}' deleted");
+                    self.event(at, "spec-deleted", &msg, Some(name.clone()), None);
+                    CommandResult::ok(msg)
+                }
+                None => CommandResult::refused(format!("no service '{name}'")),
+            },
+            Command::RecordEvent {
+                kind,
+                message,
+                service,
+                node,
+            } => {
+                self.event(at, kind, message, service.clone(), *node);
+                CommandResult::ok("recorded")
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        at: u64,
+        kind: &str,
+        message: &str,
+        service: Option<String>,
+        node: Option<u64>,
+    ) {
+        self.events.push_back(Event {
+            seq: self.next_event_seq,
+            time_ms: at,
+            kind: kind.to_string(),
+            message: message.to_string(),
+            service,
+            node,
+        });
+        self.next_event_seq += 1;
+        while self.events.len() > MAX_EVENTS {
+            self.events.pop_front();
+        }
+    }
+
+    /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `events`, `all`.
+    pub fn query(&self, query: &str) -> Result<serde_json::Value, QueryError> {
+        let v = match query {
+            "nodes" => serde_json::to_value(self.nodes.values().collect::<Vec<_>>()),
+            "specs" => serde_json::to_value(self.specs.values().collect::<Vec<_>>()),
+            "events" => serde_json::to_value(&self.events),
+            "all" => serde_json::to_value(self),
+            q => match q.strip_prefix("spec:") {
+                Some(name) => match self.specs.get(name) {
+                    Some(spec) => serde_json::to_value(spec),
+                    None => return Err(QueryError::NotFound(format!("no service named '{name}'"))),
+                },
+                None => {
+                    return Err(QueryError::Unknown(format!(
+                        "unknown query '{q}': use nodes, specs, spec:<name>, events or all"
+                    )))
+                }
+            },
+        };
+        v.map_err(|e| QueryError::Unknown(e.to_string()))
+    }
+}
+
+/// Why a query has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The query is not understood.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(command: Command) -> Proposal {
+        Proposal {
+            at_ms: 1000,
+            command,
+        }
+    }
+
+    fn spec(name: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            kind: "ticker".into(),
+            config: serde_json::json!({"every_ms": 100}),
+            replicas: 3,
+            generation: 0,
+        }
+    }
+
+    #[test]
+    fn specs_get_increasing_generations_and_events() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(&p(Command::PutSpec { spec: spec("a") })).generation,
+            Some(1)
+        );
+        assert_eq!(
+            s.apply(&p(Command::PutSpec { spec: spec("a") })).generation,
+            Some(2)
+        );
+        assert_eq!(s.specs["a"].generation, 2);
+        assert_eq!(s.events.len(), 2);
+        assert!(s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
+        assert!(!s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
+        assert_eq!(
+            s.query("spec:a").unwrap_err().to_string(),
+            "no service named 'a'"
+        );
+    }
+
+    #[test]
+    fn nodes_register_idempotently_and_keep_their_status() {
+        let mut s = ClusterState::default();
+        let reg = Command::RegisterNode {
+            id: 1,
+            address: "127.0.0.1:1".into(),
+            labels: BTreeMap::new(),
+            capacity: 10,
+        };
+        assert!(s.apply(&p(reg.clone())).ok);
+        assert!(
+            s.apply(&p(Command::SetNodeStatus {
+                id: 1,
+                status: NodeStatus::Draining
+            }))
+            .ok
+        );
+        assert_eq!(s.apply(&p(reg)).message, "node 1 unchanged");
+        assert_eq!(s.nodes[&1].status, NodeStatus::Draining);
+        assert_eq!(s.events.len(), 2);
+    }
+
+    #[test]
+    fn the_event_log_is_bounded() {
+        let mut s = ClusterState::default();
+        for i in 0..(MAX_EVENTS + 5) {
+            s.apply(&p(Command::RecordEvent {
+                kind: "test".into(),
+                message: i.to_string(),
+                service: None,
+                node: None,
+            }));
+        }
+        assert_eq!(s.events.len(), MAX_EVENTS);
+        assert_eq!(s.events.front().unwrap().seq, 5);
+        assert_eq!(s.next_event_seq, MAX_EVENTS as u64 + 5);
+    }
+
+    #[test]
+    fn commands_round_trip_as_tagged_json() {
+        let c = Command::SetNodeStatus {
+            id: 2,
+            status: NodeStatus::Down,
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(j, r#"{"op":"set_node_status","id":2,"status":"down"}"#);
+        assert_eq!(serde_json::from_str::<Command>(&j).unwrap(), c);
+        assert!(ClusterState::default()
+            .query("bogus")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown query"));
+    }
+}

@@ -1,0 +1,642 @@
+//! Durable Raft storage in the node's data directory: the log, the vote and snapshots in one
+//! redb database, written by a single writer thread that group-commits (one fsync covers every
+//! operation queued meanwhile); the log is mirrored in memory for reads, and the state machine
+//! lives in memory, rebuilt at start from the latest snapshot plus the committed log.
+
+// openraft's StorageError is large, and its traits dictate it.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::state::{ClusterState, CommandResult};
+use super::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::service::lock;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const IDENTITY_FILE: &str = "mode-node.json";
+const DATABASE_FILE: &str = "raft.redb";
+const FORMAT: u32 = 1;
+
+/// What is wrong with a data directory. Nothing is written to a directory that fails to open.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// The directory holds files that are not mode's.
+    #[error("{path} is not a mode data directory (it contains {found}); refusing to use it: point --data-dir at an empty directory or at this node's own data")]
+    Foreign {
+        /// The directory.
+        path: PathBuf,
+        /// Some of what it contains.
+        found: String,
+    },
+    /// The directory belongs to another node id.
+    #[error("{path} belongs to node {owner}, but this node was started with --id {requested}: use --id {owner}, or another --data-dir")]
+    OtherNode {
+        /// The directory.
+        path: PathBuf,
+        /// Its node id.
+        owner: u64,
+        /// The id asked for.
+        requested: u64,
+    },
+    /// The files are damaged or of an unknown format.
+    #[error("data directory {path} is corrupt: {problem}. Nothing was changed. Restore it from a backup, or move it away and re-add this node under a new --id")]
+    Corrupt {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The directory cannot be read or created.
+    #[error("cannot use data directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    format: u32,
+    node_id: u64,
+}
+
+/// Everything read back from a data directory at start.
+pub(crate) struct Recovered {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+    entries: BTreeMap<u64, Entry>,
+    snapshot: Option<StoredSnapshot>,
+}
+
+/// A snapshot's metadata and its serialized state.
+type StoredSnapshot = (SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>);
+
+/// Open (or create) the data directory of node `node_id`.
+pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered), DataDirError> {
+    let io = |source| DataDirError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let corrupt = |problem: String| DataDirError::Corrupt {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let identity_path = dir.join(IDENTITY_FILE);
+    let db_path = dir.join(DATABASE_FILE);
+    let fresh = !identity_path.exists();
+    if fresh {
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !found.is_empty() {
+            found.sort();
+            found.truncate(3);
+            return Err(DataDirError::Foreign {
+                path: dir.to_path_buf(),
+                found: found.join(", "),
+            });
+        }
+    } else {
+        let text = std::fs::read_to_string(&identity_path).map_err(io)?;
+        let identity: Identity = serde_json::from_str(&text)
+            .map_err(|e| corrupt(format!("{IDENTITY_FILE} is unreadable ({e})")))?;
+        if identity.format != FORMAT {
+            return Err(corrupt(format!(
+                "format {} is not supported by this version (which reads format {FORMAT})",
+                identity.format
+            )));
+        }
+        if identity.node_id != node_id {
+            return Err(DataDirError::OtherNode {
+                path: dir.to_path_buf(),
+                owner: identity.node_id,
+                requested: node_id,
+            });
+        }
+        if !db_path.exists() {
+            return Err(corrupt(format!("{DATABASE_FILE} is missing")));
+        }
+    }
+
+    let db = if fresh {
+        let db = Database::create(&db_path).map_err(|e| corrupt(e.to_string()))?;
+        let text = serde_json::to_string(&Identity {
+            format: FORMAT,
+            node_id,
+        })
+        .map_err(|e| corrupt(e.to_string()))?;
+        let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &identity_path).map_err(io)?;
+        db
+    } else {
+        Database::open(&db_path).map_err(|e| corrupt(format!("{DATABASE_FILE}: {e}")))?
+    };
+    let recovered = recover(&db).map_err(corrupt)?;
+    Ok((Arc::new(db), recovered))
+}
+
+fn recover(db: &Database) -> Result<Recovered, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let mut r = Recovered {
+        vote: None,
+        committed: None,
+        purged: None,
+        entries: BTreeMap::new(),
+        snapshot: None,
+    };
+    let meta = match txn.open_table(META) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    if let Some(meta) = meta {
+        let get = |key: &str| -> Result<Option<Vec<u8>>, String> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().to_vec()))
+        };
+        let parse = |key: &str| -> Result<Option<serde_json::Value>, String> {
+            get(key)?
+                .map(|b| serde_json::from_slice(&b).map_err(|e| format!("{key}: {e}")))
+                .transpose()
+        };
+        r.vote = parse("vote")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        r.committed = parse("committed")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        r.purged = parse("purged")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+    }
+    match txn.open_table(LOG) {
+        Ok(log) => {
+            for item in log.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                let entry: Entry = serde_json::from_slice(v.value())
+                    .map_err(|e| format!("log entry {}: {e}", k.value()))?;
+                r.entries.insert(k.value(), entry);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    match txn.open_table(SNAPSHOT) {
+        Ok(snap) => {
+            let meta = snap
+                .get("meta")
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().to_vec());
+            let data = snap
+                .get("data")
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().to_vec());
+            if let (Some(meta), Some(data)) = (meta, data) {
+                let meta =
+                    serde_json::from_slice(&meta).map_err(|e| format!("snapshot meta: {e}"))?;
+                r.snapshot = Some((meta, data));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(r)
+}
+
+// ---- the writer thread ----------------------------------------------------------------------
+
+type Done = oneshot::Sender<Result<(), String>>;
+
+enum Op {
+    Append(Vec<(u64, Vec<u8>)>, LogFlushed<TypeConfig>),
+    TruncateFrom(u64),
+    PurgeUpTo(u64, Vec<u8>),
+    Meta(&'static str, Vec<u8>, Option<Done>),
+    Snapshot(Vec<u8>, Vec<u8>, Done),
+}
+
+/// Sends operations to the writer thread, in order.
+#[derive(Clone)]
+struct Writer {
+    tx: std_mpsc::Sender<Op>,
+}
+
+impl Writer {
+    fn start(db: Arc<Database>) -> std::io::Result<Writer> {
+        let (tx, rx) = std_mpsc::channel::<Op>();
+        std::thread::Builder::new()
+            .name("mode-raft-writer".into())
+            .spawn(move || writer_loop(&db, rx))?;
+        Ok(Writer { tx })
+    }
+
+    fn send(&self, op: Op) -> Result<(), StorageError> {
+        self.tx.send(op).map_err(|_| {
+            StorageIOError::write(&std::io::Error::other("the storage writer has stopped")).into()
+        })
+    }
+
+    async fn send_and_wait(&self, make: impl FnOnce(Done) -> Op) -> Result<(), String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(make(done))
+            .map_err(|_| "the storage writer has stopped".to_string())?;
+        wait.await
+            .map_err(|_| "the storage writer has stopped".to_string())?
+    }
+}
+
+fn writer_loop(db: &Database, rx: std_mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(db, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!("raft storage write failed: {e}");
+        }
+        for op in batch {
+            match op {
+                Op::Append(_, flushed) => {
+                    flushed.log_io_completed(result.clone().map_err(std::io::Error::other))
+                }
+                Op::Meta(_, _, Some(done)) | Op::Snapshot(_, _, done) => {
+                    let _ = done.send(result.clone());
+                }
+                Op::Meta(_, _, None) | Op::TruncateFrom(_) | Op::PurgeUpTo(..) => {}
+            }
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Box<dyn std::error::Error>> {
+    let txn = db.begin_write()?;
+    {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        let mut snap = txn.open_table(SNAPSHOT)?;
+        for op in batch {
+            match op {
+                Op::Append(entries, _) => {
+                    for (index, bytes) in entries {
+                        log.insert(*index, bytes.as_slice())?;
+                    }
+                }
+                Op::TruncateFrom(index) => log.retain_in(*index.., |_, _| false)?,
+                Op::PurgeUpTo(index, purged) => {
+                    log.retain_in(..=*index, |_, _| false)?;
+                    meta.insert("purged", purged.as_slice())?;
+                }
+                Op::Meta(key, value, _) => {
+                    meta.insert(*key, value.as_slice())?;
+                }
+                Op::Snapshot(m, data, _) => {
+                    snap.insert("meta", m.as_slice())?;
+                    snap.insert("data", data.as_slice())?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(v).map_err(|e| StorageIOError::write(&e).into())
+}
+
+// ---- the log ----------------------------------------------------------------------------------
+
+/// The Raft log: in memory for reads, durable through the writer.
+#[derive(Clone)]
+pub(crate) struct LogStore {
+    inner: Arc<LogInner>,
+}
+
+struct LogInner {
+    mem: Mutex<LogMem>,
+    writer: Writer,
+    committed_index: AtomicU64,
+}
+
+struct LogMem {
+    entries: BTreeMap<u64, Entry>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+}
+
+impl LogStore {
+    /// Highest committed index saved by Raft (0 when none).
+    pub(crate) fn committed_index(&self) -> u64 {
+        self.inner.committed_index.load(Ordering::Relaxed)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let mem = lock(&self.inner.mem);
+        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let mem = lock(&self.inner.mem);
+        let last = mem
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(mem.purged);
+        Ok(LogState {
+            last_purged_log_id: mem.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let bytes = to_json(vote)?;
+        self.inner
+            .writer
+            .send_and_wait(|done| Op::Meta("vote", bytes, Some(done)))
+            .await
+            .map_err(|e| StorageIOError::write_vote(&std::io::Error::other(e)))?;
+        lock(&self.inner.mem).vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        Ok(lock(&self.inner.mem).vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let bytes = to_json(&committed)?;
+        self.inner.writer.send(Op::Meta("committed", bytes, None))?;
+        self.inner
+            .committed_index
+            .store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
+        lock(&self.inner.mem).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(lock(&self.inner.mem).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut encoded = Vec::new();
+        {
+            let mut mem = lock(&self.inner.mem);
+            for entry in entries {
+                encoded.push((entry.log_id.index, to_json(&entry)?));
+                mem.entries.insert(entry.log_id.index, entry);
+            }
+        }
+        self.inner.writer.send(Op::Append(encoded, callback))
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        lock(&self.inner.mem).entries.split_off(&log_id.index);
+        self.inner.writer.send(Op::TruncateFrom(log_id.index))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        {
+            let mut mem = lock(&self.inner.mem);
+            let keep = mem.entries.split_off(&(log_id.index + 1));
+            mem.entries = keep;
+            mem.purged = Some(log_id);
+        }
+        self.inner
+            .writer
+            .send(Op::PurgeUpTo(log_id.index, to_json(&log_id)?))
+    }
+}
+
+// ---- the state machine ---------------------------------------------------------------------
+
+/// The applied state, shared with readers.
+pub(crate) struct Applied {
+    pub(crate) last_applied: Option<LogId>,
+    pub(crate) membership: StoredMembership,
+    pub(crate) state: ClusterState,
+}
+
+/// The state machine: in memory, snapshots durable.
+#[derive(Clone)]
+pub(crate) struct StateMachineStore {
+    applied: Arc<RwLock<Applied>>,
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+    writer: Writer,
+    snapshots_built: Arc<AtomicU64>,
+}
+
+impl StateMachineStore {
+    /// Read the applied state.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    async fn persist_snapshot(
+        &self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        let m = to_json(meta)?;
+        let d = data.to_vec();
+        self.writer
+            .send_and_wait(|done| Op::Snapshot(m, d, done))
+            .await
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(e))
+                    .into()
+            })
+    }
+}
+
+/// Build the stores over an opened data directory.
+pub(crate) fn stores(
+    db: Arc<Database>,
+    r: Recovered,
+) -> Result<(LogStore, StateMachineStore), DataDirError> {
+    let writer = Writer::start(db).map_err(|source| DataDirError::Io {
+        path: PathBuf::from("(writer thread)"),
+        source,
+    })?;
+    let log = LogStore {
+        inner: Arc::new(LogInner {
+            mem: Mutex::new(LogMem {
+                entries: r.entries,
+                vote: r.vote,
+                committed: r.committed,
+                purged: r.purged,
+            }),
+            writer: writer.clone(),
+            committed_index: AtomicU64::new(r.committed.map(|c| c.index).unwrap_or(0)),
+        }),
+    };
+    let mut applied = Applied {
+        last_applied: None,
+        membership: StoredMembership::default(),
+        state: ClusterState::default(),
+    };
+    if let Some((meta, data)) = &r.snapshot {
+        applied.state = serde_json::from_slice(data).map_err(|e| DataDirError::Corrupt {
+            path: PathBuf::from(DATABASE_FILE),
+            problem: format!("snapshot data: {e}"),
+        })?;
+        applied.last_applied = meta.last_log_id;
+        applied.membership = meta.last_membership.clone();
+    }
+    let sm = StateMachineStore {
+        applied: Arc::new(RwLock::new(applied)),
+        snapshot: Arc::new(Mutex::new(r.snapshot)),
+        writer,
+        snapshots_built: Arc::new(AtomicU64::new(0)),
+    };
+    Ok((log, sm))
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, membership) = self.read(|a| {
+            (
+                serde_json::to_vec(&a.state),
+                a.last_applied,
+                a.membership.clone(),
+            )
+        });
+        let data = data.map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}-{n}",
+                last_applied.map(|l| l.leader_id.term).unwrap_or(0),
+                last_applied.map(|l| l.index).unwrap_or(0)
+            ),
+        };
+        self.persist_snapshot(&meta, &data).await?;
+        *lock(&self.snapshot) = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok(self.read(|a| (a.last_applied, a.membership.clone())))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            a.last_applied = Some(entry.log_id);
+            let result = match entry.payload {
+                EntryPayload::Blank => CommandResult::default(),
+                EntryPayload::Normal(ref proposal) => a.state.apply(proposal),
+                EntryPayload::Membership(ref m) => {
+                    a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    CommandResult::default()
+                }
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: ClusterState = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        self.persist_snapshot(meta, &data).await?;
+        {
+            let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+            a.state = state;
+            a.last_applied = meta.last_log_id;
+            a.membership = meta.last_membership.clone();
+        }
+        *lock(&self.snapshot) = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(lock(&self.snapshot).clone().map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

@@ -1,0 +1,24 @@
+//! The Raft type configuration. openraft types stay inside `cluster/`.
+
+use std::io::Cursor;
+
+use super::state::{CommandResult, Proposal};
+
+openraft::declare_raft_types!(
+    /// mode's Raft types: proposals in, command results out, u64 node ids, address-only nodes.
+    pub TypeConfig:
+        D = Proposal,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type Entry = openraft::Entry<TypeConfig>;
+pub(crate) type LogId = openraft::LogId<u64>;
+pub(crate) type Vote = openraft::Vote<u64>;
+pub(crate) type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
+pub(crate) type StorageError = openraft::StorageError<u64>;

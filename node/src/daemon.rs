@@ -1,0 +1,376 @@
+//! The `mode-node` daemon: flags, and the node's services (Raft, gRPC server, agent) under one
+//! Worker.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cluster::state::Command;
+use crate::cluster::{ClusterConfig, ClusterError, ClusterNode};
+use crate::service::{Context, Result, Service, ServiceHandle};
+use crate::worker::{init_logging, LogConfig, LogFormat, Worker, WorkerExit};
+
+/// Flags of `mode-node`; each can also be set by the environment variable named after it.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mode-node",
+    version,
+    about = "A mode cluster node: runs services and a member of the Raft control plane"
+)]
+pub struct NodeArgs {
+    /// Run a one-node development cluster (the default when neither --peers nor --join is given).
+    #[arg(long, conflicts_with_all = ["peers", "join"])]
+    pub dev: bool,
+    /// This node's id (a positive integer, unique in the cluster, never reused after its data is lost).
+    #[arg(long, env = "MODE_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: u64,
+    /// Address to listen on for gRPC (Raft and the control API).
+    #[arg(long, env = "MODE_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node (default: --listen).
+    #[arg(long, env = "MODE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Bootstrap a static cluster: every member as ID=HOST:PORT, comma-separated, this one included.
+    #[arg(long, env = "MODE_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    pub peers: Vec<(u64, String)>,
+    /// Join an existing cluster through any of its nodes (HOST:PORT).
+    #[arg(long, env = "MODE_JOIN")]
+    pub join: Option<String>,
+    /// Where this node keeps its Raft log and snapshots (default: $XDG_DATA_HOME/mode/node-ID).
+    #[arg(long, env = "MODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Joining nodes become voters while the cluster has fewer voters than this.
+    #[arg(long, env = "MODE_MAX_VOTERS", default_value_t = 5)]
+    pub max_voters: usize,
+    /// How long to wait for a leader (or for --join to succeed) before giving up.
+    #[arg(long, env = "MODE_BOOTSTRAP_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub bootstrap_timeout: Duration,
+    /// Leader heartbeat period.
+    #[arg(long, env = "MODE_HEARTBEAT", default_value = "50ms", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Minimum election timeout (the maximum is twice this).
+    #[arg(long, env = "MODE_ELECTION_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub election_timeout: Duration,
+    /// Build a snapshot after this many log entries.
+    #[arg(long, env = "MODE_SNAPSHOT_EVERY", default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// Labels for placement constraints, KEY=VALUE (repeatable or comma-separated).
+    #[arg(long = "label", env = "MODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Capacity units this node offers to placements.
+    #[arg(long, env = "MODE_CAPACITY", default_value_t = 100)]
+    pub capacity: u64,
+    /// Log level or filter (e.g. info, debug, info,mode=debug).
+    #[arg(long, env = "MODE_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log format: text or json.
+    #[arg(long, env = "MODE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not ID=HOST:PORT (e.g. 1=127.0.0.1:7070)"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' in '{s}' is not a node id"))?;
+    if id == 0 {
+        return Err("node ids start at 1".into());
+    }
+    crate::cluster::check_address(&format!("address of peer {id}"), addr.trim())
+        .map_err(|e| e.to_string())?;
+    Ok((id, addr.trim().to_string()))
+}
+
+fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label '{s}' is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("label '{s}' has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `250ms`, `2s`, `1m`, or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 250ms, 2s, 1m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `$XDG_DATA_HOME/mode/node-ID`, else `~/.local/share/mode/node-ID`, else `./mode-data/node-ID`.
+pub fn default_data_dir(id: u64) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|b| b.join("mode"))
+        .unwrap_or_else(|| PathBuf::from("mode-data"));
+    base.join(format!("node-{id}"))
+}
+
+impl NodeArgs {
+    /// The cluster configuration these flags describe.
+    pub fn cluster_config(&self) -> std::result::Result<ClusterConfig, String> {
+        let advertise = match &self.advertise {
+            Some(a) => a.clone(),
+            None if self.listen.ip().is_unspecified() => {
+                return Err(format!(
+                    "--listen {} accepts any address; also give --advertise HOST:PORT, the address other nodes reach this one at",
+                    self.listen
+                ))
+            }
+            None => self.listen.to_string(),
+        };
+        let mut peers = BTreeMap::new();
+        for (id, addr) in &self.peers {
+            if let Some(previous) = peers.insert(*id, addr.clone()) {
+                return Err(format!(
+                    "--peers lists node {id} twice ({previous} and {addr})"
+                ));
+            }
+        }
+        let mut config = ClusterConfig::new(
+            self.id,
+            advertise,
+            self.data_dir
+                .clone()
+                .unwrap_or_else(|| default_data_dir(self.id)),
+        );
+        config.peers = peers;
+        config.join = self.join.clone();
+        config.max_voters = self.max_voters.max(1);
+        config.heartbeat = self.heartbeat;
+        config.election_timeout = (self.election_timeout, self.election_timeout * 2);
+        config.snapshot_every = self.snapshot_every.max(10);
+        if self.heartbeat >= self.election_timeout {
+            return Err(format!(
+                "--heartbeat ({:?}) must be shorter than --election-timeout ({:?})",
+                self.heartbeat, self.election_timeout
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Run `mode-node` with these command-line arguments; returns the exit status.
+pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args = match NodeArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let config = match args.cluster_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = LogConfig {
+        level: Some(args.log_level.clone()),
+        format: args.log_format,
+        file: None,
+    };
+    if let Err(e) = init_logging(&log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(run(args, config));
+    rt.shutdown_timeout(Duration::from_millis(200));
+    ExitCode::from(code)
+}
+
+async fn run(args: NodeArgs, config: ClusterConfig) -> u8 {
+    let data_dir = config.data_dir.clone();
+    let node = match ClusterNode::open(config).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return match e {
+                ClusterError::Config(_) => 2,
+                _ => 1,
+            };
+        }
+    };
+    tracing::info!(
+        "mode-node {} listening on {} (advertised as {}), data in {}",
+        args.id,
+        args.listen,
+        node.config().advertise,
+        data_dir.display()
+    );
+    let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
+    let raft = ServiceHandle::builder(RaftService { node: node.clone() })
+        .label("Raft")
+        .build();
+    let grpc = ServiceHandle::builder(GrpcServer {
+        node: node.clone(),
+        listen: args.listen,
+    })
+    .label("GrpcServer")
+    .build();
+    let agent = ServiceHandle::builder(Agent {
+        node: node.clone(),
+        bootstrap_timeout: args.bootstrap_timeout,
+        labels,
+        capacity: args.capacity,
+    })
+    .label("Agent")
+    .build();
+    let exit = Worker::with_services(vec![raft, grpc, agent])
+        .without_logging()
+        .run_async()
+        .await;
+    if matches!(exit, WorkerExit::Crashed(_) | WorkerExit::StartFailed(_)) {
+        // The worker printed the reason; make sure Raft is down before exiting.
+        node.shutdown().await;
+    }
+    exit.code()
+}
+
+/// Owns the Raft node: logs leadership changes, shuts Raft down last.
+struct RaftService {
+    node: Arc<ClusterNode>,
+}
+
+impl Service for RaftService {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let mut metrics = self.node.leader_changes();
+        let me = self.node.id();
+        let c = ctx.clone();
+        ctx.spawn("leader-watch", async move {
+            let mut last = (None, 0);
+            loop {
+                let now = {
+                    let m = metrics.borrow_and_update();
+                    (m.current_leader, m.current_term)
+                };
+                if now.0 != last.0 {
+                    match now.0 {
+                        Some(l) if l == me => {
+                            tracing::info!("this node ({me}) is the leader (term {})", now.1)
+                        }
+                        Some(l) => tracing::info!("node {l} is the leader (term {})", now.1),
+                        None => tracing::info!("no leader (term {})", now.1),
+                    }
+                }
+                last = now;
+                if c.wait(metrics.changed()).await.is_none_or(|r| r.is_err()) {
+                    return Ok(());
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn on_shutdown(&mut self, _ctx: &Context) -> Result<()> {
+        self.node.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Serves Raft and the control API.
+struct GrpcServer {
+    node: Arc<ClusterNode>,
+    listen: SocketAddr,
+}
+
+impl Service for GrpcServer {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen).await.map_err(|e| {
+            format!("cannot listen on {}: {e} (is another mode-node using this port? choose another --listen)", self.listen)
+        })?;
+        let (node, c) = (self.node.clone(), ctx.clone());
+        ctx.spawn("serve", async move {
+            let shutdown = {
+                let c = c.clone();
+                async move { c.stopped().await }
+            };
+            crate::api::serve(node, listener, shutdown).await?;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// Bootstraps or joins the cluster, then registers this node in the replicated node table.
+struct Agent {
+    node: Arc<ClusterNode>,
+    bootstrap_timeout: Duration,
+    labels: BTreeMap<String, String>,
+    capacity: u64,
+}
+
+impl Service for Agent {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let node = self.node.clone();
+        let timeout = self.bootstrap_timeout;
+        let register = Command::RegisterNode {
+            id: node.id(),
+            address: node.config().advertise.clone(),
+            labels: self.labels.clone(),
+            capacity: self.capacity,
+        };
+        let c = ctx.clone();
+        ctx.spawn("register", async move {
+            match c.wait(node.bootstrap(timeout)).await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(())) => {}
+            }
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match c.wait(node.write(register.clone(), true)).await {
+                    None => return Ok(()),
+                    Some(Ok(out)) => {
+                        tracing::info!("{}", out.result.message);
+                        return Ok(());
+                    }
+                    Some(Err(ClusterError::Unavailable(e))) => {
+                        tracing::warn!("registering this node: {e}; retrying")
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                }
+                if !c.sleep(delay).await {
+                    return Ok(());
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+        Ok(())
+    }
+}
