@@ -1,1 +1,339 @@
+//! Helpers for end-to-end tests: real `mode-node` processes on loopback with free ports and
+//! temporary data directories, always cleaned up.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mode_proto::v1 as pb;
+use mode_proto::v1::control_client::ControlClient;
+use tonic::transport::Channel;
+
+/// A workspace binary built next to the test executables (`cargo test --workspace` builds
+/// `mode-node` and `modectl` because their packages have integration tests).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so that it is built",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A unique scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mode-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `mode-node` process (restartable).
+pub struct NodeProc {
+    pub id: u64,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Start (or restart) the process with its arguments; output goes to its log file.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(binary("mode-node"))
+            .args(&self.args)
+            .env_remove("MODE_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mode-node");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is still running; its exit code if it ended.
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Cluster tests share two cores: run them one at a time so elections are not starved.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Several `mode-node` processes forming (or joining) one cluster.
+pub struct TestCluster {
+    pub nodes: BTreeMap<u64, NodeProc>,
+    pub scratch: Scratch,
+    peers: String,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl TestCluster {
+    /// Start `n` nodes bootstrapped with `--peers`, each with `extra` flags.
+    pub fn start(n: u64, extra: &[&str]) -> TestCluster {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let scratch = Scratch::new("cluster");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers = (1..=n)
+            .zip(&ports)
+            .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = TestCluster {
+            nodes: BTreeMap::new(),
+            scratch,
+            peers: peers.clone(),
+            _serial: serial,
+        };
+        for (id, port) in (1..=n).zip(ports) {
+            let mut args = vec!["--peers".to_string(), peers.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            c.add_node(id, port, args);
+        }
+        for node in c.nodes.values_mut() {
+            node.start();
+        }
+        c
+    }
+
+    /// Register a node process (not started) with `args` after the common ones.
+    pub fn add_node(&mut self, id: u64, port: u16, args: Vec<String>) -> &mut NodeProc {
+        let data_dir = self.scratch.0.join(format!("node-{id}"));
+        let mut all = vec![
+            "--id".to_string(),
+            id.to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--log-level".to_string(),
+            "info".to_string(),
+        ];
+        all.extend(args);
+        let log = self.scratch.0.join(format!("node-{id}.log"));
+        self.nodes.insert(
+            id,
+            NodeProc {
+                id,
+                port,
+                data_dir,
+                log,
+                args: all,
+                child: None,
+            },
+        );
+        self.nodes.get_mut(&id).expect("just inserted")
+    }
+
+    pub fn peers(&self) -> &str {
+        &self.peers
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.get_mut(&id).expect("a node of this cluster")
+    }
+
+    /// All node logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .values()
+            .map(|n| format!("---- node {} ----\n{}", n.id, n.logs()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn client(&self, id: u64) -> ControlClient<Channel> {
+        client(&self.nodes[&id].address())
+    }
+
+    /// Wait until `id` reports a leader (its own view); returns it.
+    pub async fn leader_seen_by(&self, id: u64, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(s) = self.status(id, true).await {
+                if s.has_leader {
+                    return Some(s.leader);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Wait until every running node agrees on one leader.
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for id in self.nodes.keys() {
+                if let Ok(s) = self.status(*id, true).await {
+                    seen.push(s.has_leader.then_some(s.leader));
+                }
+            }
+            if let Some(Some(first)) = seen.first() {
+                if seen.iter().all(|l| *l == Some(*first)) {
+                    return *first;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {timeout:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(
+        &self,
+        id: u64,
+        local: bool,
+    ) -> Result<pb::ClusterStatusReply, tonic::Status> {
+        let mut c = self.client(id).await;
+        let mut req = tonic::Request::new(pb::ClusterStatusRequest { local });
+        req.set_timeout(Duration::from_secs(2));
+        c.cluster_status(req).await.map(|r| r.into_inner())
+    }
+
+    /// Store a spec named `name` through node `via`.
+    pub async fn put_spec(&self, via: u64, name: &str) -> Result<pb::WriteReply, tonic::Status> {
+        put_spec(&mut self.client(via).await, name).await
+    }
+
+    /// Read `query` on node `via`.
+    pub async fn read(
+        &self,
+        via: u64,
+        query: &str,
+        stale: bool,
+    ) -> Result<serde_json::Value, tonic::Status> {
+        let mut c = self.client(via).await;
+        let r = c
+            .read(pb::ReadRequest {
+                query: query.to_string(),
+                stale,
+            })
+            .await?
+            .into_inner();
+        Ok(serde_json::from_str(&r.result_json).expect("json"))
+    }
+
+    /// Wait until node `id`'s own state has `n` specs.
+    pub async fn wait_specs(&self, id: u64, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(v) = self.read(id, "specs", true).await {
+                if v.as_array().map(|a| a.len()) == Some(n) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not reach {n} specs within {timeout:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Run modectl against node `via`.
+    pub fn modectl(&self, via: u64, args: &[&str]) -> Output {
+        Command::new(binary("modectl"))
+            .arg("--endpoint")
+            .arg(self.nodes[&via].address())
+            .args(args)
+            .output()
+            .expect("run modectl")
+    }
+}
+
+/// A control API client for `address` (lazy connection).
+pub fn client(address: &str) -> ControlClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    ControlClient::new(channel)
+}
+
+/// Store a small spec named `name` (its config padded to about 256 bytes, like the etcd bench).
+pub async fn put_spec(
+    client: &mut ControlClient<Channel>,
+    name: &str,
+) -> Result<pb::WriteReply, tonic::Status> {
+    let command = serde_json::json!({
+        "op": "put_spec",
+        "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"pad": "x".repeat(200)}}
+    });
+    client
+        .write(pb::WriteRequest {
+            command_json: command.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}

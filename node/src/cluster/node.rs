@@ -698,6 +698,7 @@ impl ClusterNode {
                     .await
                     .map_err(|e| ClusterError::Unavailable(format!("adding node {id} as a learner: {e}")))?;
                 tracing::info!("node {id} at {address} joined as a learner");
+                self.record(format!("node {id} at {address} joined as a learner"), "node-joined", id).await;
             }
         }
         if voters.len() >= self.config.max_voters {
@@ -714,7 +715,22 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Unavailable(format!("promoting node {id} to voter: {e}")))?;
         tracing::info!("node {id} promoted to voter");
+        self.record(format!("node {id} promoted to voter"), "node-promoted", id)
+            .await;
         Ok((true, format!("node {id} is a voter")))
+    }
+
+    /// Best-effort event about membership.
+    async fn record(&self, message: String, kind: &str, node: u64) {
+        let event = Command::RecordEvent {
+            kind: kind.to_string(),
+            message,
+            service: None,
+            node: Some(node),
+        };
+        if let Err(e) = self.write(event, false).await {
+            tracing::debug!("recording a membership event: {e}");
+        }
     }
 
     /// Remove node `id` from the membership and the node table.

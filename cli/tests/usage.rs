@@ -1,0 +1,58 @@
+//! modectl's own failures: bad flags and an endpoint where nothing answers.
+
+use std::process::Command;
+
+const MODECTL: &str = env!("CARGO_BIN_EXE_modectl");
+
+#[test]
+fn a_bad_flag_is_a_usage_error_with_exit_2() {
+    let out = Command::new(MODECTL)
+        .args(["cluster", "status", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+}
+
+#[test]
+fn no_node_answering_is_exit_4_with_a_clear_message() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(MODECTL)
+        .args([
+            "--endpoint",
+            &format!("127.0.0.1:{port}"),
+            "cluster",
+            "status",
+        ])
+        .env_remove("MODE_ENDPOINT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no mode node answers at http://127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("MODE_ENDPOINT"), "{err}");
+}
+
+#[test]
+fn the_endpoint_can_come_from_mode_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(MODECTL)
+        .args(["node", "ls"])
+        .env("MODE_ENDPOINT", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
+}
