@@ -54,8 +54,10 @@ pub struct NodeArgs {
     /// Leader heartbeat period.
     #[arg(long, env = "MODE_HEARTBEAT", default_value = "50ms", value_parser = parse_duration)]
     pub heartbeat: Duration,
-    /// Minimum election timeout (the maximum is twice this).
-    #[arg(long, env = "MODE_ELECTION_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    /// Minimum election timeout (the maximum is twice this). A follower that stops hearing
+    /// from its leader starts an election after the leader's lease (the maximum) plus a random
+    /// timeout in this range: 360–480 ms with the default.
+    #[arg(long, env = "MODE_ELECTION_TIMEOUT", default_value = "120ms", value_parser = parse_duration)]
     pub election_timeout: Duration,
     /// Build a snapshot after this many log entries.
     #[arg(long, env = "MODE_SNAPSHOT_EVERY", default_value_t = 10_000)]

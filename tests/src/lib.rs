@@ -61,12 +61,30 @@ impl Drop for Scratch {
     }
 }
 
+/// How to start a node: a program and the arguments before the node's own flags.
+#[derive(Clone)]
+pub struct Launcher {
+    pub program: PathBuf,
+    pub prefix: Vec<String>,
+}
+
+impl Launcher {
+    /// The workspace's `mode-node` binary.
+    pub fn mode_node() -> Launcher {
+        Launcher {
+            program: binary("mode-node"),
+            prefix: Vec::new(),
+        }
+    }
+}
+
 /// One `mode-node` process (restartable).
 pub struct NodeProc {
     pub id: u64,
     pub port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    launcher: Launcher,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -84,7 +102,8 @@ impl NodeProc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(binary("mode-node"))
+        let child = Command::new(&self.launcher.program)
+            .args(&self.launcher.prefix)
             .args(&self.args)
             .env_remove("MODE_ENDPOINT")
             .stdout(Stdio::null())
@@ -130,12 +149,18 @@ pub struct TestCluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     pub scratch: Scratch,
     peers: String,
+    launcher: Launcher,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl TestCluster {
     /// Start `n` nodes bootstrapped with `--peers`, each with `extra` flags.
     pub fn start(n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::start_with(Launcher::mode_node(), n, extra)
+    }
+
+    /// [`TestCluster::start`] with another way of starting nodes.
+    pub fn start_with(launcher: Launcher, n: u64, extra: &[&str]) -> TestCluster {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let scratch = Scratch::new("cluster");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -148,6 +173,7 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             scratch,
             peers: peers.clone(),
+            launcher,
             _serial: serial,
         };
         for (id, port) in (1..=n).zip(ports) {
@@ -171,9 +197,10 @@ impl TestCluster {
             format!("127.0.0.1:{port}"),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
-            "--log-level".to_string(),
-            "info".to_string(),
         ];
+        if !args.iter().any(|a| a == "--log-level") {
+            all.extend(["--log-level".to_string(), "info".to_string()]);
+        }
         all.extend(args);
         let log = self.scratch.0.join(format!("node-{id}.log"));
         self.nodes.insert(
@@ -183,6 +210,7 @@ impl TestCluster {
                 port,
                 data_dir,
                 log,
+                launcher: self.launcher.clone(),
                 args: all,
                 child: None,
             },

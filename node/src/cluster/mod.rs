@@ -6,6 +6,7 @@
 mod forward;
 mod network;
 mod node;
+mod proposer;
 mod raft_server;
 pub mod state;
 mod store;

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mode_proto::v1::control_client::ControlClient;
 use mode_proto::v1::{ClusterStatusRequest, JoinRequest};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use super::network::{describe_status, Network, Peers};
+use super::proposer::{Proposer, Rejected};
 use super::state::{Command, CommandResult, Proposal, QueryError};
 use super::store::{self, DataDirError, LogStore, StateMachineStore};
 use super::types::Raft;
@@ -48,7 +49,8 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// Defaults for a node: 50 ms heartbeats, 250–500 ms elections, snapshot every 10,000 entries.
+    /// Defaults for a node: 50 ms heartbeats, 120–240 ms election timeouts, a snapshot every
+    /// 10,000 entries.
     pub fn new(id: u64, advertise: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         ClusterConfig {
             id,
@@ -58,7 +60,7 @@ impl ClusterConfig {
             data_dir: data_dir.into(),
             max_voters: 5,
             heartbeat: Duration::from_millis(50),
-            election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
+            election_timeout: (Duration::from_millis(120), Duration::from_millis(240)),
             snapshot_every: 10_000,
         }
     }
@@ -154,6 +156,7 @@ pub struct ClusterNode {
     log: LogStore,
     sm: StateMachineStore,
     peers: Arc<Peers>,
+    proposer: Proposer,
     membership: tokio::sync::Mutex<()>,
 }
 
@@ -247,6 +250,7 @@ impl ClusterNode {
         .map_err(|e| ClusterError::Fatal(e.to_string()))?;
         Ok(Arc::new(ClusterNode {
             config,
+            proposer: Proposer::start(raft.clone()),
             raft,
             log,
             sm,
@@ -459,25 +463,23 @@ impl ClusterNode {
         };
         let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
-            match self.raft.client_write(proposal.clone()).await {
-                Ok(r) => {
+            match self.proposer.propose(proposal.clone()).await {
+                Ok((result, log_index)) => {
                     return Ok(WriteOutcome {
-                        result: r.data,
-                        log_index: r.log_id.index,
+                        result,
+                        log_index,
                         leader: self.config.id,
                     })
                 }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Rejected::NotLeader(leader)) => {
                     if !may_forward {
                         return Err(ClusterError::Unavailable(format!(
                             "node {} is not the leader",
                             self.config.id
                         )));
                     }
-                    if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
-                        match super::forward::write(&self.peers, &node.addr, &proposal.command)
-                            .await
-                        {
+                    if let Some((leader, addr)) = leader {
+                        match super::forward::write(&self.peers, &addr, &proposal.command).await {
                             Ok(mut out) => {
                                 out.leader = leader;
                                 return Ok(out);
@@ -489,10 +491,8 @@ impl ClusterNode {
                         }
                     }
                 }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(ClusterError::Invalid(e.to_string()))
-                }
-                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                Err(Rejected::Invalid(e)) => return Err(ClusterError::Invalid(e)),
+                Err(Rejected::Fatal(e)) => return Err(ClusterError::Fatal(e)),
             }
             if Instant::now() >= deadline {
                 return Err(ClusterError::Unavailable(format!(

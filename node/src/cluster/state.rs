@@ -147,6 +147,14 @@ pub struct Proposal {
     pub command: Command,
 }
 
+/// Proposals committed together as one Raft entry (the leader batches concurrent writes so
+/// that one fsync on each node covers many of them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Batch {
+    /// In apply order. Shared: the log hands out clones of entries for every replication.
+    pub proposals: std::sync::Arc<[Proposal]>,
+}
+
 /// The outcome of applying a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct CommandResult {

@@ -584,7 +584,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(self.read(|a| (a.last_applied, a.membership.clone())))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<CommandResult>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -594,11 +594,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             a.last_applied = Some(entry.log_id);
             let result = match entry.payload {
-                EntryPayload::Blank => CommandResult::default(),
-                EntryPayload::Normal(ref proposal) => a.state.apply(proposal),
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(ref batch) => {
+                    batch.proposals.iter().map(|p| a.state.apply(p)).collect()
+                }
                 EntryPayload::Membership(ref m) => {
                     a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    CommandResult::default()
+                    Vec::new()
                 }
             };
             results.push(result);

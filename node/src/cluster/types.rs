@@ -2,13 +2,13 @@
 
 use std::io::Cursor;
 
-use super::state::{CommandResult, Proposal};
+use super::state::{Batch, CommandResult};
 
 openraft::declare_raft_types!(
-    /// mode's Raft types: proposals in, command results out, u64 node ids, address-only nodes.
+    /// mode's Raft types: batches of proposals in, their results out, u64 node ids, address-only nodes.
     pub TypeConfig:
-        D = Proposal,
-        R = CommandResult,
+        D = Batch,
+        R = Vec<CommandResult>,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+mod cluster;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use mode::service::{
     Backoff, BoxError, Context, RestartIntensity, Result, Service, ServiceHandle, ServiceState,
@@ -74,6 +76,9 @@ struct Cli {
     /// Measurement window of the `timers` suite, in seconds.
     #[arg(long, global = true, default_value_t = 5.0)]
     window_s: f64,
+    /// `raft`: load this existing cluster's leader (HOST:PORT) instead of starting three nodes.
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
     /// Measured crashes per point of the `restart` suite.
     #[arg(long, global = true, default_value_t = 1000)]
     crashes: usize,
@@ -89,6 +94,10 @@ enum Suite {
     Restart,
     /// services, timers, restart, in that order.
     All,
+    /// Raft write latency and throughput: 3 node processes, 1/16/128 writes in flight.
+    Raft,
+    /// Leader failover: kill -9 the leader, time to the first successful write.
+    Failover,
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
     ServicesChild { shape: Shape, n: usize },
@@ -110,6 +119,14 @@ impl Shape {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `mode-bench __node ARGS` runs a mode-node (same build) for the cluster suites.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "__node") {
+        let node_args = std::iter::once("mode-node".into()).chain(args);
+        std::process::exit(i32::from(
+            mode::daemon::main_with_args(node_args) != std::process::ExitCode::SUCCESS,
+        ));
+    }
     let cli = Cli::parse();
     let json = match &cli.suite {
         Suite::ServicesChild { shape, n } => {
@@ -120,6 +137,10 @@ fn main() -> anyhow::Result<()> {
         Suite::Services => timed("services", || services_suite(&cli))?,
         Suite::Timers => timed("timers", || timers_suite(&cli))?,
         Suite::Restart => timed("restart", || restart_suite(&cli))?,
+        Suite::Raft => timed("raft", || {
+            cluster::raft_suite(cli.window_s, cli.endpoint.as_deref())
+        })?,
+        Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::All => {
             let services = timed("services", || services_suite(&cli))?;
             let timers = timed("timers", || timers_suite(&cli))?;

@@ -1,0 +1,210 @@
+//! `raft` and `failover`: three nodes as separate processes on loopback, durable storage.
+
+use std::time::{Duration, Instant};
+
+use mode_proto::v1 as pb;
+use mode_tests::{put_spec, Launcher, TestCluster};
+use serde_json::{json, Value};
+
+/// etcd 3.4 on the same machine (../shared/peers/RESULTS.md, quiet run 2).
+const ETCD_P50_MS: f64 = 1.84;
+const ETCD_128_WRITES_PER_S: f64 = 3724.0;
+const ETCD_FAILOVER_S: f64 = 1.245;
+
+fn launcher() -> anyhow::Result<Launcher> {
+    Ok(Launcher {
+        program: std::env::current_exe()?,
+        prefix: vec!["__node".into()],
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Run `inflight` concurrent writers against `address` for `window`.
+async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Result<Value> {
+    let client = mode_tests::client(address);
+    let deadline = Instant::now() + window;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0usize;
+            while Instant::now() < deadline {
+                let name = format!("k{}", (w * 7919 + i) % 1000);
+                let t = Instant::now();
+                put_spec(&mut c, &name).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += 1;
+            }
+            Ok::<_, tonic::Status>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok(json!({
+        "writes": all.len(),
+        "writes_per_s": all.len() as f64 / elapsed,
+        "p50_ms": percentile(&all, 0.50),
+        "p99_ms": percentile(&all, 0.99),
+    }))
+}
+
+pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = match endpoint {
+        Some(_) => None,
+        None => Some(TestCluster::start_with(
+            launcher()?,
+            3,
+            &["--log-level", "warn"],
+        )),
+    };
+    let out = rt.block_on(async {
+        let address = match (&cluster, endpoint) {
+            (Some(c), _) => {
+                let leader = c.wait_leader(Duration::from_secs(30)).await;
+                c.nodes[&leader].address()
+            }
+            (None, Some(e)) => e.to_string(),
+            (None, None) => unreachable!("either a cluster or an endpoint"),
+        };
+        // Warm up connections and the log.
+        load(&address, 8, Duration::from_millis(500)).await?;
+        let window = Duration::from_secs_f64(window_s);
+        let mut figures = serde_json::Map::new();
+        for inflight in [1usize, 16, 128] {
+            let v = load(&address, inflight, window).await?;
+            figures.insert(format!("inflight_{inflight}"), v);
+        }
+        Ok::<_, anyhow::Error>(Value::Object(figures))
+    })?;
+    drop(cluster);
+    println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B specs to the leader, {window_s} s per point");
+    println!(
+        "  {:<12} {:>12} {:>9} {:>9}   {}",
+        "in flight", "writes/s", "p50 ms", "p99 ms", "etcd 3.4 same machine"
+    );
+    for (k, etcd) in [
+        ("inflight_1", format!("526/s, p50 {ETCD_P50_MS} ms")),
+        ("inflight_16", "1356/s at 8, 2944/s at 32".to_string()),
+        (
+            "inflight_128",
+            format!("{ETCD_128_WRITES_PER_S}/s, p50 33 ms"),
+        ),
+    ] {
+        let v = &out[k];
+        println!(
+            "  {:<12} {:>12.0} {:>9.2} {:>9.2}   {etcd}",
+            k.trim_start_matches("inflight_"),
+            v["writes_per_s"].as_f64().unwrap_or(0.0),
+            v["p50_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let x = out["inflight_128"]["writes_per_s"].as_f64().unwrap_or(0.0) / ETCD_128_WRITES_PER_S;
+    println!(
+        "  targets: >= 3x etcd at 128 in flight ({x:.1}x), single-client p50 <= {ETCD_P50_MS} ms"
+    );
+    Ok(out)
+}
+
+pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut cluster = TestCluster::start_with(launcher()?, 3, &["--log-level", "warn"]);
+    let samples = rt.block_on(async {
+        let mut samples = Vec::new();
+        for rep in 0..reps {
+            let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+            let survivors: Vec<String> = cluster
+                .nodes
+                .values()
+                .filter(|n| n.id != leader)
+                .map(|n| n.address())
+                .collect();
+            cluster.node(leader).kill9();
+            let t0 = Instant::now();
+            // A probe every 10 ms, alternating survivors, each with a 3 s timeout (like the
+            // etcd script); the first success ends the measurement.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+            let mut probes = Vec::new();
+            let mut i = 0usize;
+            let took = loop {
+                if let Ok(d) = rx.try_recv() {
+                    break d;
+                }
+                let mut c = mode_tests::client(&survivors[i % survivors.len()]);
+                let tx = tx.clone();
+                let name = format!("failover-{rep}-{i}");
+                probes.push(tokio::spawn(async move {
+                    let mut req = tonic::Request::new(pb::WriteRequest {
+                        command_json:
+                            json!({"op": "put_spec", "spec": {"name": name, "kind": "ticker"}})
+                                .to_string(),
+                    });
+                    req.set_timeout(Duration::from_secs(3));
+                    if c.write(req).await.is_ok() {
+                        let _ = tx.send(t0.elapsed());
+                    }
+                }));
+                i += 1;
+                if t0.elapsed() > Duration::from_secs(30) {
+                    anyhow::bail!("no write succeeded within 30 s of killing the leader");
+                }
+                tokio::select! {
+                    d = rx.recv() => break d.unwrap_or_default(),
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            };
+            for p in probes {
+                p.abort();
+            }
+            println!(
+                "  rep {}: killed node {leader}, write OK after {:.3} s",
+                rep + 1,
+                took.as_secs_f64()
+            );
+            samples.push(took.as_secs_f64());
+            cluster.node(leader).start();
+            // Wait until the restarted node is back in and caught up.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let l = cluster.wait_leader(Duration::from_secs(30)).await;
+                if let Ok(s) = cluster.status(l, false).await {
+                    if s.members
+                        .iter()
+                        .all(|m| m.reachable && m.lag >= 0 && m.lag < 5)
+                    {
+                        break;
+                    }
+                }
+                anyhow::ensure!(Instant::now() < deadline, "node {leader} did not catch up");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = put_spec(
+                &mut mode_tests::client(&cluster.nodes[&leader].address()),
+                "settle",
+            )
+            .await;
+        }
+        Ok::<_, anyhow::Error>(samples)
+    })?;
+    let mut sorted = samples.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = percentile(&sorted, 0.5);
+    println!(
+        "failover: kill -9 the leader -> first successful write, median of {reps}: {median:.3} s (etcd 3.4 defaults: {ETCD_FAILOVER_S} s; target < 0.6 s)"
+    );
+    Ok(json!({ "failover_s": median, "samples_s": samples }))
+}
