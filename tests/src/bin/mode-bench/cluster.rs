@@ -92,10 +92,7 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
     })?;
     drop(cluster);
     println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B specs to the leader, {window_s} s per point");
-    println!(
-        "  {:<12} {:>12} {:>9} {:>9}   {}",
-        "in flight", "writes/s", "p50 ms", "p99 ms", "etcd 3.4 same machine"
-    );
+    println!("  in flight        writes/s    p50 ms    p99 ms   etcd 3.4 same machine");
     for (k, etcd) in [
         ("inflight_1", format!("526/s, p50 {ETCD_P50_MS} ms")),
         ("inflight_16", "1356/s at 8, 2944/s at 32".to_string()),
