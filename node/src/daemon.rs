@@ -124,9 +124,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 
 /// `$XDG_DATA_HOME/mode/node-ID`, else `~/.local/share/mode/node-ID`, else `./mode-data/node-ID`.
 pub fn default_data_dir(id: u64) -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
+    // The XDG spec treats an empty variable as unset.
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let base = set("XDG_DATA_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .or_else(|| set("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .map(|b| b.join("mode"))
         .unwrap_or_else(|| PathBuf::from("mode-data"));
     base.join(format!("node-{id}"))
@@ -374,5 +376,51 @@ impl Service for Agent {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+    }
+
+    #[test]
+    fn peers_and_labels_are_validated() {
+        assert_eq!(
+            parse_peer("2=10.0.0.2:7070").unwrap(),
+            (2, "10.0.0.2:7070".to_string())
+        );
+        assert!(parse_peer("2").unwrap_err().contains("ID=HOST:PORT"));
+        assert!(parse_peer("0=a:1").unwrap_err().contains("start at 1"));
+        assert!(parse_peer("x=a:1").unwrap_err().contains("not a node id"));
+        assert_eq!(parse_label("zone=a").unwrap(), ("zone".into(), "a".into()));
+        assert!(parse_label("=a").is_err());
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_advertised_one() {
+        let args = NodeArgs::try_parse_from(["mode-node", "--listen", "0.0.0.0:7070"]).unwrap();
+        assert!(args.cluster_config().unwrap_err().contains("--advertise"));
+        let args = NodeArgs::try_parse_from([
+            "mode-node",
+            "--listen",
+            "0.0.0.0:7070",
+            "--advertise",
+            "mode-0.mode:7070",
+        ])
+        .unwrap();
+        assert_eq!(args.cluster_config().unwrap().advertise, "mode-0.mode:7070");
+        let dup = NodeArgs::try_parse_from(["mode-node", "--peers", "1=a:1,1=b:2"]).unwrap();
+        assert!(dup.cluster_config().unwrap_err().contains("twice"));
     }
 }
