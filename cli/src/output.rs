@@ -157,35 +157,11 @@ pub(crate) fn print_events(events: &Value, service: Option<&str>, as_json: bool)
         .map(|e| {
             vec![
                 e["seq"].to_string(),
-                format_time(e["time_ms"].as_u64().unwrap_or(0)),
+                e["time"].as_str().unwrap_or("").to_string(),
                 e["kind"].as_str().unwrap_or("").to_string(),
                 e["message"].as_str().unwrap_or("").to_string(),
             ]
         })
         .collect();
     table(&["SEQ", "TIME (UTC)", "KIND", "MESSAGE"], &rows);
-}
-
-/// `2026-11-25 08:14:20.123` from ms since the epoch.
-fn format_time(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    // Civil date from days since 1970-01-01 (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        ms % 1000
-    )
 }

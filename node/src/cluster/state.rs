@@ -311,7 +311,19 @@ impl ClusterState {
         let v = match query {
             "nodes" => serde_json::to_value(self.nodes.values().collect::<Vec<_>>()),
             "specs" => serde_json::to_value(self.specs.values().collect::<Vec<_>>()),
-            "events" => serde_json::to_value(&self.events),
+            "events" => {
+                // With a readable UTC time next to the raw milliseconds, for clients.
+                let events: Vec<serde_json::Value> = self
+                    .events
+                    .iter()
+                    .map(|e| {
+                        let mut v = serde_json::to_value(e).unwrap_or_default();
+                        v["time"] = crate::service::format_utc_ms(e.time_ms).into();
+                        v
+                    })
+                    .collect();
+                Ok(serde_json::Value::Array(events))
+            }
             "all" => serde_json::to_value(self),
             q => match q.strip_prefix("spec:") {
                 Some(name) => match self.specs.get(name) {
@@ -417,6 +429,8 @@ mod tests {
         }
         assert_eq!(s.events.len(), MAX_EVENTS);
         assert_eq!(s.events.front().unwrap().seq, 5);
+        let listed = s.query("events").unwrap();
+        assert_eq!(listed[0]["time"], "1970-01-01 00:00:01.000");
         assert_eq!(s.next_event_seq, MAX_EVENTS as u64 + 5);
     }
 

@@ -47,6 +47,7 @@ mod tests;
 
 pub use beacon::{state_color, BeaconNode, NodeKind};
 pub use context::{Context, TimerSpec};
+pub(crate) use cron::format_utc_ms;
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
 pub(crate) use handle::lock;
