@@ -267,10 +267,13 @@ impl ServiceHandle {
     /// reaches `on_started`, and stops after it. On a service that is already running, the
     /// child starts with the next start; use [`Context::add_runtime_dependency`] to start it now.
     pub fn add_dependency(&self, child: ServiceHandle) -> ServiceHandle {
-        let mut f = lock(&self.cell.family);
-        let index = f.declared.len();
+        // Never hold a parent's lock while taking a child's (escalation goes child → parent).
+        let index = {
+            let mut f = lock(&self.cell.family);
+            f.declared.push(child.clone());
+            f.declared.len() - 1
+        };
         child.attach(&self.cell, index);
-        f.declared.push(child.clone());
         child
     }
 
@@ -285,9 +288,8 @@ impl ServiceHandle {
     }
 
     pub(crate) fn add_runtime(&self, child: &ServiceHandle) {
-        let mut f = lock(&self.cell.family);
+        lock(&self.cell.family).runtime.push(child.clone());
         child.attach(&self.cell, usize::MAX);
-        f.runtime.push(child.clone());
     }
 
     pub(crate) fn add_mirrored(&self, child: &ServiceHandle) {
@@ -451,12 +453,8 @@ impl ServiceHandle {
     }
 
     fn escalate(&self, reason: &CrashReason) {
-        let (parent, inbox) = {
-            let f = lock(&self.cell.family);
-            let parent = f.parent.as_ref().and_then(Weak::upgrade);
-            let inbox = parent.as_ref().and_then(|p| lock(&p.family).inbox.clone());
-            (parent, inbox)
-        };
+        let parent = lock(&self.cell.family).parent.as_ref().and_then(Weak::upgrade);
+        let inbox = parent.as_ref().and_then(|p| lock(&p.family).inbox.clone());
         let Some(parent) = parent else { return };
         let parent = ServiceHandle { cell: parent };
         if let Some(inbox) = inbox {
