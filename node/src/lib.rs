@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cluster;
 pub mod daemon;
+pub mod schedule;
 pub mod service;
 pub mod worker;
 

@@ -346,7 +346,7 @@ pub fn client(address: &str) -> ControlClient<Channel> {
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(1))
         .connect_lazy();
-    ControlClient::new(channel)
+    ControlClient::new(channel).max_decoding_message_size(256 << 20)
 }
 
 /// Store a small spec named `name` (its config padded to about 256 bytes, like the etcd bench).

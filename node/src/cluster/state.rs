@@ -65,6 +65,37 @@ fn one() -> u32 {
     1
 }
 
+/// Where an instance runs and how it is doing, as last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The node it is assigned to.
+    pub node: u64,
+    /// Reported state: `pending` until its node reports.
+    #[serde(default = "pending")]
+    pub state: String,
+    /// Restarts reported by its node.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// The last crash reason reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash: Option<String>,
+}
+
+fn pending() -> String {
+    "pending".to_string()
+}
+
+/// Instance `slot` of `service` on `node`, in a placement command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAssignment {
+    /// Service name.
+    pub service: String,
+    /// Instance number.
+    pub slot: u32,
+    /// Node id.
+    pub node: u64,
+}
+
 /// One entry of the event log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -122,6 +153,15 @@ pub enum Command {
     DeleteSpec {
         /// Its name.
         name: String,
+    },
+    /// Apply a scheduler decision: assign instances to nodes and remove others.
+    Place {
+        /// New or moved instances.
+        #[serde(default)]
+        assign: Vec<SlotAssignment>,
+        /// Instances to remove.
+        #[serde(default)]
+        unassign: Vec<SlotAssignment>,
     },
     /// Append an event.
     RecordEvent {
@@ -192,6 +232,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<u64, NodeInfo>,
     /// Service specs by name.
     pub specs: BTreeMap<String, ServiceSpec>,
+    /// Instances by service and slot.
+    #[serde(default)]
+    pub placements: BTreeMap<String, BTreeMap<u32, Placement>>,
     /// The most recent events, oldest first.
     pub events: VecDeque<Event>,
     /// Sequence number of the next event.
@@ -272,6 +315,41 @@ impl ClusterState {
                 }
                 None => CommandResult::refused(format!("no service '{name}'")),
             },
+            Command::Place { assign, unassign } => {
+                for a in unassign {
+                    let removed = self
+                        .placements
+                        .get_mut(&a.service)
+                        .and_then(|slots| slots.remove(&a.slot));
+                    if removed.is_some()
+                        && self
+                            .placements
+                            .get(&a.service)
+                            .is_some_and(|s| s.is_empty())
+                    {
+                        self.placements.remove(&a.service);
+                    }
+                }
+                for a in assign {
+                    self.placements
+                        .entry(a.service.clone())
+                        .or_default()
+                        .insert(
+                            a.slot,
+                            Placement {
+                                node: a.node,
+                                state: pending(),
+                                restart_count: 0,
+                                last_crash: None,
+                            },
+                        );
+                }
+                CommandResult::ok(format!(
+                    "{} assigned, {} unassigned",
+                    assign.len(),
+                    unassign.len()
+                ))
+            }
             Command::RecordEvent {
                 kind,
                 message,
@@ -306,11 +384,12 @@ impl ClusterState {
         }
     }
 
-    /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `events`, `all`.
+    /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `placements`, `events`, `all`.
     pub fn query(&self, query: &str) -> Result<serde_json::Value, QueryError> {
         let v = match query {
             "nodes" => serde_json::to_value(self.nodes.values().collect::<Vec<_>>()),
             "specs" => serde_json::to_value(self.specs.values().collect::<Vec<_>>()),
+            "placements" => serde_json::to_value(&self.placements),
             "events" => {
                 // With a readable UTC time next to the raw milliseconds, for clients.
                 let events: Vec<serde_json::Value> = self
@@ -330,11 +409,9 @@ impl ClusterState {
                     Some(spec) => serde_json::to_value(spec),
                     None => return Err(QueryError::NotFound(format!("no service named '{name}'"))),
                 },
-                None => {
-                    return Err(QueryError::Unknown(format!(
-                        "unknown query '{q}': use nodes, specs, spec:<name>, events or all"
-                    )))
-                }
+                None => return Err(QueryError::Unknown(format!(
+                    "unknown query '{q}': use nodes, specs, spec:<name>, placements, events or all"
+                ))),
             },
         };
         v.map_err(|e| QueryError::Unknown(e.to_string()))
@@ -414,6 +491,36 @@ mod tests {
         assert_eq!(s.apply(&p(reg)).message, "node 1 unchanged");
         assert_eq!(s.nodes[&1].status, NodeStatus::Draining);
         assert_eq!(s.events.len(), 2);
+    }
+
+    #[test]
+    fn placements_are_assigned_moved_and_removed() {
+        let mut s = ClusterState::default();
+        let a = |slot, node| SlotAssignment {
+            service: "web".into(),
+            slot,
+            node,
+        };
+        assert!(
+            s.apply(&p(Command::Place {
+                assign: vec![a(0, 1), a(1, 2)],
+                unassign: vec![]
+            }))
+            .ok
+        );
+        assert_eq!(s.placements["web"][&1].node, 2);
+        assert_eq!(s.placements["web"][&1].state, "pending");
+        s.apply(&p(Command::Place {
+            assign: vec![a(1, 3)],
+            unassign: vec![a(1, 2)],
+        }));
+        assert_eq!(s.placements["web"][&1].node, 3);
+        s.apply(&p(Command::Place {
+            assign: vec![],
+            unassign: vec![a(0, 1), a(1, 3)],
+        }));
+        assert!(s.placements.is_empty());
+        assert_eq!(s.query("placements").unwrap(), serde_json::json!({}));
     }
 
     #[test]

@@ -453,7 +453,10 @@ impl ServiceHandle {
     }
 
     fn escalate(&self, reason: &CrashReason) {
-        let parent = lock(&self.cell.family).parent.as_ref().and_then(Weak::upgrade);
+        let parent = lock(&self.cell.family)
+            .parent
+            .as_ref()
+            .and_then(Weak::upgrade);
         let inbox = parent.as_ref().and_then(|p| lock(&p.family).inbox.clone());
         let Some(parent) = parent else { return };
         let parent = ServiceHandle { cell: parent };

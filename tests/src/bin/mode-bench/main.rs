@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 mod cluster;
+mod schedule;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mode::service::{
@@ -98,6 +99,8 @@ enum Suite {
     Raft,
     /// Leader failover: kill -9 the leader, time to the first successful write.
     Failover,
+    /// The scheduler: 100,000 placements on 1,000 nodes, then committed through Raft.
+    Schedule,
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
     ServicesChild { shape: Shape, n: usize },
@@ -141,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             cluster::raft_suite(cli.window_s, cli.endpoint.as_deref())
         })?,
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
+        Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
         Suite::All => {
             let services = timed("services", || services_suite(&cli))?;
             let timers = timed("timers", || timers_suite(&cli))?;
