@@ -13,6 +13,7 @@ use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
 
 mod output;
+mod svc;
 
 use output::{print_events, print_nodes, print_status};
 
@@ -51,6 +52,9 @@ enum Cmd {
     /// Cluster nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Services: apply specs, list, inspect, scale, restart, remove.
+    #[command(subcommand)]
+    Svc(svc::SvcCmd),
     /// The cluster's event log.
     Events {
         /// Only events about this service.
@@ -59,7 +63,12 @@ enum Cmd {
         /// Read from the answering node without asking the leader.
         #[arg(long)]
         stale: bool,
+        /// Keep printing new events as they come.
+        #[arg(short, long)]
+        follow: bool,
     },
+    /// The service kinds the nodes offer.
+    Kinds,
 }
 
 #[derive(Subcommand)]
@@ -87,16 +96,26 @@ enum NodeCmd {
         /// Node id.
         id: u64,
     },
+    /// Move every instance off a node (started elsewhere before stopped here).
+    Drain {
+        /// Node id.
+        id: u64,
+    },
+    /// Return a drained node to service.
+    Undrain {
+        /// Node id.
+        id: u64,
+    },
 }
 
 /// A failure, with the exit status it maps to.
-struct Failure {
-    code: u8,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
 impl Failure {
-    fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
+    pub(crate) fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
         let code = match status.code() {
             tonic::Code::NotFound => 3,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 4,
@@ -155,7 +174,7 @@ async fn connect(cli: &Cli) -> Result<ControlClient<Channel>, Failure> {
     Ok(ControlClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20))
 }
 
-async fn read(
+pub(crate) async fn read(
     client: &mut ControlClient<Channel>,
     endpoint: &str,
     query: &str,
@@ -226,12 +245,83 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", r.message);
             }
         }
-        Cmd::Events { service, stale } => {
+        Cmd::Node(NodeCmd::Drain { id }) | Cmd::Node(NodeCmd::Undrain { id }) => {
+            let draining = matches!(&cli.command, Cmd::Node(NodeCmd::Drain { .. }));
+            let status = if draining { "draining" } else { "up" };
+            let command = serde_json::json!({"op": "set_node_status", "id": id, "status": status});
+            let r = write(&mut client, &endpoint, command).await?;
+            if r["ok"] != true {
+                return Err(Failure {
+                    code: 3,
+                    message: r["message"].as_str().unwrap_or("refused").to_string(),
+                });
+            }
+            if json {
+                println!("{r}");
+            } else if draining {
+                println!("node {id} is draining: its instances start elsewhere, then stop here");
+            } else {
+                println!("node {id} is back in service");
+            }
+        }
+        Cmd::Events {
+            service,
+            stale,
+            follow,
+        } => {
             let events = read(&mut client, &endpoint, "events", *stale).await?;
             print_events(&events, service.as_deref(), json);
+            if *follow {
+                let mut last = last_seq(&events);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let events = read(&mut client, &endpoint, "events", *stale).await?;
+                    let fresh: Vec<Value> = events
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| last.is_none_or(|l| e["seq"].as_u64().is_some_and(|s| s > l)))
+                        .cloned()
+                        .collect();
+                    if !fresh.is_empty() {
+                        last = last_seq(&Value::Array(fresh.clone()));
+                        output::print_event_lines(&Value::Array(fresh), service.as_deref(), json);
+                    }
+                }
+            }
         }
+        Cmd::Kinds => {
+            let kinds = read(&mut client, &endpoint, "kinds", false).await?;
+            output::print_kinds(&kinds, json);
+        }
+        Cmd::Svc(cmd) => svc::run(cmd, &mut client, &endpoint, json).await?,
     }
     Ok(())
+}
+
+fn last_seq(events: &Value) -> Option<u64> {
+    events
+        .as_array()
+        .and_then(|a| a.iter().filter_map(|e| e["seq"].as_u64()).max())
+}
+
+/// Commit a state-machine command; returns its result (`ok`, `message`).
+pub(crate) async fn write(
+    client: &mut ControlClient<Channel>,
+    endpoint: &str,
+    command: Value,
+) -> Result<Value, Failure> {
+    let reply = client
+        .write(pb::WriteRequest {
+            command_json: command.to_string(),
+        })
+        .await
+        .map_err(|s| Failure::from_status(endpoint, &s))?
+        .into_inner();
+    serde_json::from_str(&reply.response_json).map_err(|e| Failure {
+        code: 1,
+        message: format!("undecodable answer from {endpoint}: {e}"),
+    })
 }
 
 fn main() -> ExitCode {

@@ -4,7 +4,7 @@ use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
 /// Print rows as left-aligned columns under a header.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -136,6 +136,51 @@ pub(crate) fn print_nodes(nodes: &Value, as_json: bool) {
         })
         .collect();
     table(&["ID", "ADDRESS", "STATUS", "CAPACITY", "LABELS"], &rows);
+}
+
+/// Events as they arrive (`--follow`): one line each, no header; JSON lines with `-o json`.
+pub(crate) fn print_event_lines(events: &Value, service: Option<&str>, as_json: bool) {
+    for e in events.as_array().into_iter().flatten() {
+        if service.is_some_and(|s| e["service"].as_str() != Some(s)) {
+            continue;
+        }
+        if as_json {
+            println!("{e}");
+        } else {
+            println!(
+                "{}  {}  {}  {}",
+                e["seq"],
+                e["time"].as_str().unwrap_or(""),
+                e["kind"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+pub(crate) fn print_kinds(kinds: &Value, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(kinds).unwrap_or_default()
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = kinds
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, nodes)| {
+            let ids: Vec<String> = nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| n.to_string())
+                .collect();
+            vec![k.clone(), ids.join(",")]
+        })
+        .collect();
+    table(&["KIND", "NODES"], &rows);
 }
 
 pub(crate) fn print_events(events: &Value, service: Option<&str>, as_json: bool) {

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::agent::{AgentTimings, Kind, KindRegistry};
 use crate::cluster::state::Command;
-use crate::cluster::{ClusterConfig, ClusterError, ClusterNode};
-use crate::service::{Context, Result, Service, ServiceHandle};
+use crate::cluster::{ClusterConfig, ClusterError, ClusterNode, Liveness};
+use crate::service::{Context, Result, Service, ServiceHandle, Strategy, Supervisor};
 use crate::worker::{init_logging, LogConfig, LogFormat, Worker, WorkerExit};
 
 /// Flags of `mode-node`; each can also be set by the environment variable named after it.
@@ -65,6 +66,9 @@ pub struct NodeArgs {
     /// Labels for placement constraints, KEY=VALUE (repeatable or comma-separated).
     #[arg(long = "label", env = "MODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A node silent for longer is marked down and its instances move elsewhere.
+    #[arg(long, env = "MODE_HEARTBEAT_GRACE", default_value = "1500ms", value_parser = parse_duration)]
+    pub heartbeat_grace: Duration,
     /// Capacity units this node offers to placements.
     #[arg(long, env = "MODE_CAPACITY", default_value_t = 100)]
     pub capacity: u64,
@@ -178,8 +182,80 @@ impl NodeArgs {
     }
 }
 
-/// Run `mode-node` with these command-line arguments; returns the exit status.
+/// A node binary: the stock `mode-node`, or your own with more service kinds.
+///
+/// ```no_run
+/// use mode::agent::InstanceSpec;
+/// use mode::service::{Context, Result, Service, ServiceHandle};
+///
+/// struct Greeter;
+/// impl Service for Greeter {
+///     async fn on_start(&mut self, _ctx: &Context) -> Result<()> {
+///         tracing::info!("hello from a custom kind");
+///         Ok(())
+///     }
+/// }
+///
+/// fn main() -> std::process::ExitCode {
+///     mode::Node::builder()
+///         .kind_fn("greeter", |instance: &InstanceSpec| {
+///             Ok(ServiceHandle::builder(Greeter).label(instance.label()).build())
+///         })
+///         .run()
+/// }
+/// ```
+pub struct Node;
+
+impl Node {
+    /// A node with the stock kinds (`exec`, `ticker`, `counter`, `crasher`, `webapp`).
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            kinds: KindRegistry::stock(),
+        }
+    }
+}
+
+/// Adds service kinds, then runs the node with the process's command-line flags.
+pub struct NodeBuilder {
+    kinds: KindRegistry,
+}
+
+impl NodeBuilder {
+    /// Offer a service kind.
+    pub fn kind(mut self, name: impl Into<String>, kind: impl Kind) -> Self {
+        self.kinds.register(name, kind);
+        self
+    }
+
+    /// Offer a service kind built by a closure (any config is accepted).
+    pub fn kind_fn<F>(mut self, name: impl Into<String>, create: F) -> Self
+    where
+        F: Fn(&crate::agent::InstanceSpec) -> std::result::Result<ServiceHandle, String>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.kinds.register_fn(name, create);
+        self
+    }
+
+    /// Run with the process's arguments (see `mode-node --help`); returns the exit status.
+    pub fn run(self) -> ExitCode {
+        self.run_with_args(std::env::args_os())
+    }
+
+    /// Run with these arguments (the first is the program name).
+    pub fn run_with_args(self, args: impl IntoIterator<Item = OsString>) -> ExitCode {
+        run_node(self.kinds, args)
+    }
+}
+
+/// Run the stock `mode-node` with these command-line arguments; returns the exit status.
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    Node::builder().run_with_args(args)
+}
+
+fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = match NodeArgs::try_parse_from(args) {
         Ok(a) => a,
         Err(e) => {
@@ -213,12 +289,12 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = rt.block_on(run(args, config));
+    let code = rt.block_on(run(args, config, kinds));
     rt.shutdown_timeout(Duration::from_millis(200));
     ExitCode::from(code)
 }
 
-async fn run(args: NodeArgs, config: ClusterConfig) -> u8 {
+async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     let data_dir = config.data_dir.clone();
     let node = match ClusterNode::open(config).await {
         Ok(n) => n,
@@ -243,19 +319,36 @@ async fn run(args: NodeArgs, config: ClusterConfig) -> u8 {
         .build();
     let grpc = ServiceHandle::builder(GrpcServer {
         node: node.clone(),
+        kinds: kinds.clone(),
         listen: args.listen,
     })
     .label("GrpcServer")
     .build();
+    // Instances run under a supervisor that gives up on one whose own supervisor escalated:
+    // the control plane moves it, the rest of the node carries on.
+    let instances = Supervisor::new(Strategy::ForfeitOneForOne)
+        .label("Instances")
+        .build();
     let agent = ServiceHandle::builder(Agent {
         node: node.clone(),
         bootstrap_timeout: args.bootstrap_timeout,
         labels,
         capacity: args.capacity,
+        kinds,
+        instances: instances.clone(),
     })
     .label("Agent")
     .build();
-    let exit = Worker::with_services(vec![raft, grpc, agent])
+    let control = ServiceHandle::builder(ControlLoop {
+        node: node.clone(),
+        liveness: Liveness {
+            grace: args.heartbeat_grace,
+            ..Liveness::default()
+        },
+    })
+    .label("ControlLoop")
+    .build();
+    let exit = Worker::with_services(vec![raft, grpc, instances, agent, control])
         .without_logging()
         .run_async()
         .await;
@@ -310,6 +403,7 @@ impl Service for RaftService {
 /// Serves Raft and the control API.
 struct GrpcServer {
     node: Arc<ClusterNode>,
+    kinds: KindRegistry,
     listen: SocketAddr,
 }
 
@@ -318,25 +412,28 @@ impl Service for GrpcServer {
         let listener = tokio::net::TcpListener::bind(self.listen).await.map_err(|e| {
             format!("cannot listen on {}: {e} (is another mode-node using this port? choose another --listen)", self.listen)
         })?;
-        let (node, c) = (self.node.clone(), ctx.clone());
+        let (node, kinds, c) = (self.node.clone(), self.kinds.clone(), ctx.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve(node, listener, shutdown).await?;
+            crate::api::serve(node, kinds, listener, shutdown).await?;
             Ok(())
         });
         Ok(())
     }
 }
 
-/// Bootstraps or joins the cluster, then registers this node in the replicated node table.
+/// Bootstraps or joins the cluster, registers this node (labels, capacity, kinds), then runs
+/// the instances placed here.
 struct Agent {
     node: Arc<ClusterNode>,
     bootstrap_timeout: Duration,
     labels: BTreeMap<String, String>,
     capacity: u64,
+    kinds: KindRegistry,
+    instances: ServiceHandle,
 }
 
 impl Service for Agent {
@@ -348,7 +445,9 @@ impl Service for Agent {
             address: node.config().advertise.clone(),
             labels: self.labels.clone(),
             capacity: self.capacity,
+            kinds: self.kinds.names(),
         };
+        let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
         let c = ctx.clone();
         ctx.spawn("register", async move {
             match c.wait(node.bootstrap(timeout)).await {
@@ -362,7 +461,7 @@ impl Service for Agent {
                     None => return Ok(()),
                     Some(Ok(out)) => {
                         tracing::info!("{}", out.result.message);
-                        return Ok(());
+                        break;
                     }
                     Some(Err(ClusterError::Unavailable(e))) => {
                         tracing::warn!("registering this node: {e}; retrying")
@@ -374,6 +473,26 @@ impl Service for Agent {
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+            crate::agent::run(c, node, kinds, instances, AgentTimings::default()).await;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// The leader's control loop (failure detection, scheduling, drains, removals).
+struct ControlLoop {
+    node: Arc<ClusterNode>,
+    liveness: Liveness,
+}
+
+impl Service for ControlLoop {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let (node, liveness, c) = (self.node.clone(), self.liveness, ctx.clone());
+        ctx.spawn("reconcile", async move {
+            crate::cluster::run_control_loop(node, liveness, async move { c.stopped().await })
+                .await;
+            Ok(())
         });
         Ok(())
     }

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod daemon;
@@ -17,6 +18,7 @@ pub mod schedule;
 pub mod service;
 pub mod worker;
 
+pub use daemon::Node;
 pub use service::{Context, Service, ServiceHandle, ServiceState};
 pub use worker::Worker;
 

@@ -10,18 +10,68 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use crate::agent::KindRegistry;
+use crate::cluster::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
 use crate::cluster::state::Command;
 use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED};
 
 /// The control API of one node.
 pub struct ControlService {
     node: Arc<ClusterNode>,
+    kinds: KindRegistry,
 }
 
 impl ControlService {
-    /// Serve `node`.
-    pub fn new(node: Arc<ClusterNode>) -> Self {
-        ControlService { node }
+    /// Serve `node`; `kinds` validates the configs of the kinds this node knows.
+    pub fn new(node: Arc<ClusterNode>, kinds: KindRegistry) -> Self {
+        ControlService { node, kinds }
+    }
+
+    /// Check specs against each other, the stored ones, the kinds nodes offer and (for kinds
+    /// this node knows) the kinds' config rules.
+    fn check_specs(&self, specs: &[ServiceSpec], file: Option<&str>) -> Result<(), SpecError> {
+        let (existing, offered) = self.node.local_state(|s| {
+            let existing: Vec<ServiceSpec> = s.specs.values().cloned().collect();
+            let offered: std::collections::BTreeSet<String> = s
+                .nodes
+                .values()
+                .flat_map(|n| n.kinds.iter().cloned())
+                .collect();
+            (existing, offered)
+        });
+        let locate = |e: SpecError| match file {
+            Some(f) if e.file.is_none() => e.with_file(f),
+            _ => e,
+        };
+        validate_set(specs, &existing).map_err(locate)?;
+        for spec in specs {
+            if !offered.contains(&spec.kind) {
+                let known: Vec<&str> = offered.iter().map(String::as_str).collect();
+                return Err(locate(
+                    SpecError::new(format!(
+                        "no node offers kind '{}' (offered: {})",
+                        spec.kind,
+                        if known.is_empty() {
+                            "none yet".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ))
+                    .with_spec(spec.name.clone())
+                    .with_field("kind"),
+                ));
+            }
+            if self.kinds.contains(&spec.kind) {
+                self.kinds.validate(&spec.kind, &spec.config).map_err(|e| {
+                    locate(
+                        SpecError::new(e)
+                            .with_spec(spec.name.clone())
+                            .with_field("config"),
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +156,45 @@ impl Control for ControlService {
         Ok(Response::new(pb::RemoveNodeReply { message }))
     }
 
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let forward = may_forward(&request);
+        let leader = self
+            .node
+            .heartbeat(request.into_inner().node, forward)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::HeartbeatReply { leader }))
+    }
+
+    async fn apply_specs(
+        &self,
+        request: Request<pb::ApplySpecsRequest>,
+    ) -> Result<Response<pb::ApplySpecsReply>, Status> {
+        let r = request.into_inner();
+        let file = if r.file.is_empty() {
+            "(spec)"
+        } else {
+            r.file.as_str()
+        };
+        let specs =
+            parse_specs(file, &r.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_specs(&specs, Some(file))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut results = Vec::new();
+        for spec in specs {
+            let out = self
+                .node
+                .write(Command::PutSpec { spec }, true)
+                .await
+                .map_err(|e| to_status(&e))?;
+            results.push(out.result.message);
+        }
+        Ok(Response::new(pb::ApplySpecsReply { results }))
+    }
+
     async fn compact(
         &self,
         _request: Request<pb::CompactRequest>,
@@ -122,13 +211,17 @@ impl Control for ControlService {
 /// Serve the Raft transport and the control API for `node` on `listener` until `shutdown`.
 pub async fn serve(
     node: Arc<ClusterNode>,
+    kinds: KindRegistry,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(RaftServer::new(node.raft_service()).max_decoding_message_size(64 << 20))
-        .add_service(ControlServer::new(ControlService::new(node)))
+        .add_service(
+            ControlServer::new(ControlService::new(node, kinds))
+                .max_decoding_message_size(64 << 20),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

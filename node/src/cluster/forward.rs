@@ -126,6 +126,16 @@ pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<Stri
     Ok(reply.message)
 }
 
+pub(crate) async fn heartbeat(peers: &Peers, address: &str, node: u64) -> Result<(), ClusterError> {
+    let mut req = forwarded(pb::HeartbeatRequest { node });
+    req.set_timeout(std::time::Duration::from_secs(1));
+    client(peers, address)?
+        .heartbeat(req)
+        .await
+        .map_err(|s| from_status(address, &s))?;
+    Ok(())
+}
+
 /// Domain status → wire.
 pub(crate) fn status_to_proto(s: &ClusterStatus) -> pb::ClusterStatusReply {
     pb::ClusterStatusReply {

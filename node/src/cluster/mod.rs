@@ -8,6 +8,8 @@ mod network;
 mod node;
 mod proposer;
 mod raft_server;
+mod reconciler;
+pub mod spec;
 pub mod state;
 mod store;
 mod types;
@@ -19,5 +21,6 @@ pub use node::{
     check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,
     WriteOutcome, FORWARDED, WRITE_TIMEOUT,
 };
+pub use reconciler::{run as run_control_loop, Liveness};
 pub use store::DataDirError;
 pub use types::TypeConfig;

@@ -158,6 +158,7 @@ pub struct ClusterNode {
     peers: Arc<Peers>,
     proposer: Proposer,
     membership: tokio::sync::Mutex<()>,
+    heartbeats: super::reconciler::Heartbeats,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -251,6 +252,7 @@ impl ClusterNode {
         Ok(Arc::new(ClusterNode {
             config,
             proposer: Proposer::start(raft.clone()),
+            heartbeats: Default::default(),
             raft,
             log,
             sm,
@@ -650,7 +652,30 @@ impl ClusterNode {
             .map(|n| n.addr.clone())
     }
 
-    fn is_leader(&self) -> bool {
+    pub(crate) fn heartbeats(&self) -> &super::reconciler::Heartbeats {
+        &self.heartbeats
+    }
+
+    /// Record a heartbeat from `node` on the leader (forwarded there from a follower).
+    /// Returns the leader's id.
+    pub async fn heartbeat(&self, node: u64, may_forward: bool) -> Result<u64, ClusterError> {
+        if self.is_leader() {
+            self.heartbeats.record(node);
+            return Ok(self.config.id);
+        }
+        match (may_forward, self.leader_address(), self.leader()) {
+            (true, Some(addr), Some(leader)) => {
+                super::forward::heartbeat(&self.peers, &addr, node).await?;
+                Ok(leader)
+            }
+            _ => Err(ClusterError::Unavailable(
+                "no leader to take the heartbeat".into(),
+            )),
+        }
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.config.id)
     }
 

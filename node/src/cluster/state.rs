@@ -38,32 +38,15 @@ pub struct NodeInfo {
     /// Status.
     #[serde(default)]
     pub status: NodeStatus,
+    /// Service kinds it can run.
+    #[serde(default)]
+    pub kinds: Vec<String>,
     /// When it registered (leader's clock, ms since the epoch).
     #[serde(default)]
     pub registered_at_ms: u64,
 }
 
-/// A declared service (the scheduler issue extends it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceSpec {
-    /// Unique name.
-    pub name: String,
-    /// The service kind a node must offer.
-    pub kind: String,
-    /// Kind-specific configuration.
-    #[serde(default)]
-    pub config: serde_json::Value,
-    /// Desired number of instances.
-    #[serde(default = "one")]
-    pub replicas: u32,
-    /// Bumped each time the spec is stored.
-    #[serde(default)]
-    pub generation: u64,
-}
-
-fn one() -> u32 {
-    1
-}
+pub use super::spec::ServiceSpec;
 
 /// Where an instance runs and how it is doing, as last reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +62,35 @@ pub struct Placement {
     /// The last crash reason reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_crash: Option<String>,
+    /// While draining: the node it is moving away from, which keeps running it until the new
+    /// instance runs (make before break).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_from: Option<u64>,
+    /// Nodes where this instance exceeded its restart intensity; placed elsewhere if possible.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<u64>,
+    /// Times the control plane moved it after an escalated crash.
+    #[serde(default)]
+    pub reschedules: u32,
+    /// Bumped to ask its node to restart it (rolling restarts).
+    #[serde(default)]
+    pub restart_seq: u64,
+}
+
+impl Placement {
+    /// A new placement on `node`.
+    pub fn on(node: u64) -> Placement {
+        Placement {
+            node,
+            state: pending(),
+            restart_count: 0,
+            last_crash: None,
+            moving_from: None,
+            avoid: Vec::new(),
+            reschedules: 0,
+            restart_seq: 0,
+        }
+    }
 }
 
 fn pending() -> String {
@@ -94,6 +106,9 @@ pub struct SlotAssignment {
     pub slot: u32,
     /// Node id.
     pub node: u64,
+    /// For a make-before-break move (drain): the node that keeps it until it runs here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_from: Option<u64>,
 }
 
 /// One entry of the event log.
@@ -131,6 +146,9 @@ pub enum Command {
         /// Capacity units.
         #[serde(default)]
         capacity: u64,
+        /// Service kinds it can run.
+        #[serde(default)]
+        kinds: Vec<String>,
     },
     /// Change a node's status.
     SetNodeStatus {
@@ -162,6 +180,43 @@ pub enum Command {
         /// Instances to remove.
         #[serde(default)]
         unassign: Vec<SlotAssignment>,
+    },
+    /// A node reports the state of one of its instances.
+    ReportInstance {
+        /// Service name.
+        service: String,
+        /// Instance number.
+        slot: u32,
+        /// Reporting node.
+        node: u64,
+        /// `starting`, `running`, `crashed` (restarting locally), `failed` (restart intensity
+        /// exceeded), `waiting` (for a dependency) or `stopped`.
+        state: String,
+        /// Restarts by the node's supervisor.
+        #[serde(default)]
+        restart_count: u32,
+        /// The last crash reason.
+        #[serde(default)]
+        last_crash: Option<String>,
+    },
+    /// A moved instance runs on its new node: release the old one.
+    FinishMove {
+        /// Service name.
+        service: String,
+        /// Instance number.
+        slot: u32,
+    },
+    /// Ask an instance's node to restart it.
+    RestartInstance {
+        /// Service name.
+        service: String,
+        /// Instance number.
+        slot: u32,
+    },
+    /// Forget a deleted service once its instances are gone.
+    PurgeSpec {
+        /// Its name.
+        name: String,
     },
     /// Append an event.
     RecordEvent {
@@ -235,6 +290,9 @@ pub struct ClusterState {
     /// Instances by service and slot.
     #[serde(default)]
     pub placements: BTreeMap<String, BTreeMap<u32, Placement>>,
+    /// Services being removed: their dependents stop first, then their instances.
+    #[serde(default)]
+    pub deleting: std::collections::BTreeSet<String>,
     /// The most recent events, oldest first.
     pub events: VecDeque<Event>,
     /// Sequence number of the next event.
@@ -251,6 +309,7 @@ impl ClusterState {
                 address,
                 labels,
                 capacity,
+                kinds,
             } => {
                 let existing = self.nodes.get(id).cloned();
                 let info = NodeInfo {
@@ -258,6 +317,7 @@ impl ClusterState {
                     address: address.clone(),
                     labels: labels.clone(),
                     capacity: *capacity,
+                    kinds: kinds.clone(),
                     status: existing.as_ref().map(|n| n.status).unwrap_or_default(),
                     registered_at_ms: existing.as_ref().map(|n| n.registered_at_ms).unwrap_or(at),
                 };
@@ -307,14 +367,104 @@ impl ClusterState {
                     generation: Some(generation),
                 }
             }
-            Command::DeleteSpec { name } => match self.specs.remove(name) {
-                Some(_) => {
-                    let msg = format!("service '{name}' deleted");
-                    self.event(at, "spec-deleted", &msg, Some(name.clone()), None);
-                    CommandResult::ok(msg)
+            Command::DeleteSpec { name } => {
+                if !self.specs.contains_key(name) {
+                    return CommandResult::refused(format!("no service '{name}'"));
                 }
-                None => CommandResult::refused(format!("no service '{name}'")),
-            },
+                if !self.deleting.insert(name.clone()) {
+                    return CommandResult::ok(format!("service '{name}' is already being removed"));
+                }
+                let msg = format!("service '{name}' is being removed");
+                self.event(at, "spec-deleting", &msg, Some(name.clone()), None);
+                CommandResult::ok(msg)
+            }
+            Command::PurgeSpec { name } => {
+                self.deleting.remove(name);
+                self.placements.remove(name);
+                match self.specs.remove(name) {
+                    Some(_) => {
+                        let msg = format!("service '{name}' removed");
+                        self.event(at, "spec-deleted", &msg, Some(name.clone()), None);
+                        CommandResult::ok(msg)
+                    }
+                    None => CommandResult::refused(format!("no service '{name}'")),
+                }
+            }
+            Command::ReportInstance {
+                service,
+                slot,
+                node,
+                state,
+                restart_count,
+                last_crash,
+            } => {
+                let Some(p) = self
+                    .placements
+                    .get_mut(service)
+                    .and_then(|s| s.get_mut(slot))
+                else {
+                    return CommandResult::refused(format!("no instance {service}#{slot}"));
+                };
+                if p.node != *node {
+                    return CommandResult::refused(format!(
+                        "{service}#{slot} is not placed on node {node}"
+                    ));
+                }
+                let changed = p.state != *state || p.restart_count != *restart_count;
+                p.state = state.clone();
+                p.restart_count = *restart_count;
+                if last_crash.is_some() {
+                    p.last_crash = last_crash.clone();
+                }
+                if state == "failed" && !p.avoid.contains(node) {
+                    p.avoid.push(*node);
+                }
+                if changed && matches!(state.as_str(), "crashed" | "failed") {
+                    let why = last_crash.as_deref().unwrap_or("unknown reason");
+                    let msg = match state.as_str() {
+                        "failed" => format!(
+                            "{service}#{slot} on node {node} exceeded its restart intensity after {restart_count} restarts ({why}); rescheduling"
+                        ),
+                        _ => format!(
+                            "{service}#{slot} on node {node} crashed ({why}); restarted locally ({restart_count} so far)"
+                        ),
+                    };
+                    self.event(
+                        at,
+                        &format!("instance-{state}"),
+                        &msg,
+                        Some(service.clone()),
+                        Some(*node),
+                    );
+                }
+                CommandResult::ok("reported")
+            }
+            Command::FinishMove { service, slot } => {
+                match self
+                    .placements
+                    .get_mut(service)
+                    .and_then(|s| s.get_mut(slot))
+                {
+                    Some(p) => {
+                        p.moving_from = None;
+                        CommandResult::ok("moved")
+                    }
+                    None => CommandResult::refused(format!("no instance {service}#{slot}")),
+                }
+            }
+            Command::RestartInstance { service, slot } => {
+                match self
+                    .placements
+                    .get_mut(service)
+                    .and_then(|s| s.get_mut(slot))
+                {
+                    Some(p) => {
+                        p.restart_seq += 1;
+                        CommandResult::ok(format!("{service}#{slot} restart requested"))
+                    }
+                    None => CommandResult::refused(format!("no instance {service}#{slot}")),
+                }
+            }
             Command::Place { assign, unassign } => {
                 for a in unassign {
                     let removed = self
@@ -331,18 +481,18 @@ impl ClusterState {
                     }
                 }
                 for a in assign {
-                    self.placements
-                        .entry(a.service.clone())
-                        .or_default()
-                        .insert(
-                            a.slot,
-                            Placement {
-                                node: a.node,
-                                state: pending(),
-                                restart_count: 0,
-                                last_crash: None,
-                            },
-                        );
+                    let slots = self.placements.entry(a.service.clone()).or_default();
+                    // A move keeps the instance's history; its reports start over.
+                    let mut p = slots
+                        .remove(&a.slot)
+                        .unwrap_or_else(|| Placement::on(a.node));
+                    if p.state == "failed" {
+                        p.reschedules += 1;
+                    }
+                    p.node = a.node;
+                    p.state = pending();
+                    p.moving_from = a.moving_from;
+                    slots.insert(a.slot, p);
                 }
                 CommandResult::ok(format!(
                     "{} assigned, {} unassigned",
@@ -390,6 +540,15 @@ impl ClusterState {
             "nodes" => serde_json::to_value(self.nodes.values().collect::<Vec<_>>()),
             "specs" => serde_json::to_value(self.specs.values().collect::<Vec<_>>()),
             "placements" => serde_json::to_value(&self.placements),
+            "kinds" => {
+                let mut kinds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+                for n in self.nodes.values() {
+                    for k in &n.kinds {
+                        kinds.entry(k.as_str()).or_default().push(n.id);
+                    }
+                }
+                serde_json::to_value(kinds)
+            }
             "events" => {
                 // With a readable UTC time next to the raw milliseconds, for clients.
                 let events: Vec<serde_json::Value> = self
@@ -410,7 +569,7 @@ impl ClusterState {
                     None => return Err(QueryError::NotFound(format!("no service named '{name}'"))),
                 },
                 None => return Err(QueryError::Unknown(format!(
-                    "unknown query '{q}': use nodes, specs, spec:<name>, placements, events or all"
+                    "unknown query '{q}': use nodes, specs, spec:<name>, placements, kinds, events or all"
                 ))),
             },
         };
@@ -441,13 +600,10 @@ mod tests {
     }
 
     fn spec(name: &str) -> ServiceSpec {
-        ServiceSpec {
-            name: name.into(),
-            kind: "ticker".into(),
-            config: serde_json::json!({"every_ms": 100}),
-            replicas: 3,
-            generation: 0,
-        }
+        let mut s = ServiceSpec::new(name, "ticker");
+        s.config = serde_json::json!({"every_ms": 100});
+        s.replicas = 3;
+        s
     }
 
     #[test]
@@ -464,6 +620,8 @@ mod tests {
         assert_eq!(s.specs["a"].generation, 2);
         assert_eq!(s.events.len(), 2);
         assert!(s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
+        assert!(s.deleting.contains("a"));
+        assert!(s.apply(&p(Command::PurgeSpec { name: "a".into() })).ok);
         assert!(!s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
         assert_eq!(
             s.query("spec:a").unwrap_err().to_string(),
@@ -479,6 +637,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             labels: BTreeMap::new(),
             capacity: 10,
+            kinds: vec![],
         };
         assert!(s.apply(&p(reg.clone())).ok);
         assert!(
@@ -500,6 +659,7 @@ mod tests {
             service: "web".into(),
             slot,
             node,
+            moving_from: None,
         };
         assert!(
             s.apply(&p(Command::Place {

@@ -133,8 +133,22 @@ struct NodeState<'a> {
     services: HashMap<&'a str, u32>,
 }
 
+/// Nodes to avoid for particular instances (where they exceeded their restart intensity),
+/// by `(service, slot)`. Avoided nodes are used only when no other node can take it.
+pub type Avoid = HashMap<(String, u32), BTreeSet<u64>>;
+
 /// Compute the changes that bring `current` in line with `specs` on `nodes`.
 pub fn plan(nodes: &[NodeView], specs: &[SpecView], current: &[Assignment]) -> Plan {
+    plan_avoiding(nodes, specs, current, &Avoid::new())
+}
+
+/// [`plan`], placing instances away from the nodes in `avoid` where possible.
+pub fn plan_avoiding(
+    nodes: &[NodeView],
+    specs: &[SpecView],
+    current: &[Assignment],
+    avoid_nodes: &Avoid,
+) -> Plan {
     let mut out = Plan::default();
     let spec_by_name: BTreeMap<&str, &SpecView> =
         specs.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -208,6 +222,7 @@ pub fn plan(nodes: &[NodeView], specs: &[SpecView], current: &[Assignment]) -> P
             &missing,
             &mut state,
             avoid.get(spec.name.as_str()),
+            avoid_nodes,
             &mut out,
         );
     }
@@ -226,6 +241,7 @@ fn place_spec<'a>(
     missing: &[u32],
     state: &mut BTreeMap<u64, NodeState<'a>>,
     avoid: Option<&BTreeSet<&str>>,
+    avoid_nodes: &Avoid,
     out: &mut Plan,
 ) {
     // Eligible nodes, grouped by the spread label's value ("" when not spreading).
@@ -263,19 +279,36 @@ fn place_spec<'a>(
             .filter(|(_, (_, heap))| !heap.is_empty())
             .min_by_key(|(name, (count, _))| (*count, (*name).clone()))
             .map(|(name, _)| name.clone());
+        let shun = avoid_nodes.get(&(spec.name.clone(), slot));
         let chosen = zone.and_then(|z| {
             let (count, heap) = zones.get_mut(&z)?;
-            while let Some(Reverse((mine, _, id))) = heap.pop() {
-                let n = state.get_mut(&id)?;
-                if n.view.capacity.saturating_sub(n.used) < spec.cost {
-                    excluded.capacity += 1;
-                    continue;
+            // First pass skips the nodes this instance should avoid; the second takes any.
+            for allow_shunned in [false, true] {
+                let mut skipped = Vec::new();
+                let mut found = None;
+                while let Some(Reverse((mine, used, id))) = heap.pop() {
+                    let Some(n) = state.get_mut(&id) else {
+                        continue;
+                    };
+                    if n.view.capacity.saturating_sub(n.used) < spec.cost {
+                        excluded.capacity += 1;
+                        continue;
+                    }
+                    if !allow_shunned && shun.is_some_and(|s| s.contains(&id)) {
+                        skipped.push(Reverse((mine, used, id)));
+                        continue;
+                    }
+                    n.used += spec.cost;
+                    *n.services.entry(spec.name.as_str()).or_default() += 1;
+                    *count += 1;
+                    heap.push(Reverse((mine + 1, n.used, id)));
+                    found = Some(id);
+                    break;
                 }
-                n.used += spec.cost;
-                *n.services.entry(spec.name.as_str()).or_default() += 1;
-                *count += 1;
-                heap.push(Reverse((mine + 1, n.used, id)));
-                return Some(id);
+                heap.extend(skipped);
+                if found.is_some() {
+                    return found;
+                }
             }
             None
         });

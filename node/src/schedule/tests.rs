@@ -215,3 +215,19 @@ fn scaling_down_and_removing_services_unassign_instances() {
     );
     assert!(p.assign.is_empty());
 }
+
+#[test]
+fn an_instance_avoids_the_nodes_where_it_failed_when_it_can() {
+    let nodes = [node(1, "a"), node(2, "a")];
+    let mut avoid = Avoid::new();
+    avoid.insert(("web".to_string(), 0), BTreeSet::from([1]));
+    let p = plan_avoiding(&nodes, &[spec("web", 1)], &[], &avoid);
+    assert_eq!(nodes_of(&p, "web"), [2]);
+    avoid.insert(("web".to_string(), 0), BTreeSet::from([1, 2]));
+    let p = plan_avoiding(&nodes, &[spec("web", 1)], &[], &avoid);
+    assert_eq!(
+        p.assign.len(),
+        1,
+        "with nowhere else to go, an avoided node is better than none"
+    );
+}

@@ -1,0 +1,263 @@
+//! The agent: runs the instances the control plane placed on this node, each under its own
+//! supervisor (restart policy from its spec), reports their states to the leader, heartbeats,
+//! and stops singletons when cut off from the leader for longer than its lease.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::kinds::{InstanceSpec, KindRegistry};
+use crate::cluster::spec::ServiceSpec;
+use crate::cluster::state::{ClusterState, Command};
+use crate::cluster::{ClusterError, ClusterNode};
+use crate::service::{
+    Backoff, Context, RestartIntensity, ServiceHandle, ServiceState, Strategy, Supervisor,
+};
+
+/// Agent timings.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentTimings {
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Without a heartbeat acknowledged for this long, singleton instances stop (shorter than
+    /// the leader's grace period, so a singleton never runs twice).
+    pub lease: Duration,
+}
+
+impl Default for AgentTimings {
+    fn default() -> Self {
+        AgentTimings {
+            heartbeat: Duration::from_millis(250),
+            lease: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// One running instance.
+struct Local {
+    /// The instance's supervisor (restarts the kind's service by the spec's policy).
+    wrapper: ServiceHandle,
+    /// The kind's service inside it.
+    inner: ServiceHandle,
+    generation: u64,
+    restart_seq: u64,
+    reported: Option<(String, u32)>,
+}
+
+/// What the agent wants the leader to know about one instance.
+fn observe(local: &Local) -> (String, u32, Option<String>) {
+    let restarts = local.inner.restart_count();
+    let last = local.inner.last_crash_reason().map(|r| r.to_string());
+    let state = match (local.wrapper.state(), local.inner.state()) {
+        (ServiceState::Crashed, _) => {
+            let why = local
+                .wrapper
+                .crash_reason()
+                .map(|r| r.to_string())
+                .or(last.clone());
+            return ("failed".to_string(), restarts, why);
+        }
+        (_, ServiceState::Running) => "running",
+        (_, ServiceState::Crashed) => "crashed",
+        (_, ServiceState::Init | ServiceState::Starting) => "starting",
+        _ => "stopped",
+    };
+    (state.to_string(), restarts, last)
+}
+
+fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> ServiceHandle {
+    let policy = spec.restart;
+    Supervisor::new(Strategy::OneForOne)
+        .label(format!("{}#{slot}", spec.name))
+        .intensity(RestartIntensity {
+            max_restarts: policy.max_restarts,
+            within: Duration::from_secs(policy.within_s),
+        })
+        .backoff(Backoff {
+            initial: Duration::from_millis(policy.backoff_initial_ms),
+            max: Duration::from_millis(policy.backoff_max_ms),
+            ..Backoff::default()
+        })
+        .child(inner)
+        .build()
+}
+
+/// Whether every service `spec` depends on runs somewhere and is not being removed.
+fn dependencies_ready(state: &ClusterState, spec: &ServiceSpec) -> bool {
+    spec.depends_on.iter().all(|d| {
+        !state.deleting.contains(d)
+            && state
+                .placements
+                .get(d)
+                .is_some_and(|slots| slots.values().any(|p| p.state == "running"))
+    })
+}
+
+/// Run the agent until the context stops. `instances` is the node's (forfeit) supervisor the
+/// instances are added to.
+pub async fn run(
+    ctx: Context,
+    node: Arc<ClusterNode>,
+    kinds: KindRegistry,
+    instances: ServiceHandle,
+    timings: AgentTimings,
+) {
+    let me = node.id();
+    let last_ack = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    {
+        let (node, last_ack, c) = (node.clone(), last_ack.clone(), ctx.clone());
+        ctx.spawn("heartbeat", async move {
+            loop {
+                if node.heartbeat(me, true).await.is_ok() {
+                    last_ack.store(started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                }
+                if !c.sleep(timings.heartbeat).await {
+                    return Ok(());
+                }
+            }
+        });
+    }
+    let mut local: HashMap<(String, u32), Local> = HashMap::new();
+    loop {
+        if !ctx.sleep(Duration::from_millis(100)).await {
+            break;
+        }
+        let acked = last_ack.load(Ordering::Relaxed);
+        let leased = acked > 0
+            && started.elapsed().as_millis() as u64 <= acked + timings.lease.as_millis() as u64;
+        let state = node.local_state(|s| s.clone());
+        let mut reports = Vec::new();
+
+        // What should run here: placed here, or moving away from here (kept until it runs
+        // on its new node).
+        let mut desired: BTreeMap<(String, u32), (&ServiceSpec, u64)> = BTreeMap::new();
+        for (service, slots) in &state.placements {
+            let Some(spec) = state.specs.get(service) else {
+                continue;
+            };
+            for (slot, p) in slots {
+                if p.node == me || p.moving_from == Some(me) {
+                    desired.insert((service.clone(), *slot), (spec, p.restart_seq));
+                }
+            }
+        }
+
+        // Stop what should not run: unplaced, waiting for a dependency, or a singleton without
+        // a lease.
+        let keys: Vec<(String, u32)> = local.keys().cloned().collect();
+        for key in keys {
+            let keep = desired.get(&key).is_some_and(|(spec, _)| {
+                dependencies_ready(&state, spec) && (!spec.singleton || leased)
+            });
+            if !keep {
+                if let Some(l) = local.remove(&key) {
+                    tracing::info!("stopping {}#{}", key.0, key.1);
+                    instances.remove_dependency(&l.wrapper).await;
+                    if let Some((spec, _)) = desired.get(&key) {
+                        let why = if spec.singleton && !leased {
+                            "lease lost"
+                        } else {
+                            "waiting for a dependency"
+                        };
+                        tracing::info!("{}#{} stopped: {why}", key.0, key.1);
+                        reports.push((
+                            key.clone(),
+                            "waiting".to_string(),
+                            l.inner.restart_count(),
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Start or refresh what should run.
+        for (key, (spec, restart_seq)) in &desired {
+            if !dependencies_ready(&state, spec) || (spec.singleton && !leased) {
+                continue;
+            }
+            if let Some(l) = local.get_mut(key) {
+                if l.generation != spec.generation || l.restart_seq != *restart_seq {
+                    // New config, or a restart was asked for: replace the instance.
+                    let old = local.remove(key).map(|l| l.wrapper);
+                    if let Some(old) = old {
+                        instances.remove_dependency(&old).await;
+                    }
+                } else {
+                    continue;
+                }
+            }
+            let instance = InstanceSpec {
+                service: spec.name.clone(),
+                slot: key.1,
+                node: me,
+                config: spec.config.clone(),
+                grace: spec.stop_grace(),
+            };
+            let inner = match kinds.create(&spec.kind, &instance) {
+                Ok(h) => h,
+                Err(e) => {
+                    reports.push((
+                        key.clone(),
+                        "failed".to_string(),
+                        0,
+                        Some(format!("cannot create: {e}")),
+                    ));
+                    continue;
+                }
+            };
+            let wrapper = instance_supervisor(spec, key.1, inner.clone());
+            instances.add_dependency(wrapper.clone());
+            tracing::info!("starting {}", instance.label());
+            if let Err(e) = wrapper.start().await {
+                tracing::warn!("{} failed to start: {e}", instance.label());
+            }
+            local.insert(
+                key.clone(),
+                Local {
+                    wrapper,
+                    inner,
+                    generation: spec.generation,
+                    restart_seq: *restart_seq,
+                    reported: None,
+                },
+            );
+        }
+
+        // Report changes (only for instances placed here; a moving-away copy stays quiet).
+        for (key, l) in local.iter_mut() {
+            let placed_here = state
+                .placements
+                .get(&key.0)
+                .and_then(|s| s.get(&key.1))
+                .is_some_and(|p| p.node == me);
+            let (st, restarts, last) = observe(l);
+            let current = Some((st.clone(), restarts));
+            let remote = state.placements.get(&key.0).and_then(|s| s.get(&key.1));
+            let stale = remote.is_some_and(|p| p.state != st || p.restart_count != restarts);
+            if placed_here && (l.reported != current || stale) {
+                l.reported = current;
+                reports.push((key.clone(), st, restarts, last));
+            }
+        }
+        for ((service, slot), st, restart_count, last_crash) in reports {
+            let report = Command::ReportInstance {
+                service,
+                slot,
+                node: me,
+                state: st,
+                restart_count,
+                last_crash,
+            };
+            match node.write(report, true).await {
+                Ok(_) | Err(ClusterError::Invalid(_)) => {}
+                Err(e) => tracing::debug!("reporting an instance: {e}"),
+            }
+        }
+    }
+    for (_, l) in local.drain() {
+        instances.remove_dependency(&l.wrapper).await;
+    }
+}

@@ -1,0 +1,260 @@
+//! Service kinds: what a node can run. A spec names a kind; the [`KindRegistry`] checks the
+//! spec's config and builds one service per instance.
+//!
+//! The stock kinds ([`KindRegistry::stock`]):
+//!
+//! | kind | config | what it runs |
+//! | --- | --- | --- |
+//! | `exec` | `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}` | a supervised OS process, its output logged; stopped with SIGTERM, then SIGKILL after the grace period |
+//! | `ticker` | `{"every_ms": 1000, "message": "tick"}` | logs the message every period |
+//! | `counter` | `{"every_ms": 1000}` | counts and logs ticks |
+//! | `crasher` | `{"after_ms": 1000, "crash_file": "/tmp/crash"}` | crashes after `after_ms`, or whenever `crash_file` appears (the file is removed, so each new file is one crash) |
+//! | `webapp` | `{"port": 0}` | the tutorial's app tree: Websockets, UserCache, and a Webserver answering HTTP GET on 127.0.0.1 |
+//!
+//! Only `exec` requires a config (`command`); for the others `null` means the defaults shown.
+
+mod demo;
+mod exec;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::service::ServiceHandle;
+
+/// What a node needs to start one instance of a service.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// The service's name.
+    pub service: String,
+    /// The instance number within the service (0, 1, ... up to its replicas).
+    pub slot: u32,
+    /// The id of the node running the instance.
+    pub node: u64,
+    /// The spec's free-form config, interpreted by the kind.
+    pub config: Value,
+    /// How long the instance may take to stop before it is killed.
+    pub grace: Duration,
+}
+
+impl InstanceSpec {
+    /// `service#slot`, the instance's name in logs and the beacon.
+    ///
+    /// ```
+    /// # use mode::agent::kinds::InstanceSpec;
+    /// let spec = InstanceSpec {
+    ///     service: "web".into(),
+    ///     slot: 2,
+    ///     node: 1,
+    ///     config: serde_json::Value::Null,
+    ///     grace: std::time::Duration::from_secs(5),
+    /// };
+    /// assert_eq!(spec.label(), "web#2");
+    /// ```
+    pub fn label(&self) -> String {
+        format!("{}#{}", self.service, self.slot)
+    }
+}
+
+/// A kind of service a node can run.
+///
+/// ```
+/// use mode::agent::kinds::{InstanceSpec, Kind};
+/// use mode::service::{Service, ServiceHandle};
+///
+/// struct Idle;
+/// impl Service for Idle {}
+///
+/// struct IdleKind;
+/// impl Kind for IdleKind {
+///     fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
+///         match config {
+///             serde_json::Value::Null => Ok(()),
+///             _ => Err("invalid idle config: it takes none; remove `config`".into()),
+///         }
+///     }
+///     fn create(&self, instance: &InstanceSpec) -> Result<ServiceHandle, String> {
+///         self.validate(&instance.config)?;
+///         Ok(ServiceHandle::builder(Idle).label(instance.label()).build())
+///     }
+/// }
+/// ```
+pub trait Kind: Send + Sync + 'static {
+    /// Check a spec's config; the error names the field and what is allowed.
+    fn validate(&self, config: &Value) -> Result<(), String>;
+
+    /// Build (not start) the service for one instance; the handle's label should be
+    /// `instance.label()`.
+    fn create(&self, instance: &InstanceSpec) -> Result<ServiceHandle, String>;
+}
+
+/// A kind made from a closure (see [`KindRegistry::register_fn`]).
+struct FnKind<F>(F);
+
+impl<F> Kind for FnKind<F>
+where
+    F: Fn(&InstanceSpec) -> Result<ServiceHandle, String> + Send + Sync + 'static,
+{
+    fn validate(&self, _config: &Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn create(&self, instance: &InstanceSpec) -> Result<ServiceHandle, String> {
+        (self.0)(instance)
+    }
+}
+
+/// The kinds a node can run, by name.
+///
+/// ```
+/// use mode::agent::kinds::{InstanceSpec, KindRegistry};
+/// use mode::service::{Service, ServiceHandle};
+///
+/// struct Hello;
+/// impl Service for Hello {}
+///
+/// let mut kinds = KindRegistry::stock();
+/// kinds.register_fn("hello", |instance: &InstanceSpec| {
+///     Ok(ServiceHandle::builder(Hello).label(instance.label()).build())
+/// });
+/// assert_eq!(kinds.names(), ["counter", "crasher", "exec", "hello", "ticker", "webapp"]);
+/// assert!(kinds.validate("exec", &serde_json::json!({"command": "/bin/sleep"})).is_ok());
+/// assert!(kinds.validate("exec", &serde_json::json!({})).unwrap_err().contains("`command`"));
+/// ```
+#[derive(Clone, Default)]
+pub struct KindRegistry {
+    kinds: BTreeMap<String, Arc<dyn Kind>>,
+}
+
+impl KindRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The stock kinds: `exec`, `ticker`, `counter`, `crasher` and `webapp` (see the
+    /// [module docs](self)).
+    pub fn stock() -> Self {
+        let mut kinds = Self::new();
+        kinds
+            .register("exec", exec::ExecKind)
+            .register("ticker", demo::TickerKind)
+            .register("counter", demo::CounterKind)
+            .register("crasher", demo::CrasherKind)
+            .register("webapp", demo::WebappKind);
+        kinds
+    }
+
+    /// Add `kind` as `name`, replacing a kind of that name.
+    pub fn register(&mut self, name: impl Into<String>, kind: impl Kind) -> &mut Self {
+        self.kinds.insert(name.into(), Arc::new(kind));
+        self
+    }
+
+    /// Add a kind built from a closure; its config validation accepts anything (the closure
+    /// reads `instance.config` and returns an error for a config it cannot use).
+    pub fn register_fn<F>(&mut self, name: impl Into<String>, create: F) -> &mut Self
+    where
+        F: Fn(&InstanceSpec) -> Result<ServiceHandle, String> + Send + Sync + 'static,
+    {
+        self.register(name, FnKind(create))
+    }
+
+    /// The kinds' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.kinds.keys().cloned().collect()
+    }
+
+    /// Whether a kind of that name is registered.
+    pub fn contains(&self, kind: &str) -> bool {
+        self.kinds.contains_key(kind)
+    }
+
+    /// Check a config for `kind`; an unknown kind is an error listing the known ones.
+    pub fn validate(&self, kind: &str, config: &Value) -> Result<(), String> {
+        self.get(kind)?.validate(config)
+    }
+
+    /// Build (not start) the service of one instance of `kind`.
+    pub fn create(&self, kind: &str, instance: &InstanceSpec) -> Result<ServiceHandle, String> {
+        self.get(kind)?.create(instance)
+    }
+
+    fn get(&self, kind: &str) -> Result<&Arc<dyn Kind>, String> {
+        self.kinds.get(kind).ok_or_else(|| {
+            if self.kinds.is_empty() {
+                format!("unknown service kind `{kind}`: this node has no kinds registered")
+            } else {
+                format!(
+                    "unknown service kind `{kind}`; this node runs: {}",
+                    self.names().join(", ")
+                )
+            }
+        })
+    }
+}
+
+impl fmt::Debug for KindRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.kinds.keys()).finish()
+    }
+}
+
+/// Deserialize a kind's config (`null` counts as `{}`, so defaults apply), with errors that
+/// name the kind and the offending field: `invalid exec config: field `args`: invalid type:
+/// string "x", expected a sequence`.
+pub(crate) fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, String> {
+    let object = match config {
+        Value::Null => Map::new(),
+        Value::Object(map) => map.clone(),
+        other => {
+            return Err(format!(
+                "invalid {kind} config: expected a JSON object, got {}",
+                json_type(other)
+            ))
+        }
+    };
+    serde_json::from_value::<T>(Value::Object(object.clone())).map_err(|e| {
+        let message = e.to_string();
+        match culprit::<T>(&object, &message) {
+            Some(field) => format!("invalid {kind} config: field `{field}`: {message}"),
+            None => format!("invalid {kind} config: {message}"),
+        }
+    })
+}
+
+/// The field behind a deserialization error that does not name one (a wrong type or value):
+/// the first field whose removal changes the error. serde_json's messages carry no path, and
+/// this avoids a dependency for the rare error case.
+fn culprit<T: DeserializeOwned>(object: &Map<String, Value>, message: &str) -> Option<String> {
+    const NAMED: [&str; 3] = ["unknown field", "missing field", "duplicate field"];
+    if NAMED.iter().any(|prefix| message.starts_with(prefix)) {
+        return None;
+    }
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        match serde_json::from_value::<T>(Value::Object(without)) {
+            Ok(_) => Some(key.clone()),
+            Err(e) if e.to_string() != message => Some(key.clone()),
+            Err(_) => None,
+        }
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,397 @@
+//! The `exec` kind: a supervised OS process whose output goes to the log, stopped with SIGTERM
+//! and then SIGKILL after the instance's grace period.
+//!
+//! The process runs in its own process group and every signal goes to the whole group, so
+//! what it forks (a shell's children) stops with it. The signals are sent by the task that
+//! owns the [`Child`], and only until that task has reaped it: a reaped pid may already belong
+//! to another process.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::{parse_config, InstanceSpec, Kind};
+use crate::service::{Context, Result, Service, ServiceHandle};
+
+/// Added to the instance's grace period for the framework's own, so that the framework never
+/// aborts the process task before it has sent SIGKILL and reaped the process.
+const FRAMEWORK_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long output is still read after the process exited (a child it left behind may hold
+/// the pipes open).
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Longer lines are logged in pieces of this size.
+const MAX_LINE: usize = 16 * 1024;
+
+/// How much of the last stderr line goes into a crash reason.
+const REASON_LINE: usize = 200;
+
+/// The `exec` kind (see the module docs).
+pub(crate) struct ExecKind;
+
+/// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecConfig {
+    /// The program: a path, or a name looked up in `PATH`.
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    /// Added to the node's environment.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Working directory (default: the node's).
+    #[serde(default)]
+    cwd: Option<PathBuf>,
+}
+
+impl ExecConfig {
+    fn parse(config: &Value) -> std::result::Result<Self, String> {
+        let config: ExecConfig = parse_config("exec", config)?;
+        if config.command.trim().is_empty() {
+            return Err(
+                "invalid exec config: field `command` is empty: give a program path or name".into(),
+            );
+        }
+        if config
+            .cwd
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(
+                "invalid exec config: field `cwd` is empty: give a directory or leave it out"
+                    .into(),
+            );
+        }
+        if let Some(key) = config
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(format!(
+                "invalid exec config: field `env`: `{key}` is not a variable name (empty, or contains '=' or NUL)"
+            ));
+        }
+        Ok(config)
+    }
+}
+
+impl Kind for ExecKind {
+    fn validate(&self, config: &Value) -> std::result::Result<(), String> {
+        ExecConfig::parse(config).map(|_| ())
+    }
+
+    fn create(&self, instance: &InstanceSpec) -> std::result::Result<ServiceHandle, String> {
+        let config = ExecConfig::parse(&instance.config)?;
+        let label = instance.label();
+        let service = Exec {
+            label: label.clone(),
+            config,
+            grace: instance.grace,
+        };
+        Ok(ServiceHandle::builder(service)
+            .label(label)
+            .grace_period(instance.grace + FRAMEWORK_MARGIN)
+            .build())
+    }
+}
+
+/// The service: each start spawns the process and a task that owns it.
+struct Exec {
+    label: String,
+    config: ExecConfig,
+    grace: Duration,
+}
+
+impl Service for Exec {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let config = &self.config;
+        let mut command = Command::new(&config.command);
+        command
+            .args(&config.args)
+            .envs(&config.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cwd) = &config.cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command.spawn().map_err(|e| match &config.cwd {
+            Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),
+            None => format!("cannot run `{}`: {e}", config.command),
+        })?;
+        let pid = child
+            .id()
+            .and_then(|pid| libc::pid_t::try_from(pid).ok())
+            .ok_or_else(|| format!("`{}` started without a usable pid", config.command))?;
+        tracing::info!("[{}] started `{}` as pid {pid}", self.label, config.command);
+        let group = ProcessGroup { pgid: pid };
+        let stdout = child.stdout.take().map(OutputLines::new);
+        let stderr = child.stderr.take().map(OutputLines::new);
+        let process = Process {
+            label: self.label.clone(),
+            child,
+            group,
+            grace: self.grace,
+            last_stderr: None,
+        };
+        let c = ctx.clone();
+        ctx.spawn("process", process.supervise(c, stdout, stderr));
+        Ok(())
+    }
+}
+
+/// One run of the process, owned by the service's `process` task.
+struct Process {
+    label: String,
+    child: Child,
+    group: ProcessGroup,
+    grace: Duration,
+    last_stderr: Option<String>,
+}
+
+impl Process {
+    /// Log the output, wait for the exit, and on a stop: SIGTERM, then SIGKILL after the grace
+    /// period. An exit the service did not ask for is an error (the service crashes).
+    async fn supervise<O, E>(
+        mut self,
+        ctx: Context,
+        mut stdout: Option<OutputLines<O>>,
+        mut stderr: Option<OutputLines<E>>,
+    ) -> Result<()>
+    where
+        O: AsyncRead + Unpin,
+        E: AsyncRead + Unpin,
+    {
+        let pid = self.group.pgid;
+        let mut kill_at: Option<Instant> = None;
+        let mut killed = false;
+        let status = loop {
+            tokio::select! {
+                line = next_line(&mut stdout), if stdout.is_some() => match line {
+                    Some(line) => tracing::info!("[{}] {line}", self.label),
+                    None => stdout = None,
+                },
+                line = next_line(&mut stderr), if stderr.is_some() => match line {
+                    Some(line) => self.log_stderr(line),
+                    None => stderr = None,
+                },
+                status = self.child.wait() => break status,
+                _ = ctx.stopped(), if kill_at.is_none() => {
+                    tracing::info!(
+                        "[{}] stopping pid {pid}: SIGTERM, SIGKILL after {:?}",
+                        self.label, self.grace
+                    );
+                    self.group.signal(libc::SIGTERM);
+                    kill_at = Some(Instant::now() + self.grace);
+                }
+                _ = sleep_until(kill_at), if kill_at.is_some() && !killed => {
+                    tracing::warn!(
+                        "[{}] pid {pid} still running {:?} after SIGTERM: sending SIGKILL",
+                        self.label, self.grace
+                    );
+                    self.group.signal(libc::SIGKILL);
+                    // Also the pid itself, should it have left the group.
+                    let _ = self.child.start_kill();
+                    killed = true;
+                }
+            }
+        };
+        // The leader is reaped; whatever it left behind in its group goes with it (a group id
+        // is not reused while any member lives, so this cannot hit a stranger).
+        self.group.kill_rest();
+        let drain_until = Instant::now() + DRAIN;
+        while stdout.is_some() || stderr.is_some() {
+            tokio::select! {
+                line = next_line(&mut stdout), if stdout.is_some() => match line {
+                    Some(line) => tracing::info!("[{}] {line}", self.label),
+                    None => stdout = None,
+                },
+                line = next_line(&mut stderr), if stderr.is_some() => match line {
+                    Some(line) => self.log_stderr(line),
+                    None => stderr = None,
+                },
+                _ = tokio::time::sleep_until(drain_until) => break,
+            }
+        }
+        let status = status.map_err(|e| format!("cannot wait for pid {pid}: {e}"))?;
+        if kill_at.is_some() || ctx.should_stop() {
+            tracing::info!("[{}] pid {pid}: {}", self.label, describe(status));
+            return Ok(());
+        }
+        Err(match &self.last_stderr {
+            Some(line) => format!("{} (last stderr line: {line})", describe(status)),
+            None => describe(status),
+        }
+        .into())
+    }
+
+    fn log_stderr(&mut self, line: String) {
+        tracing::warn!("[{}] {line}", self.label);
+        if !line.trim().is_empty() {
+            self.last_stderr = Some(truncate(&line, REASON_LINE));
+        }
+    }
+}
+
+/// The process group of one run, led by the process itself.
+struct ProcessGroup {
+    pgid: libc::pid_t,
+}
+
+impl ProcessGroup {
+    /// Send `signal` to every process of the group; false if none was there.
+    fn signal(&self, signal: libc::c_int) -> bool {
+        // Never 0 or -1: `kill(0)` is our own group, `kill(-1)` every process we may signal.
+        if self.pgid <= 1 {
+            return false;
+        }
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe { libc::kill(-self.pgid, signal) == 0 }
+    }
+}
+
+impl ProcessGroup {
+    /// SIGKILL what is left of the group once its leader is reaped, then forget the group.
+    fn kill_rest(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.pgid = 0;
+    }
+}
+
+impl Drop for ProcessGroup {
+    /// The task was aborted (or the runtime is going away) before the group was stopped:
+    /// kill it rather than leave it running (the `Child` kills the leader on drop as well).
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+/// "process exited with status 3", "process killed by signal 9 (SIGKILL)".
+fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("process exited with status {code}");
+    }
+    match status.signal() {
+        Some(signal) => {
+            let name = signal_name(signal)
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("process killed by signal {signal}{name}{core}")
+        }
+        None => format!("process ended: {status}"),
+    }
+}
+
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        _ => return None,
+    })
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_line<R: AsyncRead + Unpin>(lines: &mut Option<OutputLines<R>>) -> Option<String> {
+    match lines {
+        Some(lines) => lines.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Lines of a pipe, tolerant of invalid UTF-8 and of lines without an end; cancel-safe (a
+/// partly read line stays in `pending`), so it can sit in a `select!` loop.
+struct OutputLines<R> {
+    reader: BufReader<R>,
+    pending: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> OutputLines<R> {
+    fn new(pipe: R) -> Self {
+        OutputLines {
+            reader: BufReader::new(pipe),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next line, `None` at the end of the output (or on a read error).
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            let available = match self.reader.fill_buf().await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::debug!("reading process output failed: {e}");
+                    return self.take_rest();
+                }
+            };
+            if available.is_empty() {
+                return self.take_rest();
+            }
+            let room = MAX_LINE.saturating_sub(self.pending.len());
+            if let Some(end) = available.iter().take(room).position(|&b| b == b'\n') {
+                self.pending.extend_from_slice(&available[..end]);
+                self.reader.consume(end + 1);
+                return Some(self.take_line());
+            }
+            let n = available.len().min(room);
+            self.pending.extend_from_slice(&available[..n]);
+            self.reader.consume(n);
+            if self.pending.len() >= MAX_LINE {
+                return Some(self.take_line());
+            }
+        }
+    }
+
+    fn take_rest(&mut self) -> Option<String> {
+        (!self.pending.is_empty()).then(|| self.take_line())
+    }
+
+    fn take_line(&mut self) -> String {
+        let mut bytes = std::mem::take(&mut self.pending);
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn truncate(line: &str, max: usize) -> String {
+    match line.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line.to_string(),
+    }
+}

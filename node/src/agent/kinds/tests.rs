@@ -1,0 +1,754 @@
+//! Tests of the kind registry and the stock kinds. Demo kinds run on paused time; `exec` runs
+//! real processes (`/bin/sh`, `sleep`), and every test kills what it started, even on failure.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::{InstanceSpec, Kind, KindRegistry};
+use crate::service::{BeaconNode, Service, ServiceHandle, ServiceState};
+
+// ---- helpers -----------------------------------------------------------------------------
+
+fn spec(config: Value, grace: Duration) -> InstanceSpec {
+    InstanceSpec {
+        service: "svc".into(),
+        slot: 0,
+        node: 1,
+        config,
+        grace,
+    }
+}
+
+fn create(kind: &str, config: Value, grace: Duration) -> ServiceHandle {
+    KindRegistry::stock()
+        .create(kind, &spec(config, grace))
+        .unwrap()
+}
+
+fn invalid(kind: &str, config: Value) -> String {
+    let kinds = KindRegistry::stock();
+    let error = kinds.validate(kind, &config).unwrap_err();
+    // `create` checks the config just as well.
+    let created = kinds.create(kind, &spec(config, Duration::from_secs(1)));
+    assert_eq!(created.unwrap_err(), error);
+    error
+}
+
+/// Fail the test instead of hanging.
+async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+async fn crashed(svc: &ServiceHandle, limit: Duration) -> String {
+    within(
+        limit,
+        "the crash",
+        svc.wait_for_state(ServiceState::Crashed),
+    )
+    .await;
+    svc.crash_reason().unwrap().to_string()
+}
+
+fn find<'a>(node: &'a BeaconNode, label: &str) -> Option<&'a BeaconNode> {
+    if node.label == label || node.label.starts_with(&format!("{label} ")) {
+        return Some(node);
+    }
+    node.children.iter().find_map(|c| find(c, label))
+}
+
+/// A scratch directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mode-kinds-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pids a test learned from its processes; SIGKILLed on drop so nothing outlives a failure.
+struct Pids(Vec<i32>);
+
+impl Pids {
+    /// Wait for the file a script writes its pids to (`echo $$ > "$PIDFILE"`).
+    async fn read(path: &Path) -> Pids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if text.ends_with('\n') {
+                    let pids = text.split_whitespace().map(|p| p.parse().unwrap());
+                    return Pids(pids.collect());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never written",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                // SAFETY: plain syscall on a pid this test's process started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Running (a zombie no longer runs, and nobody may reap one in a container).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.trim().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+async fn gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// An `exec` of `/bin/sh -c script`, with `PIDFILE` (and `OUT`) in its environment.
+fn shell(dir: &TempDir, script: &str, grace: Duration) -> ServiceHandle {
+    let config = json!({
+        "command": "/bin/sh",
+        "args": ["-c", script],
+        "env": {
+            "PIDFILE": dir.path("pid"),
+            "OUT": dir.path("out"),
+        },
+    });
+    create("exec", config, grace)
+}
+
+/// Log lines written while the guard lives, on this thread (`#[tokio::test]` runs the
+/// service's tasks on it too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Lines containing both `level` and `text`.
+    fn count(&self, level: &str, text: &str) -> usize {
+        let all = self.text();
+        all.lines()
+            .filter(|l| l.contains(level) && l.contains(text))
+            .count()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---- registry ----------------------------------------------------------------------------
+
+#[test]
+fn stock_kinds_are_listed_sorted() {
+    let kinds = KindRegistry::stock();
+    let names = kinds.names();
+    assert_eq!(names, ["counter", "crasher", "exec", "ticker", "webapp"]);
+    assert!(kinds.contains("exec") && !kinds.contains("Exec"));
+    assert!(KindRegistry::new().names().is_empty());
+    assert_eq!(
+        format!("{kinds:?}"),
+        r#"{"counter", "crasher", "exec", "ticker", "webapp"}"#
+    );
+}
+
+#[test]
+fn an_unknown_kind_lists_the_known_ones() {
+    let kinds = KindRegistry::stock();
+    let error = kinds.validate("nope", &Value::Null).unwrap_err();
+    assert_eq!(
+        error,
+        "unknown service kind `nope`; this node runs: counter, crasher, exec, ticker, webapp"
+    );
+    let created = kinds.create("nope", &spec(Value::Null, Duration::from_secs(1)));
+    assert_eq!(created.unwrap_err(), error);
+    let empty = KindRegistry::new()
+        .validate("exec", &Value::Null)
+        .unwrap_err();
+    assert!(empty.contains("no kinds registered"), "{empty}");
+}
+
+#[test]
+fn instance_label_is_service_and_slot() {
+    let mut instance = spec(Value::Null, Duration::from_secs(1));
+    instance.slot = 3;
+    assert_eq!(instance.label(), "svc#3");
+}
+
+struct Idle;
+impl Service for Idle {}
+
+#[tokio::test]
+async fn register_fn_adds_a_kind_that_accepts_any_config() {
+    let mut kinds = KindRegistry::new();
+    kinds.register_fn("idle", |instance: &InstanceSpec| {
+        if instance.config == json!("refuse") {
+            return Err("idle refuses".to_string());
+        }
+        Ok(ServiceHandle::builder(Idle).label(instance.label()).build())
+    });
+    assert_eq!(kinds.names(), ["idle"]);
+    assert!(kinds.validate("idle", &json!({"anything": [1, 2]})).is_ok());
+    let svc = kinds
+        .create("idle", &spec(json!({"x": 1}), Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(svc.label(), "svc#0");
+    svc.start().await.unwrap();
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    let refused = kinds.create("idle", &spec(json!("refuse"), Duration::from_secs(1)));
+    assert_eq!(refused.unwrap_err(), "idle refuses");
+}
+
+#[test]
+fn register_replaces_a_kind_of_the_same_name() {
+    struct Strict;
+    impl Kind for Strict {
+        fn validate(&self, _config: &Value) -> Result<(), String> {
+            Err("strict says no".into())
+        }
+        fn create(&self, _instance: &InstanceSpec) -> Result<ServiceHandle, String> {
+            Err("strict says no".into())
+        }
+    }
+    let mut kinds = KindRegistry::stock();
+    kinds.register("exec", Strict);
+    assert_eq!(kinds.names().len(), 5);
+    let error = kinds.validate("exec", &json!({"command": "/bin/true"}));
+    assert_eq!(error.unwrap_err(), "strict says no");
+    // Clones share the kinds but not the table.
+    let copy = kinds.clone();
+    kinds.register_fn("extra", |_: &InstanceSpec| Err("unused".into()));
+    assert!(!copy.contains("extra") && kinds.contains("extra"));
+}
+
+// ---- validation --------------------------------------------------------------------------
+
+#[test]
+fn exec_config_errors_name_the_field() {
+    assert_eq!(
+        invalid("exec", Value::Null),
+        "invalid exec config: missing field `command`"
+    );
+    assert_eq!(
+        invalid("exec", json!({"comand": "/bin/sleep"})),
+        "invalid exec config: unknown field `comand`, expected one of `command`, `args`, `env`, `cwd`"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "/bin/sleep", "args": "1000"})),
+        "invalid exec config: field `args`: invalid type: string \"1000\", expected a sequence"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": 7})),
+        "invalid exec config: field `command`: invalid type: integer `7`, expected a string"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "env": {"K": 1}})),
+        "invalid exec config: field `env`: invalid type: integer `1`, expected a string"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "env": {"A=B": "1"}})),
+        "invalid exec config: field `env`: `A=B` is not a variable name (empty, or contains '=' or NUL)"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": " "})),
+        "invalid exec config: field `command` is empty: give a program path or name"
+    );
+    assert_eq!(
+        invalid("exec", json!(["/bin/sleep"])),
+        "invalid exec config: expected a JSON object, got an array"
+    );
+    let full = json!({"command": "sleep", "args": ["1"], "env": {"K": "V"}, "cwd": "/tmp"});
+    assert_eq!(KindRegistry::stock().validate("exec", &full), Ok(()));
+}
+
+#[test]
+fn demo_config_errors_name_the_field() {
+    let kinds = KindRegistry::stock();
+    for kind in ["ticker", "counter", "webapp"] {
+        assert_eq!(kinds.validate(kind, &Value::Null), Ok(()), "{kind}");
+        assert_eq!(kinds.validate(kind, &json!({})), Ok(()), "{kind}");
+    }
+    assert_eq!(
+        invalid("ticker", json!({"every_ms": 0})),
+        "invalid ticker config: field `every_ms` must be at least 1 (milliseconds)"
+    );
+    assert_eq!(
+        invalid("ticker", json!({"every_ms": "1s"})),
+        "invalid ticker config: field `every_ms`: invalid type: string \"1s\", expected u64"
+    );
+    assert_eq!(
+        invalid("counter", json!({"every_ms": 10, "message": "hi"})),
+        "invalid counter config: unknown field `message`, expected `every_ms`"
+    );
+    assert_eq!(
+        invalid("webapp", json!({"port": 70000})),
+        "invalid webapp config: field `port`: invalid value: integer `70000`, expected u16"
+    );
+    assert_eq!(
+        invalid("crasher", Value::Null),
+        "invalid crasher config: set `after_ms` (crash that many milliseconds after starting) \
+         or `crash_file` (crash when that file appears), or both"
+    );
+    assert_eq!(
+        invalid("crasher", json!({"after_ms": -1})),
+        "invalid crasher config: field `after_ms`: invalid value: integer `-1`, expected u64"
+    );
+    assert_eq!(
+        invalid("crasher", json!({"crash_file": ""})),
+        "invalid crasher config: field `crash_file` is empty: give a path"
+    );
+    assert_eq!(kinds.validate("crasher", &json!({"after_ms": 5})), Ok(()));
+}
+
+// ---- exec --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn exec_logs_stdout_at_info_and_stderr_at_warn() {
+    let (logs, _guard) = Logs::capture();
+    let dir = TempDir::new();
+    let script = r#"echo $$ > "$PIDFILE"; echo hello out; echo hello err >&2; printf 'no end'; exec sleep 1000"#;
+    let svc = shell(&dir, script, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let _pids = Pids::read(&dir.path("pid")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logs.count("WARN", "[svc#0] hello err") == 0
+        || logs.count("INFO", "[svc#0] hello out") == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "output not logged:\n{}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The line without an end comes out when the pipe closes at the stop.
+    assert_eq!(logs.count("", "no end"), 0);
+    svc.stop().await;
+    assert_eq!(logs.count("INFO", "[svc#0] no end"), 1, "{}", logs.text());
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+}
+
+#[tokio::test]
+async fn exec_uses_env_and_cwd() {
+    let dir = TempDir::new();
+    let config = json!({
+        "command": "sh",
+        "args": ["-c", "echo \"$GREETING\" > out.tmp; pwd >> out.tmp; mv out.tmp out; exec sleep 1000"],
+        "env": {"GREETING": "bonjour"},
+        "cwd": dir.0,
+    });
+    let svc = create("exec", config, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        if let Ok(out) = std::fs::read_to_string(dir.path("out")) {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the script never wrote its output"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let cwd = std::fs::canonicalize(&dir.0).unwrap();
+    assert_eq!(out, format!("bonjour\n{}\n", cwd.display()));
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+}
+
+#[tokio::test]
+async fn exec_killed_from_outside_crashes_naming_the_signal() {
+    let dir = TempDir::new();
+    let svc = shell(
+        &dir,
+        r#"echo $$ > "$PIDFILE"; exec sleep 1000"#,
+        Duration::from_secs(2),
+    );
+    svc.start().await.unwrap();
+    let pids = Pids::read(&dir.path("pid")).await;
+    // SAFETY: plain syscall on the test's own child.
+    assert_eq!(unsafe { libc::kill(pids.0[0], libc::SIGKILL) }, 0);
+    let reason = crashed(&svc, Duration::from_secs(5)).await;
+    assert_eq!(
+        reason,
+        "task 'process' failed: process killed by signal 9 (SIGKILL)"
+    );
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Crashed);
+}
+
+#[tokio::test]
+async fn exec_exit_status_is_the_crash_reason() {
+    let dir = TempDir::new();
+    let script = "echo 'bad thing happened' >&2; sleep 0.3; exit 3";
+    let svc = shell(&dir, script, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let reason = crashed(&svc, Duration::from_secs(5)).await;
+    assert_eq!(
+        reason,
+        "task 'process' failed: process exited with status 3 (last stderr line: bad thing happened)"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn exec_stop_sends_sigterm_to_the_process_and_its_children() {
+    let dir = TempDir::new();
+    let script =
+        r#"trap 'echo TERM > "$OUT"; exit 0' TERM; sleep 1000 & echo $$ $! > "$PIDFILE"; wait"#;
+    let svc = shell(&dir, script, Duration::from_secs(3));
+    svc.start().await.unwrap();
+    let pids = Pids::read(&dir.path("pid")).await;
+    let begun = Instant::now();
+    within(Duration::from_secs(10), "the stop", svc.stop()).await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        begun.elapsed()
+    );
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    assert!(!svc.was_forced());
+    let out = std::fs::read_to_string(dir.path("out")).unwrap();
+    assert_eq!(out, "TERM\n");
+    for &pid in &pids.0 {
+        assert!(gone(pid).await, "pid {pid} survived the stop");
+    }
+}
+
+#[tokio::test]
+async fn exec_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let (logs, _guard) = Logs::capture();
+    let dir = TempDir::new();
+    let script = r#"trap '' TERM; sleep 1000 & echo $$ $! > "$PIDFILE"; wait; wait; wait"#;
+    let grace = Duration::from_millis(300);
+    let svc = shell(&dir, script, grace);
+    svc.start().await.unwrap();
+    let pids = Pids::read(&dir.path("pid")).await;
+    let begun = Instant::now();
+    within(Duration::from_secs(10), "the stop", svc.stop()).await;
+    let took = begun.elapsed();
+    assert!(
+        took >= grace && took < grace + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    // The kind killed it, not the framework's abort.
+    assert!(!svc.was_forced());
+    assert_eq!(logs.count("WARN", "sending SIGKILL"), 1, "{}", logs.text());
+    for &pid in &pids.0 {
+        assert!(gone(pid).await, "pid {pid} survived the stop");
+    }
+}
+
+#[tokio::test]
+async fn exec_restart_replaces_the_process() {
+    let dir = TempDir::new();
+    let script = r#"echo $$ > "$PIDFILE"; exec sleep 1000"#;
+    let svc = shell(&dir, script, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let first = Pids::read(&dir.path("pid")).await;
+    std::fs::remove_file(dir.path("pid")).unwrap();
+    within(Duration::from_secs(10), "the restart", svc.restart())
+        .await
+        .unwrap();
+    let second = Pids::read(&dir.path("pid")).await;
+    assert_ne!(first.0, second.0);
+    assert!(gone(first.0[0]).await);
+    assert!(alive(second.0[0]));
+    assert_eq!(svc.state(), ServiceState::Running);
+    svc.stop().await;
+    assert!(gone(second.0[0]).await);
+}
+
+#[tokio::test]
+async fn exec_of_a_missing_program_fails_to_start() {
+    let svc = create(
+        "exec",
+        json!({"command": "/nonexistent/mode-test-program"}),
+        Duration::from_secs(1),
+    );
+    let error = svc.start().await.unwrap_err().to_string();
+    assert!(
+        error.contains("cannot run `/nonexistent/mode-test-program`: No such file or directory"),
+        "{error}"
+    );
+    assert_eq!(svc.state(), ServiceState::Crashed);
+}
+
+#[test]
+fn exec_process_does_not_outlive_its_runtime() {
+    let dir = TempDir::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pids = runtime.block_on(async {
+        let script = r#"sleep 1000 & echo $$ $! > "$PIDFILE"; wait"#;
+        let svc = shell(&dir, script, Duration::from_secs(1));
+        svc.start().await.unwrap();
+        Pids::read(&dir.path("pid")).await
+    });
+    assert!(pids.0.iter().all(|&pid| alive(pid)));
+    // Never stopped: dropping the runtime drops the process task, and with it the process
+    // (kill_on_drop) and its group.
+    drop(runtime);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while pids.0.iter().any(|&pid| alive(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} outlived the runtime",
+            pids.0
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---- demo kinds --------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn ticker_logs_its_message_every_period_and_stops_cleanly() {
+    let (logs, _guard) = Logs::capture();
+    let svc = create(
+        "ticker",
+        json!({"every_ms": 1000, "message": "hello there"}),
+        Duration::from_secs(1),
+    );
+    svc.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        logs.count("INFO", "[svc#0] hello there"),
+        3,
+        "{}",
+        logs.text()
+    );
+    let timer = find(&svc.beacon(), "tick").cloned().unwrap();
+    assert!(timer.detail.unwrap().contains("fires=3"));
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    assert!(!svc.was_forced());
+}
+
+#[tokio::test(start_paused = true)]
+async fn counter_counts_ticks_and_stops_cleanly() {
+    let (logs, _guard) = Logs::capture();
+    let svc = create("counter", json!({"every_ms": 250}), Duration::from_secs(1));
+    svc.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for n in 1..=4 {
+        assert_eq!(logs.count("INFO", &format!("[svc#0] count = {n}")), 1);
+    }
+    assert_eq!(logs.count("INFO", "count = 5"), 0);
+    // The count goes on across a restart.
+    svc.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        logs.count("INFO", "[svc#0] count = 5"),
+        1,
+        "{}",
+        logs.text()
+    );
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    assert!(!svc.was_forced());
+}
+
+#[tokio::test(start_paused = true)]
+async fn crasher_crashes_after_the_configured_delay() {
+    let svc = create("crasher", json!({"after_ms": 1000}), Duration::from_secs(1));
+    let begun = Instant::now();
+    svc.start().await.unwrap();
+    let reason = crashed(&svc, Duration::from_secs(10)).await;
+    assert_eq!(begun.elapsed(), Duration::from_millis(1000));
+    assert_eq!(
+        reason,
+        "task 'crash_after' failed: crasher: crashing as configured after 1000 ms"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn crasher_stopped_before_its_delay_stops_cleanly() {
+    let svc = create("crasher", json!({"after_ms": 1000}), Duration::from_secs(1));
+    svc.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    assert!(!svc.was_forced());
+}
+
+#[tokio::test]
+async fn crasher_crashes_once_per_crash_file() {
+    let dir = TempDir::new();
+    let file = dir.path("crash");
+    let svc = create(
+        "crasher",
+        json!({"crash_file": file}),
+        Duration::from_secs(1),
+    );
+    svc.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(svc.state(), ServiceState::Running);
+    for round in 0..2 {
+        std::fs::write(&file, "").unwrap();
+        let reason = crashed(&svc, Duration::from_secs(5)).await;
+        assert_eq!(
+            reason,
+            format!(
+                "task 'crash_file' failed: crasher: crashing as requested by {}",
+                file.display()
+            ),
+            "round {round}"
+        );
+        assert!(!file.exists(), "the crash file is consumed");
+        svc.restart().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(svc.state(), ServiceState::Running);
+    }
+    svc.stop().await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+}
+
+async fn http(port: u16, request: &str) -> String {
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    socket.read_to_string(&mut reply).await.unwrap();
+    reply
+}
+
+#[tokio::test]
+async fn webapp_serves_http_and_shows_the_tutorial_tree() {
+    let svc = create("webapp", json!({"port": 0}), Duration::from_secs(1));
+    within(Duration::from_secs(5), "the start", svc.start())
+        .await
+        .unwrap();
+    let beacon = svc.beacon();
+    assert_eq!(beacon.label, "svc#0");
+    let children: Vec<&str> = beacon.children.iter().map(|c| c.label.as_str()).collect();
+    assert_eq!(children, ["Websockets", "UserCache", "Webserver"]);
+    assert!(find(&beacon, "remove_expired_users").is_some());
+    let accept = find(&beacon, "accept").unwrap();
+    let port: u16 = accept
+        .label
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_ne!(port, 0);
+
+    let reply = within(
+        Duration::from_secs(5),
+        "the reply",
+        http(port, "GET / HTTP/1.1\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(
+        reply.ends_with("Hello from mode! svc#0: 1 recent users.\n"),
+        "{reply}"
+    );
+    let reply = within(
+        Duration::from_secs(5),
+        "the reply",
+        http(port, "POST / HTTP/1.1\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        reply.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{reply}"
+    );
+
+    within(Duration::from_secs(5), "the stop", svc.stop()).await;
+    assert_eq!(svc.state(), ServiceState::Shutdown);
+    assert!(!svc.was_forced());
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn webapp_on_a_taken_port_fails_to_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let svc = create("webapp", json!({"port": port}), Duration::from_secs(1));
+    let error = within(Duration::from_secs(5), "the start", svc.start())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{error}"
+    );
+    assert_eq!(svc.state(), ServiceState::Crashed);
+}

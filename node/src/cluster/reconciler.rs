@@ -1,0 +1,321 @@
+//! The leader's control loop: failure detection from heartbeats, scheduling, make-before-break
+//! drains, rescheduling of instances that exceeded their restart intensity, and service
+//! removal with dependents stopped first. Every decision is committed through Raft and
+//! recorded as an event.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::node::ClusterNode;
+use super::state::{ClusterState, Command, NodeStatus, SlotAssignment};
+use crate::schedule::{plan_avoiding, Assignment, Avoid, NodeView};
+use crate::service::lock;
+
+/// How often the leader reconciles.
+const PERIOD: Duration = Duration::from_millis(100);
+
+/// Failure-detection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// A node silent for longer is marked down and its instances are rescheduled.
+    pub grace: Duration,
+    /// How long to wait before moving an instance that exceeded its restart intensity, doubled
+    /// for each further move (capped at 30 s).
+    pub reschedule_backoff: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            grace: Duration::from_millis(1500),
+            reschedule_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// When each node last heartbeated, as seen by this node while it leads.
+#[derive(Default)]
+pub(crate) struct Heartbeats {
+    seen: std::sync::Mutex<HashMap<u64, Instant>>,
+}
+
+impl Heartbeats {
+    pub(crate) fn record(&self, node: u64) {
+        lock(&self.seen).insert(node, Instant::now());
+    }
+
+    fn age(&self, node: u64) -> Option<Duration> {
+        lock(&self.seen).get(&node).map(|t| t.elapsed())
+    }
+
+    /// A new leader gives every node a full grace period.
+    fn reset(&self, nodes: impl Iterator<Item = u64>) {
+        let now = Instant::now();
+        let mut seen = lock(&self.seen);
+        seen.clear();
+        seen.extend(nodes.map(|n| (n, now)));
+    }
+}
+
+/// Leader-local memory between passes.
+#[derive(Default)]
+struct Memory {
+    leading: bool,
+    /// When each failed instance was first seen failed.
+    failed_since: HashMap<(String, u32), Instant>,
+    /// The last "could not place" reason recorded per instance.
+    unplaced: HashMap<(String, u32), String>,
+}
+
+/// Run the control loop until `stopped` resolves; acts only while this node leads.
+pub async fn run(
+    node: Arc<ClusterNode>,
+    liveness: Liveness,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    let mut memory = Memory::default();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(PERIOD) => {}
+        }
+        if !node.is_leader() {
+            memory.leading = false;
+            continue;
+        }
+        let state = node.local_state(|s| s.clone());
+        if !memory.leading {
+            node.heartbeats().reset(state.nodes.keys().copied());
+            memory = Memory {
+                leading: true,
+                ..Memory::default()
+            };
+        }
+        for command in decide(&node, &state, liveness, &mut memory) {
+            if let Err(e) = node.write(command, false).await {
+                tracing::debug!("control loop: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// The commands one pass wants committed, in order.
+fn decide(
+    node: &ClusterNode,
+    state: &ClusterState,
+    liveness: Liveness,
+    memory: &mut Memory,
+) -> Vec<Command> {
+    let mut commands = Vec::new();
+
+    // 1. Failure detection.
+    for (id, info) in &state.nodes {
+        let age = node.heartbeats().age(*id).unwrap_or(Duration::MAX);
+        match info.status {
+            NodeStatus::Up | NodeStatus::Draining if age > liveness.grace => {
+                commands.push(Command::SetNodeStatus {
+                    id: *id,
+                    status: NodeStatus::Down,
+                });
+                commands.push(event(
+                    "node-down",
+                    format!("node {id} missed its heartbeats for over {:?}; marked down, its instances move", liveness.grace),
+                    None,
+                    Some(*id),
+                ));
+            }
+            NodeStatus::Down if age <= liveness.grace => {
+                commands.push(Command::SetNodeStatus {
+                    id: *id,
+                    status: NodeStatus::Up,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    // 2. Removal: once no dependent runs, the service's instances go.
+    for name in &state.deleting {
+        let dependents_running = state.specs.values().any(|s| {
+            s.depends_on.iter().any(|d| d == name)
+                && state
+                    .placements
+                    .get(&s.name)
+                    .is_some_and(|slots| slots.values().any(|p| p.state == "running"))
+        });
+        if !dependents_running {
+            commands.push(Command::PurgeSpec { name: name.clone() });
+        }
+    }
+
+    // 3. Drains finish when the new instance runs.
+    for (service, slots) in &state.placements {
+        for (slot, p) in slots {
+            if p.moving_from.is_some() && p.state == "running" {
+                commands.push(Command::FinishMove {
+                    service: service.clone(),
+                    slot: *slot,
+                });
+            }
+        }
+    }
+
+    // 4. Scheduling.
+    let nodes: Vec<NodeView> = state
+        .nodes
+        .values()
+        .map(|n| NodeView {
+            id: n.id,
+            labels: n.labels.clone(),
+            capacity: n.capacity,
+            schedulable: n.status == NodeStatus::Up,
+            kinds: Some(n.kinds.iter().cloned().collect()),
+        })
+        .collect();
+    let specs: Vec<_> = state.specs.values().map(|s| s.to_view()).collect();
+    let mut avoid = Avoid::new();
+    let mut current = Vec::new();
+    let mut failed_now = BTreeSet::new();
+    for (service, slots) in &state.placements {
+        for (slot, p) in slots {
+            let key = (service.clone(), *slot);
+            if !p.avoid.is_empty() {
+                avoid.insert(key.clone(), p.avoid.iter().copied().collect());
+            }
+            if p.state == "failed" {
+                let since = *memory
+                    .failed_since
+                    .entry(key.clone())
+                    .or_insert_with(Instant::now);
+                let wait = liveness.reschedule_backoff * 2u32.saturating_pow(p.reschedules.min(6));
+                if since.elapsed() >= wait.min(Duration::from_secs(30)) {
+                    failed_now.insert(key);
+                    continue; // not current: the plan places it again, elsewhere if it can
+                }
+            } else {
+                memory.failed_since.remove(&key);
+            }
+            current.push(Assignment {
+                service: service.clone(),
+                slot: *slot,
+                node: p.node,
+            });
+        }
+    }
+    let plan = plan_avoiding(&nodes, &specs, &current, &avoid);
+
+    let draining: BTreeSet<u64> = state
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Draining)
+        .map(|n| n.id)
+        .collect();
+    let from: BTreeMap<(String, u32), u64> = plan
+        .unassign
+        .iter()
+        .map(|a| ((a.service.clone(), a.slot), a.node))
+        .collect();
+    let mut assign = Vec::new();
+    let mut unassign = Vec::new();
+    for a in &plan.assign {
+        let key = (a.service.clone(), a.slot);
+        let old = from.get(&key).copied().or_else(|| {
+            failed_now
+                .contains(&key)
+                .then(|| {
+                    state
+                        .placements
+                        .get(&a.service)
+                        .and_then(|s| s.get(&a.slot))
+                        .map(|p| p.node)
+                })
+                .flatten()
+        });
+        // Draining: the old node keeps it until the new one runs (make before break).
+        let moving_from = old.filter(|o| draining.contains(o) && *o != a.node);
+        let message = match old {
+            Some(o) if o == a.node => format!(
+                "{}#{} restarted on node {} after exceeding its restart intensity",
+                a.service, a.slot, a.node
+            ),
+            Some(o) if draining.contains(&o) => format!(
+                "{}#{} moving from draining node {o} to node {}",
+                a.service, a.slot, a.node
+            ),
+            Some(o) if failed_now.contains(&key) => {
+                format!(
+                    "{}#{} moved from node {o} to node {} after exceeding its restart intensity",
+                    a.service, a.slot, a.node
+                )
+            }
+            Some(o) => format!(
+                "{}#{} moved from node {o} (down or ineligible) to node {}",
+                a.service, a.slot, a.node
+            ),
+            None => format!("{}#{} placed on node {}", a.service, a.slot, a.node),
+        };
+        commands.push(event(
+            "placement",
+            message,
+            Some(a.service.clone()),
+            Some(a.node),
+        ));
+        memory.unplaced.remove(&key);
+        assign.push(SlotAssignment {
+            service: a.service.clone(),
+            slot: a.slot,
+            node: a.node,
+            moving_from,
+        });
+    }
+    let reassigned: BTreeSet<(String, u32)> = plan
+        .assign
+        .iter()
+        .map(|a| (a.service.clone(), a.slot))
+        .collect();
+    for a in &plan.unassign {
+        if reassigned.contains(&(a.service.clone(), a.slot)) {
+            continue; // replaced by the assignment above
+        }
+        commands.push(event(
+            "placement",
+            format!("{}#{} removed from node {}", a.service, a.slot, a.node),
+            Some(a.service.clone()),
+            Some(a.node),
+        ));
+        unassign.push(SlotAssignment {
+            service: a.service.clone(),
+            slot: a.slot,
+            node: a.node,
+            moving_from: None,
+        });
+    }
+    for u in &plan.unplaced {
+        let key = (u.service.clone(), u.slot);
+        if memory.unplaced.get(&key) != Some(&u.reason) {
+            memory.unplaced.insert(key, u.reason.clone());
+            commands.push(event(
+                "unplaced",
+                format!("{}#{} could not be placed: {}", u.service, u.slot, u.reason),
+                Some(u.service.clone()),
+                None,
+            ));
+        }
+    }
+    if !assign.is_empty() || !unassign.is_empty() {
+        commands.push(Command::Place { assign, unassign });
+    }
+    commands
+}
+
+fn event(kind: &str, message: String, service: Option<String>, node: Option<u64>) -> Command {
+    Command::RecordEvent {
+        kind: kind.to_string(),
+        message,
+        service,
+        node,
+    }
+}

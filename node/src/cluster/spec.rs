@@ -1,0 +1,1595 @@
+//! The declarative service spec: what users write (YAML or JSON), what the replicated state
+//! stores, and the checks that keep bad specs out of it.
+//!
+//! A file holds one spec, a YAML list of specs, or several YAML documents separated by `---`:
+//!
+//! ```yaml
+//! name: web                 # required; lowercase letters, digits and '-', 1-63 chars, starts with a letter
+//! kind: exec                # required; a service kind a node offers
+//! config:                   # free-form, validated by the kind
+//!   command: /bin/sleep
+//!   args: ["1000"]
+//! replicas: 3               # default 1; 0 allowed (stopped); not with `singleton: true`
+//! singleton: false          # exactly one instance, never two at once
+//! constraints:              # all must hold on a node's labels
+//!   - label: zone
+//!     equals: a             # exactly one of `equals` / `in`
+//!   - label: disk
+//!     in: [ssd, nvme]
+//! spread: zone              # spread replicas over this label's values first
+//! anti_affinity: [db]       # never share a node with these services
+//! cost: 1                   # capacity units per instance, default 1, >= 1
+//! depends_on: [db]          # start only when these services run somewhere
+//! restart:                  # the instance's local supervisor
+//!   max_restarts: 3         # default 5
+//!   within_s: 10            # default 30
+//!   backoff_initial_ms: 100 # default 100
+//!   backoff_max_ms: 10000   # default 10000
+//! stop_grace_s: 10          # default 10
+//! ```
+//!
+//! [`parse_specs`] reads a file (unknown fields are errors), [`ServiceSpec::validate`] checks
+//! one spec alone, [`validate_set`] checks specs against each other and the stored ones, and
+//! [`dependency_order`] orders them for starting.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::{Constraint, SpecView};
+
+/// The longest service name.
+pub const MAX_NAME_LEN: usize = 63;
+/// The longest `stop_grace_s`.
+pub const MAX_STOP_GRACE_S: u64 = 3600;
+
+const NAME_RULE: &str =
+    "1-63 lowercase letters, digits and '-', starting with a letter (like `web-2`)";
+
+/// A declared service, as stored in the replicated state (serde: JSON in Raft, snake_case).
+///
+/// Every field but `name` and `kind` has a default, so specs stored by older versions (with
+/// fewer fields) still read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Unique name: 1-63 lowercase letters, digits and '-', starting with a letter.
+    pub name: String,
+    /// The service kind a node must offer.
+    pub kind: String,
+    /// Kind-specific configuration, validated by the kind.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Desired number of instances (0: stopped). Ignored for a singleton.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Exactly one instance, never two at once.
+    #[serde(default)]
+    pub singleton: bool,
+    /// All must hold on a node's labels.
+    #[serde(default)]
+    pub constraints: Vec<ConstraintSpec>,
+    /// Spread instances over this label's values first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    /// Never share a node with these services.
+    #[serde(default)]
+    pub anti_affinity: Vec<String>,
+    /// Capacity units per instance (>= 1).
+    #[serde(default = "default_cost")]
+    pub cost: u64,
+    /// Start only when these services run somewhere.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// The instance's local supervisor.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds an instance gets to stop before it is aborted (1-3600).
+    #[serde(default = "default_stop_grace_s")]
+    pub stop_grace_s: u64,
+    /// Bumped by the control plane each time the spec is stored (not set by users).
+    #[serde(default)]
+    pub generation: u64,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+fn default_cost() -> u64 {
+    1
+}
+
+fn default_stop_grace_s() -> u64 {
+    10
+}
+
+/// A placement constraint on a node label: exactly one of `equals` and `in` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConstraintSpec {
+    /// The label key.
+    pub label: String,
+    /// The label must have this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<String>,
+    /// The label must have one of these values.
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub in_: Option<Vec<String>>,
+}
+
+/// How an instance's local supervisor restarts it: at most `max_restarts` within `within_s`
+/// seconds, waiting from `backoff_initial_ms` (doubling) up to `backoff_max_ms` in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RestartPolicy {
+    /// Restarts allowed within the window (>= 1); default 5.
+    pub max_restarts: u32,
+    /// The window in seconds (>= 1); default 30.
+    pub within_s: u64,
+    /// The first backoff in ms; default 100.
+    pub backoff_initial_ms: u64,
+    /// The longest backoff in ms (>= `backoff_initial_ms`); default 10000.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 5,
+            within_s: 30,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 10_000,
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The restart window.
+    pub fn within(&self) -> Duration {
+        Duration::from_secs(self.within_s)
+    }
+
+    /// The first backoff.
+    pub fn backoff_initial(&self) -> Duration {
+        Duration::from_millis(self.backoff_initial_ms)
+    }
+
+    /// The longest backoff.
+    pub fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.backoff_max_ms)
+    }
+}
+
+/// A spec problem. Display reads like
+/// `web.yaml: spec 'web': field 'replicas': ...` (file, spec and field when known).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    /// The file the spec came from, if known.
+    pub file: Option<String>,
+    /// The spec's name, if known.
+    pub spec: Option<String>,
+    /// The field at fault, like `replicas`, `constraints[1]` or `restart.within_s`.
+    pub field: Option<String>,
+    /// What is wrong and what is allowed.
+    pub problem: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{file}: ")?;
+        }
+        if let Some(spec) = &self.spec {
+            write!(f, "spec '{spec}': ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field '{field}': ")?;
+        }
+        f.write_str(&self.problem)
+    }
+}
+
+impl SpecError {
+    /// A problem with no file, spec or field attached yet.
+    pub fn new(problem: impl Into<String>) -> Self {
+        SpecError {
+            file: None,
+            spec: None,
+            field: None,
+            problem: problem.into(),
+        }
+    }
+
+    /// Attach the file name (e.g. when the CLI reports a server-side check).
+    pub fn with_file(mut self, file: impl Into<String>) -> Self {
+        self.file = Some(file.into());
+        self
+    }
+
+    /// Attach the spec name.
+    pub fn with_spec(mut self, spec: impl Into<String>) -> Self {
+        self.spec = Some(spec.into());
+        self
+    }
+
+    /// Attach the field name.
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+}
+
+/// An error about `field` of `spec`.
+fn field_error(spec: &str, field: impl Into<String>, problem: impl Into<String>) -> SpecError {
+    let err = SpecError::new(problem).with_field(field);
+    if spec.is_empty() {
+        err
+    } else {
+        err.with_spec(spec)
+    }
+}
+
+/// Whether `name` is a valid service name.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= MAX_NAME_LEN
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
+}
+
+impl ServiceSpec {
+    /// A spec with the given name and kind and every other field at its default.
+    pub fn new(name: impl Into<String>, kind: impl Into<String>) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            kind: kind.into(),
+            config: serde_json::Value::Null,
+            replicas: default_replicas(),
+            singleton: false,
+            constraints: Vec::new(),
+            spread: None,
+            anti_affinity: Vec::new(),
+            cost: default_cost(),
+            depends_on: Vec::new(),
+            restart: RestartPolicy::default(),
+            stop_grace_s: default_stop_grace_s(),
+            generation: 0,
+        }
+    }
+
+    /// Instances wanted (1 for a singleton).
+    pub fn instances(&self) -> u32 {
+        if self.singleton {
+            1
+        } else {
+            self.replicas
+        }
+    }
+
+    /// Check the spec alone (names, fields, ranges); the message names the field and what is
+    /// allowed. References to other services are checked by [`validate_set`].
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let name = self.name.as_str();
+        if !is_valid_name(name) {
+            let problem = if name.is_empty() {
+                format!("a service name is required: {NAME_RULE}")
+            } else {
+                format!("'{name}' is not a valid service name: use {NAME_RULE}")
+            };
+            // An invalid name is not repeated as the spec's name.
+            return Err(SpecError::new(problem).with_field("name"));
+        }
+        if self.kind.trim().is_empty() {
+            return Err(field_error(
+                name,
+                "kind",
+                "a service kind is required (one a node offers, like `exec`)",
+            ));
+        }
+        if self.singleton && self.replicas != 1 {
+            return Err(field_error(
+                name,
+                "replicas",
+                format!(
+                    "is {} but singleton services have exactly one instance; drop `replicas` or set it to 1",
+                    self.replicas
+                ),
+            ));
+        }
+        for (i, c) in self.constraints.iter().enumerate() {
+            let field = format!("constraints[{i}]");
+            if c.label.trim().is_empty() {
+                return Err(field_error(
+                    name,
+                    format!("{field}.label"),
+                    "a label key is required",
+                ));
+            }
+            match (&c.equals, &c.in_) {
+                (Some(_), Some(_)) => {
+                    return Err(field_error(
+                        name,
+                        field,
+                        format!(
+                            "label '{}' has both `equals` and `in`; use exactly one",
+                            c.label
+                        ),
+                    ))
+                }
+                (None, None) => {
+                    return Err(field_error(
+                        name,
+                        field,
+                        format!(
+                            "label '{}' needs exactly one of `equals: VALUE` or `in: [VALUES]`",
+                            c.label
+                        ),
+                    ))
+                }
+                (None, Some(values)) if values.is_empty() => {
+                    return Err(field_error(
+                        name,
+                        format!("{field}.in"),
+                        format!(
+                            "label '{}' has an empty `in` list, which no node matches; list at least one value",
+                            c.label
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(spread) = &self.spread {
+            if spread.trim().is_empty() {
+                return Err(field_error(
+                    name,
+                    "spread",
+                    "must be a label key (like `zone`); drop it to spread over nodes only",
+                ));
+            }
+        }
+        check_names(
+            name,
+            "anti_affinity",
+            &self.anti_affinity,
+            "be anti-affine to",
+        )?;
+        check_names(name, "depends_on", &self.depends_on, "depend on")?;
+        if self.cost < 1 {
+            return Err(field_error(
+                name,
+                "cost",
+                "must be at least 1 (capacity units per instance)",
+            ));
+        }
+        let r = &self.restart;
+        if r.max_restarts < 1 {
+            return Err(field_error(
+                name,
+                "restart.max_restarts",
+                "must be at least 1",
+            ));
+        }
+        if r.within_s < 1 {
+            return Err(field_error(
+                name,
+                "restart.within_s",
+                "must be at least 1 (seconds)",
+            ));
+        }
+        if r.backoff_initial_ms > r.backoff_max_ms {
+            return Err(field_error(
+                name,
+                "restart.backoff_initial_ms",
+                format!(
+                    "is {} ms but must not exceed restart.backoff_max_ms ({} ms)",
+                    r.backoff_initial_ms, r.backoff_max_ms
+                ),
+            ));
+        }
+        if !(1..=MAX_STOP_GRACE_S).contains(&self.stop_grace_s) {
+            return Err(field_error(
+                name,
+                "stop_grace_s",
+                format!(
+                    "is {} but must be between 1 and {MAX_STOP_GRACE_S} (seconds)",
+                    self.stop_grace_s
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scheduler's view of it.
+    ///
+    /// A constraint with `equals` becomes [`Constraint::Equals`], one with `in` becomes
+    /// [`Constraint::In`]; an invalid one with both yields both, one with neither yields an
+    /// `In` with no values (which no node matches), so an unvalidated spec never widens
+    /// placement.
+    pub fn to_view(&self) -> SpecView {
+        let mut constraints = Vec::with_capacity(self.constraints.len());
+        for c in &self.constraints {
+            if let Some(value) = &c.equals {
+                constraints.push(Constraint::Equals {
+                    label: c.label.clone(),
+                    value: value.clone(),
+                });
+            }
+            if let Some(values) = &c.in_ {
+                constraints.push(Constraint::In {
+                    label: c.label.clone(),
+                    values: values.iter().cloned().collect(),
+                });
+            }
+            if c.equals.is_none() && c.in_.is_none() {
+                constraints.push(Constraint::In {
+                    label: c.label.clone(),
+                    values: BTreeSet::new(),
+                });
+            }
+        }
+        SpecView {
+            name: self.name.clone(),
+            kind: self.kind.clone(),
+            replicas: self.instances(),
+            constraints,
+            spread: self.spread.clone(),
+            anti_affinity: self.anti_affinity.iter().cloned().collect(),
+            cost: self.cost,
+        }
+    }
+
+    /// How long an instance gets to stop before it is aborted.
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.stop_grace_s)
+    }
+}
+
+/// Check a list of service names: valid, not the spec itself.
+fn check_names(spec: &str, field: &str, names: &[String], verb: &str) -> Result<(), SpecError> {
+    for (i, other) in names.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        if other == spec {
+            return Err(field_error(
+                spec,
+                field,
+                format!("a service cannot {verb} itself"),
+            ));
+        }
+        if !is_valid_name(other) {
+            return Err(field_error(
+                spec,
+                field,
+                format!("'{other}' is not a valid service name: use {NAME_RULE}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+/// The spec as users write it: unknown fields are errors, and an explicit `null` means
+/// "the default". `generation` is accepted (so a spec read back from the cluster can be
+/// applied again) and ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    config: serde_json::Value,
+    #[serde(default)]
+    replicas: Option<u32>,
+    #[serde(default)]
+    singleton: Option<bool>,
+    #[serde(default)]
+    constraints: Option<Vec<RawConstraint>>,
+    #[serde(default)]
+    spread: Option<String>,
+    #[serde(default)]
+    anti_affinity: Option<Vec<String>>,
+    #[serde(default)]
+    cost: Option<u64>,
+    #[serde(default)]
+    depends_on: Option<Vec<String>>,
+    #[serde(default)]
+    restart: Option<RawRestart>,
+    #[serde(default)]
+    stop_grace_s: Option<u64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    generation: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConstraint {
+    label: String,
+    #[serde(default)]
+    equals: Option<String>,
+    #[serde(default, rename = "in")]
+    in_: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    #[serde(default)]
+    max_restarts: Option<u32>,
+    #[serde(default)]
+    within_s: Option<u64>,
+    #[serde(default)]
+    backoff_initial_ms: Option<u64>,
+    #[serde(default)]
+    backoff_max_ms: Option<u64>,
+}
+
+impl From<RawSpec> for ServiceSpec {
+    fn from(raw: RawSpec) -> Self {
+        let defaults = RestartPolicy::default();
+        let restart = match raw.restart {
+            None => defaults,
+            Some(r) => RestartPolicy {
+                max_restarts: r.max_restarts.unwrap_or(defaults.max_restarts),
+                within_s: r.within_s.unwrap_or(defaults.within_s),
+                backoff_initial_ms: r.backoff_initial_ms.unwrap_or(defaults.backoff_initial_ms),
+                backoff_max_ms: r.backoff_max_ms.unwrap_or(defaults.backoff_max_ms),
+            },
+        };
+        ServiceSpec {
+            name: raw.name,
+            kind: raw.kind,
+            config: raw.config,
+            replicas: raw.replicas.unwrap_or_else(default_replicas),
+            singleton: raw.singleton.unwrap_or(false),
+            constraints: raw
+                .constraints
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| ConstraintSpec {
+                    label: c.label,
+                    equals: c.equals,
+                    in_: c.in_,
+                })
+                .collect(),
+            spread: raw.spread,
+            anti_affinity: raw.anti_affinity.unwrap_or_default(),
+            cost: raw.cost.unwrap_or_else(default_cost),
+            depends_on: raw.depends_on.unwrap_or_default(),
+            restart,
+            stop_grace_s: raw.stop_grace_s.unwrap_or_else(default_stop_grace_s),
+            generation: 0,
+        }
+    }
+}
+
+/// The specs of one YAML document: a mapping (one spec), a sequence (a list of specs), or
+/// nothing (an empty document).
+struct DocSpecs(Vec<RawSpec>);
+
+impl<'de> Deserialize<'de> for DocSpecs {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DocVisitor)
+    }
+}
+
+struct DocVisitor;
+
+impl<'de> Visitor<'de> for DocVisitor {
+    type Value = DocSpecs;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a service spec (a mapping with `name` and `kind`) or a list of them")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DocSpecs, A::Error> {
+        let spec = RawSpec::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(DocSpecs(vec![spec]))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DocSpecs, A::Error> {
+        let mut specs = Vec::new();
+        while let Some(spec) = seq.next_element::<RawSpec>()? {
+            specs.push(spec);
+        }
+        Ok(DocSpecs(specs))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<DocSpecs, E> {
+        Ok(DocSpecs(Vec::new()))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<DocSpecs, E> {
+        Ok(DocSpecs(Vec::new()))
+    }
+}
+
+/// Parse a file's text (YAML or JSON; one spec, a list, or `---`-separated documents).
+/// `file` is used in messages.
+///
+/// Unknown fields are errors naming the field and listing the allowed ones; parse errors carry
+/// the line and column. Each spec is also checked with [`ServiceSpec::validate`], and a name
+/// defined twice in the file is an error; checks against other services are
+/// [`validate_set`]'s. A file with no spec at all is an error. `generation` is ignored (0).
+pub fn parse_specs(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecError> {
+    // First pass: the untyped documents, to report syntax errors and to find a spec's name
+    // when the typed pass fails.
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value =
+            serde_norway::Value::deserialize(doc).map_err(|e| yaml_error(file, &e, None))?;
+        docs.push(value);
+    }
+    let mut specs: Vec<ServiceSpec> = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let parsed = DocSpecs::deserialize(doc).map_err(|e| yaml_error(file, &e, docs.get(i)))?;
+        for raw in parsed.0 {
+            let spec = ServiceSpec::from(raw);
+            spec.validate().map_err(|e| e.with_file(file))?;
+            if specs.iter().any(|s| s.name == spec.name) {
+                return Err(SpecError::new(
+                    "is defined twice in this file; service names must be unique",
+                )
+                .with_file(file)
+                .with_spec(spec.name));
+            }
+            specs.push(spec);
+        }
+    }
+    if specs.is_empty() {
+        return Err(SpecError::new(
+            "no service spec found: expected a mapping with `name` and `kind`, a list of them, \
+             or several `---`-separated documents",
+        )
+        .with_file(file));
+    }
+    Ok(specs)
+}
+
+/// Turn a serde_norway error into a [`SpecError`]: split off the path serde_norway puts in
+/// front (`[1].restart.within_s: ...`) into the spec (found by list index in `doc`) and field,
+/// keep the line and column, and suggest the closest field for an unknown one.
+fn yaml_error(
+    file: &str,
+    err: &serde_norway::Error,
+    doc: Option<&serde_norway::Value>,
+) -> SpecError {
+    let text = err.to_string();
+    let location = err
+        .location()
+        .map(|l| format!(" at line {} column {}", l.line(), l.column()));
+    let (mut message, location) = match &location {
+        Some(loc) => match text.strip_suffix(loc.as_str()) {
+            Some(message) => (message.to_string(), loc.clone()),
+            // Errors with more context (from the YAML parser) already say where.
+            None if text.contains(" at line ") => (text.clone(), String::new()),
+            None => (text.clone(), loc.clone()),
+        },
+        None => (text.clone(), String::new()),
+    };
+    // serde_norway prefixes a path when the error is below the document's root.
+    let mut index = None;
+    let mut field = None;
+    if let Some((path, rest)) = message.split_once(": ") {
+        if !path.is_empty() && !path.contains(char::is_whitespace) && !path.contains('`') {
+            // A list element's path reads `.[1].field`.
+            let mut path = path.strip_prefix('.').unwrap_or(path);
+            if let Some(after) = path.strip_prefix('[') {
+                if let Some((n, tail)) = after.split_once(']') {
+                    if let Ok(n) = n.parse::<usize>() {
+                        index = Some(n);
+                        path = tail.strip_prefix('.').unwrap_or(tail);
+                    }
+                }
+            }
+            if !path.is_empty() {
+                field = Some(path.to_string());
+            }
+            message = rest.to_string();
+        }
+    }
+    if let Some(hint) = suggest_field(&message) {
+        message.push_str(&format!("; did you mean `{hint}`?"));
+    }
+    let spec = doc.and_then(|doc| {
+        let spec = match (doc, index) {
+            (serde_norway::Value::Sequence(items), Some(i)) => items.get(i)?,
+            (serde_norway::Value::Mapping(_), None) => doc,
+            _ => return None,
+        };
+        spec.get("name")?.as_str().map(str::to_string)
+    });
+    SpecError {
+        file: Some(file.to_string()),
+        spec,
+        field,
+        problem: format!("{message}{location}"),
+    }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" message, the allowed field
+/// closest to `x`, if it is close enough to be a typo.
+fn suggest_field(message: &str) -> Option<String> {
+    if !message.starts_with("unknown field `") {
+        return None;
+    }
+    let mut quoted = message.split('`').skip(1).step_by(2);
+    let unknown = quoted.next()?;
+    quoted
+        .map(|candidate| (edit_distance(unknown, candidate), candidate))
+        .filter(|(d, candidate)| *d <= 2 && *d < candidate.len())
+        .min()
+        .map(|(_, candidate)| candidate.to_string())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks across specs
+
+/// Check a set of specs together with the specs already stored: every new spec is valid
+/// alone, no name appears twice in the set, every `depends_on` and `anti_affinity` entry names
+/// a service in the set or already stored (and not the spec itself), and there is no
+/// dependency cycle (the error lists it, e.g. `a -> b -> a`).
+///
+/// A new spec replaces a stored one of the same name. Only the new specs' references are
+/// checked, but a cycle is found through stored specs too.
+pub fn validate_set(new: &[ServiceSpec], existing: &[ServiceSpec]) -> Result<(), SpecError> {
+    let mut seen = BTreeSet::new();
+    for spec in new {
+        spec.validate()?;
+        if !seen.insert(spec.name.as_str()) {
+            return Err(SpecError::new(
+                "is defined twice in this set; service names must be unique",
+            )
+            .with_spec(spec.name.clone()));
+        }
+    }
+    // The graph after the change: stored specs, replaced by new ones of the same name.
+    let mut graph: BTreeMap<&str, &ServiceSpec> =
+        existing.iter().map(|s| (s.name.as_str(), s)).collect();
+    graph.extend(new.iter().map(|s| (s.name.as_str(), s)));
+
+    // (Self-references were rejected by `validate`.)
+    for spec in new {
+        for (field, names) in [
+            ("depends_on", &spec.depends_on),
+            ("anti_affinity", &spec.anti_affinity),
+        ] {
+            for (i, other) in names.iter().enumerate() {
+                if !graph.contains_key(other.as_str()) {
+                    let what = if field == "depends_on" {
+                        "depends on"
+                    } else {
+                        "is anti-affine to"
+                    };
+                    return Err(field_error(
+                        &spec.name,
+                        format!("{field}[{i}]"),
+                        format!(
+                            "{what} unknown service '{other}'; declare '{other}' in the same apply or first"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut roots: Vec<&str> = new.iter().map(|s| s.name.as_str()).collect();
+    roots.sort_unstable();
+    if let Some(cycle) = find_cycle(&graph, &roots) {
+        let first = cycle.first().map(|s| s.to_string()).unwrap_or_default();
+        return Err(field_error(
+            &first,
+            "depends_on",
+            format!("dependency cycle: {}", cycle.join(" -> ")),
+        ));
+    }
+    Ok(())
+}
+
+/// A dependency cycle reachable from `roots`, as the path `a, b, ..., a`. Iterative, so a long
+/// chain cannot overflow the stack. Dependencies on unknown services are skipped.
+fn find_cycle<'a>(
+    graph: &BTreeMap<&'a str, &'a ServiceSpec>,
+    roots: &[&'a str],
+) -> Option<Vec<&'a str>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Active,
+        Done,
+    }
+    let deps = |name: &str| -> Vec<&'a str> {
+        let mut deps: Vec<&'a str> = graph
+            .get(name)
+            .map(|s| s.depends_on.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        deps.sort_unstable();
+        deps.dedup();
+        deps.retain(|d| graph.contains_key(d));
+        deps
+    };
+    let mut marks: BTreeMap<&'a str, Mark> = BTreeMap::new();
+    for &root in roots {
+        if marks.contains_key(root) {
+            continue;
+        }
+        // (node, its dependencies, next one to visit)
+        let mut stack: Vec<(&'a str, Vec<&'a str>, usize)> = vec![(root, deps(root), 0)];
+        marks.insert(root, Mark::Active);
+        while let Some((node, node_deps, next)) = stack.last_mut() {
+            let Some(&dep) = node_deps.get(*next) else {
+                marks.insert(node, Mark::Done);
+                stack.pop();
+                continue;
+            };
+            *next += 1;
+            match marks.get(dep) {
+                Some(Mark::Done) => {}
+                Some(Mark::Active) => {
+                    let start = stack.iter().position(|(n, _, _)| *n == dep).unwrap_or(0);
+                    let mut cycle: Vec<&'a str> =
+                        stack[start..].iter().map(|(n, _, _)| *n).collect();
+                    cycle.push(dep);
+                    return Some(cycle);
+                }
+                None => {
+                    marks.insert(dep, Mark::Active);
+                    let dep_deps = deps(dep);
+                    stack.push((dep, dep_deps, 0));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Order names so that dependencies come first (for starting); ties by name. Dependencies
+/// outside `specs` are ignored; services in a cycle (which [`validate_set`] rejects) come
+/// last, by name. A name given twice appears once.
+pub fn dependency_order(specs: &[ServiceSpec]) -> Vec<String> {
+    let names: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    // For each service, the dependencies in the set it still waits for, and who waits on it.
+    let mut waiting: BTreeMap<&str, BTreeSet<&str>> =
+        names.iter().map(|&n| (n, BTreeSet::new())).collect();
+    let mut dependents: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for spec in specs {
+        for dep in &spec.depends_on {
+            let dep = dep.as_str();
+            if names.contains(dep) && dep != spec.name {
+                if let Some(w) = waiting.get_mut(spec.name.as_str()) {
+                    w.insert(dep);
+                }
+                dependents
+                    .entry(dep)
+                    .or_default()
+                    .insert(spec.name.as_str());
+            }
+        }
+    }
+    let mut ready: BTreeSet<&str> = waiting
+        .iter()
+        .filter(|(_, deps)| deps.is_empty())
+        .map(|(&n, _)| n)
+        .collect();
+    let mut order: Vec<String> = Vec::with_capacity(names.len());
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    while let Some(name) = ready.pop_first() {
+        order.push(name.to_string());
+        placed.insert(name);
+        for &dependent in dependents.get(name).into_iter().flatten() {
+            if let Some(w) = waiting.get_mut(dependent) {
+                w.remove(name);
+                if w.is_empty() && !placed.contains(dependent) {
+                    ready.insert(dependent);
+                }
+            }
+        }
+    }
+    order.extend(
+        names
+            .iter()
+            .filter(|n| !placed.contains(*n))
+            .map(|n| n.to_string()),
+    );
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const FULL: &str = r#"
+name: web                 # required
+kind: exec
+config:
+  command: /bin/sleep
+  args: ["1000"]
+replicas: 3
+singleton: false
+constraints:
+  - label: zone
+    equals: a
+  - label: disk
+    in: [ssd, nvme]
+spread: zone
+anti_affinity: [db]
+cost: 2
+depends_on: [db]
+restart:
+  max_restarts: 3
+  within_s: 10
+  backoff_initial_ms: 200
+  backoff_max_ms: 5000
+stop_grace_s: 20
+"#;
+
+    fn spec(name: &str) -> ServiceSpec {
+        ServiceSpec::new(name, "exec")
+    }
+
+    fn with_deps(name: &str, deps: &[&str]) -> ServiceSpec {
+        let mut s = spec(name);
+        s.depends_on = deps.iter().map(|d| d.to_string()).collect();
+        s
+    }
+
+    fn parse_one(text: &str) -> Result<ServiceSpec, SpecError> {
+        let mut specs = parse_specs("t.yaml", text)?;
+        assert_eq!(specs.len(), 1);
+        Ok(specs.remove(0))
+    }
+
+    fn parse_err(text: &str) -> SpecError {
+        match parse_specs("t.yaml", text) {
+            Ok(specs) => panic!("expected an error, got {specs:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn invalid(f: impl FnOnce(&mut ServiceSpec)) -> SpecError {
+        let mut s = spec("web");
+        f(&mut s);
+        match s.validate() {
+            Ok(()) => panic!("expected an error for {s:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn full_yaml_parses_to_the_expected_spec() {
+        let got = parse_one(FULL).unwrap();
+        let want = ServiceSpec {
+            name: "web".into(),
+            kind: "exec".into(),
+            config: json!({"command": "/bin/sleep", "args": ["1000"]}),
+            replicas: 3,
+            singleton: false,
+            constraints: vec![
+                ConstraintSpec {
+                    label: "zone".into(),
+                    equals: Some("a".into()),
+                    in_: None,
+                },
+                ConstraintSpec {
+                    label: "disk".into(),
+                    equals: None,
+                    in_: Some(vec!["ssd".into(), "nvme".into()]),
+                },
+            ],
+            spread: Some("zone".into()),
+            anti_affinity: vec!["db".into()],
+            cost: 2,
+            depends_on: vec!["db".into()],
+            restart: RestartPolicy {
+                max_restarts: 3,
+                within_s: 10,
+                backoff_initial_ms: 200,
+                backoff_max_ms: 5000,
+            },
+            stop_grace_s: 20,
+            generation: 0,
+        };
+        assert_eq!(got, want);
+        assert_eq!(got.stop_grace(), Duration::from_secs(20));
+        assert_eq!(got.restart.within(), Duration::from_secs(10));
+        assert_eq!(got.restart.backoff_initial(), Duration::from_millis(200));
+        assert_eq!(got.restart.backoff_max(), Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn defaults() {
+        let got = parse_one("name: web\nkind: exec\n").unwrap();
+        assert_eq!(got, spec("web"));
+        assert_eq!(got.replicas, 1);
+        assert!(!got.singleton);
+        assert_eq!(got.cost, 1);
+        assert_eq!(got.stop_grace_s, 10);
+        assert_eq!(got.config, serde_json::Value::Null);
+        assert_eq!(
+            got.restart,
+            RestartPolicy {
+                max_restarts: 5,
+                within_s: 30,
+                backoff_initial_ms: 100,
+                backoff_max_ms: 10_000
+            }
+        );
+        assert!(got.constraints.is_empty() && got.depends_on.is_empty());
+        assert!(got.anti_affinity.is_empty() && got.spread.is_none());
+        assert_eq!(got.instances(), 1);
+    }
+
+    #[test]
+    fn partial_restart_keeps_other_defaults() {
+        let got = parse_one("name: web\nkind: exec\nrestart:\n  max_restarts: 2\n").unwrap();
+        assert_eq!(
+            got.restart,
+            RestartPolicy {
+                max_restarts: 2,
+                ..RestartPolicy::default()
+            }
+        );
+    }
+
+    #[test]
+    fn explicit_null_means_default() {
+        let got =
+            parse_one("name: web\nkind: exec\nreplicas:\ndepends_on:\nrestart:\nconstraints: ~\n")
+                .unwrap();
+        assert_eq!(got, spec("web"));
+    }
+
+    #[test]
+    fn generation_is_accepted_and_ignored() {
+        let got = parse_one("name: web\nkind: exec\ngeneration: 7\n").unwrap();
+        assert_eq!(got.generation, 0);
+    }
+
+    #[test]
+    fn json_single_object() {
+        let got = parse_one(r#"{"name": "web", "kind": "exec", "replicas": 2, "config": {"x": [1, 2.5, true, null]}}"#)
+            .unwrap();
+        assert_eq!(got.replicas, 2);
+        assert_eq!(got.config, json!({"x": [1, 2.5, true, null]}));
+    }
+
+    #[test]
+    fn json_list_pretty_printed_with_tabs() {
+        let text = "[\n\t{\n\t\t\"name\": \"a\",\n\t\t\"kind\": \"exec\"\n\t},\n\t{\"name\": \"b\", \"kind\": \"exec\", \"depends_on\": [\"a\"]}\n]\n";
+        let got = parse_specs("s.json", text).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].name, "a");
+        assert_eq!(got[1].depends_on, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn yaml_list() {
+        let got = parse_specs(
+            "t.yaml",
+            "- name: a\n  kind: exec\n- name: b\n  kind: exec\n",
+        )
+        .unwrap();
+        let names: Vec<_> = got.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn multi_document_yaml() {
+        let text = "---\nname: a\nkind: exec\n---\n# only a comment\n---\n- name: b\n  kind: exec\n- name: c\n  kind: exec\n---\nname: d\nkind: exec\n";
+        let got = parse_specs("t.yaml", text).unwrap();
+        let names: Vec<_> = got.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn round_trip_through_json() {
+        let s = parse_one(FULL).unwrap();
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains(r#""in":["ssd","nvme"]"#), "{text}");
+        let back: ServiceSpec = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        // What the cluster hands back can be applied again.
+        assert_eq!(parse_one(&text).unwrap(), s);
+    }
+
+    #[test]
+    fn old_stored_spec_reads_with_defaults() {
+        // The replicated state's JSON before the spec grew.
+        let old = r#"{"name":"web","kind":"exec","config":null,"replicas":2,"generation":4}"#;
+        let got: ServiceSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(got.replicas, 2);
+        assert_eq!(got.generation, 4);
+        assert_eq!(got.cost, 1);
+        assert_eq!(got.restart, RestartPolicy::default());
+        assert_eq!(got.stop_grace_s, 10);
+    }
+
+    #[test]
+    fn empty_file_is_an_error() {
+        for text in ["", "# nothing\n", "---\n---\n", "[]"] {
+            let e = parse_err(text);
+            assert_eq!(e.file.as_deref(), Some("t.yaml"));
+            assert!(e.problem.contains("no service spec"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_field_names_it_and_lists_allowed() {
+        let e = parse_err("name: web\nkind: exec\nreplica: 3\n");
+        let msg = e.to_string();
+        assert!(msg.starts_with("t.yaml: spec 'web': "), "{msg}");
+        assert!(msg.contains("`replica`"), "{msg}");
+        for allowed in [
+            "name",
+            "kind",
+            "replicas",
+            "singleton",
+            "depends_on",
+            "stop_grace_s",
+        ] {
+            assert!(
+                msg.contains(&format!("`{allowed}`")),
+                "{allowed} missing in {msg}"
+            );
+        }
+        assert!(msg.contains("did you mean `replicas`?"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_nested_fields_name_their_parent() {
+        let e = parse_err("name: web\nkind: exec\nrestart:\n  max_restart: 3\n");
+        assert_eq!(e.field.as_deref(), Some("restart"), "{e}");
+        assert!(e.problem.contains("`max_restart`"), "{e}");
+        assert!(e.problem.contains("`within_s`"), "{e}");
+        assert!(e.problem.contains("did you mean `max_restarts`?"), "{e}");
+
+        let e = parse_err("name: web\nkind: exec\nconstraints:\n  - label: zone\n    eq: a\n");
+        assert_eq!(e.field.as_deref(), Some("constraints[0]"), "{e}");
+        assert!(
+            e.problem.contains("`eq`") && e.problem.contains("`equals`"),
+            "{e}"
+        );
+        assert!(e.problem.contains("`in`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_has_line_and_field() {
+        let e = parse_err("name: web\nkind: exec\nreplicas: three\n");
+        assert_eq!(e.spec.as_deref(), Some("web"));
+        assert_eq!(e.field.as_deref(), Some("replicas"));
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(
+            msg.starts_with("t.yaml: spec 'web': field 'replicas': invalid type"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_in_a_list_finds_the_spec_name() {
+        let text = "- name: a\n  kind: exec\n- name: b\n  kind: exec\n  cost: -1\n";
+        let e = parse_err(text);
+        assert_eq!(e.spec.as_deref(), Some("b"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("cost"), "{e}");
+        assert!(e.problem.contains("line 5"), "{e}");
+
+        let text = "name: a\nkind: exec\n---\nname: b\nkind: exec\nrestart:\n  within_s: soon\n";
+        let e = parse_err(text);
+        assert_eq!(e.spec.as_deref(), Some("b"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("restart.within_s"), "{e}");
+        assert!(e.problem.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_field() {
+        let e = parse_err("name: web\nreplicas: 2\n");
+        assert!(e.problem.contains("missing field `kind`"), "{e}");
+        assert_eq!(e.spec.as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn not_a_spec() {
+        let e = parse_err("just a string\n");
+        assert!(e.problem.contains("a service spec"), "{e}");
+        let e = parse_err("- 1\n- 2\n");
+        assert!(e.problem.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_line() {
+        let e = parse_err("name: web\nkind: exec\nconstraints: [zone\n");
+        assert_eq!(e.file.as_deref(), Some("t.yaml"));
+        assert!(e.problem.contains("line "), "{e}");
+    }
+
+    #[test]
+    fn parse_validates_each_spec() {
+        let e = parse_err("name: web\nkind: exec\ncost: 0\n");
+        assert_eq!(
+            e.to_string(),
+            "t.yaml: spec 'web': field 'cost': must be at least 1 (capacity units per instance)"
+        );
+    }
+
+    #[test]
+    fn duplicate_in_a_file() {
+        let e = parse_err("- name: a\n  kind: exec\n- name: a\n  kind: exec\n");
+        assert_eq!(e.spec.as_deref(), Some("a"));
+        assert!(e.problem.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "web", "web-2", "a1", &"a".repeat(63)] {
+            assert!(is_valid_name(good), "{good}");
+            assert_eq!(spec(good).validate(), Ok(()));
+        }
+        for bad in [
+            "",
+            "Web",
+            "2web",
+            "-web",
+            "web_1",
+            "web.1",
+            "wéb",
+            &"a".repeat(64),
+        ] {
+            let e = invalid(|s| s.name = bad.to_string());
+            assert_eq!(e.field.as_deref(), Some("name"), "{bad}");
+            assert_eq!(e.spec, None);
+            assert!(e.problem.contains("lowercase letters"), "{e}");
+        }
+    }
+
+    #[test]
+    fn kind_required() {
+        let e = invalid(|s| s.kind = " ".into());
+        assert_eq!(e.field.as_deref(), Some("kind"));
+        assert_eq!(e.spec.as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn singleton_with_replicas() {
+        let e = invalid(|s| {
+            s.singleton = true;
+            s.replicas = 3;
+        });
+        assert_eq!(e.field.as_deref(), Some("replicas"));
+        assert!(e.problem.contains(
+            "singleton services have exactly one instance; drop `replicas` or set it to 1"
+        ));
+        let e = invalid(|s| {
+            s.singleton = true;
+            s.replicas = 0;
+        });
+        assert_eq!(e.field.as_deref(), Some("replicas"));
+
+        let mut s = spec("web");
+        s.singleton = true;
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.instances(), 1);
+        // From YAML: `singleton: true` alone is fine.
+        let got = parse_one("name: web\nkind: exec\nsingleton: true\n").unwrap();
+        assert_eq!(got.instances(), 1);
+    }
+
+    #[test]
+    fn zero_replicas_allowed() {
+        let mut s = spec("web");
+        s.replicas = 0;
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.instances(), 0);
+    }
+
+    fn constraint(label: &str, equals: Option<&str>, in_: Option<&[&str]>) -> ConstraintSpec {
+        ConstraintSpec {
+            label: label.into(),
+            equals: equals.map(str::to_string),
+            in_: in_.map(|v| v.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn constraint_needs_exactly_one_of_equals_and_in() {
+        let ok = constraint("zone", Some("a"), None);
+        let e = invalid(|s| {
+            s.constraints = vec![ok.clone(), constraint("disk", Some("ssd"), Some(&["ssd"]))]
+        });
+        assert_eq!(e.field.as_deref(), Some("constraints[1]"));
+        assert!(e.problem.contains("both"), "{e}");
+
+        let e = invalid(|s| s.constraints = vec![ok.clone(), constraint("disk", None, None)]);
+        assert_eq!(e.field.as_deref(), Some("constraints[1]"));
+        assert!(e.problem.contains("exactly one of `equals"), "{e}");
+    }
+
+    #[test]
+    fn constraint_in_not_empty() {
+        let e = invalid(|s| s.constraints = vec![constraint("disk", None, Some(&[]))]);
+        assert_eq!(e.field.as_deref(), Some("constraints[0].in"));
+    }
+
+    #[test]
+    fn constraint_label_required() {
+        let e = invalid(|s| s.constraints = vec![constraint("", Some("a"), None)]);
+        assert_eq!(e.field.as_deref(), Some("constraints[0].label"));
+    }
+
+    #[test]
+    fn constraint_from_yaml() {
+        let e = parse_err("name: web\nkind: exec\nconstraints:\n  - label: zone\n");
+        assert_eq!(
+            e.to_string().split(": ").take(3).collect::<Vec<_>>(),
+            ["t.yaml", "spec 'web'", "field 'constraints[0]'"]
+        );
+    }
+
+    #[test]
+    fn cost_at_least_one() {
+        let e = invalid(|s| s.cost = 0);
+        assert_eq!(e.field.as_deref(), Some("cost"));
+    }
+
+    #[test]
+    fn restart_ranges() {
+        let e = invalid(|s| s.restart.max_restarts = 0);
+        assert_eq!(e.field.as_deref(), Some("restart.max_restarts"));
+        let e = invalid(|s| s.restart.within_s = 0);
+        assert_eq!(e.field.as_deref(), Some("restart.within_s"));
+        let e = invalid(|s| {
+            s.restart.backoff_initial_ms = 2000;
+            s.restart.backoff_max_ms = 1000;
+        });
+        assert_eq!(e.field.as_deref(), Some("restart.backoff_initial_ms"));
+        assert!(e.problem.contains("restart.backoff_max_ms"), "{e}");
+        let mut s = spec("web");
+        s.restart.backoff_initial_ms = 500;
+        s.restart.backoff_max_ms = 500;
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn stop_grace_range() {
+        for bad in [0, 3601] {
+            let e = invalid(|s| s.stop_grace_s = bad);
+            assert_eq!(e.field.as_deref(), Some("stop_grace_s"));
+            assert!(e.problem.contains("between 1 and 3600"), "{e}");
+        }
+        for good in [1, 3600] {
+            let mut s = spec("web");
+            s.stop_grace_s = good;
+            assert_eq!(s.validate(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn spread_not_empty() {
+        let e = invalid(|s| s.spread = Some(String::new()));
+        assert_eq!(e.field.as_deref(), Some("spread"));
+    }
+
+    #[test]
+    fn references_must_be_names_and_not_self() {
+        let e = invalid(|s| s.depends_on = vec!["db".into(), "web".into()]);
+        assert_eq!(e.field.as_deref(), Some("depends_on[1]"));
+        assert!(e.problem.contains("cannot depend on itself"), "{e}");
+        let e = invalid(|s| s.anti_affinity = vec!["web".into()]);
+        assert_eq!(e.field.as_deref(), Some("anti_affinity[0]"));
+        assert!(e.problem.contains("cannot be anti-affine to itself"), "{e}");
+        let e = invalid(|s| s.depends_on = vec!["Bad Name".into()]);
+        assert_eq!(e.field.as_deref(), Some("depends_on[0]"));
+    }
+
+    #[test]
+    fn display_formats() {
+        let e = SpecError::new("boom");
+        assert_eq!(e.to_string(), "boom");
+        let e = e
+            .with_field("replicas")
+            .with_spec("web")
+            .with_file("web.yaml");
+        assert_eq!(
+            e.to_string(),
+            "web.yaml: spec 'web': field 'replicas': boom"
+        );
+    }
+
+    #[test]
+    fn set_ok_with_existing() {
+        let existing = [spec("db")];
+        let mut web = with_deps("web", &["db", "cache"]);
+        web.anti_affinity = vec!["db".into()];
+        assert_eq!(validate_set(&[web, spec("cache")], &existing), Ok(()));
+    }
+
+    #[test]
+    fn set_validates_each_spec() {
+        let mut bad = spec("web");
+        bad.cost = 0;
+        let e = validate_set(&[bad], &[]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cost"));
+    }
+
+    #[test]
+    fn set_duplicate_names() {
+        let e = validate_set(&[spec("a"), spec("b"), spec("a")], &[]).unwrap_err();
+        assert_eq!(e.spec.as_deref(), Some("a"));
+        assert!(e.problem.contains("twice"), "{e}");
+        // Replacing a stored spec is not a duplicate.
+        assert_eq!(validate_set(&[spec("a")], &[spec("a")]), Ok(()));
+    }
+
+    #[test]
+    fn set_unknown_dependency() {
+        let e = validate_set(&[with_deps("web", &["db"])], &[spec("cache")]).unwrap_err();
+        assert_eq!(e.spec.as_deref(), Some("web"));
+        assert_eq!(e.field.as_deref(), Some("depends_on[0]"));
+        assert!(e.problem.contains("unknown service 'db'"), "{e}");
+    }
+
+    #[test]
+    fn set_unknown_anti_affinity() {
+        let mut web = spec("web");
+        web.anti_affinity = vec!["db".into()];
+        let e = validate_set(&[web], &[]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("anti_affinity[0]"));
+        assert!(e.problem.contains("unknown service 'db'"), "{e}");
+    }
+
+    #[test]
+    fn set_self_dependency() {
+        let e = validate_set(&[with_deps("a", &["a"])], &[]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("depends_on[0]"));
+        assert!(e.problem.contains("itself"), "{e}");
+    }
+
+    #[test]
+    fn set_cycle_lists_the_path() {
+        let new = [
+            with_deps("a", &["b"]),
+            with_deps("b", &["c"]),
+            with_deps("c", &["a"]),
+        ];
+        let e = validate_set(&new, &[]).unwrap_err();
+        assert!(e.problem.contains("a -> b -> c -> a"), "{e}");
+        assert_eq!(e.spec.as_deref(), Some("a"));
+        assert_eq!(e.field.as_deref(), Some("depends_on"));
+    }
+
+    #[test]
+    fn set_cycle_through_existing() {
+        let existing = [with_deps("b", &["c"]), with_deps("c", &["a"]), spec("a")];
+        // Storing the new `a` closes the cycle.
+        let e = validate_set(&[with_deps("a", &["b"])], &existing).unwrap_err();
+        assert!(e.problem.contains("a -> b -> c -> a"), "{e}");
+        // Replacing a stored spec can break one too.
+        let existing = [with_deps("a", &["b"]), with_deps("b", &["a"])];
+        assert_eq!(validate_set(&[spec("b")], &existing), Ok(()));
+    }
+
+    #[test]
+    fn set_cycle_not_through_the_root() {
+        let new = [
+            with_deps("x", &["a"]),
+            with_deps("a", &["b"]),
+            with_deps("b", &["a"]),
+        ];
+        let e = validate_set(&new, &[]).unwrap_err();
+        assert!(e.problem.contains("dependency cycle: a -> b -> a"), "{e}");
+    }
+
+    #[test]
+    fn set_diamond_is_not_a_cycle() {
+        let new = [
+            with_deps("app", &["left", "right"]),
+            with_deps("left", &["db"]),
+            with_deps("right", &["db"]),
+            spec("db"),
+        ];
+        assert_eq!(validate_set(&new, &[]), Ok(()));
+    }
+
+    #[test]
+    fn set_long_chain_does_not_overflow() {
+        let n = 20_000;
+        let mut specs: Vec<ServiceSpec> = (0..n)
+            .map(|i| with_deps(&format!("s{i}"), &[&format!("s{}", i + 1)]))
+            .collect();
+        specs.push(spec(&format!("s{n}")));
+        assert_eq!(validate_set(&specs, &[]), Ok(()));
+        let order = dependency_order(&specs);
+        assert_eq!(order.first().map(String::as_str), Some("s20000"));
+        assert_eq!(order.last().map(String::as_str), Some("s0"));
+    }
+
+    #[test]
+    fn dependency_order_dependencies_first_ties_by_name() {
+        let specs = [
+            with_deps("web", &["db", "cache"]),
+            with_deps("cache", &["db"]),
+            spec("db"),
+            spec("zeta"),
+            spec("alpha"),
+            with_deps("worker", &["queue", "external"]),
+            spec("queue"),
+        ];
+        assert_eq!(
+            dependency_order(&specs),
+            ["alpha", "db", "cache", "queue", "web", "worker", "zeta"]
+        );
+    }
+
+    #[test]
+    fn dependency_order_with_a_cycle_still_lists_everyone() {
+        let specs = [
+            with_deps("a", &["b"]),
+            with_deps("b", &["a"]),
+            spec("c"),
+            spec("c"),
+        ];
+        assert_eq!(dependency_order(&specs), ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn to_view_maps_every_field() {
+        let mut s = parse_one(FULL).unwrap();
+        s.anti_affinity = vec!["db".into(), "cache".into(), "db".into()];
+        let view = s.to_view();
+        assert_eq!(
+            view,
+            SpecView {
+                name: "web".into(),
+                kind: "exec".into(),
+                replicas: 3,
+                constraints: vec![
+                    Constraint::Equals {
+                        label: "zone".into(),
+                        value: "a".into()
+                    },
+                    Constraint::In {
+                        label: "disk".into(),
+                        values: ["nvme".to_string(), "ssd".to_string()].into(),
+                    },
+                ],
+                spread: Some("zone".into()),
+                anti_affinity: ["cache".to_string(), "db".to_string()].into(),
+                cost: 2,
+            }
+        );
+        s.singleton = true;
+        s.replicas = 1;
+        assert_eq!(s.to_view().replicas, 1);
+    }
+
+    #[test]
+    fn to_view_of_an_invalid_constraint_matches_nothing() {
+        let mut s = spec("web");
+        s.constraints = vec![constraint("zone", None, None)];
+        assert_eq!(
+            s.to_view().constraints,
+            vec![Constraint::In {
+                label: "zone".into(),
+                values: BTreeSet::new()
+            }]
+        );
+    }
+}
