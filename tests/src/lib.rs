@@ -329,10 +329,75 @@ impl TestCluster {
         }
     }
 
+    /// Apply a spec file's text through node `via`.
+    pub async fn apply(&self, via: u64, text: &str) -> Result<Vec<String>, tonic::Status> {
+        let mut c = self.client(via).await;
+        c.apply_specs(pb::ApplySpecsRequest {
+            text: text.to_string(),
+            file: "test.yaml".to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().results)
+    }
+
+    /// The instances of `service`: slot → placement JSON.
+    pub async fn instances(&self, via: u64, service: &str) -> BTreeMap<u64, serde_json::Value> {
+        match self.read(via, "placements", true).await {
+            Ok(v) => v[service]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, p)| (k.parse().unwrap_or(0), p.clone()))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Poll (every 50 ms, up to `timeout`) until `ready` holds for `service`'s instances as
+    /// node `via` sees them; returns them.
+    pub async fn wait_instances(
+        &self,
+        via: u64,
+        service: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&BTreeMap<u64, serde_json::Value>) -> bool,
+    ) -> BTreeMap<u64, serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let inst = self.instances(via, service).await;
+            if ready(&inst) {
+                return inst;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} never reached the expected state within {timeout:?}: {inst:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Events (JSON list) as node `via` sees them.
+    pub async fn events(&self, via: u64) -> Vec<serde_json::Value> {
+        self.read(via, "events", true)
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// Run modectl against node `via`.
     pub fn modectl(&self, via: u64, args: &[&str]) -> Output {
-        Command::new(binary("modectl"))
-            .arg("--endpoint")
+        self.modectl_in(via, args, None)
+    }
+
+    /// Run modectl against node `via` in directory `dir`.
+    pub fn modectl_in(&self, via: u64, args: &[&str], dir: Option<&Path>) -> Output {
+        let mut cmd = Command::new(binary("modectl"));
+        if let Some(d) = dir {
+            cmd.current_dir(d);
+        }
+        cmd.arg("--endpoint")
             .arg(self.nodes[&via].address())
             .args(args)
             .output()

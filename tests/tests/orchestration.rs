@@ -1,0 +1,353 @@
+//! Placement, restarts and rescheduling with real `mode-node` processes on loopback.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mode_tests::{Scratch, TestCluster};
+use serde_json::Value;
+
+const ELECTION: Duration = Duration::from_secs(20);
+
+fn all_running(inst: &BTreeMap<u64, Value>, n: usize) -> bool {
+    inst.len() == n && inst.values().all(|p| p["state"] == "running")
+}
+
+fn nodes_of(inst: &BTreeMap<u64, Value>) -> Vec<u64> {
+    let mut v: Vec<u64> = inst.values().filter_map(|p| p["node"].as_u64()).collect();
+    v.sort();
+    v
+}
+
+/// Wait until every node is registered with its kinds (specs are checked against them).
+async fn wait_registered(c: &TestCluster, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(v) = c.read(1, "kinds", false).await {
+            if v["ticker"].as_array().is_some_and(|a| a.len() == n) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes never registered their kinds\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_three_nodes_run_one_per_node() {
+    let c = TestCluster::start(3, &[]);
+    c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    c.apply(
+        2,
+        "name: web\nkind: ticker\nconfig: {every_ms: 200}\nreplicas: 3\n",
+    )
+    .await
+    .unwrap();
+    let inst = c
+        .wait_instances(1, "web", Duration::from_secs(20), |i| all_running(i, 3))
+        .await;
+    assert_eq!(nodes_of(&inst), [1, 2, 3]);
+    let out = c.modectl(3, &["svc", "get", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("running").count(), 3, "{text}");
+    let out = c.modectl(3, &["svc", "get", "nope"]);
+    assert_eq!(out.status.code(), Some(3), "not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_has_its_instances_run_elsewhere_and_the_events_say_why() {
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    c.apply(leader, "name: web\nkind: ticker\nreplicas: 3\n")
+        .await
+        .unwrap();
+    c.wait_instances(leader, "web", Duration::from_secs(20), |i| {
+        all_running(i, 3)
+    })
+    .await;
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    c.node(victim).kill9();
+    let t0 = Instant::now();
+    let inst = c
+        .wait_instances(leader, "web", Duration::from_secs(15), |i| {
+            all_running(i, 3) && !nodes_of(i).contains(&victim)
+        })
+        .await;
+    // Grace period (1.5 s) plus a margin.
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(!nodes_of(&inst).contains(&victim));
+    let events = c.events(leader).await;
+    let said: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&format!("node {victim} missed its heartbeats"))),
+        "{said:?}"
+    );
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&format!("from node {victim} (down or ineligible)"))),
+        "{said:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_instance_restarts_locally_then_escalates_and_moves() {
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    let spec = "name: flaky\nkind: crasher\nconfig: {after_ms: 300}\nreplicas: 1\nrestart: {max_restarts: 2, within_s: 30, backoff_initial_ms: 50, backoff_max_ms: 100}\n";
+    c.apply(leader, spec).await.unwrap();
+    let first = c
+        .wait_instances(leader, "flaky", Duration::from_secs(20), |i| {
+            i.get(&0).is_some_and(|p| p["node"].as_u64().is_some())
+        })
+        .await[&0]["node"]
+        .as_u64()
+        .unwrap();
+    // Restarted locally (count goes up), then escalated, then moved to another node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = c.events(leader).await;
+        let moved = events
+            .iter()
+            .filter_map(|e| e["message"].as_str())
+            .any(|m| {
+                m.starts_with("flaky#0 moved from node")
+                    && m.contains("after exceeding its restart intensity")
+            });
+        if moved {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never moved: {events:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = c.events(leader).await;
+    let said: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains("crashed (") && m.contains("restarted locally")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter().any(|m| m.contains(&format!(
+            "flaky#0 on node {first} exceeded its restart intensity after 2 restarts"
+        ))),
+        "{said:?}"
+    );
+    let inst = c.instances(leader, "flaky").await;
+    assert_ne!(
+        inst[&0]["node"].as_u64(),
+        Some(first),
+        "moved off the node where it failed"
+    );
+    let out = c.modectl(leader, &["svc", "get", "flaky"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("crasher: crashing as configured after 300 ms"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_starts_after_its_dependency_runs_and_stops_before_it_is_removed() {
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    // B is listed first and depends on A.
+    let specs = "- name: b\n  kind: ticker\n  depends_on: [a]\n- name: a\n  kind: ticker\n";
+    c.apply(leader, specs).await.unwrap();
+    let (mut a_running_at, mut b_running_at) = (None, None);
+    let t0 = Instant::now();
+    while a_running_at.is_none() || b_running_at.is_none() {
+        let p = c.read(leader, "placements", true).await.unwrap();
+        if a_running_at.is_none() && p["a"]["0"]["state"] == "running" {
+            a_running_at = Some(t0.elapsed());
+        }
+        if b_running_at.is_none() && p["b"]["0"]["state"] == "running" {
+            b_running_at = Some(t0.elapsed());
+            assert!(a_running_at.is_some(), "b ran before a: {p}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{p}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Removing A: B stops first, then A goes.
+    let out = c.modectl(leader, &["svc", "rm", "a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let mut b_stopped_first = false;
+    loop {
+        let p = c.read(leader, "placements", true).await.unwrap();
+        let specs = c.read(leader, "specs", true).await.unwrap();
+        let a_exists = specs.as_array().unwrap().iter().any(|s| s["name"] == "a");
+        if p["b"]["0"]["state"] != "running" && a_exists {
+            b_stopped_first = true;
+        }
+        if !a_exists {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "a was never removed: {p}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b_stopped_first, "b was still running when a was removed");
+    let p = c.read(leader, "placements", true).await.unwrap();
+    assert_ne!(p["b"]["0"]["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_moves_every_instance_off_without_dropping_below_spec_minus_one() {
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    c.apply(leader, "name: web\nkind: ticker\nreplicas: 3\n")
+        .await
+        .unwrap();
+    c.wait_instances(leader, "web", Duration::from_secs(20), |i| {
+        all_running(i, 3)
+    })
+    .await;
+    let drained = (1..=3).find(|id| *id != leader).unwrap();
+    let out = c.modectl(leader, &["node", "drain", &drained.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let mut lowest = 3;
+    loop {
+        let inst = c.instances(leader, "web").await;
+        let running = inst.values().filter(|p| p["state"] == "running").count();
+        lowest = lowest.min(running);
+        let off = inst
+            .values()
+            .all(|p| p["node"].as_u64() != Some(drained) && p["moving_from"].is_null());
+        if off && running == 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "drain did not finish: {inst:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(lowest >= 2, "running instances dropped to {lowest}");
+    let out = c.modectl(leader, &["node", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
+    let out = c.modectl(leader, &["node", "undrain", &drained.to_string()]);
+    assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_instance_killed_from_outside_is_restarted() {
+    let c = TestCluster::start(1, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 1).await;
+    let scratch = Scratch::new("exec");
+    let pid_file = scratch.0.join("pid");
+    let spec = format!(
+        "name: sleeper\nkind: exec\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ > {}; exec sleep 1000\"]\n",
+        pid_file.display()
+    );
+    c.apply(leader, &spec).await.unwrap();
+    c.wait_instances(leader, "sleeper", Duration::from_secs(20), |i| {
+        all_running(i, 1)
+    })
+    .await;
+    let read_pid = || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(p) = read_pid() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no pid file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let inst = c
+        .wait_instances(leader, "sleeper", Duration::from_secs(20), |i| {
+            i.get(&0)
+                .is_some_and(|p| p["restart_count"].as_u64() >= Some(1) && p["state"] == "running")
+        })
+        .await;
+    assert!(
+        inst[&0]["last_crash"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal 9"),
+        "{inst:?}"
+    );
+    let second = read_pid().unwrap();
+    assert_ne!(first, second, "a new process runs");
+    // Stop the cluster's process cleanly so the sleep is not left behind.
+    c.modectl(leader, &["svc", "rm", "sleeper", "--wait"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_naming_the_problem() {
+    let c = TestCluster::start(1, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 1).await;
+    let scratch = Scratch::new("specs");
+    let cases = [
+        ("unknown-kind.yaml", "name: x\nkind: teleporter\n", "field 'kind': no node offers kind 'teleporter'"),
+        ("bad-field.yaml", "name: x\nkind: ticker\nreplica: 3\n", "unknown field `replica`"),
+        (
+            "cycle.yaml",
+            "- {name: a, kind: ticker, depends_on: [b]}\n- {name: b, kind: ticker, depends_on: [a]}\n",
+            "dependency cycle",
+        ),
+        ("bad-config.yaml", "name: x\nkind: exec\nconfig: {args: [x]}\n", "field 'config'"),
+    ];
+    for (file, text, expected) in cases {
+        let path = scratch.0.join(file);
+        std::fs::write(&path, text).unwrap();
+        let out = c.modectl(leader, &["svc", "apply", "-f", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(expected), "{file}: {err}");
+        assert!(err.contains(file), "the message names the file: {err}");
+    }
+    let specs = c.read(leader, "specs", false).await.unwrap();
+    assert_eq!(specs, serde_json::json!([]), "nothing was stored");
+}
