@@ -368,11 +368,19 @@ impl TestCluster {
             if ready(&inst) {
                 return inst;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{service} never reached the expected state within {timeout:?}: {inst:?}\n{}",
-                self.logs()
-            );
+            if Instant::now() >= deadline {
+                let mut summary: BTreeMap<String, usize> = BTreeMap::new();
+                for p in inst.values() {
+                    *summary
+                        .entry(format!("node {} {}", p["node"], p["state"]))
+                        .or_default() += 1;
+                }
+                panic!(
+                    "{service} never reached the expected state within {timeout:?}: {} instances {summary:?}\n{}",
+                    inst.len(),
+                    self.logs()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

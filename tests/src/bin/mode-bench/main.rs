@@ -101,6 +101,8 @@ enum Suite {
     Failover,
     /// The scheduler: 100,000 placements on 1,000 nodes, then committed through Raft.
     Schedule,
+    /// Node loss: kill -9 a node hosting 100 instances, time until they all run elsewhere.
+    Reschedule,
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
     ServicesChild { shape: Shape, n: usize },
@@ -145,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
+        Suite::Reschedule => timed("reschedule", || cluster::reschedule_suite(cli.reps.max(5)))?,
         Suite::All => {
             let services = timed("services", || services_suite(&cli))?;
             let timers = timed("timers", || timers_suite(&cli))?;
