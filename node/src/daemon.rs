@@ -72,6 +72,9 @@ pub struct NodeArgs {
     /// Capacity units this node offers to placements.
     #[arg(long, env = "MODE_CAPACITY", default_value_t = 100)]
     pub capacity: u64,
+    /// Do not run the leader's control loop (benchmarks that commit synthetic placements).
+    #[arg(long, hide = true)]
+    pub no_control_loop: bool,
     /// Log level or filter (e.g. info, debug, info,mode=debug).
     #[arg(long, env = "MODE_LOG", default_value = "info")]
     pub log_level: String,
@@ -348,7 +351,11 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     })
     .label("ControlLoop")
     .build();
-    let exit = Worker::with_services(vec![raft, grpc, instances, agent, control])
+    let mut services = vec![raft, grpc, instances, agent];
+    if !args.no_control_loop {
+        services.push(control);
+    }
+    let exit = Worker::with_services(services)
         .without_logging()
         .run_async()
         .await;

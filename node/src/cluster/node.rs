@@ -544,6 +544,12 @@ impl ClusterNode {
         })
     }
 
+    /// The last log index applied to the local state.
+    pub fn applied_index(&self) -> u64 {
+        self.sm
+            .read(|a| a.last_applied.map(|l| l.index).unwrap_or(0))
+    }
+
     /// Read the local replicated state directly (no Raft round trip).
     pub fn local_state<T>(&self, f: impl FnOnce(&super::state::ClusterState) -> T) -> T {
         self.sm.read(|a| f(&a.state))

@@ -62,6 +62,9 @@ impl Heartbeats {
 #[derive(Default)]
 struct Memory {
     leading: bool,
+    /// The applied index the last full pass saw; planning runs again only when it moves (or
+    /// while a failed instance waits out its backoff).
+    planned_at: Option<u64>,
     /// When each failed instance was first seen failed.
     failed_since: HashMap<(String, u32), Instant>,
     /// The last "could not place" reason recorded per instance.
@@ -85,7 +88,16 @@ pub async fn run(
             memory.leading = false;
             continue;
         }
+        let applied = node.applied_index();
+        let waiting = !memory.failed_since.is_empty();
+        if memory.leading && memory.planned_at == Some(applied) && !waiting {
+            // Nothing new to plan; only liveness can change.
+            let commands = node.local_state(|s| liveness_commands(&node, s, liveness));
+            commit(&node, commands).await;
+            continue;
+        }
         let state = node.local_state(|s| s.clone());
+        memory.planned_at = Some(applied);
         if !memory.leading {
             node.heartbeats().reset(state.nodes.keys().copied());
             memory = Memory {
@@ -93,25 +105,23 @@ pub async fn run(
                 ..Memory::default()
             };
         }
-        for command in decide(&node, &state, liveness, &mut memory) {
-            if let Err(e) = node.write(command, false).await {
-                tracing::debug!("control loop: {e}");
-                break;
-            }
+        let commands = decide(&node, &state, liveness, &mut memory);
+        commit(&node, commands).await;
+    }
+}
+
+async fn commit(node: &ClusterNode, commands: Vec<Command>) {
+    for command in commands {
+        if let Err(e) = node.write(command, false).await {
+            tracing::debug!("control loop: {e}");
+            break;
         }
     }
 }
 
-/// The commands one pass wants committed, in order.
-fn decide(
-    node: &ClusterNode,
-    state: &ClusterState,
-    liveness: Liveness,
-    memory: &mut Memory,
-) -> Vec<Command> {
+/// Mark silent nodes down, and nodes heard again up.
+fn liveness_commands(node: &ClusterNode, state: &ClusterState, liveness: Liveness) -> Vec<Command> {
     let mut commands = Vec::new();
-
-    // 1. Failure detection.
     for (id, info) in &state.nodes {
         let age = node.heartbeats().age(*id).unwrap_or(Duration::MAX);
         match info.status {
@@ -136,6 +146,19 @@ fn decide(
             _ => {}
         }
     }
+
+    commands
+}
+
+/// The commands one pass wants committed, in order.
+fn decide(
+    node: &ClusterNode,
+    state: &ClusterState,
+    liveness: Liveness,
+    memory: &mut Memory,
+) -> Vec<Command> {
+    // 1. Failure detection.
+    let mut commands = liveness_commands(node, state, liveness);
 
     // 2. Removal: once no dependent runs, the service's instances go.
     for name in &state.deleting {
@@ -220,6 +243,7 @@ fn decide(
         .collect();
     let mut assign = Vec::new();
     let mut unassign = Vec::new();
+    let mut notes: Vec<(String, Option<u64>, String)> = Vec::new();
     for a in &plan.assign {
         let key = (a.service.clone(), a.slot);
         let old = from.get(&key).copied().or_else(|| {
@@ -257,12 +281,7 @@ fn decide(
             ),
             None => format!("{}#{} placed on node {}", a.service, a.slot, a.node),
         };
-        commands.push(event(
-            "placement",
-            message,
-            Some(a.service.clone()),
-            Some(a.node),
-        ));
+        notes.push((a.service.clone(), Some(a.node), message));
         memory.unplaced.remove(&key);
         assign.push(SlotAssignment {
             service: a.service.clone(),
@@ -280,11 +299,10 @@ fn decide(
         if reassigned.contains(&(a.service.clone(), a.slot)) {
             continue; // replaced by the assignment above
         }
-        commands.push(event(
-            "placement",
-            format!("{}#{} removed from node {}", a.service, a.slot, a.node),
-            Some(a.service.clone()),
+        notes.push((
+            a.service.clone(),
             Some(a.node),
+            format!("{}#{} removed from node {}", a.service, a.slot, a.node),
         ));
         unassign.push(SlotAssignment {
             service: a.service.clone(),
@@ -305,11 +323,33 @@ fn decide(
             ));
         }
     }
+    // One event per decision, or per service when a pass decides a lot (a large deploy).
+    if notes.len() <= MAX_DETAILED_EVENTS {
+        for (service, node, message) in notes {
+            commands.push(event("placement", message, Some(service), node));
+        }
+    } else {
+        let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
+        for (service, _, _) in &notes {
+            *per_service.entry(service.clone()).or_default() += 1;
+        }
+        for (service, n) in per_service {
+            commands.push(event(
+                "placement",
+                format!("{service}: {n} instances placed, moved or removed in one pass"),
+                Some(service),
+                None,
+            ));
+        }
+    }
     if !assign.is_empty() || !unassign.is_empty() {
         commands.push(Command::Place { assign, unassign });
     }
     commands
 }
+
+/// Above this many decisions in one pass, events summarise per service.
+const MAX_DETAILED_EVENTS: usize = 50;
 
 fn event(kind: &str, message: String, service: Option<String>, node: Option<u64>) -> Command {
     Command::RecordEvent {
