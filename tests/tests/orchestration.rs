@@ -61,6 +61,88 @@ async fn three_replicas_on_three_nodes_run_one_per_node() {
     assert_eq!(text.matches("running").count(), 3, "{text}");
     let out = c.modectl(3, &["svc", "get", "nope"]);
     assert_eq!(out.status.code(), Some(3), "not found");
+
+    // A rolling restart restarts each instance once, and they all run again.
+    let out = c.modectl(2, &["svc", "restart", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inst = c
+        .wait_instances(1, "web", Duration::from_secs(20), |i| all_running(i, 3))
+        .await;
+    assert!(inst.values().all(|p| p["restart_seq"] == 1), "{inst:?}");
+
+    // Scaling down removes instances; scaling up adds them back without moving the others.
+    let out = c.modectl(2, &["svc", "scale", "web", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one = c
+        .wait_instances(1, "web", Duration::from_secs(20), |i| all_running(i, 1))
+        .await;
+    let kept = one[&0]["node"].clone();
+    c.modectl(2, &["svc", "scale", "web", "3"]);
+    let three = c
+        .wait_instances(1, "web", Duration::from_secs(20), |i| all_running(i, 3))
+        .await;
+    assert_eq!(
+        three[&0]["node"], kept,
+        "the remaining instance did not move"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_quorum_stops_its_singleton() {
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    let scratch = Scratch::new("singleton");
+    let pid_file = scratch.0.join("pid");
+    let spec = format!(
+        "name: only\nkind: exec\nsingleton: true\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ > {}; exec sleep 1000\"]\n",
+        pid_file.display()
+    );
+    c.apply(leader, &spec).await.unwrap();
+    let inst = c
+        .wait_instances(leader, "only", Duration::from_secs(20), |i| {
+            all_running(i, 1)
+        })
+        .await;
+    let host = inst[&0]["node"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no pid file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid));
+    // Cut the host off: the other two nodes die, so it has no quorum.
+    for id in (1..=3).filter(|id| *id != host) {
+        c.node(id).kill9();
+    }
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the singleton kept running without a quorum\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        c.node(host).exited().is_none(),
+        "the host itself keeps running"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,7 @@ struct Local {
     generation: u64,
     restart_seq: u64,
     reported: Option<(String, u32)>,
+    reported_at: Instant,
 }
 
 /// What the agent wants the leader to know about one instance.
@@ -117,6 +118,22 @@ pub async fn run(
                     return Ok(());
                 }
             }
+        });
+    }
+    // Reports go through Raft; without a quorum they wait, so they are sent from their own
+    // task and never hold up the loop (which must stop singletons when the lease runs out).
+    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
+    {
+        let (node, c) = (node.clone(), ctx.clone());
+        ctx.spawn("report", async move {
+            while let Some(Some(report)) = c.wait(report_rx.recv()).await {
+                match tokio::time::timeout(Duration::from_secs(2), node.write(report, true)).await {
+                    Ok(Ok(_)) | Ok(Err(ClusterError::Invalid(_))) => {}
+                    Ok(Err(e)) => tracing::debug!("reporting an instance: {e}"),
+                    Err(_) => tracing::debug!("reporting an instance: no answer within 2s"),
+                }
+            }
+            Ok(())
         });
     }
     let mut local: HashMap<(String, u32), Local> = HashMap::new();
@@ -222,6 +239,7 @@ pub async fn run(
                     generation: spec.generation,
                     restart_seq: *restart_seq,
                     reported: None,
+                    reported_at: Instant::now(),
                 },
             );
         }
@@ -237,8 +255,11 @@ pub async fn run(
             let current = Some((st.clone(), restarts));
             let remote = state.placements.get(&key.0).and_then(|s| s.get(&key.1));
             let stale = remote.is_some_and(|p| p.state != st || p.restart_count != restarts);
-            if placed_here && (l.reported != current || stale) {
+            // Re-send a report the state does not show yet, at most once a second.
+            let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
+            if placed_here && (l.reported != current || resend) {
                 l.reported = current;
+                l.reported_at = Instant::now();
                 reports.push((key.clone(), st, restarts, last));
             }
         }
@@ -251,10 +272,7 @@ pub async fn run(
                 restart_count,
                 last_crash,
             };
-            match node.write(report, true).await {
-                Ok(_) | Err(ClusterError::Invalid(_)) => {}
-                Err(e) => tracing::debug!("reporting an instance: {e}"),
-            }
+            let _ = report_tx.send(report);
         }
     }
     for (_, l) in local.drain() {

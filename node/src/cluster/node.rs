@@ -666,6 +666,20 @@ impl ClusterNode {
     /// Returns the leader's id.
     pub async fn heartbeat(&self, node: u64, may_forward: bool) -> Result<u64, ClusterError> {
         if self.is_leader() {
+            if node == self.config.id {
+                // The leader's own agent must not keep its lease on a stale leadership: confirm
+                // that a quorum still follows.
+                let confirmed = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    self.raft.ensure_linearizable(),
+                )
+                .await;
+                if !matches!(confirmed, Ok(Ok(_))) {
+                    return Err(ClusterError::Unavailable(
+                        "leadership not confirmed by a quorum".into(),
+                    ));
+                }
+            }
             self.heartbeats.record(node);
             return Ok(self.config.id);
         }
