@@ -18,6 +18,13 @@ fn launcher() -> anyhow::Result<Launcher> {
     })
 }
 
+/// Three nodes of this very build (`mode-bench __node`), quiet, with `extra` flags.
+pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut args = vec!["--log-level", "warn"];
+    args.extend_from_slice(extra);
+    Ok(TestCluster::start_with(launcher()?, 3, &args))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -119,12 +126,7 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
 
 pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
-    // Room for the 300 instances on the two survivors.
-    let mut cluster = TestCluster::start_with(
-        launcher()?,
-        3,
-        &["--log-level", "warn", "--capacity", "1000"],
-    );
+    let mut cluster = bench_cluster(&[])?;
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
         for rep in 0..reps {
@@ -215,11 +217,7 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
 pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
     // Room for the 300 instances on the two survivors.
-    let mut cluster = TestCluster::start_with(
-        launcher()?,
-        3,
-        &["--log-level", "warn", "--capacity", "1000"],
-    );
+    let mut cluster = bench_cluster(&["--capacity", "1000"])?;
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
         for rep in 0..reps {

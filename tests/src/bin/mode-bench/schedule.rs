@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use mode::schedule::{plan, Constraint, NodeView, SpecView};
-use mode_tests::TestCluster;
 use serde_json::{json, Value};
 
 /// Nomad's published C1M run placed 3,750 instances per second.
@@ -62,13 +61,6 @@ fn cluster_model(nodes: u64, services: u32, replicas: u32) -> (Vec<NodeView>, Ve
     (nodes, specs)
 }
 
-fn launcher() -> anyhow::Result<mode_tests::Launcher> {
-    Ok(mode_tests::Launcher {
-        program: std::env::current_exe()?,
-        prefix: vec!["__node".into()],
-    })
-}
-
 pub fn schedule_suite(reps: usize) -> anyhow::Result<Value> {
     let (nodes, specs) = cluster_model(1000, 1000, 100);
     let mut times = Vec::new();
@@ -91,11 +83,7 @@ pub fn schedule_suite(reps: usize) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
     // The control loop would act on these synthetic placements (their services and nodes do
     // not exist in this cluster), so it is off: this measures committing the plan.
-    let cluster = TestCluster::start_with(
-        launcher()?,
-        3,
-        &["--log-level", "warn", "--no-control-loop"],
-    );
+    let cluster = super::cluster::bench_cluster(&["--no-control-loop"])?;
     let commit_s = rt.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await;
         let client = mode_tests::client(&cluster.nodes[&leader].address());
