@@ -157,23 +157,30 @@ async fn a_fourth_node_joins_as_a_learner_then_becomes_a_voter() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events = c.read(leader, "events", false).await.unwrap();
-    let messages: Vec<&str> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["message"].as_str())
-        .collect();
-    let learner = messages
-        .iter()
-        .position(|m| m.contains("node 4") && m.contains("joined as a learner"));
-    let voter = messages
-        .iter()
-        .position(|m| *m == "node 4 promoted to voter");
-    assert!(
-        learner.is_some() && voter.is_some() && learner < voter,
-        "{messages:?}"
-    );
+    // The events record both steps, in order (the promotion event lands just after the
+    // membership change, so wait for it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = c.read(leader, "events", false).await.unwrap();
+        let messages: Vec<String> = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(str::to_string))
+            .collect();
+        let learner = messages
+            .iter()
+            .position(|m| m.contains("node 4") && m.contains("joined as a learner"));
+        let voter = messages
+            .iter()
+            .position(|m| m == "node 4 promoted to voter");
+        if let (Some(l), Some(v)) = (learner, voter) {
+            assert!(l < v, "{messages:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{messages:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The new voter takes writes (forwarded) and has the state.
     c.put_spec(4, "from-4").await.unwrap();
     c.wait_specs(4, 1, Duration::from_secs(10)).await;
