@@ -339,6 +339,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         capacity: args.capacity,
         kinds,
         instances: instances.clone(),
+        heartbeat_grace: args.heartbeat_grace,
     })
     .label("Agent")
     .build();
@@ -441,6 +442,7 @@ struct Agent {
     capacity: u64,
     kinds: KindRegistry,
     instances: ServiceHandle,
+    heartbeat_grace: Duration,
 }
 
 impl Service for Agent {
@@ -455,6 +457,11 @@ impl Service for Agent {
             kinds: self.kinds.names(),
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
+        // A singleton's lease must run out well before the leader gives up on this node.
+        let timings = AgentTimings {
+            lease: self.heartbeat_grace.mul_f64(0.6),
+            ..AgentTimings::default()
+        };
         let c = ctx.clone();
         ctx.spawn("register", async move {
             match c.wait(node.bootstrap(timeout)).await {
@@ -480,7 +487,7 @@ impl Service for Agent {
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            crate::agent::run(c, node, kinds, instances, AgentTimings::default()).await;
+            crate::agent::run(c, node, kinds, instances, timings).await;
             Ok(())
         });
         Ok(())

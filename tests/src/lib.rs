@@ -288,9 +288,18 @@ impl TestCluster {
         c.cluster_status(req).await.map(|r| r.into_inner())
     }
 
-    /// Store a spec named `name` through node `via`.
+    /// Store a spec named `name` through node `via`, retrying for up to 10 s while the cluster
+    /// is unavailable (an election under load).
     pub async fn put_spec(&self, via: u64, name: &str) -> Result<pb::WriteReply, tonic::Status> {
-        put_spec(&mut self.client(via).await, name).await
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match put_spec(&mut self.client(via).await, name).await {
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Read `query` on node `via`.

@@ -40,7 +40,9 @@ struct Local {
     wrapper: ServiceHandle,
     /// The kind's service inside it.
     inner: ServiceHandle,
-    generation: u64,
+    /// What the instance was built from (kind, config, restart policy, grace): a change
+    /// replaces it; other spec changes (replicas, placement rules) do not.
+    fingerprint: String,
     restart_seq: u64,
     reported: Option<(String, u32)>,
     reported_at: Instant,
@@ -65,6 +67,10 @@ fn observe(local: &Local) -> (String, u32, Option<String>) {
         _ => "stopped",
     };
     (state.to_string(), restarts, last)
+}
+
+fn fingerprint(spec: &ServiceSpec) -> String {
+    serde_json::json!([spec.kind, spec.config, spec.restart, spec.stop_grace_s]).to_string()
 }
 
 fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> ServiceHandle {
@@ -111,8 +117,10 @@ pub async fn run(
         let (node, last_ack, c) = (node.clone(), last_ack.clone(), ctx.clone());
         ctx.spawn("heartbeat", async move {
             loop {
+                // The lease counts from when the heartbeat was sent, not when it was answered.
+                let sent = started.elapsed().as_millis() as u64 + 1;
                 if node.heartbeat(me, true).await.is_ok() {
-                    last_ack.store(started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                    last_ack.fetch_max(sent, Ordering::Relaxed);
                 }
                 if !c.sleep(timings.heartbeat).await {
                     return Ok(());
@@ -150,13 +158,20 @@ pub async fn run(
         // What should run here: placed here, or moving away from here (kept until it runs
         // on its new node).
         let mut desired: BTreeMap<(String, u32), (&ServiceSpec, u64)> = BTreeMap::new();
+        let mut release = Vec::new();
         for (service, slots) in &state.placements {
             let Some(spec) = state.specs.get(service) else {
                 continue;
             };
             for (slot, p) in slots {
-                if p.node == me || p.moving_from == Some(me) {
-                    desired.insert((service.clone(), *slot), (spec, p.restart_seq));
+                let key = (service.clone(), *slot);
+                if spec.singleton && p.moving_from == Some(me) {
+                    // A singleton leaves before it arrives elsewhere: stop it, then release it.
+                    release.push(key);
+                } else if spec.singleton && p.node == me && p.moving_from.is_some() {
+                    // Not ours to start until the old node released it.
+                } else if p.node == me || p.moving_from == Some(me) {
+                    desired.insert(key, (spec, p.restart_seq));
                 }
             }
         }
@@ -190,13 +205,24 @@ pub async fn run(
             }
         }
 
+        for (service, slot) in release {
+            if let Some(l) = local.remove(&(service.clone(), slot)) {
+                instances.remove_dependency(&l.wrapper).await;
+            }
+            let _ = report_tx.send(Command::ReleaseMove {
+                service,
+                slot,
+                node: me,
+            });
+        }
+
         // Start or refresh what should run.
         for (key, (spec, restart_seq)) in &desired {
             if !dependencies_ready(&state, spec) || (spec.singleton && !leased) {
                 continue;
             }
             if let Some(l) = local.get_mut(key) {
-                if l.generation != spec.generation || l.restart_seq != *restart_seq {
+                if l.fingerprint != fingerprint(spec) || l.restart_seq != *restart_seq {
                     // New config, or a restart was asked for: replace the instance.
                     let old = local.remove(key).map(|l| l.wrapper);
                     if let Some(old) = old {
@@ -236,7 +262,7 @@ pub async fn run(
                 Local {
                     wrapper,
                     inner,
-                    generation: spec.generation,
+                    fingerprint: fingerprint(spec),
                     restart_seq: *restart_seq,
                     reported: None,
                     reported_at: Instant::now(),

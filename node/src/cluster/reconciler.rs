@@ -45,8 +45,13 @@ impl Heartbeats {
         lock(&self.seen).insert(node, Instant::now());
     }
 
-    fn age(&self, node: u64) -> Option<Duration> {
-        lock(&self.seen).get(&node).map(|t| t.elapsed())
+    /// Time since `node` was last heard; a node never heard of (just registered) starts its
+    /// grace period now.
+    fn age(&self, node: u64) -> Duration {
+        lock(&self.seen)
+            .entry(node)
+            .or_insert_with(Instant::now)
+            .elapsed()
     }
 
     /// A new leader gives every node a full grace period.
@@ -123,7 +128,7 @@ async fn commit(node: &ClusterNode, commands: Vec<Command>) {
 fn liveness_commands(node: &ClusterNode, state: &ClusterState, liveness: Liveness) -> Vec<Command> {
     let mut commands = Vec::new();
     for (id, info) in &state.nodes {
-        let age = node.heartbeats().age(*id).unwrap_or(Duration::MAX);
+        let age = node.heartbeats().age(*id);
         match info.status {
             NodeStatus::Up | NodeStatus::Draining if age > liveness.grace => {
                 commands.push(Command::SetNodeStatus {
@@ -174,10 +179,16 @@ fn decide(
         }
     }
 
-    // 3. Drains finish when the new instance runs.
+    // 3. Drains finish when the new instance runs (or, for a singleton, when the old node has
+    // released it — see `ReleaseMove` — or is down).
     for (service, slots) in &state.placements {
+        let singleton = state.specs.get(service).is_some_and(|s| s.singleton);
         for (slot, p) in slots {
-            if p.moving_from.is_some() && p.state == "running" {
+            let old_down = p
+                .moving_from
+                .and_then(|o| state.nodes.get(&o))
+                .is_none_or(|n| n.status == NodeStatus::Down);
+            if p.moving_from.is_some() && ((!singleton && p.state == "running") || old_down) {
                 commands.push(Command::FinishMove {
                     service: service.clone(),
                     slot: *slot,
@@ -198,11 +209,26 @@ fn decide(
             kinds: Some(n.kinds.iter().cloned().collect()),
         })
         .collect();
-    let specs: Vec<_> = state.specs.values().map(|s| s.to_view()).collect();
+    // Services being removed are left alone: their instances go when they are purged.
+    let specs: Vec<_> = state
+        .specs
+        .values()
+        .filter(|s| !state.deleting.contains(&s.name))
+        .map(|s| s.to_view())
+        .collect();
     let mut avoid = Avoid::new();
     let mut current = Vec::new();
     let mut failed_now = BTreeSet::new();
+    memory.failed_since.retain(|(service, slot), _| {
+        state
+            .placements
+            .get(service)
+            .is_some_and(|s| s.contains_key(slot))
+    });
     for (service, slots) in &state.placements {
+        if state.deleting.contains(service) {
+            continue;
+        }
         for (slot, p) in slots {
             let key = (service.clone(), *slot);
             if !p.avoid.is_empty() {
@@ -258,7 +284,8 @@ fn decide(
                 })
                 .flatten()
         });
-        // Draining: the old node keeps it until the new one runs (make before break).
+        // Draining: the old node keeps it until the new one runs (make before break); a
+        // singleton instead waits on the new node until the old one has stopped it.
         let moving_from = old.filter(|o| draining.contains(o) && *o != a.node);
         let message = match old {
             Some(o) if o == a.node => format!(
@@ -323,6 +350,10 @@ fn decide(
             ));
         }
     }
+    // The decision first, then the events that describe it.
+    if !assign.is_empty() || !unassign.is_empty() {
+        commands.push(Command::Place { assign, unassign });
+    }
     // One event per decision, or per service when a pass decides a lot (a large deploy).
     if notes.len() <= MAX_DETAILED_EVENTS {
         for (service, node, message) in notes {
@@ -341,9 +372,6 @@ fn decide(
                 None,
             ));
         }
-    }
-    if !assign.is_empty() || !unassign.is_empty() {
-        commands.push(Command::Place { assign, unassign });
     }
     commands
 }

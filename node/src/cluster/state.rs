@@ -206,6 +206,15 @@ pub enum Command {
         /// Instance number.
         slot: u32,
     },
+    /// The node a singleton is moving away from has stopped it: the new node may start it.
+    ReleaseMove {
+        /// Service name.
+        service: String,
+        /// Instance number.
+        slot: u32,
+        /// The node that stopped it.
+        node: u64,
+    },
     /// Ask an instance's node to restart it.
     RestartInstance {
         /// Service name.
@@ -351,6 +360,8 @@ impl ClusterState {
                 None => CommandResult::refused(format!("no node {id}")),
             },
             Command::PutSpec { spec } => {
+                // Applying a spec again cancels a pending removal.
+                self.deleting.remove(&spec.name);
                 let generation = self
                     .specs
                     .get(&spec.name)
@@ -452,6 +463,24 @@ impl ClusterState {
                     None => CommandResult::refused(format!("no instance {service}#{slot}")),
                 }
             }
+            Command::ReleaseMove {
+                service,
+                slot,
+                node,
+            } => {
+                match self
+                    .placements
+                    .get_mut(service)
+                    .and_then(|s| s.get_mut(slot))
+                {
+                    Some(p) if p.moving_from == Some(*node) => {
+                        p.moving_from = None;
+                        CommandResult::ok("released")
+                    }
+                    Some(_) => CommandResult::ok("nothing to release"),
+                    None => CommandResult::refused(format!("no instance {service}#{slot}")),
+                }
+            }
             Command::RestartInstance { service, slot } => {
                 match self
                     .placements
@@ -460,6 +489,7 @@ impl ClusterState {
                 {
                     Some(p) => {
                         p.restart_seq += 1;
+                        p.state = pending();
                         CommandResult::ok(format!("{service}#{slot} restart requested"))
                     }
                     None => CommandResult::refused(format!("no instance {service}#{slot}")),
@@ -488,6 +518,8 @@ impl ClusterState {
                         .unwrap_or_else(|| Placement::on(a.node));
                     if p.state == "failed" {
                         p.reschedules += 1;
+                        // Even when placed on the same node again, it must start afresh.
+                        p.restart_seq += 1;
                     }
                     p.node = a.node;
                     p.state = pending();

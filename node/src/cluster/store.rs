@@ -243,22 +243,33 @@ enum Op {
     Snapshot(Vec<u8>, Vec<u8>, Done),
 }
 
-/// Sends operations to the writer thread, in order.
+/// Sends operations to the writer thread, in order. After one failed write the writer is
+/// poisoned: every later operation fails, so Raft stops instead of running on a log whose disk
+/// copy diverged from memory.
 #[derive(Clone)]
 struct Writer {
     tx: std_mpsc::Sender<Op>,
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Writer {
     fn start(db: Arc<Database>) -> std::io::Result<Writer> {
         let (tx, rx) = std_mpsc::channel::<Op>();
+        let poisoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = poisoned.clone();
         std::thread::Builder::new()
             .name("mode-raft-writer".into())
-            .spawn(move || writer_loop(&db, rx))?;
-        Ok(Writer { tx })
+            .spawn(move || writer_loop(&db, rx, &flag))?;
+        Ok(Writer { tx, poisoned })
     }
 
     fn send(&self, op: Op) -> Result<(), StorageError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StorageIOError::write(&std::io::Error::other(
+                "an earlier storage write failed; this node stopped writing (restart it once the disk is healthy)",
+            ))
+            .into());
+        }
         self.tx.send(op).map_err(|_| {
             StorageIOError::write(&std::io::Error::other("the storage writer has stopped")).into()
         })
@@ -274,7 +285,11 @@ impl Writer {
     }
 }
 
-fn writer_loop(db: &Database, rx: std_mpsc::Receiver<Op>) {
+fn writer_loop(
+    db: &Database,
+    rx: std_mpsc::Receiver<Op>,
+    poisoned: &std::sync::atomic::AtomicBool,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < 4096 {
@@ -283,7 +298,14 @@ fn writer_loop(db: &Database, rx: std_mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let result = write_batch(db, &batch).map_err(|e| e.to_string());
+        let result = if poisoned.load(Ordering::Acquire) {
+            Err("an earlier storage write failed; nothing more is written".to_string())
+        } else {
+            write_batch(db, &batch).map_err(|e| e.to_string())
+        };
+        if result.is_err() {
+            poisoned.store(true, Ordering::Release);
+        }
         if let Err(e) = &result {
             tracing::error!("raft storage write failed: {e}");
         }
