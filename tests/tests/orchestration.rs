@@ -441,3 +441,94 @@ async fn invalid_specs_are_rejected_naming_the_problem() {
     let specs = c.read(leader, "specs", false).await.unwrap();
     assert_eq!(specs, serde_json::json!([]), "nothing was stored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_failed_on_the_only_node_is_started_there_again() {
+    let c = TestCluster::start(1, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 1).await;
+    let scratch = Scratch::new("refail");
+    let trigger = scratch.0.join("crash");
+    let spec = format!(
+        "name: once\nkind: crasher\nconfig: {{crash_file: {}}}\nrestart: {{max_restarts: 1, within_s: 60, backoff_initial_ms: 10, backoff_max_ms: 10}}\n",
+        trigger.display()
+    );
+    c.apply(leader, &spec).await.unwrap();
+    c.wait_instances(leader, "once", Duration::from_secs(20), |i| {
+        all_running(i, 1)
+    })
+    .await;
+    // Two crashes exceed the intensity of 1: the instance fails, and with no other node it is
+    // placed on the same node again and must start afresh.
+    for _ in 0..2 {
+        std::fs::write(&trigger, b"now").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while trigger.exists() {
+            assert!(Instant::now() < deadline, "the crasher never took the file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let inst = c
+        .wait_instances(leader, "once", Duration::from_secs(20), |i| {
+            i.get(&0)
+                .is_some_and(|p| p["reschedules"].as_u64() >= Some(1) && p["state"] == "running")
+        })
+        .await;
+    assert_eq!(inst[&0]["node"].as_u64(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_singleton_never_runs_two_copies() {
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, 3).await;
+    let scratch = Scratch::new("single-drain");
+    let pids = scratch.0.join("pids");
+    let spec = format!(
+        "name: only\nkind: exec\nsingleton: true\nstop_grace_s: 1\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ >> {}; exec sleep 1000\"]\n",
+        pids.display()
+    );
+    c.apply(leader, &spec).await.unwrap();
+    let inst = c
+        .wait_instances(leader, "only", Duration::from_secs(20), |i| {
+            all_running(i, 1)
+        })
+        .await;
+    let host = inst[&0]["node"].as_u64().unwrap();
+    let live = || {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .count()
+    };
+    let out = c.modectl(leader, &["node", "drain", &host.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let mut most = 0;
+    loop {
+        most = most.max(live());
+        let inst = c.instances(leader, "only").await;
+        let moved = inst.get(&0).is_some_and(|p| {
+            p["node"].as_u64() != Some(host)
+                && p["state"] == "running"
+                && p["moving_from"].is_null()
+        });
+        if moved && live() == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the singleton did not move: {inst:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(most, 1, "two copies of the singleton ran at once");
+    c.modectl(leader, &["svc", "rm", "only", "--wait"]);
+}
