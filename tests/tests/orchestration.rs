@@ -310,7 +310,23 @@ async fn a_service_starts_after_its_dependency_runs_and_stops_before_it_is_remov
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(b_stopped_first, "b was still running when a was removed");
+    // The event log has the order whatever the polling saw: b stopped, then a was removed.
+    let events = c.events(leader).await;
+    let seq_of = |needle: &str| {
+        events
+            .iter()
+            .find(|e| e["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .and_then(|e| e["seq"].as_u64())
+    };
+    let b_waiting = events
+        .iter()
+        .find(|e| e["kind"] == "instance-waiting" && e["service"] == "b")
+        .and_then(|e| e["seq"].as_u64());
+    let a_removed = seq_of("service 'a' removed");
+    assert!(
+        b_waiting.is_some() && a_removed.is_some() && b_waiting < a_removed,
+        "b must stop before a is removed (polling saw it: {b_stopped_first}): {events:?}"
+    );
     let p = c.read(leader, "placements", true).await.unwrap();
     assert_ne!(p["b"]["0"]["state"], "running");
 }

@@ -430,6 +430,18 @@ impl ClusterState {
                 if state == "failed" && !p.avoid.contains(node) {
                     p.avoid.push(*node);
                 }
+                if changed && state == "waiting" {
+                    let msg = format!(
+                        "{service}#{slot} on node {node} is stopped, waiting for its dependencies"
+                    );
+                    self.event(
+                        at,
+                        "instance-waiting",
+                        &msg,
+                        Some(service.clone()),
+                        Some(*node),
+                    );
+                }
                 if changed && matches!(state.as_str(), "crashed" | "failed") {
                     let why = last_crash.as_deref().unwrap_or("unknown reason");
                     let msg = match state.as_str() {
