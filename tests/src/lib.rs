@@ -302,22 +302,31 @@ impl TestCluster {
         }
     }
 
-    /// Read `query` on node `via`.
+    /// Read `query` on node `via`, retrying for up to 10 s while the cluster is unavailable
+    /// (an election under load).
     pub async fn read(
         &self,
         via: u64,
         query: &str,
         stale: bool,
     ) -> Result<serde_json::Value, tonic::Status> {
-        let mut c = self.client(via).await;
-        let r = c
-            .read(pb::ReadRequest {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = self.client(via).await;
+            let request = pb::ReadRequest {
                 query: query.to_string(),
                 stale,
-            })
-            .await?
-            .into_inner();
-        Ok(serde_json::from_str(&r.result_json).expect("json"))
+            };
+            match c.read(request).await {
+                Ok(r) => {
+                    return Ok(serde_json::from_str(&r.into_inner().result_json).expect("json"))
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Wait until node `id`'s own state has `n` specs.

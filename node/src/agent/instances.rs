@@ -145,6 +145,8 @@ pub async fn run(
         });
     }
     let mut local: HashMap<(String, u32), Local> = HashMap::new();
+    // When a "waiting" report was last sent per instance (re-sent while the state disagrees).
+    let mut waiting_sent: HashMap<(String, u32), Instant> = HashMap::new();
     loop {
         if !ctx.sleep(Duration::from_millis(100)).await {
             break;
@@ -215,6 +217,27 @@ pub async fn run(
                 node: me,
             });
         }
+
+        // An instance stopped for its dependencies must not look running: re-send the report
+        // (at most once a second) until the state shows it.
+        for (key, (spec, _)) in &desired {
+            let gated = !dependencies_ready(&state, spec) || (spec.singleton && !leased);
+            let shown_running = state
+                .placements
+                .get(&key.0)
+                .and_then(|s| s.get(&key.1))
+                .filter(|p| p.node == me && p.state == "running");
+            if let (true, false, Some(p)) = (gated, local.contains_key(key), shown_running) {
+                let due = waiting_sent
+                    .get(key)
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+                if due {
+                    waiting_sent.insert(key.clone(), Instant::now());
+                    reports.push((key.clone(), "waiting".to_string(), p.restart_count, None));
+                }
+            }
+        }
+        waiting_sent.retain(|k, _| desired.contains_key(k));
 
         // Start or refresh what should run.
         for (key, (spec, restart_seq)) in &desired {

@@ -514,22 +514,35 @@ impl ClusterNode {
         may_forward: bool,
     ) -> Result<(serde_json::Value, u64), ClusterError> {
         if !stale {
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => {}
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    let addr = f.leader_node.map(|n| n.addr);
-                    return match (may_forward, addr) {
-                        (true, Some(addr)) => super::forward::read(&self.peers, &addr, query).await,
-                        _ => Err(ClusterError::Unavailable(format!(
-                            "node {} is not the leader and knows no leader to ask",
-                            self.config.id
-                        ))),
-                    };
+            // Just after an election (or a restart) the leader may not have heard from a quorum
+            // yet: wait for one, as writes do, rather than failing at once.
+            let deadline = Instant::now() + WRITE_TIMEOUT;
+            loop {
+                let problem = match self.raft.ensure_linearizable().await {
+                    Ok(_) => break,
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                        match (may_forward, f.leader_node.map(|n| n.addr)) {
+                            (true, Some(addr)) => {
+                                return super::forward::read(&self.peers, &addr, query).await
+                            }
+                            (false, _) => {
+                                return Err(ClusterError::Unavailable(format!(
+                                    "node {} is not the leader",
+                                    self.config.id
+                                )))
+                            }
+                            (true, None) => format!("node {} knows no leader yet", self.config.id),
+                        }
+                    }
+                    Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                        e.to_string()
+                    }
+                    Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                };
+                if Instant::now() >= deadline {
+                    return Err(ClusterError::Unavailable(problem));
                 }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    return Err(ClusterError::Unavailable(e.to_string()))
-                }
-                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         self.sm.read(|a| {

@@ -143,10 +143,12 @@ fn liveness_commands(node: &ClusterNode, state: &ClusterState, liveness: Livenes
                 ));
             }
             NodeStatus::Down if age <= liveness.grace => {
-                commands.push(Command::SetNodeStatus {
-                    id: *id,
-                    status: NodeStatus::Up,
-                });
+                let status = if info.draining {
+                    NodeStatus::Draining
+                } else {
+                    NodeStatus::Up
+                };
+                commands.push(Command::SetNodeStatus { id: *id, status });
             }
             _ => {}
         }

@@ -41,6 +41,9 @@ pub struct NodeInfo {
     /// Service kinds it can run.
     #[serde(default)]
     pub kinds: Vec<String>,
+    /// Drained by an operator: stays so across being down and back (until undrained).
+    #[serde(default)]
+    pub draining: bool,
     /// When it registered (leader's clock, ms since the epoch).
     #[serde(default)]
     pub registered_at_ms: u64,
@@ -327,6 +330,7 @@ impl ClusterState {
                     labels: labels.clone(),
                     capacity: *capacity,
                     kinds: kinds.clone(),
+                    draining: existing.as_ref().is_some_and(|n| n.draining),
                     status: existing.as_ref().map(|n| n.status).unwrap_or_default(),
                     registered_at_ms: existing.as_ref().map(|n| n.registered_at_ms).unwrap_or(at),
                 };
@@ -344,6 +348,12 @@ impl ClusterState {
             Command::SetNodeStatus { id, status } => match self.nodes.get_mut(id) {
                 Some(node) if node.status == *status => CommandResult::ok("unchanged"),
                 Some(node) => {
+                    // Draining is an operator's decision: down-and-back keeps it; `up` ends it.
+                    match status {
+                        NodeStatus::Draining => node.draining = true,
+                        NodeStatus::Up => node.draining = false,
+                        NodeStatus::Down => {}
+                    }
                     node.status = *status;
                     let msg = format!("node {id} is now {status:?}").to_lowercase();
                     self.event(at, "node-status", &msg, None, Some(*id));
@@ -422,6 +432,8 @@ impl ClusterState {
                     ));
                 }
                 let changed = p.state != *state || p.restart_count != *restart_count;
+                // A local restart shows as a higher count, whatever state the report caught.
+                let restarted = *restart_count > p.restart_count;
                 p.state = state.clone();
                 p.restart_count = *restart_count;
                 if last_crash.is_some() {
@@ -442,7 +454,7 @@ impl ClusterState {
                         Some(*node),
                     );
                 }
-                if changed && matches!(state.as_str(), "crashed" | "failed") {
+                if (changed && state == "failed") || (restarted && state != "failed") {
                     let why = last_crash.as_deref().unwrap_or("unknown reason");
                     let msg = match state.as_str() {
                         "failed" => format!(
@@ -452,13 +464,12 @@ impl ClusterState {
                             "{service}#{slot} on node {node} crashed ({why}); restarted locally ({restart_count} so far)"
                         ),
                     };
-                    self.event(
-                        at,
-                        &format!("instance-{state}"),
-                        &msg,
-                        Some(service.clone()),
-                        Some(*node),
-                    );
+                    let kind = if state == "failed" {
+                        "instance-failed"
+                    } else {
+                        "instance-restarted"
+                    };
+                    self.event(at, kind, &msg, Some(service.clone()), Some(*node));
                 }
                 CommandResult::ok("reported")
             }
@@ -693,7 +704,26 @@ mod tests {
         );
         assert_eq!(s.apply(&p(reg)).message, "node 1 unchanged");
         assert_eq!(s.nodes[&1].status, NodeStatus::Draining);
-        assert_eq!(s.events.len(), 2);
+        // Down and back: the control loop restores `draining` from the flag; only `up` clears it.
+        s.apply(&p(Command::SetNodeStatus {
+            id: 1,
+            status: NodeStatus::Down,
+        }));
+        assert!(s.nodes[&1].draining);
+        s.apply(&p(Command::SetNodeStatus {
+            id: 1,
+            status: NodeStatus::Up,
+        }));
+        assert!(!s.nodes[&1].draining);
+        s.apply(&p(Command::SetNodeStatus {
+            id: 1,
+            status: NodeStatus::Draining,
+        }));
+        assert_eq!(
+            s.events.len(),
+            5,
+            "registered, draining, down, up, draining"
+        );
     }
 
     #[test]
