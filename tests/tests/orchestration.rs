@@ -18,6 +18,42 @@ fn nodes_of(inst: &BTreeMap<u64, Value>) -> Vec<u64> {
     v
 }
 
+/// `n` nodes with a leader and every node registered with its kinds; returns the leader.
+async fn cluster(n: u64) -> (TestCluster, u64) {
+    let c = TestCluster::start(n, &[]);
+    let leader = c.wait_leader(ELECTION).await;
+    wait_registered(&c, n as usize).await;
+    (c, leader)
+}
+
+/// An `exec` spec running `sh` that writes its pid to `pid_file` (appending with `append`).
+fn pid_spec(name: &str, pid_file: &std::path::Path, append: bool, extra: &str) -> String {
+    let op = if append { ">>" } else { ">" };
+    format!(
+        "name: {name}\nkind: exec\n{extra}config:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ {op} {}; exec sleep 1000\"]\n",
+        pid_file.display()
+    )
+}
+
+/// The last pid written to `pid_file`, waiting up to 10 s for one.
+async fn wait_pid(pid_file: &std::path::Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.lines().rev().find_map(|l| l.trim().parse::<u32>().ok()));
+        if let Some(p) = last {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid in {}",
+            pid_file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Wait until every node is registered with its kinds (specs are checked against them).
 async fn wait_registered(c: &TestCluster, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -38,9 +74,7 @@ async fn wait_registered(c: &TestCluster, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_three_nodes_run_one_per_node() {
-    let c = TestCluster::start(3, &[]);
-    c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (c, _) = cluster(3).await;
     c.apply(
         2,
         "name: web\nkind: ticker\nconfig: {every_ms: 200}\nreplicas: 3\n",
@@ -97,15 +131,10 @@ async fn three_replicas_on_three_nodes_run_one_per_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_quorum_stops_its_singleton() {
-    let mut c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (mut c, leader) = cluster(3).await;
     let scratch = Scratch::new("singleton");
     let pid_file = scratch.0.join("pid");
-    let spec = format!(
-        "name: only\nkind: exec\nsingleton: true\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ > {}; exec sleep 1000\"]\n",
-        pid_file.display()
-    );
+    let spec = pid_spec("only", &pid_file, false, "singleton: true\n");
     c.apply(leader, &spec).await.unwrap();
     let inst = c
         .wait_instances(leader, "only", Duration::from_secs(20), |i| {
@@ -113,17 +142,7 @@ async fn a_node_cut_off_from_the_quorum_stops_its_singleton() {
         })
         .await;
     let host = inst[&0]["node"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pid = loop {
-        if let Some(p) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no pid file");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = wait_pid(&pid_file).await;
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     assert!(alive(pid));
     // Cut the host off: the other two nodes die, so it has no quorum.
@@ -147,9 +166,7 @@ async fn a_node_cut_off_from_the_quorum_stops_its_singleton() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_has_its_instances_run_elsewhere_and_the_events_say_why() {
-    let mut c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (mut c, leader) = cluster(3).await;
     c.apply(leader, "name: web\nkind: ticker\nreplicas: 3\n")
         .await
         .unwrap();
@@ -191,9 +208,7 @@ async fn a_killed_node_has_its_instances_run_elsewhere_and_the_events_say_why() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_looping_instance_restarts_locally_then_escalates_and_moves() {
-    let c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (c, leader) = cluster(3).await;
     let spec = "name: flaky\nkind: crasher\nconfig: {after_ms: 300}\nreplicas: 1\nrestart: {max_restarts: 2, within_s: 30, backoff_initial_ms: 50, backoff_max_ms: 100}\n";
     c.apply(leader, spec).await.unwrap();
     let first = c
@@ -264,9 +279,7 @@ async fn a_crash_looping_instance_restarts_locally_then_escalates_and_moves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_starts_after_its_dependency_runs_and_stops_before_it_is_removed() {
-    let c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (c, leader) = cluster(3).await;
     // B is listed first and depends on A.
     let specs = "- name: b\n  kind: ticker\n  depends_on: [a]\n- name: a\n  kind: ticker\n";
     c.apply(leader, specs).await.unwrap();
@@ -333,9 +346,7 @@ async fn a_service_starts_after_its_dependency_runs_and_stops_before_it_is_remov
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_moves_every_instance_off_without_dropping_below_spec_minus_one() {
-    let c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (c, leader) = cluster(3).await;
     c.apply(leader, "name: web\nkind: ticker\nreplicas: 3\n")
         .await
         .unwrap();
@@ -378,33 +389,17 @@ async fn draining_moves_every_instance_off_without_dropping_below_spec_minus_one
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exec_instance_killed_from_outside_is_restarted() {
-    let c = TestCluster::start(1, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 1).await;
+    let (c, leader) = cluster(1).await;
     let scratch = Scratch::new("exec");
     let pid_file = scratch.0.join("pid");
-    let spec = format!(
-        "name: sleeper\nkind: exec\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ > {}; exec sleep 1000\"]\n",
-        pid_file.display()
-    );
-    c.apply(leader, &spec).await.unwrap();
+    c.apply(leader, &pid_spec("sleeper", &pid_file, false, ""))
+        .await
+        .unwrap();
     c.wait_instances(leader, "sleeper", Duration::from_secs(20), |i| {
         all_running(i, 1)
     })
     .await;
-    let read_pid = || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first = loop {
-        if let Some(p) = read_pid() {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no pid file");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let first = wait_pid(&pid_file).await;
     let killed = std::process::Command::new("kill")
         .args(["-9", &first.to_string()])
         .status()
@@ -423,7 +418,7 @@ async fn an_exec_instance_killed_from_outside_is_restarted() {
             .contains("signal 9"),
         "{inst:?}"
     );
-    let second = read_pid().unwrap();
+    let second = wait_pid(&pid_file).await;
     assert_ne!(first, second, "a new process runs");
     // Stop the cluster's process cleanly so the sleep is not left behind.
     c.modectl(leader, &["svc", "rm", "sleeper", "--wait"]);
@@ -431,9 +426,7 @@ async fn an_exec_instance_killed_from_outside_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_are_rejected_naming_the_problem() {
-    let c = TestCluster::start(1, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 1).await;
+    let (c, leader) = cluster(1).await;
     let scratch = Scratch::new("specs");
     let cases = [
         ("unknown-kind.yaml", "name: x\nkind: teleporter\n", "field 'kind': no node offers kind 'teleporter'"),
@@ -460,9 +453,7 @@ async fn invalid_specs_are_rejected_naming_the_problem() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_failed_on_the_only_node_is_started_there_again() {
-    let c = TestCluster::start(1, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 1).await;
+    let (c, leader) = cluster(1).await;
     let scratch = Scratch::new("refail");
     let trigger = scratch.0.join("crash");
     let spec = format!(
@@ -495,15 +486,10 @@ async fn an_instance_that_failed_on_the_only_node_is_started_there_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_singleton_never_runs_two_copies() {
-    let c = TestCluster::start(3, &[]);
-    let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, 3).await;
+    let (c, leader) = cluster(3).await;
     let scratch = Scratch::new("single-drain");
     let pids = scratch.0.join("pids");
-    let spec = format!(
-        "name: only\nkind: exec\nsingleton: true\nstop_grace_s: 1\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ >> {}; exec sleep 1000\"]\n",
-        pids.display()
-    );
+    let spec = pid_spec("only", &pids, true, "singleton: true\nstop_grace_s: 1\n");
     c.apply(leader, &spec).await.unwrap();
     let inst = c
         .wait_instances(leader, "only", Duration::from_secs(20), |i| {

@@ -25,6 +25,13 @@ pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
     Ok(TestCluster::start_with(launcher()?, 3, &args))
 }
 
+/// The median of unsorted samples.
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    percentile(&sorted, 0.5)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -204,9 +211,7 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
         }
         Ok::<_, anyhow::Error>(samples)
     })?;
-    let mut sorted = samples.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let median = percentile(&sorted, 0.5);
+    let median = median(&samples);
     println!(
         "failover: kill -9 the leader -> first successful write, median of {reps}: {median:.3} s (etcd 3.4 defaults: {ETCD_FAILOVER_S} s; target < 0.6 s)"
     );
@@ -267,9 +272,7 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
         }
         Ok::<_, anyhow::Error>(samples)
     })?;
-    let mut sorted = samples.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let median = percentile(&sorted, 0.5);
+    let median = median(&samples);
     println!(
         "reschedule: kill -9 a node hosting 100 instances -> all running elsewhere, median of {reps}: {median:.2} s (target < 3 s; Kubernetes defaults take ~6 min, Nomad 20-30 s)"
     );
