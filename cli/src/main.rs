@@ -188,10 +188,7 @@ pub(crate) async fn read(
         .await
         .map_err(|s| Failure::from_status(endpoint, &s))?
         .into_inner();
-    serde_json::from_str(&reply.result_json).map_err(|e| Failure {
-        code: 1,
-        message: format!("undecodable answer from {endpoint}: {e}"),
-    })
+    decode(endpoint, &reply.result_json)
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -318,7 +315,12 @@ pub(crate) async fn write(
         .await
         .map_err(|s| Failure::from_status(endpoint, &s))?
         .into_inner();
-    serde_json::from_str(&reply.response_json).map_err(|e| Failure {
+    decode(endpoint, &reply.response_json)
+}
+
+/// Parse a JSON answer from `endpoint`.
+fn decode(endpoint: &str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure {
         code: 1,
         message: format!("undecodable answer from {endpoint}: {e}"),
     })
