@@ -34,6 +34,9 @@ pub struct NodeArgs {
     /// Address to listen on for gRPC (Raft and the control API).
     #[arg(long, env = "MODE_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve /healthz, /readyz and /metrics (Prometheus) over HTTP on this address.
+    #[arg(long, env = "MODE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Address other nodes and clients use to reach this node (default: --listen).
     #[arg(long, env = "MODE_ADVERTISE")]
     pub advertise: Option<String>,
@@ -352,7 +355,18 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     })
     .label("ControlLoop")
     .build();
-    let mut services = vec![raft, grpc, instances, agent];
+    let mut services = vec![raft, grpc];
+    if let Some(addr) = args.http_listen {
+        services.push(
+            ServiceHandle::builder(HttpServer {
+                node: node.clone(),
+                listen: addr,
+            })
+            .label("HttpServer")
+            .build(),
+        );
+    }
+    services.extend([instances, agent]);
     if !args.no_control_loop {
         services.push(control);
     }
@@ -376,7 +390,7 @@ impl Service for RaftService {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let mut metrics = self.node.leader_changes();
         let me = self.node.id();
-        let c = ctx.clone();
+        let (c, node) = (ctx.clone(), self.node.clone());
         ctx.spawn("leader-watch", async move {
             let mut last = (None, 0);
             loop {
@@ -385,6 +399,9 @@ impl Service for RaftService {
                     (m.current_leader, m.current_term)
                 };
                 if now.0 != last.0 {
+                    if now.0.is_some() {
+                        node.note_leader_change();
+                    }
                     match now.0 {
                         Some(l) if l == me => {
                             tracing::info!("this node ({me}) is the leader (term {})", now.1)
@@ -427,6 +444,40 @@ impl Service for GrpcServer {
                 async move { c.stopped().await }
             };
             crate::api::serve(node, kinds, listener, shutdown).await?;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// Serves the HTTP side port.
+struct HttpServer {
+    node: Arc<ClusterNode>,
+    listen: SocketAddr,
+}
+
+impl Service for HttpServer {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} for HTTP: {e} (choose another --http-listen)",
+                    self.listen
+                )
+            })?;
+        tracing::info!(
+            "[{}]: HTTP on {} (/healthz, /readyz, /metrics)",
+            ctx.handle().log_prefix(),
+            self.listen
+        );
+        let (node, c) = (self.node.clone(), ctx.clone());
+        ctx.spawn("serve", async move {
+            let shutdown = {
+                let c = c.clone();
+                async move { c.stopped().await }
+            };
+            crate::api::serve_http(node, listener, shutdown).await?;
             Ok(())
         });
         Ok(())

@@ -428,3 +428,94 @@ async fn modectl_shows_cluster_status_as_a_table_and_as_json() {
     let out = c.modectl(follower, &["node", "rm", "42"]);
     assert_eq!(out.status.code(), Some(3), "not found");
 }
+
+/// `GET path` on `127.0.0.1:port`: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let code = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_serves_health_readiness_and_metrics() {
+    let http = free_port();
+    let addr = format!("127.0.0.1:{http}");
+    let c = TestCluster::start(1, &["--http-listen", &addr]);
+    let leader = c.wait_leader(ELECTION).await;
+    c.put_spec(leader, "web").await.unwrap();
+    assert_eq!(http_get(http, "/healthz"), (200, "ok\n".to_string()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(http, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {:?}",
+            http_get(http, "/readyz")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, metrics) = http_get(http, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "mode_raft_term{node=\"1\"} 1",
+        "mode_raft_leader{node=\"1\"} 1",
+        "mode_raft_is_leader{node=\"1\"} 1",
+        "# TYPE mode_raft_proposal_duration_seconds histogram",
+        "mode_raft_leader_changes_total{node=\"1\"} 1",
+        "mode_nodes{node=\"1\",status=\"up\"} 1",
+        "mode_heartbeat_age_seconds{node=\"1\",peer=\"1\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    let proposals = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mode_raft_proposals_total{node=\"1\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(proposals >= 1.0, "{metrics}");
+    assert_eq!(http_get(http, "/nope").0, 404);
+
+    // A node that is not (yet) a member of a cluster is alive but not ready.
+    let lonely_http = free_port();
+    let scratch = Scratch::new("notready");
+    let (p1, p2) = (free_port(), free_port());
+    let mut child = std::process::Command::new(mode_tests::binary("mode-node"))
+        .args(["--id", "2", "--listen", &format!("127.0.0.1:{p2}")])
+        .args(["--peers", &format!("1=127.0.0.1:{p1},2=127.0.0.1:{p2}")])
+        .args(["--http-listen", &format!("127.0.0.1:{lonely_http}")])
+        .arg("--data-dir")
+        .arg(scratch.0.join("d"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", lonely_http)) {
+            drop(s);
+            break http_get(lonely_http, "/readyz");
+        }
+        assert!(Instant::now() < deadline, "the HTTP port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ready.0, 503, "{ready:?}");
+    assert!(ready.1.starts_with("not ready:"), "{ready:?}");
+}

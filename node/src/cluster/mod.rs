@@ -4,6 +4,7 @@
 //! the domain types of [`state`].
 
 mod forward;
+mod metrics;
 mod network;
 mod node;
 mod proposer;

@@ -159,6 +159,7 @@ pub struct ClusterNode {
     proposer: Proposer,
     membership: tokio::sync::Mutex<()>,
     heartbeats: super::reconciler::Heartbeats,
+    counters: super::metrics::Counters,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -253,6 +254,7 @@ impl ClusterNode {
             config,
             proposer: Proposer::start(raft.clone()),
             heartbeats: Default::default(),
+            counters: Default::default(),
             raft,
             log,
             sm,
@@ -463,15 +465,17 @@ impl ClusterNode {
             at_ms: now_ms(),
             command,
         };
-        let deadline = Instant::now() + WRITE_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + WRITE_TIMEOUT;
         loop {
             match self.proposer.propose(proposal.clone()).await {
                 Ok((result, log_index)) => {
+                    self.counters.proposal_done(started.elapsed());
                     return Ok(WriteOutcome {
                         result,
                         log_index,
                         leader: self.config.id,
-                    })
+                    });
                 }
                 Err(Rejected::NotLeader(leader)) => {
                     if !may_forward {
@@ -555,6 +559,150 @@ impl ClusterNode {
                     QueryError::Unknown(m) => ClusterError::Invalid(m),
                 })
         })
+    }
+
+    /// Count a leadership change seen by this node (for `/metrics`).
+    pub fn note_leader_change(&self) {
+        self.counters
+            .leader_changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Ready to serve: a member of a cluster with a leader, and caught up with the commit index.
+    pub fn readiness(&self) -> Result<(), String> {
+        let m = self.raft.metrics().borrow().clone();
+        let member = m
+            .membership_config
+            .membership()
+            .get_node(&self.config.id)
+            .is_some();
+        if !member {
+            return Err(format!(
+                "node {} is not a member of a cluster yet",
+                self.config.id
+            ));
+        }
+        if m.current_leader.is_none() {
+            return Err("no leader".to_string());
+        }
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let committed = self.log.committed_index();
+        if applied + 100 < committed {
+            return Err(format!("catching up: applied {applied} of {committed}"));
+        }
+        Ok(())
+    }
+
+    /// The node's metrics in Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let m = self.raft.metrics().borrow().clone();
+        let id = self.config.id;
+        let l = format!("node=\"{id}\"");
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {value}"
+            );
+        };
+        gauge(
+            "mode_raft_term",
+            "Current Raft term.",
+            "gauge",
+            m.current_term as f64,
+        );
+        gauge(
+            "mode_raft_leader",
+            "Id of the leader this node knows (0: none).",
+            "gauge",
+            m.current_leader.unwrap_or(0) as f64,
+        );
+        gauge(
+            "mode_raft_is_leader",
+            "1 if this node leads.",
+            "gauge",
+            f64::from(u8::from(m.current_leader == Some(id))),
+        );
+        gauge(
+            "mode_raft_commit_index",
+            "Highest committed log index.",
+            "gauge",
+            self.log.committed_index() as f64,
+        );
+        gauge(
+            "mode_raft_applied_index",
+            "Highest applied log index.",
+            "gauge",
+            m.last_applied.map(|x| x.index).unwrap_or(0) as f64,
+        );
+        gauge(
+            "mode_raft_last_log_index",
+            "Last log index.",
+            "gauge",
+            m.last_log_index.unwrap_or(0) as f64,
+        );
+        gauge(
+            "mode_raft_leader_changes_total",
+            "Leadership changes seen by this node.",
+            "counter",
+            self.counters.leader_changes.load(Ordering::Relaxed) as f64,
+        );
+        gauge(
+            "mode_raft_proposals_total",
+            "Writes committed through this node.",
+            "counter",
+            self.counters.proposals.load(Ordering::Relaxed) as f64,
+        );
+        let _ = writeln!(out, "# HELP mode_raft_proposal_duration_seconds Time from a write's arrival to its commit.\n# TYPE mode_raft_proposal_duration_seconds histogram");
+        self.counters
+            .latency_histogram("mode_raft_proposal_duration_seconds", &l, &mut out);
+        let (by_state, restarts, placements, nodes) = self.local_state(|s| {
+            let mut by_state: std::collections::BTreeMap<String, u64> = Default::default();
+            let mut restarts = 0u64;
+            let mut placements = 0u64;
+            for slots in s.placements.values() {
+                for p in slots.values() {
+                    placements += 1;
+                    if p.node == id {
+                        *by_state.entry(p.state.clone()).or_default() += 1;
+                        restarts += u64::from(p.restart_count);
+                    }
+                }
+            }
+            let mut nodes: std::collections::BTreeMap<String, u64> = Default::default();
+            for n in s.nodes.values() {
+                *nodes
+                    .entry(format!("{:?}", n.status).to_lowercase())
+                    .or_default() += 1;
+            }
+            (by_state, restarts, placements, nodes)
+        });
+        let _ = writeln!(out, "# HELP mode_instances Instances placed on this node, by reported state.\n# TYPE mode_instances gauge");
+        for (state, n) in by_state {
+            let _ = writeln!(out, "mode_instances{{{l},state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP mode_instance_restarts Local restarts of the instances on this node.\n# TYPE mode_instance_restarts gauge\nmode_instance_restarts{{{l}}} {restarts}");
+        let _ = writeln!(out, "# HELP mode_placements Instances placed in the whole cluster.\n# TYPE mode_placements gauge\nmode_placements{{{l}}} {placements}");
+        let _ = writeln!(
+            out,
+            "# HELP mode_nodes Cluster nodes by status.\n# TYPE mode_nodes gauge"
+        );
+        for (status, n) in nodes {
+            let _ = writeln!(out, "mode_nodes{{{l},status=\"{status}\"}} {n}");
+        }
+        if m.current_leader == Some(id) {
+            let _ = writeln!(out, "# HELP mode_heartbeat_age_seconds Time since each node's last heartbeat (leader only).\n# TYPE mode_heartbeat_age_seconds gauge");
+            for (peer, age) in self.heartbeats.ages() {
+                let _ = writeln!(
+                    out,
+                    "mode_heartbeat_age_seconds{{{l},peer=\"{peer}\"}} {}",
+                    age.as_secs_f64()
+                );
+            }
+        }
+        out
     }
 
     /// The last log index applied to the local state.

@@ -54,6 +54,16 @@ impl Heartbeats {
             .elapsed()
     }
 
+    /// Time since each node's last heartbeat.
+    pub(crate) fn ages(&self) -> Vec<(u64, Duration)> {
+        let mut v: Vec<(u64, Duration)> = lock(&self.seen)
+            .iter()
+            .map(|(n, t)| (*n, t.elapsed()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// A new leader gives every node a full grace period.
     fn reset(&self, nodes: impl Iterator<Item = u64>) {
         let now = Instant::now();
