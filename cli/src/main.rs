@@ -12,6 +12,7 @@ use mode_proto::v1::control_client::ControlClient;
 use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
 
+mod graph;
 mod output;
 mod svc;
 
@@ -69,6 +70,9 @@ enum Cmd {
     },
     /// The service kinds the nodes offer.
     Kinds,
+    /// The combined beacon graph: cluster → nodes → instances → their service trees, and the
+    /// dependencies between services. Unreachable nodes are shown with their error.
+    Graph(graph::GraphArgs),
 }
 
 #[derive(Subcommand)]
@@ -292,6 +296,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             output::print_kinds(&kinds, json);
         }
         Cmd::Svc(cmd) => svc::run(cmd, &mut client, &endpoint, json).await?,
+        Cmd::Graph(args) => graph::run(args, &mut client, &endpoint, json).await?,
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::api::Inspector;
 use crate::agent::{AgentTimings, Kind, KindRegistry};
 use crate::cluster::state::Command;
 use crate::cluster::{ClusterConfig, ClusterError, ClusterNode, Liveness};
@@ -323,18 +324,19 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     let raft = ServiceHandle::builder(RaftService { node: node.clone() })
         .label("Raft")
         .build();
-    let grpc = ServiceHandle::builder(GrpcServer {
-        node: node.clone(),
-        kinds: kinds.clone(),
-        listen: args.listen,
-    })
-    .label("GrpcServer")
-    .build();
     // Instances run under a supervisor that gives up on one whose own supervisor escalated:
     // the control plane moves it, the rest of the node carries on.
     let instances = Supervisor::new(Strategy::ForfeitOneForOne)
         .label("Instances")
         .build();
+    let inspector = Inspector::new(node.clone(), Some(instances.clone()));
+    let grpc = ServiceHandle::builder(GrpcServer {
+        inspector: inspector.clone(),
+        kinds: kinds.clone(),
+        listen: args.listen,
+    })
+    .label("GrpcServer")
+    .build();
     let agent = ServiceHandle::builder(Agent {
         node: node.clone(),
         bootstrap_timeout: args.bootstrap_timeout,
@@ -359,7 +361,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     if let Some(addr) = args.http_listen {
         services.push(
             ServiceHandle::builder(HttpServer {
-                node: node.clone(),
+                inspector: inspector.clone(),
                 listen: addr,
             })
             .label("HttpServer")
@@ -370,6 +372,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     if !args.no_control_loop {
         services.push(control);
     }
+    inspector.set_daemon_services(services.clone());
     let exit = Worker::with_services(services)
         .without_logging()
         .run_async()
@@ -427,7 +430,7 @@ impl Service for RaftService {
 
 /// Serves Raft and the control API.
 struct GrpcServer {
-    node: Arc<ClusterNode>,
+    inspector: Arc<Inspector>,
     kinds: KindRegistry,
     listen: SocketAddr,
 }
@@ -437,13 +440,13 @@ impl Service for GrpcServer {
         let listener = tokio::net::TcpListener::bind(self.listen).await.map_err(|e| {
             format!("cannot listen on {}: {e} (is another mode-node using this port? choose another --listen)", self.listen)
         })?;
-        let (node, kinds, c) = (self.node.clone(), self.kinds.clone(), ctx.clone());
+        let (inspector, kinds, c) = (self.inspector.clone(), self.kinds.clone(), ctx.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve(node, kinds, listener, shutdown).await?;
+            crate::api::serve(inspector, kinds, listener, shutdown).await?;
             Ok(())
         });
         Ok(())
@@ -452,7 +455,7 @@ impl Service for GrpcServer {
 
 /// Serves the HTTP side port.
 struct HttpServer {
-    node: Arc<ClusterNode>,
+    inspector: Arc<Inspector>,
     listen: SocketAddr,
 }
 
@@ -467,17 +470,17 @@ impl Service for HttpServer {
                 )
             })?;
         tracing::info!(
-            "[{}]: HTTP on {} (/healthz, /readyz, /metrics)",
+            "[{}]: HTTP on {} (/, /api/graph, /healthz, /readyz, /metrics)",
             ctx.handle().log_prefix(),
             self.listen
         );
-        let (node, c) = (self.node.clone(), ctx.clone());
+        let (inspector, c) = (self.inspector.clone(), ctx.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve_http(node, listener, shutdown).await?;
+            crate::api::serve_http(inspector, listener, shutdown).await?;
             Ok(())
         });
         Ok(())

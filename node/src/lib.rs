@@ -6,7 +6,8 @@
 //! * [`service`]: the framework (services, tasks, timers, supervisors, signals, beacon).
 //! * [`worker`]: run a root service as a program (logging, OS signals, exit codes).
 //! * [`cluster`]: the Raft-replicated control plane (openraft over gRPC, redb on disk).
-//! * [`api`]: the gRPC servers (Raft transport and control API).
+//! * [`api`]: the gRPC servers (Raft transport and control API) and the HTTP side port.
+//! * [`graph`]: the combined beacon graph of a cluster and its renderings.
 
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod daemon;
+pub mod graph;
 pub mod schedule;
 pub mod service;
 pub mod worker;

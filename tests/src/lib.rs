@@ -82,6 +82,8 @@ impl Launcher {
 pub struct NodeProc {
     pub id: u64,
     pub port: u16,
+    /// Its HTTP side port, if it serves one.
+    pub http: Option<u16>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     launcher: Launcher,
@@ -159,8 +161,17 @@ impl TestCluster {
         TestCluster::start_with(Launcher::mode_node(), n, extra)
     }
 
+    /// [`TestCluster::start`] with an HTTP side port on every node ([`NodeProc::http`]).
+    pub fn start_with_http(n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::launch(Launcher::mode_node(), n, extra, true)
+    }
+
     /// [`TestCluster::start`] with another way of starting nodes.
     pub fn start_with(launcher: Launcher, n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::launch(launcher, n, extra, false)
+    }
+
+    fn launch(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let scratch = Scratch::new("cluster");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -179,7 +190,11 @@ impl TestCluster {
         for (id, port) in (1..=n).zip(ports) {
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(extra.iter().map(|s| s.to_string()));
-            c.add_node(id, port, args);
+            let http_port = http.then(free_port);
+            if let Some(h) = http_port {
+                args.extend(["--http-listen".to_string(), format!("127.0.0.1:{h}")]);
+            }
+            c.add_node(id, port, args).http = http_port;
         }
         for node in c.nodes.values_mut() {
             node.start();
@@ -208,6 +223,7 @@ impl TestCluster {
             NodeProc {
                 id,
                 port,
+                http: None,
                 data_dir,
                 log,
                 launcher: self.launcher.clone(),
@@ -233,6 +249,24 @@ impl TestCluster {
             .map(|n| format!("---- node {} ----\n{}", n.id, n.logs()))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Wait until `n` nodes are registered with their kinds (specs are checked against them).
+    pub async fn wait_registered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(v) = self.read(1, "kinds", false).await {
+                if v["ticker"].as_array().is_some_and(|a| a.len() == n) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes never registered their kinds\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn client(&self, id: u64) -> ControlClient<Channel> {
@@ -455,4 +489,29 @@ pub async fn put_spec(
         })
         .await
         .map(|r| r.into_inner())
+}
+
+/// `GET path` on `127.0.0.1:port`: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let code = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use mode_tests::{free_port, Scratch, TestCluster};
+use mode_tests::{free_port, http_get, Scratch, TestCluster};
 
 const ELECTION: Duration = Duration::from_secs(20);
 
@@ -427,31 +427,6 @@ async fn modectl_shows_cluster_status_as_a_table_and_as_json() {
     assert_eq!(v["answered_by"], follower);
     let out = c.modectl(follower, &["node", "rm", "42"]);
     assert_eq!(out.status.code(), Some(3), "not found");
-}
-
-/// `GET path` on `127.0.0.1:port`: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let code = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

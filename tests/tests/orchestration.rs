@@ -22,7 +22,7 @@ fn nodes_of(inst: &BTreeMap<u64, Value>) -> Vec<u64> {
 async fn cluster(n: u64) -> (TestCluster, u64) {
     let c = TestCluster::start(n, &[]);
     let leader = c.wait_leader(ELECTION).await;
-    wait_registered(&c, n as usize).await;
+    c.wait_registered(n as usize).await;
     (c, leader)
 }
 
@@ -51,24 +51,6 @@ async fn wait_pid(pid_file: &std::path::Path) -> u32 {
             pid_file.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Wait until every node is registered with its kinds (specs are checked against them).
-async fn wait_registered(c: &TestCluster, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(v) = c.read(1, "kinds", false).await {
-            if v["ticker"].as_array().is_some_and(|a| a.len() == n) {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nodes never registered their kinds\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

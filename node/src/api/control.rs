@@ -10,21 +10,29 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use super::inspect::{Inspector, DEFAULT_DEADLINE};
 use crate::agent::KindRegistry;
 use crate::cluster::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
 use crate::cluster::state::Command;
 use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED};
+use crate::graph::GraphFilter;
 
 /// The control API of one node.
 pub struct ControlService {
     node: Arc<ClusterNode>,
+    inspector: Arc<Inspector>,
     kinds: KindRegistry,
 }
 
 impl ControlService {
-    /// Serve `node`; `kinds` validates the configs of the kinds this node knows.
-    pub fn new(node: Arc<ClusterNode>, kinds: KindRegistry) -> Self {
-        ControlService { node, kinds }
+    /// Serve the node `inspector` looks at; `kinds` validates the configs of the kinds this
+    /// node knows.
+    pub fn new(inspector: Arc<Inspector>, kinds: KindRegistry) -> Self {
+        ControlService {
+            node: inspector.node().clone(),
+            inspector,
+            kinds,
+        }
     }
 
     /// Check specs against each other, the stored ones, the kinds nodes offer and (for kinds
@@ -195,6 +203,48 @@ impl Control for ControlService {
         Ok(Response::new(pb::ApplySpecsReply { results }))
     }
 
+    async fn node_beacon(
+        &self,
+        request: Request<pb::NodeBeaconRequest>,
+    ) -> Result<Response<pb::NodeBeaconReply>, Status> {
+        let r = request.into_inner();
+        let filter = GraphFilter {
+            service: (!r.service.is_empty()).then_some(r.service),
+            node: None,
+            daemon: r.daemon,
+        };
+        let report = self.inspector.local_report(&filter);
+        let report_json =
+            serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::NodeBeaconReply {
+            node: self.node.id(),
+            report_json,
+        }))
+    }
+
+    async fn graph(
+        &self,
+        request: Request<pb::GraphRequest>,
+    ) -> Result<Response<pb::GraphReply>, Status> {
+        let r = request.into_inner();
+        let filter = GraphFilter {
+            service: (!r.service.is_empty()).then_some(r.service),
+            node: (r.node != 0).then_some(r.node),
+            daemon: r.daemon,
+        };
+        let deadline = match r.deadline_ms {
+            0 => DEFAULT_DEADLINE,
+            ms => std::time::Duration::from_millis(u64::from(ms)),
+        };
+        self.inspector
+            .check_filter(&filter)
+            .map_err(Status::not_found)?;
+        let graph = self.inspector.graph(&filter, deadline).await;
+        let graph_json =
+            serde_json::to_vec(&graph).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::GraphReply { graph_json }))
+    }
+
     async fn compact(
         &self,
         _request: Request<pb::CompactRequest>,
@@ -208,18 +258,21 @@ impl Control for ControlService {
     }
 }
 
-/// Serve the Raft transport and the control API for `node` on `listener` until `shutdown`.
+/// Serve the Raft transport and the control API for the node `inspector` looks at on
+/// `listener` until `shutdown`.
 pub async fn serve(
-    node: Arc<ClusterNode>,
+    inspector: Arc<Inspector>,
     kinds: KindRegistry,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(RaftServer::new(node.raft_service()).max_decoding_message_size(64 << 20))
         .add_service(
-            ControlServer::new(ControlService::new(node, kinds))
+            RaftServer::new(inspector.node().raft_service()).max_decoding_message_size(64 << 20),
+        )
+        .add_service(
+            ControlServer::new(ControlService::new(inspector, kinds))
                 .max_decoding_message_size(64 << 20),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -1,23 +1,25 @@
 //! The HTTP side port: `/healthz` (the process is up), `/readyz` (a member of a cluster with a
-//! leader, caught up) and `/metrics` (Prometheus text).
+//! leader, caught up), `/metrics` (Prometheus text), and the web view: `/` (the live cluster
+//! graph and the event log), `/api/graph` (JSON), `/api/graph.svg` and `/api/events`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::cluster::ClusterNode;
+use super::inspect::{Inspector, DEFAULT_DEADLINE};
+use crate::graph::{svg, GraphFilter};
 
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(node): State<Arc<ClusterNode>>) -> impl IntoResponse {
-    match node.readiness() {
+async fn readyz(State(inspector): State<Arc<Inspector>>) -> impl IntoResponse {
+    match inspector.node().readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -26,19 +28,94 @@ async fn readyz(State(node): State<Arc<ClusterNode>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(node): State<Arc<ClusterNode>>) -> impl IntoResponse {
+async fn metrics(State(inspector): State<Arc<Inspector>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        node.prometheus(),
+        inspector.node().prometheus(),
     )
 }
 
-/// Serve the side port for `node` on `listener` until `shutdown`.
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("index.html"),
+    )
+}
+
+/// The graph filter from a query string (`service=NAME&node=ID&daemon=1`).
+fn filter_from_query(query: Option<&str>) -> Result<GraphFilter, String> {
+    let mut filter = GraphFilter::default();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "service" if value.is_empty() => {}
+            "service" if crate::cluster::spec::is_valid_name(value) => {
+                filter.service = Some(value.to_string())
+            }
+            "service" => return Err(format!("'{value}' is not a service name")),
+            "node" if value.is_empty() => {}
+            "node" => {
+                filter.node = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("node '{value}' is not a node id"))?,
+                )
+            }
+            "daemon" => filter.daemon = value != "0" && value != "false",
+            other => {
+                return Err(format!(
+                    "unknown parameter '{other}': use service, node or daemon"
+                ))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+async fn graph_for(inspector: &Inspector, uri: &Uri) -> Result<crate::graph::ClusterGraph, Response> {
+    let filter = filter_from_query(uri.query())
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response())?;
+    inspector
+        .check_filter(&filter)
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e}\n")).into_response())?;
+    Ok(inspector.graph(&filter, DEFAULT_DEADLINE).await)
+}
+
+async fn graph_json(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Response {
+    match graph_for(&inspector, &uri).await {
+        Ok(g) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&g).unwrap_or_default(),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn graph_svg(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Response {
+    match graph_for(&inspector, &uri).await {
+        Ok(g) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg::render(&g)).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn events(State(inspector): State<Arc<Inspector>>) -> Response {
+    match inspector.node().read("events", true, false).await {
+        Ok((v, _)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            v.to_string(),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Serve the side port for the node `inspector` looks at on `listener` until `shutdown`.
 pub async fn serve_http(
-    node: Arc<ClusterNode>,
+    inspector: Arc<Inspector>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -46,8 +123,36 @@ pub async fn serve_http(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(node);
+        .route("/", get(index))
+        .route("/api/graph", get(graph_json))
+        .route("/api/graph.svg", get(graph_svg))
+        .route("/api/events", get(events))
+        .with_state(inspector);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_from_query;
+
+    #[test]
+    fn graph_filters_parse_from_the_query_string() {
+        let f = filter_from_query(Some("service=web&node=2&daemon=1")).unwrap();
+        assert_eq!(f.service.as_deref(), Some("web"));
+        assert_eq!(f.node, Some(2));
+        assert!(f.daemon);
+        let f = filter_from_query(Some("service=&node=")).unwrap();
+        assert_eq!((f.service, f.node), (None, None));
+        assert!(filter_from_query(Some("node=x"))
+            .unwrap_err()
+            .contains("not a node id"));
+        assert!(filter_from_query(Some("service=%3Cb%3E"))
+            .unwrap_err()
+            .contains("not a service name"));
+        assert!(filter_from_query(Some("colour=red"))
+            .unwrap_err()
+            .contains("unknown parameter"));
+    }
 }

@@ -17,6 +17,7 @@ mod types;
 
 pub use forward::status_from_proto;
 pub(crate) use forward::{status_to_proto, to_status};
+pub(crate) use network::describe_status;
 pub use network::{PeerHealth, Peers};
 pub use node::{
     check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,

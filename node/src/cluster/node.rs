@@ -289,6 +289,25 @@ impl ClusterNode {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// What a combined graph built on this node is merged with: leader, term, applied index
+    /// and the Raft members' addresses.
+    pub fn graph_context(&self) -> crate::graph::GraphContext {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        crate::graph::GraphContext {
+            answered_by: self.config.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            members: m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+        }
+    }
+
     /// Watch leader changes: `(leader, term)` each time either changes.
     pub fn leader_changes(
         &self,

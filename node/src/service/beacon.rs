@@ -32,7 +32,8 @@ pub enum NodeKind {
 }
 
 impl NodeKind {
-    fn as_str(self) -> &'static str {
+    /// Its name (`service`, `timer`, ...).
+    pub fn as_str(self) -> &'static str {
         match self {
             NodeKind::Service => "service",
             NodeKind::Supervisor => "supervisor",
@@ -43,6 +44,14 @@ impl NodeKind {
             NodeKind::Timer => "timer",
             NodeKind::Cron => "cron",
         }
+    }
+
+    /// A task, future, timer or cron job (not a service).
+    pub fn is_task(self) -> bool {
+        matches!(
+            self,
+            NodeKind::Task | NodeKind::Future | NodeKind::Timer | NodeKind::Cron
+        )
     }
 }
 
@@ -154,7 +163,8 @@ impl BeaconNode {
         out
     }
 
-    fn summary(&self) -> String {
+    /// One line: label, kind, state, restarts, uptime, detail, crash.
+    pub fn summary(&self) -> String {
         let mut s = format!("{} [{}] {}", self.label, self.kind.as_str(), self.state);
         if self.restart_count > 0 {
             let _ = write!(s, ", restarts={}", self.restart_count);
@@ -207,10 +217,7 @@ impl BeaconNode {
     fn write_dot(&self, out: &mut String, next_id: &mut usize) -> usize {
         let id = *next_id;
         *next_id += 1;
-        let shape = match self.kind {
-            NodeKind::Task | NodeKind::Future | NodeKind::Timer | NodeKind::Cron => "ellipse",
-            _ => "box",
-        };
+        let shape = if self.kind.is_task() { "ellipse" } else { "box" };
         let _ = writeln!(
             out,
             "    n{id} [label=\"{}\\n{} {}\", shape=\"{shape}\", fillcolor=\"{}\"];",

@@ -1,0 +1,459 @@
+//! The combined beacon graph of a cluster: cluster → nodes → instances → their service trees,
+//! plus the dependency edges between services (which cross machines).
+//!
+//! Each node reports its local beacon ([`NodeReport`]); the node asked for the graph fans out
+//! to every member and [`merge`]s the reports with its replica of the cluster state. A node that
+//! did not answer appears as `unreachable` with the error, its instances as the control plane
+//! last recorded them. Renderings: [`ClusterGraph::render_tree`], [`ClusterGraph::to_dot`],
+//! [`svg::render`], JSON (serde).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::state::{ClusterState, NodeStatus};
+use crate::service::BeaconNode;
+
+mod render;
+pub mod svg;
+
+pub use render::Palette;
+
+/// What one node reports of itself: the beacon subtree of every instance it runs, and the tree
+/// of the daemon's own services (Raft, servers, agent) without the instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The reporting node.
+    pub node: u64,
+    /// Instances running (or stopping) here.
+    pub instances: Vec<LocalInstance>,
+    /// The daemon's services, instances left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<BeaconNode>,
+}
+
+/// One instance as its node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalInstance {
+    /// Its service.
+    pub service: String,
+    /// Its slot.
+    pub slot: u32,
+    /// Its service tree: the instance's supervisor, the kind's service, tasks and timers.
+    pub tree: BeaconNode,
+}
+
+impl LocalInstance {
+    /// Parse an instance supervisor's beacon (labelled `service#slot`).
+    pub fn from_beacon(tree: BeaconNode) -> Option<LocalInstance> {
+        let (service, slot) = tree.label.rsplit_once('#')?;
+        let slot = slot.parse().ok()?;
+        Some(LocalInstance {
+            service: service.to_string(),
+            slot,
+            tree,
+        })
+    }
+}
+
+/// The merged graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterGraph {
+    /// The node that built it (its replica of the cluster state was used).
+    pub answered_by: u64,
+    /// The leader as that node knows it.
+    #[serde(default)]
+    pub leader: Option<u64>,
+    /// The Raft term.
+    #[serde(default)]
+    pub term: u64,
+    /// The replica's applied log index.
+    #[serde(default)]
+    pub applied_index: u64,
+    /// When it was built (UTC).
+    #[serde(default)]
+    pub generated_at: String,
+    /// Filters applied (`service=...`, `node=...`), for people reading the output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+    /// Every member, by id.
+    pub nodes: Vec<NodeGraph>,
+    /// Service-level summary: desired and running instances, dependencies.
+    #[serde(default)]
+    pub services: Vec<ServiceSummary>,
+    /// Dependency edges between the nodes running dependent services.
+    #[serde(default)]
+    pub edges: Vec<DependencyEdge>,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeGraph {
+    /// Its id.
+    pub id: u64,
+    /// Its gRPC address.
+    pub address: String,
+    /// `up`, `down` or `draining` as the control plane records it; `unreachable` when it did
+    /// not answer for this graph.
+    pub state: String,
+    /// Whether it answered for this graph.
+    pub reachable: bool,
+    /// Why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether it leads the cluster.
+    #[serde(default)]
+    pub leader: bool,
+    /// Its placement labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Instances assigned to it or still running on it.
+    pub instances: Vec<InstanceGraph>,
+    /// The daemon's own services (with `--daemon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<BeaconNode>,
+}
+
+/// One instance of a service on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceGraph {
+    /// Its service.
+    pub service: String,
+    /// Its slot.
+    pub slot: u32,
+    /// What it is doing: its node's own view when the node answered, else the control
+    /// plane's last record.
+    pub state: String,
+    /// What the control plane last recorded (`None`: not placed here, e.g. still stopping
+    /// after a move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
+    /// Restarts on this node.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// The last crash reason known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash: Option<String>,
+    /// Its service tree, from its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<BeaconNode>,
+}
+
+impl InstanceGraph {
+    /// `service#slot`.
+    pub fn name(&self) -> String {
+        format!("{}#{}", self.service, self.slot)
+    }
+}
+
+/// A service across the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// Instances wanted.
+    pub replicas: u32,
+    /// Instances running.
+    pub running: u32,
+    /// Services it depends on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Being removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+/// `from_service` on `from_node` depends on `to_service` on `to_node`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DependencyEdge {
+    /// The dependent service.
+    pub from_service: String,
+    /// A node running it.
+    pub from_node: u64,
+    /// The service it depends on.
+    pub to_service: String,
+    /// A node running that.
+    pub to_node: u64,
+    /// Whether the edge crosses machines.
+    pub cross_node: bool,
+}
+
+/// What the graph is narrowed to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GraphFilter {
+    /// Only this service's instances (and the edges touching it).
+    pub service: Option<String>,
+    /// Only this node.
+    pub node: Option<u64>,
+    /// Include each node's daemon services.
+    pub daemon: bool,
+}
+
+impl GraphFilter {
+    fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(s) = &self.service {
+            out.push(format!("service={s}"));
+        }
+        if let Some(n) = self.node {
+            out.push(format!("node={n}"));
+        }
+        out
+    }
+
+    /// Whether an instance of `service` passes the filter.
+    pub fn wants_service(&self, service: &str) -> bool {
+        self.service.as_deref().is_none_or(|s| s == service)
+    }
+}
+
+/// The cluster facts a graph is merged with, read from one replica.
+#[derive(Debug, Clone, Default)]
+pub struct GraphContext {
+    /// The node building the graph.
+    pub answered_by: u64,
+    /// The leader it knows.
+    pub leader: Option<u64>,
+    /// The Raft term.
+    pub term: u64,
+    /// Its applied index.
+    pub applied_index: u64,
+    /// Members of the Raft cluster not (yet) registered by their agent: id → address.
+    pub members: BTreeMap<u64, String>,
+}
+
+/// Merge the node reports (`Err`: why a node could not be asked) with the cluster state.
+pub fn merge(
+    state: &ClusterState,
+    ctx: &GraphContext,
+    reports: &BTreeMap<u64, Result<NodeReport, String>>,
+    filter: &GraphFilter,
+) -> ClusterGraph {
+    let mut ids: BTreeSet<u64> = state.nodes.keys().copied().collect();
+    ids.extend(ctx.members.keys().copied());
+    ids.extend(reports.keys().copied());
+    if let Some(only) = filter.node {
+        ids.retain(|id| *id == only);
+    }
+    // Placements by node.
+    let mut placed: BTreeMap<u64, Vec<(&str, u32, &crate::cluster::state::Placement)>> =
+        BTreeMap::new();
+    for (service, slots) in &state.placements {
+        if !filter.wants_service(service) {
+            continue;
+        }
+        for (slot, p) in slots {
+            placed
+                .entry(p.node)
+                .or_default()
+                .push((service.as_str(), *slot, p));
+        }
+    }
+    let mut nodes = Vec::with_capacity(ids.len());
+    for id in ids {
+        let info = state.nodes.get(&id);
+        let address = info
+            .map(|n| n.address.clone())
+            .or_else(|| ctx.members.get(&id).cloned())
+            .unwrap_or_default();
+        let report = reports.get(&id);
+        let (reachable, error) = match report {
+            Some(Ok(_)) => (true, None),
+            Some(Err(e)) => (false, Some(e.clone())),
+            None => (false, Some("not asked".to_string())),
+        };
+        let recorded = match info.map(|n| n.status) {
+            Some(NodeStatus::Up) => "up",
+            Some(NodeStatus::Down) => "down",
+            Some(NodeStatus::Draining) => "draining",
+            None => "unregistered",
+        };
+        let mut local: BTreeMap<(String, u32), BeaconNode> = BTreeMap::new();
+        let mut daemon = None;
+        if let Some(Ok(r)) = report {
+            for i in &r.instances {
+                if filter.wants_service(&i.service) {
+                    local.insert((i.service.clone(), i.slot), i.tree.clone());
+                }
+            }
+            if filter.daemon {
+                daemon = r.daemon.clone();
+            }
+        }
+        let mut instances = Vec::new();
+        for (service, slot, p) in placed.get(&id).map(Vec::as_slice).unwrap_or_default() {
+            let tree = local.remove(&(service.to_string(), *slot));
+            instances.push(instance(service, *slot, Some(p), tree, reachable));
+        }
+        // Running here without a placement here: moved away and still stopping, or removed.
+        for ((service, slot), tree) in local {
+            instances.push(instance(&service, slot, None, Some(tree), true));
+        }
+        instances.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+        nodes.push(NodeGraph {
+            id,
+            address,
+            state: if reachable { recorded } else { "unreachable" }.to_string(),
+            reachable,
+            error,
+            leader: ctx.leader == Some(id),
+            labels: info.map(|n| n.labels.clone()).unwrap_or_default(),
+            instances,
+            daemon,
+        });
+    }
+    let services = state
+        .specs
+        .values()
+        .filter(|s| filter.wants_service(&s.name))
+        .map(|s| ServiceSummary {
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            replicas: s.instances(),
+            running: state.placements.get(&s.name).map_or(0, |slots| {
+                slots.values().filter(|p| p.state == "running").count() as u32
+            }),
+            depends_on: s.depends_on.clone(),
+            deleting: state.deleting.contains(&s.name),
+        })
+        .collect();
+    ClusterGraph {
+        answered_by: ctx.answered_by,
+        leader: ctx.leader,
+        term: ctx.term,
+        applied_index: ctx.applied_index,
+        generated_at: format!("{}Z", crate::service::format_utc_ms(now_ms())),
+        filters: filter.describe(),
+        edges: edges(state, filter),
+        nodes,
+        services,
+    }
+}
+
+fn instance(
+    service: &str,
+    slot: u32,
+    placement: Option<&crate::cluster::state::Placement>,
+    tree: Option<BeaconNode>,
+    reachable: bool,
+) -> InstanceGraph {
+    let state = match (&tree, placement) {
+        (Some(t), _) => instance_state(t),
+        // The node answered and does not run it (yet).
+        (None, Some(p)) if reachable && p.state == "running" => "missing".to_string(),
+        (None, Some(p)) => p.state.clone(),
+        (None, None) => "unknown".to_string(),
+    };
+    InstanceGraph {
+        service: service.to_string(),
+        slot,
+        state,
+        placement: placement.map(|p| p.state.clone()),
+        restart_count: tree
+            .as_ref()
+            .map(|t| inner_service(t).map_or(t.restart_count, |c| c.restart_count))
+            .or(placement.map(|p| p.restart_count))
+            .unwrap_or(0),
+        last_crash: tree
+            .as_ref()
+            .and_then(|t| {
+                inner_service(t)
+                    .and_then(|c| c.crash_reason.clone().or(c.last_crash_reason.clone()))
+                    .or(t.crash_reason.clone())
+            })
+            .or(placement.and_then(|p| p.last_crash.clone())),
+        tree,
+    }
+}
+
+/// An instance's state from its tree: its supervisor's, unless the service inside is in
+/// another state (crashed and waiting for a restart, starting).
+fn instance_state(tree: &BeaconNode) -> String {
+    match inner_service(tree) {
+        Some(inner) if tree.state == "running" => inner.state.clone(),
+        _ => tree.state.clone(),
+    }
+}
+
+/// The kind's service inside an instance's supervisor (its first child that is not a task).
+pub fn inner_service(tree: &BeaconNode) -> Option<&BeaconNode> {
+    tree.children.iter().find(|c| !c.kind.is_task())
+}
+
+fn edges(state: &ClusterState, filter: &GraphFilter) -> Vec<DependencyEdge> {
+    let nodes_of = |service: &str| -> BTreeSet<u64> {
+        state
+            .placements
+            .get(service)
+            .map(|slots| slots.values().map(|p| p.node).collect())
+            .unwrap_or_default()
+    };
+    let mut out = BTreeSet::new();
+    for spec in state.specs.values() {
+        for dep in &spec.depends_on {
+            if !filter.wants_service(&spec.name) && !filter.wants_service(dep) {
+                continue;
+            }
+            let targets = nodes_of(dep);
+            for from in nodes_of(&spec.name) {
+                for to in &targets {
+                    if filter.node.is_some_and(|n| n != from && n != *to) {
+                        continue;
+                    }
+                    out.insert(DependencyEdge {
+                        from_service: spec.name.clone(),
+                        from_node: from,
+                        to_service: dep.clone(),
+                        to_node: *to,
+                        cross_node: from != *to,
+                    });
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ClusterGraph {
+    /// Instances in the graph.
+    pub fn instance_count(&self) -> usize {
+        self.nodes.iter().map(|n| n.instances.len()).sum()
+    }
+
+    /// The graph with everything that changes on its own (uptimes, timer statistics, the
+    /// time it was built) removed: two graphs with the same signature show the same cluster.
+    pub fn signature(&self) -> String {
+        let mut g = self.clone();
+        g.generated_at.clear();
+        for n in &mut g.nodes {
+            for i in &mut n.instances {
+                if let Some(t) = &mut i.tree {
+                    strip_volatile(t);
+                }
+            }
+            if let Some(d) = &mut n.daemon {
+                strip_volatile(d);
+            }
+        }
+        serde_json::to_string(&g).unwrap_or_default()
+    }
+}
+
+fn strip_volatile(b: &mut BeaconNode) {
+    b.uptime_s = None;
+    b.detail = None;
+    for c in &mut b.children {
+        strip_volatile(c);
+    }
+}
+
+#[cfg(test)]
+mod tests;
