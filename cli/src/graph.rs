@@ -7,10 +7,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use mode::graph::{svg, ClusterGraph, Palette};
 use mode_proto::v1 as pb;
-use mode_proto::v1::control_client::ControlClient;
-use tonic::transport::Channel;
 
-use crate::Failure;
+use crate::{Client, Failure};
 
 #[derive(Args)]
 pub(crate) struct GraphArgs {
@@ -50,7 +48,7 @@ pub(crate) enum GraphFormat {
 }
 
 async fn fetch(
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     args: &GraphArgs,
 ) -> Result<ClusterGraph, Failure> {
@@ -96,7 +94,7 @@ fn warn_unreachable(graph: &ClusterGraph) {
 
 pub(crate) async fn run(
     args: &GraphArgs,
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     json: bool,
 ) -> Result<(), Failure> {

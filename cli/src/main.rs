@@ -6,11 +6,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 use serde_json::Value;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 
 mod graph;
 mod output;
@@ -112,6 +114,20 @@ enum NodeCmd {
     },
 }
 
+/// The control API client; every call carries the current trace context.
+pub(crate) type Client = ControlClient<InterceptedService<Channel, TracePropagation>>;
+
+/// Puts the W3C trace context of the current span into each request's metadata.
+#[derive(Clone, Copy)]
+pub(crate) struct TracePropagation;
+
+impl tonic::service::Interceptor for TracePropagation {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        mode::telemetry::inject(req.metadata_mut());
+        Ok(req)
+    }
+}
+
 /// A failure, with the exit status it maps to.
 pub(crate) struct Failure {
     pub(crate) code: u8,
@@ -166,7 +182,7 @@ fn endpoint_url(endpoint: &str) -> String {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<ControlClient<Channel>, Failure> {
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
     let url = endpoint_url(&cli.endpoint);
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Failure {
@@ -175,11 +191,14 @@ async fn connect(cli: &Cli) -> Result<ControlClient<Channel>, Failure> {
         })?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(cli.timeout));
-    Ok(ControlClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20))
+    Ok(
+        ControlClient::with_interceptor(endpoint.connect_lazy(), TracePropagation)
+            .max_decoding_message_size(mode::api::MAX_GRAPH_BYTES),
+    )
 }
 
 pub(crate) async fn read(
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     query: &str,
     stale: bool,
@@ -309,7 +328,7 @@ fn last_seq(events: &Value) -> Option<u64> {
 
 /// Commit a state-machine command; returns its result (`ok`, `message`).
 pub(crate) async fn write(
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     command: Value,
 ) -> Result<Value, Failure> {
@@ -332,14 +351,27 @@ fn decode(endpoint: &str, text: &str) -> Result<Value, Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // `svc apply`, `graph`, ...: the trace's root span is named after the command.
+    let mut command = Vec::new();
+    let mut m = &matches;
+    while let Some((name, sub)) = m.subcommand() {
+        command.push(name);
+        m = sub;
+    }
+    let command = command.join(" ");
+    // One worker thread: the trace exporter sends from its own thread through the runtime.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -349,7 +381,34 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
+    let traced = mode::telemetry::configured();
+    if traced {
+        let _in_runtime = rt.enter();
+        let log = mode::worker::LogConfig {
+            level: Some("warn".to_string()),
+            otel_service: Some("modectl".to_string()),
+            ..Default::default()
+        };
+        if let Err(e) = mode::worker::init_logging(&log) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let span = tracing::info_span!(
+        target: mode::telemetry::TARGET,
+        "modectl",
+        otel.name = %format!("modectl {command}"),
+        otel.kind = "client",
+        endpoint = %cli.endpoint,
+    );
+    let outcome = rt.block_on(async {
+        let outcome = run(cli).instrument(span).await;
+        if traced {
+            mode::telemetry::shutdown(Duration::from_secs(3)).await;
+        }
+        outcome
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("error: {}", f.message);

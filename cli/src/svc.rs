@@ -5,12 +5,10 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use mode_proto::v1 as pb;
-use mode_proto::v1::control_client::ControlClient;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::output::table;
-use crate::{read, write, Failure};
+use crate::{read, write, Client, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum SvcCmd {
@@ -74,7 +72,7 @@ fn instances(placements: &Value, name: &str) -> Vec<(u64, Value)> {
 
 pub(crate) async fn run(
     cmd: &SvcCmd,
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     json: bool,
 ) -> Result<(), Failure> {
@@ -301,7 +299,7 @@ pub(crate) async fn run(
 /// Show progress until every instance of `names` runs; fail on an instance that exceeded its
 /// restart intensity or could not be placed.
 async fn wait_running(
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     endpoint: &str,
     names: &[String],
     timeout: Duration,

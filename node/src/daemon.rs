@@ -281,11 +281,9 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
         level: Some(args.log_level.clone()),
         format: args.log_format,
         file: None,
+        otel_service: Some("mode-node".to_string()),
+        otel_attributes: vec![("mode.node.id".to_string(), args.id.to_string())],
     };
-    if let Err(e) = init_logging(&log) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -296,7 +294,20 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
             return ExitCode::from(1);
         }
     };
-    let code = rt.block_on(run(args, config, kinds));
+    // The trace exporter's gRPC client runs on the runtime.
+    let logging = {
+        let _in_runtime = rt.enter();
+        init_logging(&log)
+    };
+    if let Err(e) = logging {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let code = rt.block_on(async {
+        let code = run(args, config, kinds).await;
+        crate::telemetry::shutdown(Duration::from_secs(3)).await;
+        code
+    });
     rt.shutdown_timeout(Duration::from_millis(200));
     ExitCode::from(code)
 }

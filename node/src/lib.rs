@@ -8,6 +8,7 @@
 //! * [`cluster`]: the Raft-replicated control plane (openraft over gRPC, redb on disk).
 //! * [`api`]: the gRPC servers (Raft transport and control API) and the HTTP side port.
 //! * [`graph`]: the combined beacon graph of a cluster and its renderings.
+//! * [`telemetry`]: OpenTelemetry traces (OTLP) and trace-context propagation.
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod graph;
 pub mod schedule;
 pub mod service;
+pub mod telemetry;
 pub mod worker;
 
 pub use daemon::Node;

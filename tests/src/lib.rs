@@ -66,6 +66,8 @@ impl Drop for Scratch {
 pub struct Launcher {
     pub program: PathBuf,
     pub prefix: Vec<String>,
+    /// Environment variables for every node.
+    pub env: Vec<(String, String)>,
 }
 
 impl Launcher {
@@ -74,6 +76,7 @@ impl Launcher {
         Launcher {
             program: binary("mode-node"),
             prefix: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl NodeProc {
         let child = Command::new(&self.launcher.program)
             .args(&self.launcher.prefix)
             .args(&self.args)
+            .envs(self.launcher.env.iter().map(|(k, v)| (k, v)))
             .env_remove("MODE_ENDPOINT")
             .stdout(Stdio::null())
             .stderr(log)
@@ -460,6 +464,7 @@ impl TestCluster {
         cmd.arg("--endpoint")
             .arg(self.nodes[&via].address())
             .args(args)
+            .envs(self.launcher.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run modectl")
     }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument as _;
+
 use super::kinds::{InstanceSpec, KindRegistry};
 use crate::cluster::spec::ServiceSpec;
 use crate::cluster::state::{ClusterState, Command};
@@ -277,8 +279,28 @@ pub async fn run(
             let wrapper = instance_supervisor(spec, key.1, inner.clone());
             instances.add_dependency(wrapper.clone());
             tracing::info!("starting {}", instance.label());
-            if let Err(e) = wrapper.start().await {
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "agent",
+                otel.name = "agent.start_instance",
+                instance = %instance.label(),
+                kind = %spec.kind,
+                node = me,
+                error = tracing::field::Empty,
+            );
+            let trace = state
+                .placements
+                .get(&key.0)
+                .and_then(|s| s.get(&key.1))
+                .and_then(|p| p.trace.as_deref());
+            crate::telemetry::set_parent(&span, trace);
+            // Called inside the span, so that the lifecycle spans nest under it.
+            let started = async { wrapper.start().await }
+                .instrument(span.clone())
+                .await;
+            if let Err(e) = started {
                 tracing::warn!("{} failed to start: {e}", instance.label());
+                span.record("error", tracing::field::display(&e));
             }
             local.insert(
                 key.clone(),

@@ -268,6 +268,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::server_span)
         .add_service(
             RaftServer::new(inspector.node().raft_service()).max_decoding_message_size(64 << 20),
         )

@@ -24,6 +24,7 @@ fn forwarded<T>(message: T) -> tonic::Request<T> {
     req.set_timeout(FORWARD_TIMEOUT);
     req.metadata_mut()
         .insert(FORWARDED, MetadataValue::from_static("1"));
+    crate::telemetry::inject(req.metadata_mut());
     req
 }
 

@@ -12,6 +12,7 @@ use mode_proto::v1::{ClusterStatusRequest, JoinRequest};
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use super::network::{describe_status, Network, Peers};
 use super::proposer::{Proposer, Rejected};
@@ -480,10 +481,28 @@ impl ClusterNode {
         command: Command,
         may_forward: bool,
     ) -> Result<WriteOutcome, ClusterError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "raft.propose",
+            otel.name = "raft.propose",
+            op = command.op(),
+            node = self.config.id,
+        );
         let proposal = Proposal {
             at_ms: now_ms(),
+            trace: crate::telemetry::traceparent(&span),
             command,
         };
+        self.write_proposal(proposal, may_forward)
+            .instrument(span)
+            .await
+    }
+
+    async fn write_proposal(
+        &self,
+        proposal: Proposal,
+        may_forward: bool,
+    ) -> Result<WriteOutcome, ClusterError> {
         let started = Instant::now();
         let deadline = started + WRITE_TIMEOUT;
         loop {

@@ -84,7 +84,13 @@ struct Memory {
     failed_since: HashMap<(String, u32), Instant>,
     /// The last "could not place" reason recorded per instance.
     unplaced: HashMap<(String, u32), String>,
+    /// When each service change's trace was first continued by a placement.
+    traces_continued: HashMap<String, Instant>,
 }
+
+/// How long after a traced change (`svc apply`) placements still join its trace; later ones
+/// (a node failing hours after the deploy) are not part of that request.
+const TRACE_CONTINUES_FOR: Duration = Duration::from_secs(10);
 
 /// Run the control loop until `stopped` resolves; acts only while this node leads.
 pub async fn run(
@@ -121,7 +127,101 @@ pub async fn run(
             };
         }
         let commands = decide(&node, &state, liveness, &mut memory);
-        commit(&node, commands).await;
+        let commands = split_traced(commands, &state, &mut memory);
+        commit_traced(&node, commands).await;
+    }
+}
+
+/// Split placement decisions about services whose latest change was traced into one
+/// decision per service, each tagged with the trace it continues.
+fn split_traced(
+    commands: Vec<Command>,
+    state: &ClusterState,
+    memory: &mut Memory,
+) -> Vec<(Command, Option<String>)> {
+    memory
+        .traces_continued
+        .retain(|t, first| state.traces.values().any(|v| v == t) && first.elapsed() < TRACE_CONTINUES_FOR * 6);
+    let mut live = |service: &str| -> Option<String> {
+        let t = state.traces.get(service)?;
+        let first = *memory
+            .traces_continued
+            .entry(t.clone())
+            .or_insert_with(Instant::now);
+        (first.elapsed() < TRACE_CONTINUES_FOR).then(|| t.clone())
+    };
+    let mut out = Vec::with_capacity(commands.len());
+    for command in commands {
+        let Command::Place { assign, unassign } = command else {
+            out.push((command, None));
+            continue;
+        };
+        let mut plain = (Vec::new(), Vec::new());
+        let mut traced: BTreeMap<String, (String, Vec<SlotAssignment>, Vec<SlotAssignment>)> =
+            BTreeMap::new();
+        for (list, a) in assign
+            .into_iter()
+            .map(|a| (0, a))
+            .chain(unassign.into_iter().map(|a| (1, a)))
+        {
+            let target = match live(&a.service) {
+                Some(t) => {
+                    let e = traced
+                        .entry(a.service.clone())
+                        .or_insert_with(|| (t, Vec::new(), Vec::new()));
+                    if list == 0 { &mut e.1 } else { &mut e.2 }
+                }
+                None => {
+                    if list == 0 { &mut plain.0 } else { &mut plain.1 }
+                }
+            };
+            target.push(a);
+        }
+        for (_, (trace, assign, unassign)) in traced {
+            out.push((Command::Place { assign, unassign }, Some(trace)));
+        }
+        if !plain.0.is_empty() || !plain.1.is_empty() {
+            out.push((
+                Command::Place {
+                    assign: plain.0,
+                    unassign: plain.1,
+                },
+                None,
+            ));
+        }
+    }
+    out
+}
+
+/// Commit decisions in order; a traced one under a `placement` span in its trace.
+async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String>)>) {
+    use tracing::Instrument as _;
+    for (command, trace) in commands {
+        let written = match (&command, trace) {
+            (Command::Place { assign, unassign }, Some(trace)) => {
+                let describe = |l: &[SlotAssignment]| {
+                    l.iter()
+                        .map(|a| format!("{}#{}@{}", a.service, a.slot, a.node))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                let span = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    "placement",
+                    otel.name = "placement.decide",
+                    service = assign.first().or(unassign.first()).map(|a| a.service.as_str()).unwrap_or_default(),
+                    assign = %describe(assign),
+                    unassign = %describe(unassign),
+                );
+                crate::telemetry::set_parent(&span, Some(&trace));
+                node.write(command, false).instrument(span).await
+            }
+            (_, _) => node.write(command, false).await,
+        };
+        if let Err(e) = written {
+            tracing::debug!("control loop: {e}");
+            break;
+        }
     }
 }
 

@@ -78,6 +78,10 @@ pub struct Placement {
     /// Bumped to ask its node to restart it (rolling restarts).
     #[serde(default)]
     pub restart_seq: u64,
+    /// The trace context of the decision that placed it, when traced (its node's agent
+    /// continues the trace when it starts the instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl Placement {
@@ -92,6 +96,7 @@ impl Placement {
             avoid: Vec::new(),
             reschedules: 0,
             restart_seq: 0,
+            trace: None,
         }
     }
 }
@@ -252,6 +257,10 @@ pub struct Proposal {
     pub at_ms: u64,
     /// The change.
     pub command: Command,
+    /// The W3C trace context of the request that proposed it, when traced: what it causes
+    /// later (placements, instance starts) joins the same trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Proposals committed together as one Raft entry (the leader batches concurrent writes so
@@ -309,6 +318,30 @@ pub struct ClusterState {
     pub events: VecDeque<Event>,
     /// Sequence number of the next event.
     pub next_event_seq: u64,
+    /// The trace context of each service's latest traced change (placing its instances
+    /// continues that trace).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traces: BTreeMap<String, String>,
+}
+
+impl Command {
+    /// Its name (`put_spec`, `place`, ...), as in its JSON form.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::RegisterNode { .. } => "register_node",
+            Command::SetNodeStatus { .. } => "set_node_status",
+            Command::RemoveNode { .. } => "remove_node",
+            Command::PutSpec { .. } => "put_spec",
+            Command::DeleteSpec { .. } => "delete_spec",
+            Command::Place { .. } => "place",
+            Command::ReportInstance { .. } => "report_instance",
+            Command::FinishMove { .. } => "finish_move",
+            Command::ReleaseMove { .. } => "release_move",
+            Command::RestartInstance { .. } => "restart_instance",
+            Command::PurgeSpec { .. } => "purge_spec",
+            Command::RecordEvent { .. } => "record_event",
+        }
+    }
 }
 
 impl ClusterState {
@@ -379,6 +412,10 @@ impl ClusterState {
                     .unwrap_or(1);
                 let mut stored = spec.clone();
                 stored.generation = generation;
+                match &proposal.trace {
+                    Some(t) => self.traces.insert(spec.name.clone(), t.clone()),
+                    None => self.traces.remove(&spec.name),
+                };
                 let msg = format!("service '{}' stored (generation {generation})", spec.name);
                 self.specs.insert(spec.name.clone(), stored);
                 self.event(at, "spec-applied", &msg, Some(spec.name.clone()), None);
@@ -401,6 +438,7 @@ impl ClusterState {
             }
             Command::PurgeSpec { name } => {
                 self.deleting.remove(name);
+                self.traces.remove(name);
                 self.placements.remove(name);
                 match self.specs.remove(name) {
                     Some(_) => {
@@ -547,6 +585,7 @@ impl ClusterState {
                     p.node = a.node;
                     p.state = pending();
                     p.moving_from = a.moving_from;
+                    p.trace = proposal.trace.clone();
                     slots.insert(a.slot, p);
                 }
                 CommandResult::ok(format!(
@@ -649,6 +688,7 @@ mod tests {
 
     fn p(command: Command) -> Proposal {
         Proposal {
+            trace: None,
             at_ms: 1000,
             command,
         }
@@ -755,6 +795,47 @@ mod tests {
         }));
         assert!(s.placements.is_empty());
         assert_eq!(s.query("placements").unwrap(), serde_json::json!({}));
+    }
+
+    #[test]
+    fn op_names_match_the_json_tags() {
+        let cmds = [
+            Command::PutSpec { spec: spec("a") },
+            Command::DeleteSpec { name: "a".into() },
+            Command::PurgeSpec { name: "a".into() },
+            Command::Place {
+                assign: vec![],
+                unassign: vec![],
+            },
+        ];
+        for c in cmds {
+            assert_eq!(serde_json::to_value(&c).unwrap()["op"], c.op());
+        }
+    }
+
+    #[test]
+    fn traced_proposals_leave_their_context_on_specs_and_placements() {
+        let mut s = ClusterState::default();
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string();
+        let mut put = p(Command::PutSpec { spec: spec("a") });
+        put.trace = Some(tp.clone());
+        s.apply(&put);
+        assert_eq!(s.traces["a"], tp);
+        let mut place = p(Command::Place {
+            assign: vec![SlotAssignment {
+                service: "a".into(),
+                slot: 0,
+                node: 1,
+                moving_from: None,
+            }],
+            unassign: vec![],
+        });
+        place.trace = Some(tp.clone());
+        s.apply(&place);
+        assert_eq!(s.placements["a"][&0].trace.as_deref(), Some(tp.as_str()));
+        // An untraced change forgets the old context.
+        s.apply(&p(Command::PutSpec { spec: spec("a") }));
+        assert!(!s.traces.contains_key("a"));
     }
 
     #[test]

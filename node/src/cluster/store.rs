@@ -617,9 +617,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             a.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Vec::new(),
-                EntryPayload::Normal(ref batch) => {
-                    batch.proposals.iter().map(|p| a.state.apply(p)).collect()
-                }
+                EntryPayload::Normal(ref batch) => batch
+                    .proposals
+                    .iter()
+                    .map(|p| match &p.trace {
+                        None => a.state.apply(p),
+                        // A traced proposal shows being applied on every replica.
+                        Some(parent) => {
+                            let span = tracing::info_span!(
+                                target: crate::telemetry::TARGET,
+                                "raft.apply",
+                                otel.name = "raft.apply",
+                                op = p.command.op(),
+                                index = entry.log_id.index,
+                            );
+                            crate::telemetry::set_parent(&span, Some(parent));
+                            let _in = span.enter();
+                            a.state.apply(p)
+                        }
+                    })
+                    .collect(),
                 EntryPayload::Membership(ref m) => {
                     a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Vec::new()

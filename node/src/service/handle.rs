@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::beacon::NodeKind;
 use super::state::{wait_until, Flag};
@@ -335,17 +336,25 @@ impl ServiceHandle {
     /// during the start, or a dependency fails to start (the reason names it); the service is
     /// then `crashed` and whatever it had started is stopped again.
     pub fn start(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
-        Box::pin(async move {
-            let mut svc = self.cell.service.lock().await;
-            let state = self.state();
-            if state != ServiceState::Init {
-                return Err(ServiceError::NotStartable {
-                    service: self.label().to_string(),
-                    state,
-                });
+        let span = lifecycle_span("service.start", self.label());
+        Box::pin(
+            async move {
+                let mut svc = self.cell.service.lock().await;
+                let state = self.state();
+                if state != ServiceState::Init {
+                    return Err(ServiceError::NotStartable {
+                        service: self.label().to_string(),
+                        state,
+                    });
+                }
+                let result = self.start_locked(&mut svc).await;
+                if let Err(e) = &result {
+                    tracing::Span::current().record("reason", tracing::field::display(e));
+                }
+                result
             }
-            self.start_locked(&mut svc).await
-        })
+            .instrument(span),
+        )
     }
 
     /// Start if never started; `Ok(false)` if it was already started.
@@ -372,10 +381,14 @@ impl ServiceHandle {
             });
             return Box::pin(async {});
         }
-        Box::pin(async move {
-            let mut svc = self.cell.service.lock().await;
-            self.stop_locked(&mut svc).await;
-        })
+        let span = lifecycle_span("service.stop", self.label());
+        Box::pin(
+            async move {
+                let mut svc = self.cell.service.lock().await;
+                self.stop_locked(&mut svc).await;
+            }
+            .instrument(span),
+        )
     }
 
     /// Stop, reset (restart count + 1, crash cleared), `on_restart`, start again.
@@ -389,7 +402,8 @@ impl ServiceHandle {
             });
             return Box::pin(async { Ok(()) });
         }
-        Box::pin(self.restart_now())
+        let span = lifecycle_span("service.restart", self.label());
+        Box::pin(self.restart_now().instrument(span))
     }
 
     async fn restart_now(&self) -> Result<(), ServiceError> {
@@ -436,6 +450,15 @@ impl ServiceHandle {
                     }
                     self.cell.stop.set();
                     self.cell.state_changed.notify_waiters();
+                    let _crash = tracing::info_span!(
+                        target: crate::telemetry::TARGET,
+                        "service.crash",
+                        otel.name = "service.crash",
+                        service = %self.label(),
+                        reason = %reason,
+                        restarts = self.restart_count(),
+                    )
+                    .entered();
                     tracing::error!(
                         "[{}]: Crashed (restarts so far: {}): {reason}",
                         self.log_prefix(),
@@ -814,4 +837,15 @@ impl fmt::Debug for ServiceHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "<{}: {}>", self.label(), self.state())
     }
+}
+
+/// The span of one lifecycle step (a trace span; see [`crate::telemetry`]).
+fn lifecycle_span(step: &'static str, service: &str) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "service",
+        otel.name = step,
+        service = %service,
+        reason = tracing::field::Empty,
+    )
 }

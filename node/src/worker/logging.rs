@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +39,11 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Append to this file instead of writing to stderr.
     pub file: Option<PathBuf>,
+    /// The OpenTelemetry service name when `OTEL_SERVICE_NAME` does not give one (default:
+    /// the program's name). Traces are exported only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otel_service: Option<String>,
+    /// Extra OpenTelemetry resource attributes (`mode.node.id`, ...).
+    pub otel_attributes: Vec<(String, String)>,
 }
 
 /// Logging could not be set up.
@@ -50,6 +57,9 @@ pub enum LoggingError {
         /// The parser's complaint.
         message: String,
     },
+    /// The OpenTelemetry exporter cannot be set up.
+    #[error("{0}")]
+    Telemetry(String),
     /// The log file cannot be opened.
     #[error("cannot open log file {path}: {source} (check the directory exists and is writable)")]
     File {
@@ -78,12 +88,16 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
         filter: config.level.clone().unwrap_or(filter_text.clone()),
         message: e.to_string(),
     })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let result = match (&config.file, config.format) {
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
-        (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
+    // Spans meant for traces stay out of log lines.
+    let filter = filter.add_directive(
+        format!("{}=off", crate::telemetry::TARGET)
+            .parse()
+            .expect("a valid directive"),
+    );
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match (&config.file, config.format) {
+        (None, LogFormat::Text) => fmt.with_writer(std::io::stderr).boxed(),
+        (None, LogFormat::Json) => fmt.json().with_writer(std::io::stderr).boxed(),
         (Some(path), format) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -95,12 +109,35 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
                 })?;
             let writer = std::sync::Mutex::new(file);
             match format {
-                LogFormat::Text => builder.with_ansi(false).with_writer(writer).try_init(),
-                LogFormat::Json => builder.json().with_writer(writer).try_init(),
+                LogFormat::Text => fmt.with_ansi(false).with_writer(writer).boxed(),
+                LogFormat::Json => fmt.json().with_writer(writer).boxed(),
             }
         }
     };
+    let mut layers = vec![fmt.with_filter(filter).boxed()];
+    let service = config.otel_service.clone().unwrap_or_else(program_name);
+    let attributes = config
+        .otel_attributes
+        .iter()
+        .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
+        .collect();
+    if let Some(otel) =
+        crate::telemetry::layer(&service, attributes).map_err(LoggingError::Telemetry)?
+    {
+        layers.push(otel);
+    }
+    let result = tracing_subscriber::registry().with(layers).try_init();
     // An already installed subscriber is not an error.
     let _ = result;
     Ok(())
+}
+
+fn program_name() -> String {
+    std::env::args()
+        .next()
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "mode".to_string())
 }

@@ -242,6 +242,9 @@ impl Worker {
                 return WorkerExit::Forced;
             }
         };
+        if self.install_logging {
+            crate::telemetry::shutdown(Duration::from_secs(3)).await;
+        }
         if let Some(reason) = root.crash_reason() {
             eprintln!("error: crashed: {reason}");
             return WorkerExit::Crashed(reason);

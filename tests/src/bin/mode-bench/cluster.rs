@@ -15,6 +15,7 @@ fn launcher() -> anyhow::Result<Launcher> {
     Ok(Launcher {
         program: std::env::current_exe()?,
         prefix: vec!["__node".into()],
+        env: Vec::new(),
     })
 }
 
