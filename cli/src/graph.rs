@@ -47,11 +47,8 @@ pub(crate) enum GraphFormat {
     Svg,
 }
 
-async fn fetch(
-    client: &mut Client,
-    endpoint: &str,
-    args: &GraphArgs,
-) -> Result<ClusterGraph, Failure> {
+/// The graph's JSON as the node sent it.
+async fn fetch_json(client: &mut Client, endpoint: &str, args: &GraphArgs) -> Result<Vec<u8>, Failure> {
     let reply = client
         .graph(pb::GraphRequest {
             service: args.service.clone().unwrap_or_default(),
@@ -62,17 +59,41 @@ async fn fetch(
         .await
         .map_err(|s| Failure::from_status(endpoint, &s))?
         .into_inner();
-    serde_json::from_slice(&reply.graph_json).map_err(|e| Failure {
+    Ok(reply.graph_json)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(endpoint: &str, json: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(json).map_err(|e| Failure {
         code: 1,
         message: format!("undecodable graph from {endpoint}: {e}"),
     })
+}
+
+async fn fetch(client: &mut Client, endpoint: &str, args: &GraphArgs) -> Result<ClusterGraph, Failure> {
+    let json = fetch_json(client, endpoint, args).await?;
+    decode(endpoint, &json)
+}
+
+/// What the unreachable-node warnings need of a graph (the rest is skipped, not built).
+#[derive(serde::Deserialize)]
+struct Reachability {
+    nodes: Vec<NodeReachability>,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeReachability {
+    id: u64,
+    address: String,
+    reachable: bool,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
     match format {
         GraphFormat::Tree => graph.render_tree(palette),
         GraphFormat::Json => {
-            let mut s = serde_json::to_string_pretty(graph).unwrap_or_default();
+            let mut s = serde_json::to_string(graph).unwrap_or_default();
             s.push('\n');
             s
         }
@@ -81,7 +102,7 @@ fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
     }
 }
 
-fn warn_unreachable(graph: &ClusterGraph) {
+fn warn_unreachable(graph: &Reachability) {
     for n in graph.nodes.iter().filter(|n| !n.reachable) {
         eprintln!(
             "warning: node {} ({}) did not answer: {}",
@@ -110,9 +131,18 @@ pub(crate) async fn run(
         Palette::Plain
     };
     if !args.watch {
-        let graph = fetch(client, endpoint, args).await?;
-        print!("{}", draw(&graph, format, palette));
-        warn_unreachable(&graph);
+        let json = fetch_json(client, endpoint, args).await?;
+        if format == GraphFormat::Json {
+            // As the node sent it (compact): 10k instances are megabytes, not worth rebuilding.
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&json);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        } else {
+            let graph: ClusterGraph = decode(endpoint, &json)?;
+            print!("{}", draw(&graph, format, palette));
+        }
+        warn_unreachable(&decode(endpoint, &json)?);
         return Ok(());
     }
     let mut shown: Option<String> = None;

@@ -9,7 +9,7 @@ use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 
 use crate::cluster::ClusterNode;
-use crate::graph::{merge, ClusterGraph, GraphFilter, LocalInstance, NodeReport};
+use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport};
 use crate::service::{BeaconNode, NodeKind, ServiceHandle};
 
 /// How long the fan-out waits for a node unless told otherwise.
@@ -175,8 +175,11 @@ impl Inspector {
                 reports.insert(id, answer);
             }
         }
-        self.node
-            .local_state(|state| merge(state, &ctx, &reports, filter))
+        // The replica's state is held only while the skeleton is built; the trees are moved
+        // in afterwards.
+        let mut graph = self.node.local_state(|state| skeleton(state, &ctx, filter));
+        graph.attach(reports, filter);
+        graph
     }
 }
 

@@ -228,81 +228,66 @@ pub struct GraphContext {
 pub fn merge(
     state: &ClusterState,
     ctx: &GraphContext,
-    reports: &BTreeMap<u64, Result<NodeReport, String>>,
+    reports: BTreeMap<u64, Result<NodeReport, String>>,
     filter: &GraphFilter,
 ) -> ClusterGraph {
+    let mut graph = skeleton(state, ctx, filter);
+    graph.attach(reports, filter);
+    graph
+}
+
+/// The graph as the cluster state records it: every node (not yet asked: unreachable) and
+/// the instances placed on it, without their trees. Cheap: built while holding the state.
+pub fn skeleton(state: &ClusterState, ctx: &GraphContext, filter: &GraphFilter) -> ClusterGraph {
     let mut ids: BTreeSet<u64> = state.nodes.keys().copied().collect();
     ids.extend(ctx.members.keys().copied());
-    ids.extend(reports.keys().copied());
     if let Some(only) = filter.node {
         ids.retain(|id| *id == only);
     }
-    // Placements by node.
-    let mut placed: BTreeMap<u64, Vec<(&str, u32, &crate::cluster::state::Placement)>> =
-        BTreeMap::new();
+    let mut nodes: BTreeMap<u64, NodeGraph> = ids
+        .into_iter()
+        .map(|id| {
+            let info = state.nodes.get(&id);
+            let recorded = match info.map(|n| n.status) {
+                Some(NodeStatus::Up) => "up",
+                Some(NodeStatus::Down) => "down",
+                Some(NodeStatus::Draining) => "draining",
+                None => "unregistered",
+            };
+            let node = NodeGraph {
+                id,
+                address: info
+                    .map(|n| n.address.clone())
+                    .or_else(|| ctx.members.get(&id).cloned())
+                    .unwrap_or_default(),
+                state: recorded.to_string(),
+                reachable: false,
+                error: Some("not asked".to_string()),
+                leader: ctx.leader == Some(id),
+                labels: info.map(|n| n.labels.clone()).unwrap_or_default(),
+                instances: Vec::new(),
+                daemon: None,
+            };
+            (id, node)
+        })
+        .collect();
     for (service, slots) in &state.placements {
         if !filter.wants_service(service) {
             continue;
         }
         for (slot, p) in slots {
-            placed
-                .entry(p.node)
-                .or_default()
-                .push((service.as_str(), *slot, p));
-        }
-    }
-    let mut nodes = Vec::with_capacity(ids.len());
-    for id in ids {
-        let info = state.nodes.get(&id);
-        let address = info
-            .map(|n| n.address.clone())
-            .or_else(|| ctx.members.get(&id).cloned())
-            .unwrap_or_default();
-        let report = reports.get(&id);
-        let (reachable, error) = match report {
-            Some(Ok(_)) => (true, None),
-            Some(Err(e)) => (false, Some(e.clone())),
-            None => (false, Some("not asked".to_string())),
-        };
-        let recorded = match info.map(|n| n.status) {
-            Some(NodeStatus::Up) => "up",
-            Some(NodeStatus::Down) => "down",
-            Some(NodeStatus::Draining) => "draining",
-            None => "unregistered",
-        };
-        let mut local: BTreeMap<(String, u32), BeaconNode> = BTreeMap::new();
-        let mut daemon = None;
-        if let Some(Ok(r)) = report {
-            for i in &r.instances {
-                if filter.wants_service(&i.service) {
-                    local.insert((i.service.clone(), i.slot), i.tree.clone());
-                }
-            }
-            if filter.daemon {
-                daemon = r.daemon.clone();
+            if let Some(n) = nodes.get_mut(&p.node) {
+                n.instances.push(InstanceGraph {
+                    service: service.clone(),
+                    slot: *slot,
+                    state: p.state.clone(),
+                    placement: Some(p.state.clone()),
+                    restart_count: p.restart_count,
+                    last_crash: p.last_crash.clone(),
+                    tree: None,
+                });
             }
         }
-        let mut instances = Vec::new();
-        for (service, slot, p) in placed.get(&id).map(Vec::as_slice).unwrap_or_default() {
-            let tree = local.remove(&(service.to_string(), *slot));
-            instances.push(instance(service, *slot, Some(p), tree, reachable));
-        }
-        // Running here without a placement here: moved away and still stopping, or removed.
-        for ((service, slot), tree) in local {
-            instances.push(instance(&service, slot, None, Some(tree), true));
-        }
-        instances.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
-        nodes.push(NodeGraph {
-            id,
-            address,
-            state: if reachable { recorded } else { "unreachable" }.to_string(),
-            reachable,
-            error,
-            leader: ctx.leader == Some(id),
-            labels: info.map(|n| n.labels.clone()).unwrap_or_default(),
-            instances,
-            daemon,
-        });
     }
     let services = state
         .specs
@@ -327,44 +312,84 @@ pub fn merge(
         generated_at: format!("{}Z", crate::service::format_utc_ms(now_ms())),
         filters: filter.describe(),
         edges: edges(state, filter),
-        nodes,
+        nodes: nodes.into_values().collect(),
         services,
     }
 }
 
-fn instance(
-    service: &str,
-    slot: u32,
-    placement: Option<&crate::cluster::state::Placement>,
-    tree: Option<BeaconNode>,
-    reachable: bool,
-) -> InstanceGraph {
-    let state = match (&tree, placement) {
-        (Some(t), _) => instance_state(t),
-        // The node answered and does not run it (yet).
-        (None, Some(p)) if reachable && p.state == "running" => "missing".to_string(),
-        (None, Some(p)) => p.state.clone(),
-        (None, None) => "unknown".to_string(),
-    };
-    InstanceGraph {
-        service: service.to_string(),
-        slot,
-        state,
-        placement: placement.map(|p| p.state.clone()),
-        restart_count: tree
-            .as_ref()
-            .map(|t| inner_service(t).map_or(t.restart_count, |c| c.restart_count))
-            .or(placement.map(|p| p.restart_count))
-            .unwrap_or(0),
-        last_crash: tree
-            .as_ref()
-            .and_then(|t| {
-                inner_service(t)
-                    .and_then(|c| c.crash_reason.clone().or(c.last_crash_reason.clone()))
-                    .or(t.crash_reason.clone())
-            })
-            .or(placement.and_then(|p| p.last_crash.clone())),
-        tree,
+impl ClusterGraph {
+    /// Put each node's answer into the graph: the trees of its instances (moved, not copied),
+    /// or why it could not be asked.
+    pub fn attach(&mut self, mut reports: BTreeMap<u64, Result<NodeReport, String>>, filter: &GraphFilter) {
+        for node in &mut self.nodes {
+            let report = match reports.remove(&node.id) {
+                None => continue,
+                Some(Err(e)) => {
+                    node.error = Some(e);
+                    node.state = "unreachable".to_string();
+                    continue;
+                }
+                Some(Ok(r)) => r,
+            };
+            node.reachable = true;
+            node.error = None;
+            if filter.daemon {
+                node.daemon = report.daemon;
+            }
+            // Placements come sorted by (service, slot); so do the lookups.
+            node.instances
+                .sort_unstable_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+            let placed = node.instances.len();
+            for local in report.instances {
+                if !filter.wants_service(&local.service) {
+                    continue;
+                }
+                let found = node.instances[..placed]
+                    .binary_search_by(|i| (i.service.as_str(), i.slot).cmp(&(local.service.as_str(), local.slot)));
+                match found {
+                    Ok(k) => node.instances[k].observe(local.tree),
+                    // Running here without a placement here: moved away and still stopping,
+                    // or removed.
+                    Err(_) => {
+                        let mut i = InstanceGraph {
+                            service: local.service,
+                            slot: local.slot,
+                            state: String::new(),
+                            placement: None,
+                            restart_count: 0,
+                            last_crash: None,
+                            tree: None,
+                        };
+                        i.observe(local.tree);
+                        node.instances.push(i);
+                    }
+                }
+            }
+            for i in &mut node.instances[..placed] {
+                // The node answered and does not run it (yet).
+                if i.tree.is_none() && i.state == "running" {
+                    i.state = "missing".to_string();
+                }
+            }
+            node.instances
+                .sort_unstable_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+        }
+    }
+}
+
+impl InstanceGraph {
+    /// Take what the instance's node sees: its tree, state, restarts and last crash.
+    fn observe(&mut self, tree: BeaconNode) {
+        self.state = instance_state(&tree);
+        let inner = inner_service(&tree);
+        self.restart_count = inner.map_or(tree.restart_count, |c| c.restart_count);
+        if let Some(crash) = inner
+            .and_then(|c| c.crash_reason.clone().or(c.last_crash_reason.clone()))
+            .or(tree.crash_reason.clone())
+        {
+            self.last_crash = Some(crash);
+        }
+        self.tree = Some(tree);
     }
 }
 

@@ -96,7 +96,7 @@ fn merge_puts_each_instance_under_its_node_with_its_tree() {
         (2, Ok(report(2, &[("web", 1, "crashed")]))),
         (3, Ok(report(3, &[]))),
     ]);
-    let g = merge(&state(), &ctx(), &reports, &GraphFilter::default());
+    let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     assert_eq!(g.nodes.len(), 3);
     assert!(g.nodes[0].leader && !g.nodes[1].leader);
     let names: Vec<String> = g.nodes[0].instances.iter().map(|i| i.name()).collect();
@@ -119,7 +119,7 @@ fn an_unreachable_node_keeps_its_recorded_instances_and_error() {
         (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
         (2, Err("no answer from 127.0.0.1:7002 within 500 ms".to_string())),
     ]);
-    let g = merge(&state(), &ctx(), &reports, &GraphFilter::default());
+    let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     let n2 = &g.nodes[1];
     assert_eq!((n2.state.as_str(), n2.reachable), ("unreachable", false));
     assert!(n2.error.as_deref().unwrap().contains("within 500 ms"));
@@ -135,7 +135,7 @@ fn a_node_that_answers_without_a_placed_instance_shows_it_missing_and_extras_unp
         (1, Ok(report(1, &[("db", 0, "running")]))),
         (2, Ok(report(2, &[("web", 1, "running"), ("old", 0, "stopping")]))),
     ]);
-    let g = merge(&state(), &ctx(), &reports, &GraphFilter::default());
+    let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     let web0 = g.nodes[0].instances.iter().find(|i| i.name() == "web#0").unwrap();
     assert_eq!(web0.state, "missing");
     let old = g.nodes[1].instances.iter().find(|i| i.service == "old").unwrap();
@@ -153,7 +153,7 @@ fn filters_narrow_nodes_instances_and_edges() {
         service: Some("db".into()),
         ..GraphFilter::default()
     };
-    let g = merge(&state(), &ctx(), &reports, &only_db);
+    let g = merge(&state(), &ctx(), reports.clone(), &only_db);
     assert_eq!(g.instance_count(), 1);
     assert_eq!(g.services.len(), 1);
     assert_eq!(g.edges.len(), 2, "edges touching db stay");
@@ -163,7 +163,7 @@ fn filters_narrow_nodes_instances_and_edges() {
         daemon: true,
         ..GraphFilter::default()
     };
-    let g = merge(&state(), &ctx(), &reports, &only_2);
+    let g = merge(&state(), &ctx(), reports.clone(), &only_2);
     assert_eq!(g.nodes.len(), 1);
     assert!(g.nodes[0].daemon.is_some());
     assert!(g.edges.iter().all(|e| e.from_node == 2 || e.to_node == 2));
@@ -172,7 +172,7 @@ fn filters_narrow_nodes_instances_and_edges() {
 #[test]
 fn signature_ignores_uptimes_but_not_states() {
     let reports = BTreeMap::from([(1, Ok(report(1, &[("db", 0, "running")])))]);
-    let a = merge(&state(), &ctx(), &reports, &GraphFilter::default());
+    let a = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     let mut b = a.clone();
     b.generated_at = "later".into();
     b.nodes[0].instances[0].tree.as_mut().unwrap().uptime_s = Some(99.0);
@@ -187,7 +187,7 @@ fn tree_and_dot_show_nodes_instances_trees_and_edges() {
         (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
         (2, Err("connection refused".to_string())),
     ]);
-    let g = merge(&state(), &ctx(), &reports, &GraphFilter::default());
+    let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     let tree = g.render_tree(Palette::Plain);
     assert!(tree.starts_with("cluster: 3 node(s), 3 instance(s), leader 1"));
     assert!(tree.contains("node 2 (127.0.0.1:7002) unreachable: connection refused"));

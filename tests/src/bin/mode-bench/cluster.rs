@@ -27,13 +27,13 @@ pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
 }
 
 /// The median of unsorted samples.
-fn median(samples: &[f64]) -> f64 {
+pub fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     percentile(&sorted, 0.5)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

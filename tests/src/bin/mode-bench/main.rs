@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 mod cluster;
+mod graph;
 mod schedule;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -103,6 +104,16 @@ enum Suite {
     Schedule,
     /// Node loss: kill -9 a node hosting 100 instances, time until they all run elsewhere.
     Reschedule,
+    /// The combined beacon graph: `modectl graph -o json` over 3 nodes running 10,000
+    /// instances (needs `modectl` built next to this binary).
+    Graph {
+        /// Instances spread over the 3 nodes.
+        #[arg(long, default_value_t = 10_000)]
+        instances: u32,
+        /// Timed runs (after one warm-up).
+        #[arg(long, default_value_t = 30)]
+        samples: usize,
+    },
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
     ServicesChild { shape: Shape, n: usize },
@@ -148,6 +159,9 @@ fn main() -> anyhow::Result<()> {
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
         Suite::Reschedule => timed("reschedule", || cluster::reschedule_suite(cli.reps.max(5)))?,
+        Suite::Graph { instances, samples } => {
+            timed("graph", || graph::graph_suite(*instances, *samples))?
+        }
         Suite::All => {
             let services = timed("services", || services_suite(&cli))?;
             let timers = timed("timers", || timers_suite(&cli))?;
