@@ -239,7 +239,11 @@ impl Control for ControlService {
         self.inspector
             .check_filter(&filter)
             .map_err(Status::not_found)?;
-        let graph = self.inspector.graph(&filter, deadline).await;
+        // Trees pass through as the nodes sent them.
+        let graph = self
+            .inspector
+            .graph::<crate::graph::RawTree>(&filter, deadline)
+            .await;
         let graph_json =
             serde_json::to_vec(&graph).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::GraphReply { graph_json }))

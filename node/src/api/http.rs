@@ -75,7 +75,10 @@ fn filter_from_query(query: Option<&str>) -> Result<GraphFilter, String> {
     Ok(filter)
 }
 
-async fn graph_for(inspector: &Inspector, uri: &Uri) -> Result<crate::graph::ClusterGraph, Response> {
+async fn graph_for<T: crate::graph::TreeForm>(
+    inspector: &Inspector,
+    uri: &Uri,
+) -> Result<crate::graph::ClusterGraph<T>, Response> {
     let filter = filter_from_query(uri.query())
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response())?;
     inspector
@@ -85,7 +88,7 @@ async fn graph_for(inspector: &Inspector, uri: &Uri) -> Result<crate::graph::Clu
 }
 
 async fn graph_json(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Response {
-    match graph_for(&inspector, &uri).await {
+    match graph_for::<crate::graph::RawTree>(&inspector, &uri).await {
         Ok(g) => (
             [(header::CONTENT_TYPE, "application/json")],
             serde_json::to_string(&g).unwrap_or_default(),
@@ -96,7 +99,7 @@ async fn graph_json(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Respon
 }
 
 async fn graph_svg(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Response {
-    match graph_for(&inspector, &uri).await {
+    match graph_for::<crate::service::BeaconNode>(&inspector, &uri).await {
         Ok(g) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg::render(&g)).into_response(),
         Err(r) => r,
     }

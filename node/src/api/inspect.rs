@@ -9,7 +9,7 @@ use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 
 use crate::cluster::ClusterNode;
-use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport};
+use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport, TreeForm};
 use crate::service::{BeaconNode, NodeKind, ServiceHandle};
 
 /// How long the fan-out waits for a node unless told otherwise.
@@ -129,7 +129,14 @@ impl Inspector {
 
     /// Ask every member for its report (in parallel, each within `deadline`) and merge the
     /// answers with this node's replica of the cluster state.
-    pub async fn graph(&self, filter: &GraphFilter, deadline: Duration) -> ClusterGraph {
+    ///
+    /// `T` is how instance trees are held: [`RawTree`](crate::graph::RawTree) to send the graph
+    /// on (no parsing), [`BeaconNode`] to draw it.
+    pub async fn graph<T: TreeForm>(
+        &self,
+        filter: &GraphFilter,
+        deadline: Duration,
+    ) -> ClusterGraph<T> {
         let ctx = self.node.graph_context();
         let mut targets: BTreeMap<u64, String> = ctx.members.clone();
         self.node.local_state(|s| {
@@ -168,7 +175,7 @@ impl Inspector {
         }
         let mut reports = BTreeMap::new();
         if filter.node.is_none_or(|n| n == me) {
-            reports.insert(me, Ok(self.local_report(filter)));
+            reports.insert(me, Ok(self.local_report(filter).into_form()));
         }
         while let Some(joined) = calls.join_next().await {
             if let Ok((id, answer)) = joined {
@@ -183,12 +190,12 @@ impl Inspector {
     }
 }
 
-async fn ask_node(
+async fn ask_node<T: TreeForm>(
     peers: &crate::cluster::Peers,
     address: &str,
     request: pb::NodeBeaconRequest,
     deadline: Duration,
-) -> Result<NodeReport, String> {
+) -> Result<NodeReport<T>, String> {
     let channel = peers.channel(address)?;
     let mut client = ControlClient::new(channel).max_decoding_message_size(MAX_GRAPH_BYTES);
     let mut req = tonic::Request::new(request);

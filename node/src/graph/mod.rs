@@ -21,12 +21,16 @@ pub use render::Palette;
 
 /// What one node reports of itself: the beacon subtree of every instance it runs, and the tree
 /// of the daemon's own services (Raft, servers, agent) without the instances.
+///
+/// `T` is how instance trees are held: parsed ([`BeaconNode`]) to draw them, or as raw JSON
+/// ([`RawTree`]) by the node that merges a graph only to send it on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeReport {
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
+pub struct NodeReport<T = BeaconNode> {
     /// The reporting node.
     pub node: u64,
     /// Instances running (or stopping) here.
-    pub instances: Vec<LocalInstance>,
+    pub instances: Vec<LocalInstance<T>>,
     /// The daemon's services, instances left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<BeaconNode>,
@@ -34,13 +38,23 @@ pub struct NodeReport {
 
 /// One instance as its node sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LocalInstance {
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
+pub struct LocalInstance<T = BeaconNode> {
     /// Its service.
     pub service: String,
     /// Its slot.
     pub slot: u32,
+    /// Its state: its supervisor's, unless the service inside is in another state (crashed
+    /// and waiting for a restart, starting).
+    pub state: String,
+    /// Restarts of the service inside.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// Its current or last crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash: Option<String>,
     /// Its service tree: the instance's supervisor, the kind's service, tasks and timers.
-    pub tree: BeaconNode,
+    pub tree: T,
 }
 
 impl LocalInstance {
@@ -48,17 +62,72 @@ impl LocalInstance {
     pub fn from_beacon(tree: BeaconNode) -> Option<LocalInstance> {
         let (service, slot) = tree.label.rsplit_once('#')?;
         let slot = slot.parse().ok()?;
+        let inner = inner_service(&tree);
         Some(LocalInstance {
             service: service.to_string(),
             slot,
+            state: match inner {
+                Some(inner) if tree.state == "running" => inner.state.clone(),
+                _ => tree.state.clone(),
+            },
+            restart_count: inner.map_or(tree.restart_count, |c| c.restart_count),
+            last_crash: inner
+                .and_then(|c| c.crash_reason.clone().or(c.last_crash_reason.clone()))
+                .or(tree.crash_reason.clone()),
             tree,
         })
     }
 }
 
+/// An instance tree kept as the JSON its node sent (merged and sent on without parsing).
+pub type RawTree = Box<serde_json::value::RawValue>;
+
+/// How a merging node holds instance trees.
+pub trait TreeForm: serde::de::DeserializeOwned + Serialize + Send + 'static {
+    /// From this node's own beacon.
+    fn from_tree(tree: BeaconNode) -> Self;
+}
+
+impl TreeForm for BeaconNode {
+    fn from_tree(tree: BeaconNode) -> Self {
+        tree
+    }
+}
+
+impl TreeForm for RawTree {
+    fn from_tree(tree: BeaconNode) -> Self {
+        serde_json::value::to_raw_value(&tree).unwrap_or_else(|_| {
+            serde_json::value::RawValue::from_string("null".to_string()).expect("valid JSON")
+        })
+    }
+}
+
+impl NodeReport {
+    /// The same report with its trees in another form.
+    pub fn into_form<T: TreeForm>(self) -> NodeReport<T> {
+        NodeReport {
+            node: self.node,
+            instances: self
+                .instances
+                .into_iter()
+                .map(|i| LocalInstance {
+                    service: i.service,
+                    slot: i.slot,
+                    state: i.state,
+                    restart_count: i.restart_count,
+                    last_crash: i.last_crash,
+                    tree: T::from_tree(i.tree),
+                })
+                .collect(),
+            daemon: self.daemon,
+        }
+    }
+}
+
 /// The merged graph.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClusterGraph {
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
+pub struct ClusterGraph<T = BeaconNode> {
     /// The node that built it (its replica of the cluster state was used).
     pub answered_by: u64,
     /// The leader as that node knows it.
@@ -77,7 +146,7 @@ pub struct ClusterGraph {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
     /// Every member, by id.
-    pub nodes: Vec<NodeGraph>,
+    pub nodes: Vec<NodeGraph<T>>,
     /// Service-level summary: desired and running instances, dependencies.
     #[serde(default)]
     pub services: Vec<ServiceSummary>,
@@ -88,7 +157,8 @@ pub struct ClusterGraph {
 
 /// One node of the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeGraph {
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
+pub struct NodeGraph<T = BeaconNode> {
     /// Its id.
     pub id: u64,
     /// Its gRPC address.
@@ -108,7 +178,7 @@ pub struct NodeGraph {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Instances assigned to it or still running on it.
-    pub instances: Vec<InstanceGraph>,
+    pub instances: Vec<InstanceGraph<T>>,
     /// The daemon's own services (with `--daemon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<BeaconNode>,
@@ -116,7 +186,8 @@ pub struct NodeGraph {
 
 /// One instance of a service on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceGraph {
+#[serde(bound(serialize = "T: Serialize", deserialize = "T: Deserialize<'de>"))]
+pub struct InstanceGraph<T = BeaconNode> {
     /// Its service.
     pub service: String,
     /// Its slot.
@@ -136,10 +207,10 @@ pub struct InstanceGraph {
     pub last_crash: Option<String>,
     /// Its service tree, from its node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tree: Option<BeaconNode>,
+    pub tree: Option<T>,
 }
 
-impl InstanceGraph {
+impl<T> InstanceGraph<T> {
     /// `service#slot`.
     pub fn name(&self) -> String {
         format!("{}#{}", self.service, self.slot)
@@ -225,12 +296,12 @@ pub struct GraphContext {
 }
 
 /// Merge the node reports (`Err`: why a node could not be asked) with the cluster state.
-pub fn merge(
+pub fn merge<T>(
     state: &ClusterState,
     ctx: &GraphContext,
-    reports: BTreeMap<u64, Result<NodeReport, String>>,
+    reports: BTreeMap<u64, Result<NodeReport<T>, String>>,
     filter: &GraphFilter,
-) -> ClusterGraph {
+) -> ClusterGraph<T> {
     let mut graph = skeleton(state, ctx, filter);
     graph.attach(reports, filter);
     graph
@@ -238,13 +309,17 @@ pub fn merge(
 
 /// The graph as the cluster state records it: every node (not yet asked: unreachable) and
 /// the instances placed on it, without their trees. Cheap: built while holding the state.
-pub fn skeleton(state: &ClusterState, ctx: &GraphContext, filter: &GraphFilter) -> ClusterGraph {
+pub fn skeleton<T>(
+    state: &ClusterState,
+    ctx: &GraphContext,
+    filter: &GraphFilter,
+) -> ClusterGraph<T> {
     let mut ids: BTreeSet<u64> = state.nodes.keys().copied().collect();
     ids.extend(ctx.members.keys().copied());
     if let Some(only) = filter.node {
         ids.retain(|id| *id == only);
     }
-    let mut nodes: BTreeMap<u64, NodeGraph> = ids
+    let mut nodes: BTreeMap<u64, NodeGraph<T>> = ids
         .into_iter()
         .map(|id| {
             let info = state.nodes.get(&id);
@@ -317,10 +392,14 @@ pub fn skeleton(state: &ClusterState, ctx: &GraphContext, filter: &GraphFilter) 
     }
 }
 
-impl ClusterGraph {
+impl<T> ClusterGraph<T> {
     /// Put each node's answer into the graph: the trees of its instances (moved, not copied),
     /// or why it could not be asked.
-    pub fn attach(&mut self, mut reports: BTreeMap<u64, Result<NodeReport, String>>, filter: &GraphFilter) {
+    pub fn attach(
+        &mut self,
+        mut reports: BTreeMap<u64, Result<NodeReport<T>, String>>,
+        filter: &GraphFilter,
+    ) {
         for node in &mut self.nodes {
             let report = match reports.remove(&node.id) {
                 None => continue,
@@ -347,22 +426,18 @@ impl ClusterGraph {
                 let found = node.instances[..placed]
                     .binary_search_by(|i| (i.service.as_str(), i.slot).cmp(&(local.service.as_str(), local.slot)));
                 match found {
-                    Ok(k) => node.instances[k].observe(local.tree),
+                    Ok(k) => node.instances[k].observe(local),
                     // Running here without a placement here: moved away and still stopping,
                     // or removed.
-                    Err(_) => {
-                        let mut i = InstanceGraph {
-                            service: local.service,
-                            slot: local.slot,
-                            state: String::new(),
-                            placement: None,
-                            restart_count: 0,
-                            last_crash: None,
-                            tree: None,
-                        };
-                        i.observe(local.tree);
-                        node.instances.push(i);
-                    }
+                    Err(_) => node.instances.push(InstanceGraph {
+                        service: local.service,
+                        slot: local.slot,
+                        state: local.state,
+                        placement: None,
+                        restart_count: local.restart_count,
+                        last_crash: local.last_crash,
+                        tree: Some(local.tree),
+                    }),
                 }
             }
             for i in &mut node.instances[..placed] {
@@ -377,28 +452,15 @@ impl ClusterGraph {
     }
 }
 
-impl InstanceGraph {
+impl<T> InstanceGraph<T> {
     /// Take what the instance's node sees: its tree, state, restarts and last crash.
-    fn observe(&mut self, tree: BeaconNode) {
-        self.state = instance_state(&tree);
-        let inner = inner_service(&tree);
-        self.restart_count = inner.map_or(tree.restart_count, |c| c.restart_count);
-        if let Some(crash) = inner
-            .and_then(|c| c.crash_reason.clone().or(c.last_crash_reason.clone()))
-            .or(tree.crash_reason.clone())
-        {
-            self.last_crash = Some(crash);
+    fn observe(&mut self, local: LocalInstance<T>) {
+        self.state = local.state;
+        self.restart_count = local.restart_count;
+        if local.last_crash.is_some() {
+            self.last_crash = local.last_crash;
         }
-        self.tree = Some(tree);
-    }
-}
-
-/// An instance's state from its tree: its supervisor's, unless the service inside is in
-/// another state (crashed and waiting for a restart, starting).
-fn instance_state(tree: &BeaconNode) -> String {
-    match inner_service(tree) {
-        Some(inner) if tree.state == "running" => inner.state.clone(),
-        _ => tree.state.clone(),
+        self.tree = Some(local.tree);
     }
 }
 
@@ -447,12 +509,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl ClusterGraph {
+impl<T> ClusterGraph<T> {
     /// Instances in the graph.
     pub fn instance_count(&self) -> usize {
         self.nodes.iter().map(|n| n.instances.len()).sum()
     }
+}
 
+impl ClusterGraph {
     /// The graph with everything that changes on its own (uptimes, timer statistics, the
     /// time it was built) removed: two graphs with the same signature show the same cluster.
     pub fn signature(&self) -> String {
