@@ -48,7 +48,11 @@ pub(crate) enum GraphFormat {
 }
 
 /// The graph's JSON as the node sent it.
-async fn fetch_json(client: &mut Client, endpoint: &str, args: &GraphArgs) -> Result<Vec<u8>, Failure> {
+async fn fetch_json(
+    client: &mut Client,
+    endpoint: &str,
+    args: &GraphArgs,
+) -> Result<Vec<u8>, Failure> {
     let reply = client
         .graph(pb::GraphRequest {
             service: args.service.clone().unwrap_or_default(),
@@ -69,7 +73,11 @@ fn decode<T: serde::de::DeserializeOwned>(endpoint: &str, json: &[u8]) -> Result
     })
 }
 
-async fn fetch(client: &mut Client, endpoint: &str, args: &GraphArgs) -> Result<ClusterGraph, Failure> {
+async fn fetch(
+    client: &mut Client,
+    endpoint: &str,
+    args: &GraphArgs,
+) -> Result<ClusterGraph, Failure> {
     let json = fetch_json(client, endpoint, args).await?;
     decode(endpoint, &json)
 }

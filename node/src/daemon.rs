@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::api::Inspector;
 use crate::agent::{AgentTimings, Kind, KindRegistry};
+use crate::api::Inspector;
 use crate::cluster::state::Command;
 use crate::cluster::{ClusterConfig, ClusterError, ClusterNode, Liveness};
 use crate::service::{Context, Result, Service, ServiceHandle, Strategy, Supervisor};

@@ -60,7 +60,9 @@ where
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()
-        .map_err(|e| format!("cannot set up the OTLP exporter (check OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+        .map_err(|e| {
+            format!("cannot set up the OTLP exporter (check OTEL_EXPORTER_OTLP_ENDPOINT): {e}")
+        })?;
     let mut resource = Resource::builder().with_attributes(attributes);
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_string());

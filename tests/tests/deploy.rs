@@ -20,7 +20,10 @@ fn the_collector_config_receives_otlp_and_every_pipeline_part_is_defined() {
     let grpc = c["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
         .as_str()
         .unwrap();
-    assert!(grpc.ends_with(":4317"), "OTLP/gRPC on 4317, where mode exports");
+    assert!(
+        grpc.ends_with(":4317"),
+        "OTLP/gRPC on 4317, where mode exports"
+    );
     let pipeline = &c["service"]["pipelines"]["traces"];
     for (part, defined) in [
         ("receivers", keys(&c["receivers"])),
@@ -30,14 +33,20 @@ fn the_collector_config_receives_otlp_and_every_pipeline_part_is_defined() {
         let used: Vec<String> = serde_json::from_value(pipeline[part].clone()).unwrap();
         assert!(!used.is_empty(), "the traces pipeline has {part}");
         for u in used {
-            assert!(defined.contains(&u), "{part}: '{u}' is used but not defined");
+            assert!(
+                defined.contains(&u),
+                "{part}: '{u}' is used but not defined"
+            );
         }
     }
     // The exporter points at the Jaeger service of the compose file.
     let compose = yaml("deploy/otel/docker-compose.yaml");
     let jaeger = c["exporters"]["otlp/jaeger"]["endpoint"].as_str().unwrap();
     let host = jaeger.split(':').next().unwrap();
-    assert!(keys(&compose["services"]).contains(host), "no '{host}' service in the compose file");
+    assert!(
+        keys(&compose["services"]).contains(host),
+        "no '{host}' service in the compose file"
+    );
     let mounted = compose["services"]["otel-collector"]["volumes"][0]
         .as_str()
         .unwrap();

@@ -99,7 +99,10 @@ async fn graph_merges_every_node_and_survives_an_unreachable_one() {
         .collect();
     assert_eq!(web_nodes, vec![1, 2, 3]);
     assert_eq!(g.edges.len(), 3, "{:#?}", g.edges);
-    assert!(g.edges.iter().all(|e| e.from_service == "web" && e.to_service == "db"));
+    assert!(g
+        .edges
+        .iter()
+        .all(|e| e.from_service == "web" && e.to_service == "db"));
     assert_eq!(g.edges.iter().filter(|e| e.cross_node).count(), 2);
     let web = g.services.iter().find(|s| s.name == "web").unwrap();
     assert_eq!((web.replicas, web.running), (3, 3));
@@ -108,7 +111,11 @@ async fn graph_merges_every_node_and_survives_an_unreachable_one() {
     // Filters.
     let (db_only, _) = graph_json(&c, 1, &["--service", "db"]);
     assert_eq!(db_only.instance_count(), 1);
-    assert!(db_only.nodes.iter().flat_map(|n| &n.instances).all(|i| i.service == "db"));
+    assert!(db_only
+        .nodes
+        .iter()
+        .flat_map(|n| &n.instances)
+        .all(|i| i.service == "db"));
     let (node3, _) = graph_json(&c, 1, &["--node", "3"]);
     assert_eq!(node3.nodes.len(), 1);
     assert_eq!(node3.nodes[0].id, 3);
@@ -125,10 +132,15 @@ async fn graph_merges_every_node_and_survives_an_unreachable_one() {
     let out = c.modectl(3, &["graph"]);
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(!tree.contains('\x1b'), "no colours in a pipe");
-    for needle in ["node 1 (", "node 2 (", "node 3 (", "web#0", "web#2", "db#0", "[timer]"] {
+    for needle in [
+        "node 1 (", "node 2 (", "node 3 (", "web#0", "web#2", "db#0", "[timer]",
+    ] {
         assert!(tree.contains(needle), "{needle} missing from:\n{tree}");
     }
-    assert!(tree.contains("web @ node"), "dependency edges listed:\n{tree}");
+    assert!(
+        tree.contains("web @ node"),
+        "dependency edges listed:\n{tree}"
+    );
     let out = c.modectl(3, &["graph", "--format", "dot"]);
     let dot = String::from_utf8_lossy(&out.stdout);
     assert!(dot.starts_with("digraph") && dot.contains("cluster_node3"));
@@ -179,7 +191,10 @@ async fn graph_watch_redraws_when_the_cluster_changes() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 return;
             }
@@ -214,7 +229,11 @@ async fn graph_watch_redraws_when_the_cluster_changes() {
 
 /// The browser the web-view test drives: Debian's chromium (installed by `.ci/run`).
 fn chromium() -> std::path::PathBuf {
-    for p in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] {
+    for p in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
         if std::path::Path::new(p).exists() {
             return p.into();
         }

@@ -55,10 +55,7 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut got = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
-            let resource = rs
-                .resource
-                .map(|r| text(&r.attributes))
-                .unwrap_or_default();
+            let resource = rs.resource.map(|r| text(&r.attributes)).unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     got.push(Got {
@@ -111,8 +108,15 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
     c.wait_registered(3).await;
     let via = if leader == 1 { 2 } else { 1 };
     let spec = c.scratch.0.join("traced.yaml");
-    std::fs::write(&spec, "name: traced\nkind: ticker\nconfig: {every_ms: 500}\n").unwrap();
-    let out = c.modectl(via, &["svc", "apply", "-f", spec.to_str().unwrap(), "--wait"]);
+    std::fs::write(
+        &spec,
+        "name: traced\nkind: ticker\nconfig: {every_ms: 500}\n",
+    )
+    .unwrap();
+    let out = c.modectl(
+        via,
+        &["svc", "apply", "-f", spec.to_str().unwrap(), "--wait"],
+    );
     assert!(
         out.status.success(),
         "svc apply failed: {}",
@@ -182,7 +186,10 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
         .find(|s| s.name == "/mode.v1.Control/ApplySpecs" && s.node.as_deref() == Some(&via_s))
         .expect("the called node's server span");
     assert_eq!(called.parent, root.id);
-    assert_eq!(called.attributes.get("rpc.system").map(String::as_str), Some("grpc"));
+    assert_eq!(
+        called.attributes.get("rpc.system").map(String::as_str),
+        Some("grpc")
+    );
     // The leader: the forwarded write, a child of the called node's proposal.
     let forwarded = trace
         .iter()

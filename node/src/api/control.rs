@@ -244,8 +244,7 @@ impl Control for ControlService {
             .inspector
             .graph::<crate::graph::RawTree>(&filter, deadline)
             .await;
-        let graph_json =
-            serde_json::to_vec(&graph).map_err(|e| Status::internal(e.to_string()))?;
+        let graph_json = serde_json::to_vec(&graph).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::GraphReply { graph_json }))
     }
 

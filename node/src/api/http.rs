@@ -48,7 +48,11 @@ async fn index() -> impl IntoResponse {
 /// The graph filter from a query string (`service=NAME&node=ID&daemon=1`).
 fn filter_from_query(query: Option<&str>) -> Result<GraphFilter, String> {
     let mut filter = GraphFilter::default();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "service" if value.is_empty() => {}
@@ -107,11 +111,7 @@ async fn graph_svg(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Respons
 
 async fn events(State(inspector): State<Arc<Inspector>>) -> Response {
     match inspector.node().read("events", true, false).await {
-        Ok((v, _)) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            v.to_string(),
-        )
-            .into_response(),
+        Ok((v, _)) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }

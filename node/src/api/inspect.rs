@@ -111,9 +111,7 @@ impl Inspector {
         self.node.local_state(|s| {
             if let Some(name) = &filter.service {
                 if !s.specs.contains_key(name) && !s.placements.contains_key(name) {
-                    return Err(format!(
-                        "no service named '{name}' (see `modectl svc ls`)"
-                    ));
+                    return Err(format!("no service named '{name}' (see `modectl svc ls`)"));
                 }
             }
             if let Some(id) = filter.node {
@@ -159,17 +157,15 @@ impl Inspector {
                 daemon: filter.daemon,
             };
             calls.spawn(async move {
-                let answer = tokio::time::timeout(
-                    deadline,
-                    ask_node(&peers, &address, request, deadline),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(format!(
-                        "no answer from {address} within {} ms",
-                        deadline.as_millis()
-                    ))
-                });
+                let answer =
+                    tokio::time::timeout(deadline, ask_node(&peers, &address, request, deadline))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!(
+                                "no answer from {address} within {} ms",
+                                deadline.as_millis()
+                            ))
+                        });
                 (id, answer)
             });
         }

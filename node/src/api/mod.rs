@@ -6,5 +6,5 @@ mod http;
 mod inspect;
 
 pub use control::{serve, ControlService};
-pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
 pub use http::serve_http;
+pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};

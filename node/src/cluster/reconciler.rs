@@ -139,9 +139,9 @@ fn split_traced(
     state: &ClusterState,
     memory: &mut Memory,
 ) -> Vec<(Command, Option<String>)> {
-    memory
-        .traces_continued
-        .retain(|t, first| state.traces.values().any(|v| v == t) && first.elapsed() < TRACE_CONTINUES_FOR * 6);
+    memory.traces_continued.retain(|t, first| {
+        state.traces.values().any(|v| v == t) && first.elapsed() < TRACE_CONTINUES_FOR * 6
+    });
     let mut live = |service: &str| -> Option<String> {
         let t = state.traces.get(service)?;
         let first = *memory
@@ -169,10 +169,18 @@ fn split_traced(
                     let e = traced
                         .entry(a.service.clone())
                         .or_insert_with(|| (t, Vec::new(), Vec::new()));
-                    if list == 0 { &mut e.1 } else { &mut e.2 }
+                    if list == 0 {
+                        &mut e.1
+                    } else {
+                        &mut e.2
+                    }
                 }
                 None => {
-                    if list == 0 { &mut plain.0 } else { &mut plain.1 }
+                    if list == 0 {
+                        &mut plain.0
+                    } else {
+                        &mut plain.1
+                    }
                 }
             };
             target.push(a);

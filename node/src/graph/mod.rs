@@ -423,8 +423,9 @@ impl<T> ClusterGraph<T> {
                 if !filter.wants_service(&local.service) {
                     continue;
                 }
-                let found = node.instances[..placed]
-                    .binary_search_by(|i| (i.service.as_str(), i.slot).cmp(&(local.service.as_str(), local.slot)));
+                let found = node.instances[..placed].binary_search_by(|i| {
+                    (i.service.as_str(), i.slot).cmp(&(local.service.as_str(), local.slot))
+                });
                 match found {
                     Ok(k) => node.instances[k].observe(local),
                     // Running here without a placement here: moved away and still stopping,

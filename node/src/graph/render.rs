@@ -93,10 +93,19 @@ impl ClusterGraph {
             let _ = writeln!(
                 out,
                 "        label=\"{label}\"; style=\"filled\"; fillcolor=\"{}\";",
-                if node.reachable { "aliceblue" } else { "mistyrose" }
+                if node.reachable {
+                    "aliceblue"
+                } else {
+                    "mistyrose"
+                }
             );
             for inst in &node.instances {
-                let id = format!("i{}_{}_{}", node.id, inst.service.replace('-', "_"), inst.slot);
+                let id = format!(
+                    "i{}_{}_{}",
+                    node.id,
+                    inst.service.replace('-', "_"),
+                    inst.slot
+                );
                 let _ = writeln!(
                     out,
                     "        {id} [label=\"{}\\n{}\", fillcolor=\"{}\"];",
@@ -166,7 +175,13 @@ fn write_node(out: &mut String, node: &NodeGraph, branch: &str, cont: &str, pale
     if let Some(d) = &node.daemon {
         i += 1;
         let (b, c) = branches(i == total);
-        write_beacon(out, d, &format!("{cont}{b}"), &format!("{cont}{c}"), palette);
+        write_beacon(
+            out,
+            d,
+            &format!("{cont}{b}"),
+            &format!("{cont}{c}"),
+            palette,
+        );
     }
     for inst in &node.instances {
         i += 1;

@@ -1,8 +1,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::cluster::state::{NodeInfo, Placement};
 use crate::cluster::spec::ServiceSpec;
+use crate::cluster::state::{NodeInfo, Placement};
 use crate::service::NodeKind;
 
 fn beacon(label: &str, state: &str, children: Vec<BeaconNode>) -> BeaconNode {
@@ -92,7 +92,10 @@ fn ctx() -> GraphContext {
 #[test]
 fn merge_puts_each_instance_under_its_node_with_its_tree() {
     let reports = BTreeMap::from([
-        (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
+        (
+            1,
+            Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")])),
+        ),
         (2, Ok(report(2, &[("web", 1, "crashed")]))),
         (3, Ok(report(3, &[]))),
     ]);
@@ -103,7 +106,10 @@ fn merge_puts_each_instance_under_its_node_with_its_tree() {
     assert_eq!(names, ["db#0", "web#0"]);
     // The node's own view wins over the recorded one: web#1 crashed inside its supervisor.
     let web1 = &g.nodes[1].instances[0];
-    assert_eq!((web1.state.as_str(), web1.placement.as_deref()), ("crashed", Some("running")));
+    assert_eq!(
+        (web1.state.as_str(), web1.placement.as_deref()),
+        ("crashed", Some("running"))
+    );
     assert!(g.nodes[2].instances.is_empty());
     assert!(g.nodes[0].daemon.is_none(), "daemon trees only when asked");
     // web@1 → db@1 (same machine), web@2 → db@1 (crosses machines).
@@ -116,8 +122,14 @@ fn merge_puts_each_instance_under_its_node_with_its_tree() {
 #[test]
 fn an_unreachable_node_keeps_its_recorded_instances_and_error() {
     let reports = BTreeMap::from([
-        (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
-        (2, Err("no answer from 127.0.0.1:7002 within 500 ms".to_string())),
+        (
+            1,
+            Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")])),
+        ),
+        (
+            2,
+            Err("no answer from 127.0.0.1:7002 within 500 ms".to_string()),
+        ),
     ]);
     let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
     let n2 = &g.nodes[1];
@@ -133,12 +145,23 @@ fn an_unreachable_node_keeps_its_recorded_instances_and_error() {
 fn a_node_that_answers_without_a_placed_instance_shows_it_missing_and_extras_unplaced() {
     let reports = BTreeMap::from([
         (1, Ok(report(1, &[("db", 0, "running")]))),
-        (2, Ok(report(2, &[("web", 1, "running"), ("old", 0, "stopping")]))),
+        (
+            2,
+            Ok(report(2, &[("web", 1, "running"), ("old", 0, "stopping")])),
+        ),
     ]);
     let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());
-    let web0 = g.nodes[0].instances.iter().find(|i| i.name() == "web#0").unwrap();
+    let web0 = g.nodes[0]
+        .instances
+        .iter()
+        .find(|i| i.name() == "web#0")
+        .unwrap();
     assert_eq!(web0.state, "missing");
-    let old = g.nodes[1].instances.iter().find(|i| i.service == "old").unwrap();
+    let old = g.nodes[1]
+        .instances
+        .iter()
+        .find(|i| i.service == "old")
+        .unwrap();
     assert_eq!(old.placement, None);
     assert_eq!(old.state, "stopping");
 }
@@ -146,7 +169,10 @@ fn a_node_that_answers_without_a_placed_instance_shows_it_missing_and_extras_unp
 #[test]
 fn filters_narrow_nodes_instances_and_edges() {
     let reports = BTreeMap::from([
-        (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
+        (
+            1,
+            Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")])),
+        ),
         (2, Ok(report(2, &[("web", 1, "running")]))),
     ]);
     let only_db = GraphFilter {
@@ -184,7 +210,10 @@ fn signature_ignores_uptimes_but_not_states() {
 #[test]
 fn tree_and_dot_show_nodes_instances_trees_and_edges() {
     let reports = BTreeMap::from([
-        (1, Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")]))),
+        (
+            1,
+            Ok(report(1, &[("db", 0, "running"), ("web", 0, "running")])),
+        ),
         (2, Err("connection refused".to_string())),
     ]);
     let g = merge(&state(), &ctx(), reports.clone(), &GraphFilter::default());

@@ -217,7 +217,11 @@ impl BeaconNode {
     fn write_dot(&self, out: &mut String, next_id: &mut usize) -> usize {
         let id = *next_id;
         *next_id += 1;
-        let shape = if self.kind.is_task() { "ellipse" } else { "box" };
+        let shape = if self.kind.is_task() {
+            "ellipse"
+        } else {
+            "box"
+        };
         let _ = writeln!(
             out,
             "    n{id} [label=\"{}\\n{} {}\", shape=\"{shape}\", fillcolor=\"{}\"];",
