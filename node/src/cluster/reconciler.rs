@@ -84,8 +84,6 @@ struct Memory {
     failed_since: HashMap<(String, u32), Instant>,
     /// The last "could not place" reason recorded per instance.
     unplaced: HashMap<(String, u32), String>,
-    /// When each service change's trace was first continued by a placement.
-    traces_continued: HashMap<String, Instant>,
 }
 
 /// How long after a traced change (`svc apply`) placements still join its trace; later ones
@@ -127,7 +125,7 @@ pub async fn run(
             };
         }
         let commands = decide(&node, &state, liveness, &mut memory);
-        let commands = split_traced(commands, &state, &mut memory);
+        let commands = split_traced(commands, &state, super::node::now_ms());
         commit_traced(&node, commands).await;
     }
 }
@@ -137,18 +135,12 @@ pub async fn run(
 fn split_traced(
     commands: Vec<Command>,
     state: &ClusterState,
-    memory: &mut Memory,
+    now_ms: u64,
 ) -> Vec<(Command, Option<String>)> {
-    memory.traces_continued.retain(|t, first| {
-        state.traces.values().any(|v| v == t) && first.elapsed() < TRACE_CONTINUES_FOR * 6
-    });
-    let mut live = |service: &str| -> Option<String> {
+    let live = |service: &str| -> Option<String> {
         let t = state.traces.get(service)?;
-        let first = *memory
-            .traces_continued
-            .entry(t.clone())
-            .or_insert_with(Instant::now);
-        (first.elapsed() < TRACE_CONTINUES_FOR).then(|| t.clone())
+        let age = Duration::from_millis(now_ms.saturating_sub(t.at_ms));
+        (age < TRACE_CONTINUES_FOR).then(|| t.context.clone())
     };
     let mut out = Vec::with_capacity(commands.len());
     for command in commands {

@@ -319,9 +319,18 @@ pub struct ClusterState {
     /// Sequence number of the next event.
     pub next_event_seq: u64,
     /// The trace context of each service's latest traced change (placing its instances
-    /// continues that trace).
+    /// soon after continues that trace).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub traces: BTreeMap<String, String>,
+    pub traces: BTreeMap<String, TraceMark>,
+}
+
+/// A trace context and when the change that carried it was proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceMark {
+    /// W3C `traceparent`.
+    pub context: String,
+    /// The proposer's clock, ms since the epoch.
+    pub at_ms: u64,
 }
 
 impl Command {
@@ -413,7 +422,13 @@ impl ClusterState {
                 let mut stored = spec.clone();
                 stored.generation = generation;
                 match &proposal.trace {
-                    Some(t) => self.traces.insert(spec.name.clone(), t.clone()),
+                    Some(t) => self.traces.insert(
+                        spec.name.clone(),
+                        TraceMark {
+                            context: t.clone(),
+                            at_ms: at,
+                        },
+                    ),
                     None => self.traces.remove(&spec.name),
                 };
                 let msg = format!("service '{}' stored (generation {generation})", spec.name);
@@ -474,6 +489,10 @@ impl ClusterState {
                 let restarted = *restart_count > p.restart_count;
                 p.state = state.clone();
                 p.restart_count = *restart_count;
+                if state == "running" {
+                    // The request that placed it is done; later restarts are not part of it.
+                    p.trace = None;
+                }
                 if last_crash.is_some() {
                     p.last_crash = last_crash.clone();
                 }
@@ -820,7 +839,7 @@ mod tests {
         let mut put = p(Command::PutSpec { spec: spec("a") });
         put.trace = Some(tp.clone());
         s.apply(&put);
-        assert_eq!(s.traces["a"], tp);
+        assert_eq!(s.traces["a"].context, tp);
         let mut place = p(Command::Place {
             assign: vec![SlotAssignment {
                 service: "a".into(),
@@ -833,6 +852,15 @@ mod tests {
         place.trace = Some(tp.clone());
         s.apply(&place);
         assert_eq!(s.placements["a"][&0].trace.as_deref(), Some(tp.as_str()));
+        s.apply(&p(Command::ReportInstance {
+            service: "a".into(),
+            slot: 0,
+            node: 1,
+            state: "running".into(),
+            restart_count: 0,
+            last_crash: None,
+        }));
+        assert_eq!(s.placements["a"][&0].trace, None, "done once it runs");
         // An untraced change forgets the old context.
         s.apply(&p(Command::PutSpec { spec: spec("a") }));
         assert!(!s.traces.contains_key("a"));
