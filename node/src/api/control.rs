@@ -208,11 +208,7 @@ impl Control for ControlService {
         request: Request<pb::NodeBeaconRequest>,
     ) -> Result<Response<pb::NodeBeaconReply>, Status> {
         let r = request.into_inner();
-        let filter = GraphFilter {
-            service: (!r.service.is_empty()).then_some(r.service),
-            node: None,
-            daemon: r.daemon,
-        };
+        let filter = GraphFilter::from_request(r.service, 0, r.daemon);
         let report = self.inspector.local_report(&filter);
         let report_json =
             serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
@@ -227,11 +223,7 @@ impl Control for ControlService {
         request: Request<pb::GraphRequest>,
     ) -> Result<Response<pb::GraphReply>, Status> {
         let r = request.into_inner();
-        let filter = GraphFilter {
-            service: (!r.service.is_empty()).then_some(r.service),
-            node: (r.node != 0).then_some(r.node),
-            daemon: r.daemon,
-        };
+        let filter = GraphFilter::from_request(r.service, r.node, r.daemon);
         let deadline = match r.deadline_ms {
             0 => DEFAULT_DEADLINE,
             ms => std::time::Duration::from_millis(u64::from(ms)),

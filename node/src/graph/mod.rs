@@ -263,6 +263,15 @@ pub struct GraphFilter {
 }
 
 impl GraphFilter {
+    /// From a request's fields: `""` for every service, node `0` for every node.
+    pub fn from_request(service: String, node: u64, daemon: bool) -> GraphFilter {
+        GraphFilter {
+            service: (!service.is_empty()).then_some(service),
+            node: (node != 0).then_some(node),
+            daemon,
+        }
+    }
+
     fn describe(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(s) = &self.service {

@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use super::{ClusterGraph, InstanceGraph, NodeGraph};
-use crate::service::{state_color, BeaconNode};
+
+use crate::service::{dot_escape, state_color, BeaconNode};
 
 /// Colours for the text tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +89,7 @@ impl ClusterGraph {
             let _ = writeln!(out, "    subgraph cluster_node{} {{", node.id);
             let mut label = format!("node {} ({})\\n{}", node.id, node.address, node.state);
             if let Some(e) = &node.error {
-                let _ = write!(label, "\\n{}", escape(e));
+                let _ = write!(label, "\\n{}", dot_escape(e));
             }
             let _ = writeln!(
                 out,
@@ -115,7 +116,7 @@ impl ClusterGraph {
                 );
                 if let Some(tree) = &inst.tree {
                     for child in &tree.children {
-                        let cid = write_dot_tree(&mut out, child, &mut next);
+                        let cid = child.write_dot(&mut out, &mut next, "        ");
                         let _ = writeln!(out, "        {id} -> {cid};");
                     }
                 }
@@ -203,18 +204,7 @@ fn write_node(out: &mut String, node: &NodeGraph, branch: &str, cont: &str, pale
         let _ = writeln!(out, "{cont}{b}{}", palette.paint(&inst.state, &line));
         // The instance's supervisor is the line above; draw what it supervises.
         if let Some(tree) = &inst.tree {
-            let inner = format!("{cont}{c}");
-            let m = tree.children.len();
-            for (j, child) in tree.children.iter().enumerate() {
-                let (b2, c2) = branches(j + 1 == m);
-                write_beacon(
-                    out,
-                    child,
-                    &format!("{inner}{b2}"),
-                    &format!("{inner}{c2}"),
-                    palette,
-                );
-            }
+            write_children(out, &tree.children, &format!("{cont}{c}"), palette);
         }
     }
 }
@@ -222,42 +212,19 @@ fn write_node(out: &mut String, node: &NodeGraph, branch: &str, cont: &str, pale
 fn write_beacon(out: &mut String, b: &BeaconNode, first: &str, rest: &str, palette: Palette) {
     let line = b.summary();
     let _ = writeln!(out, "{first}{}", palette.paint(&b.state, &line));
-    let m = b.children.len();
-    for (j, child) in b.children.iter().enumerate() {
-        let (b2, c2) = branches(j + 1 == m);
+    write_children(out, &b.children, rest, palette);
+}
+
+fn write_children(out: &mut String, children: &[BeaconNode], rest: &str, palette: Palette) {
+    let m = children.len();
+    for (j, child) in children.iter().enumerate() {
+        let (b, c) = branches(j + 1 == m);
         write_beacon(
             out,
             child,
-            &format!("{rest}{b2}"),
-            &format!("{rest}{c2}"),
+            &format!("{rest}{b}"),
+            &format!("{rest}{c}"),
             palette,
         );
     }
-}
-
-fn write_dot_tree(out: &mut String, b: &BeaconNode, next: &mut usize) -> String {
-    let id = format!("b{next}");
-    *next += 1;
-    let _ = writeln!(
-        out,
-        "        {id} [label=\"{}\\n{} {}\", fillcolor=\"{}\"{}];",
-        escape(&b.label),
-        b.kind.as_str(),
-        b.state,
-        state_color(&b.state),
-        if b.kind.is_task() {
-            ", shape=\"ellipse\""
-        } else {
-            ""
-        }
-    );
-    for child in &b.children {
-        let cid = write_dot_tree(out, child, next);
-        let _ = writeln!(out, "        {id} -> {cid};");
-    }
-    id
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
 }

@@ -209,13 +209,15 @@ impl BeaconNode {
             "digraph beacon {\n    graph [rankdir=\"LR\", fontname=\"Helvetica\", bgcolor=\"mintcream\"];\n    node [shape=\"box\", style=\"filled,rounded\", fontname=\"Helvetica\"];\n",
         );
         let mut next_id = 0usize;
-        self.write_dot(&mut out, &mut next_id);
+        self.write_dot(&mut out, &mut next_id, "    ");
         out.push_str("}\n");
         out
     }
 
-    fn write_dot(&self, out: &mut String, next_id: &mut usize) -> usize {
-        let id = *next_id;
+    /// Write this subtree's dot nodes and edges (ids `n0`, `n1`, ... from `next_id`, lines
+    /// indented by `indent`); returns the id of its root.
+    pub(crate) fn write_dot(&self, out: &mut String, next_id: &mut usize, indent: &str) -> String {
+        let id = format!("n{next_id}");
         *next_id += 1;
         let shape = if self.kind.is_task() {
             "ellipse"
@@ -224,15 +226,15 @@ impl BeaconNode {
         };
         let _ = writeln!(
             out,
-            "    n{id} [label=\"{}\\n{} {}\", shape=\"{shape}\", fillcolor=\"{}\"];",
+            "{indent}{id} [label=\"{}\\n{} {}\", shape=\"{shape}\", fillcolor=\"{}\"];",
             dot_escape(&self.label),
             self.kind.as_str(),
             self.state,
             state_color(&self.state)
         );
         for child in &self.children {
-            let cid = child.write_dot(out, next_id);
-            let _ = writeln!(out, "    n{id} -> n{cid};");
+            let cid = child.write_dot(out, next_id, indent);
+            let _ = writeln!(out, "{indent}{id} -> {cid};");
         }
         id
     }
@@ -250,7 +252,8 @@ pub fn state_color(state: &str) -> &'static str {
     }
 }
 
-fn dot_escape(s: &str) -> String {
+/// A string inside a dot double-quoted label.
+pub(crate) fn dot_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 

@@ -45,6 +45,7 @@ mod traits;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use beacon::dot_escape;
 pub use beacon::{state_color, BeaconNode, NodeKind};
 pub use context::{Context, TimerSpec};
 pub(crate) use cron::format_utc_ms;
