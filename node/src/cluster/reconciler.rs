@@ -193,30 +193,26 @@ fn split_traced(
     out
 }
 
-/// Commit decisions in order; a traced one under a `placement` span in its trace.
+/// Commit decisions in order, each placement decision under a `placement.decide` span (in the
+/// trace of the change it carries out, when it has one).
 async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String>)>) {
     use tracing::Instrument as _;
     for (command, trace) in commands {
-        let written = match (&command, trace) {
-            (Command::Place { assign, unassign }, Some(trace)) => {
-                let describe = |l: &[SlotAssignment]| {
-                    l.iter()
-                        .map(|a| format!("{}#{}@{}", a.service, a.slot, a.node))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
+        let written = match &command {
+            Command::Place { assign, unassign } => {
                 let span = tracing::info_span!(
                     target: crate::telemetry::TARGET,
                     "placement",
                     otel.name = "placement.decide",
-                    service = assign.first().or(unassign.first()).map(|a| a.service.as_str()).unwrap_or_default(),
-                    assign = %describe(assign),
-                    unassign = %describe(unassign),
+                    assigned = assign.len(),
+                    unassigned = unassign.len(),
+                    assign = %describe_slots(assign),
+                    unassign = %describe_slots(unassign),
                 );
-                crate::telemetry::set_parent(&span, Some(&trace));
+                crate::telemetry::set_parent(&span, trace.as_deref());
                 node.write(command, false).instrument(span).await
             }
-            (_, _) => node.write(command, false).await,
+            _ => node.write(command, false).await,
         };
         if let Err(e) = written {
             tracing::debug!("control loop: {e}");
@@ -226,12 +222,22 @@ async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String
 }
 
 async fn commit(node: &ClusterNode, commands: Vec<Command>) {
-    for command in commands {
-        if let Err(e) = node.write(command, false).await {
-            tracing::debug!("control loop: {e}");
-            break;
-        }
+    commit_traced(node, commands.into_iter().map(|c| (c, None)).collect()).await;
+}
+
+/// `web#0@2,web#1@3`, the first 20 of them (a span attribute, not a report).
+fn describe_slots(slots: &[SlotAssignment]) -> String {
+    const SHOWN: usize = 20;
+    let mut out = slots
+        .iter()
+        .take(SHOWN)
+        .map(|a| format!("{}#{}@{}", a.service, a.slot, a.node))
+        .collect::<Vec<_>>()
+        .join(",");
+    if slots.len() > SHOWN {
+        out.push_str(&format!(",… {} more", slots.len() - SHOWN));
     }
+    out
 }
 
 /// Mark silent nodes down, and nodes heard again up.
@@ -497,5 +503,67 @@ fn event(kind: &str, message: String, service: Option<String>, node: Option<u64>
         message,
         service,
         node,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::state::TraceMark;
+
+    fn slot(service: &str, slot: u32) -> SlotAssignment {
+        SlotAssignment {
+            service: service.into(),
+            slot,
+            node: 1,
+            moving_from: None,
+        }
+    }
+
+    #[test]
+    fn placements_of_a_recently_traced_service_are_split_out_with_its_trace() {
+        let mut state = ClusterState::default();
+        let mark = |at_ms| TraceMark {
+            context: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            at_ms,
+        };
+        state.traces.insert("fresh".into(), mark(100_000));
+        state.traces.insert("stale".into(), mark(1_000));
+        let place = Command::Place {
+            assign: vec![slot("fresh", 0), slot("stale", 0), slot("plain", 0)],
+            unassign: vec![slot("fresh", 1)],
+        };
+        let event = Command::RecordEvent {
+            kind: "placement".into(),
+            message: "m".into(),
+            service: None,
+            node: None,
+        };
+        let out = split_traced(vec![place, event.clone()], &state, 105_000);
+        assert_eq!(out.len(), 3);
+        let Command::Place { assign, unassign } = &out[0].0 else {
+            panic!("a placement first")
+        };
+        assert_eq!(out[0].1.as_deref(), Some(mark(0).context.as_str()));
+        assert_eq!((assign.len(), unassign.len()), (1, 1));
+        assert!(assign.iter().chain(unassign).all(|a| a.service == "fresh"));
+        // An old trace is not continued; the rest stay one decision, before the event.
+        let Command::Place { assign, .. } = &out[1].0 else {
+            panic!("then the untraced placements")
+        };
+        assert_eq!(out[1].1, None);
+        assert_eq!(
+            assign.iter().map(|a| a.service.as_str()).collect::<Vec<_>>(),
+            ["stale", "plain"]
+        );
+        assert_eq!(out[2], (event, None));
+    }
+
+    #[test]
+    fn slot_lists_in_spans_are_capped() {
+        let many: Vec<SlotAssignment> = (0..25).map(|i| slot("web", i)).collect();
+        let text = describe_slots(&many);
+        assert!(text.starts_with("web#0@1,web#1@1"));
+        assert!(text.ends_with(",… 5 more"));
     }
 }
