@@ -8,6 +8,8 @@ use clap::{Args, ValueEnum};
 use mode::graph::{svg, ClusterGraph, Palette};
 use mode_proto::v1 as pb;
 
+use tracing::Instrument as _;
+
 use crate::{Client, Failure};
 
 #[derive(Args)]
@@ -110,14 +112,43 @@ fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
     }
 }
 
-fn warn_unreachable(graph: &Reachability) {
-    for n in graph.nodes.iter().filter(|n| !n.reachable) {
+fn warn_unreachable(nodes: &[NodeReachability]) {
+    for n in nodes.iter().filter(|n| !n.reachable) {
         eprintln!(
             "warning: node {} ({}) did not answer: {}",
             n.id,
             n.address,
             n.error.as_deref().unwrap_or("unknown error")
         );
+    }
+}
+
+/// Write to stdout; a closed pipe (`modectl graph | head`) is not an error.
+fn emit(parts: &[&[u8]]) -> Result<bool, Failure> {
+    let mut out = std::io::stdout().lock();
+    let written = parts
+        .iter()
+        .try_for_each(|p| out.write_all(p))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("writing the graph: {e}"),
+        }),
+    }
+}
+
+impl GraphArgs {
+    /// The client must wait for the node at least as long as the node waits for the others.
+    pub(crate) fn timeout_s(&self) -> u64 {
+        u64::from(self.deadline_ms).div_ceil(1000) + 5
+    }
+
+    /// Whether it runs until interrupted.
+    pub(crate) fn watching(&self) -> bool {
+        self.watch
     }
 }
 
@@ -140,47 +171,67 @@ pub(crate) async fn run(
     };
     if !args.watch {
         let json = fetch_json(client, endpoint, args).await?;
-        if format == GraphFormat::Json {
+        let nodes = if format == GraphFormat::Json {
             // As the node sent it (compact): 10k instances are megabytes, not worth rebuilding.
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&json);
-            let _ = out.write_all(b"\n");
-            let _ = out.flush();
+            emit(&[&json, b"\n"])?;
+            decode::<Reachability>(endpoint, &json)?.nodes
         } else {
             let graph: ClusterGraph = decode(endpoint, &json)?;
-            print!("{}", draw(&graph, format, palette));
-        }
-        warn_unreachable(&decode(endpoint, &json)?);
+            emit(&[draw(&graph, format, palette).as_bytes()])?;
+            graph
+                .nodes
+                .into_iter()
+                .map(|n| NodeReachability {
+                    id: n.id,
+                    address: n.address,
+                    reachable: n.reachable,
+                    error: n.error,
+                })
+                .collect()
+        };
+        warn_unreachable(&nodes);
         return Ok(());
     }
     let mut shown: Option<String> = None;
     let mut failing = false;
     loop {
-        match fetch(client, endpoint, args).await {
+        // One trace per look, not one trace for the whole watch.
+        let look = tracing::info_span!(
+            target: mode::telemetry::TARGET,
+            parent: None,
+            "modectl",
+            otel.name = "modectl graph --watch",
+            otel.kind = "client",
+        );
+        match fetch(client, endpoint, args).instrument(look).await {
             Ok(graph) => {
                 let signature = graph.signature();
                 if shown.as_ref() != Some(&signature) || failing {
-                    let mut out = std::io::stdout().lock();
+                    let mut frame = Vec::new();
                     if terminal {
                         // Clear the screen and go home before redrawing.
-                        let _ = write!(out, "\x1b[2J\x1b[H");
+                        frame.extend_from_slice(b"\x1b[2J\x1b[H");
                     }
-                    let _ = write!(out, "{}", draw(&graph, format, palette));
+                    frame.extend_from_slice(draw(&graph, format, palette).as_bytes());
                     if !terminal && format != GraphFormat::Json {
                         // A separator between snapshots in a pipe or file.
-                        let _ = writeln!(out, "---");
+                        frame.extend_from_slice(b"---\n");
                     }
-                    let _ = out.flush();
+                    if !emit(&[&frame])? {
+                        // Whoever read the output has gone.
+                        return Ok(());
+                    }
                     shown = Some(signature);
                     failing = false;
                 }
             }
-            // A watch outlives a node restarting or an election: say so and keep asking.
-            Err(f) if f.code == 4 => {
+            // A bad flag stays bad; anything else (a node restarting, an election, a replica
+            // behind) may pass: say so and keep asking.
+            Err(f) if f.code == 2 => return Err(f),
+            Err(f) => {
                 eprintln!("error: {} (retrying)", f.message);
                 failing = true;
             }
-            Err(f) => return Err(f),
         }
         tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
     }

@@ -369,6 +369,16 @@ fn main() -> ExitCode {
         m = sub;
     }
     let command = command.join(" ");
+    let mut cli = cli;
+    if let Cmd::Graph(args) = &cli.command {
+        cli.timeout = cli.timeout.max(args.timeout_s());
+    }
+    // What runs until interrupted traces each step instead (never one endless root span).
+    let endless = match &cli.command {
+        Cmd::Graph(args) => args.watching(),
+        Cmd::Events { follow, .. } => *follow,
+        _ => false,
+    };
     // One worker thread: the trace exporter sends from its own thread through the runtime.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -394,17 +404,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let span = tracing::info_span!(
-        target: mode::telemetry::TARGET,
-        "modectl",
-        otel.name = %format!("modectl {command}"),
-        otel.kind = "client",
-        endpoint = %cli.endpoint,
-    );
+    let span = if endless {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            target: mode::telemetry::TARGET,
+            "modectl",
+            otel.name = %format!("modectl {command}"),
+            otel.kind = "client",
+            endpoint = %cli.endpoint,
+        )
+    };
     let outcome = rt.block_on(async {
         let outcome = run(cli).instrument(span).await;
         if traced {
-            mode::telemetry::shutdown(Duration::from_secs(3)).await;
+            // A collector that is down must not hold up a CLI for long.
+            mode::telemetry::shutdown(Duration::from_secs(1)).await;
         }
         outcome
     });

@@ -147,6 +147,16 @@ impl Injector for TextSink {
     }
 }
 
+/// Whether the current span is part of a trace (work done on behalf of a traced request).
+/// Background work (heartbeats, reports, events) checks this to stay out of traces.
+pub fn in_trace() -> bool {
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .is_valid()
+}
+
 /// Put the current span's trace context into outgoing gRPC metadata.
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     let cx = tracing::Span::current().context();
@@ -182,16 +192,20 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
 /// a second, always) at DEBUG, off unless `MODE_OTEL_FILTER` asks.
 pub fn server_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let path = request.uri().path();
-    let span = if path.starts_with("/mode.v1.Raft/") || path == "/mode.v1.Control/Heartbeat" {
+    let cx = propagator().extract(&HeaderExtractor(request.headers()));
+    let traced = cx.span().span_context().is_valid();
+    // Calls that run all the time start no trace of their own: the Raft transport, agents'
+    // heartbeats, and the graph fan-out of the web view.
+    let background = path.starts_with("/mode.v1.Raft/")
+        || path == "/mode.v1.Control/Heartbeat"
+        || (path == "/mode.v1.Control/NodeBeacon" && !traced);
+    let span = if background {
         tracing::debug_span!(target: TARGET, "grpc", otel.name = %path, otel.kind = "server", rpc.system = "grpc", rpc.method = %path)
     } else {
         tracing::info_span!(target: TARGET, "grpc", otel.name = %path, otel.kind = "server", rpc.system = "grpc", rpc.method = %path)
     };
-    if !span.is_disabled() {
-        let cx = propagator().extract(&HeaderExtractor(request.headers()));
-        if cx.span().span_context().is_valid() {
-            let _ = span.set_parent(cx);
-        }
+    if traced && !span.is_disabled() {
+        let _ = span.set_parent(cx);
     }
     span
 }

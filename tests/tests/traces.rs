@@ -145,10 +145,21 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
                 .filter(|s| s.trace == root.trace)
                 .cloned()
                 .collect();
+            // Complete: the agent's span arrived, every parent is there, all replicas applied.
+            let ids: BTreeSet<&[u8]> = trace.iter().map(|s| s.id.as_slice()).collect();
+            let connected = trace
+                .iter()
+                .all(|s| s.id == root.id || ids.contains(s.parent.as_slice()));
             let has_agent = trace
                 .iter()
                 .any(|s| s.name == "agent.start_instance" && s.node.as_deref() == Some(&target));
-            if has_agent {
+            let applies = trace
+                .iter()
+                .filter(|s| s.name == "raft.apply")
+                .filter_map(|s| s.node.as_deref())
+                .collect::<BTreeSet<_>>()
+                .len();
+            if has_agent && connected && applies == 3 {
                 break (root, trace);
             }
         }
@@ -231,6 +242,21 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
         .filter_map(|s| s.node.as_deref())
         .collect();
     assert_eq!(applied_on.len(), 3, "every replica applies: {applied_on:?}");
+    // Background writes (agents' reports, heartbeats, events) start no traces: every proposal
+    // span belongs to a request or a placement decision.
+    let all = receiver.spans.lock().unwrap().clone();
+    for s in all
+        .iter()
+        .filter(|s| s.name == "raft.propose" || s.name == "raft.apply")
+    {
+        assert!(
+            !s.parent.is_empty(),
+            "a {} on {:?} ({:?}) started a trace of its own",
+            s.name,
+            s.node,
+            s.attributes.get("op")
+        );
+    }
     let processes: BTreeSet<(&str, Option<&str>)> = trace
         .iter()
         .map(|s| (s.service.as_str(), s.node.as_deref()))

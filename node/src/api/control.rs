@@ -209,9 +209,14 @@ impl Control for ControlService {
     ) -> Result<Response<pb::NodeBeaconReply>, Status> {
         let r = request.into_inner();
         let filter = GraphFilter::from_request(r.service, 0, r.daemon);
-        let report = self.inspector.local_report(&filter);
-        let report_json =
-            serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
+        // Walking thousands of instance trees is CPU work: off the async threads.
+        let inspector = self.inspector.clone();
+        let report_json = tokio::task::spawn_blocking(move || {
+            serde_json::to_vec(&inspector.local_report(&filter))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading this node's beacon failed: {e}")))?
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::NodeBeaconReply {
             node: self.node.id(),
             report_json,

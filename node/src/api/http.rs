@@ -80,7 +80,7 @@ fn filter_from_query(query: Option<&str>) -> Result<GraphFilter, String> {
 }
 
 async fn graph_for<T: crate::graph::TreeForm>(
-    inspector: &Inspector,
+    inspector: &Arc<Inspector>,
     uri: &Uri,
 ) -> Result<crate::graph::ClusterGraph<T>, Response> {
     let filter = filter_from_query(uri.query())
@@ -104,7 +104,15 @@ async fn graph_json(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Respon
 
 async fn graph_svg(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Response {
     match graph_for::<crate::service::BeaconNode>(&inspector, &uri).await {
-        Ok(g) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg::render(&g)).into_response(),
+        // Megabytes of SVG for a large cluster: drawn off the async threads.
+        Ok(g) => match tokio::task::spawn_blocking(move || svg::render(&g)).await {
+            Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("drawing the graph failed: {e}\n"),
+            )
+                .into_response(),
+        },
         Err(r) => r,
     }
 }

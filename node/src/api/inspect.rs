@@ -1,13 +1,14 @@
 //! Building the combined beacon graph: this node's own report, and the fan-out to every member
 //! that the gRPC `Graph` call and the HTTP `/api/graph` share.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 
+use crate::cluster::state::NodeStatus;
 use crate::cluster::ClusterNode;
 use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport, TreeForm};
 use crate::service::{BeaconNode, NodeKind, ServiceHandle};
@@ -17,6 +18,9 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The largest graph or node report accepted (10k instances take a few MB).
 pub const MAX_GRAPH_BYTES: usize = 256 << 20;
+
+/// The longest a fan-out waits for a node, whatever it is asked.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Reads this node's beacon and builds the cluster graph.
 pub struct Inspector {
@@ -131,56 +135,65 @@ impl Inspector {
     /// `T` is how instance trees are held: [`RawTree`](crate::graph::RawTree) to send the graph
     /// on (no parsing), [`BeaconNode`] to draw it.
     pub async fn graph<T: TreeForm>(
-        &self,
+        self: &Arc<Self>,
         filter: &GraphFilter,
         deadline: Duration,
     ) -> ClusterGraph<T> {
+        let deadline = deadline.min(MAX_DEADLINE);
         let ctx = self.node.graph_context();
-        let mut targets: BTreeMap<u64, String> = ctx.members.clone();
-        self.node.local_state(|s| {
-            for n in s.nodes.values() {
-                targets.insert(n.id, n.address.clone());
-            }
+        // The skeleton comes from the state as it was before anyone was asked: an instance
+        // recorded running that its node then does not report is really missing.
+        let (mut graph, down) = self.node.local_state(|state| {
+            let down: BTreeSet<u64> = state
+                .nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Down)
+                .map(|n| n.id)
+                .collect();
+            (skeleton::<T>(state, &ctx, filter), down)
         });
-        if let Some(only) = filter.node {
-            targets.retain(|id, _| *id == only);
-        }
         let me = self.node.id();
         let mut calls = tokio::task::JoinSet::new();
-        for (id, address) in targets {
-            if id == me {
+        for node in &graph.nodes {
+            // A node that missed its heartbeats would cost the whole deadline every time.
+            if node.id == me || down.contains(&node.id) || node.address.is_empty() {
                 continue;
             }
+            let (id, address) = (node.id, node.address.clone());
             let peers = self.node.peers().clone();
             let request = pb::NodeBeaconRequest {
                 service: filter.service.clone().unwrap_or_default(),
                 daemon: filter.daemon,
             };
-            calls.spawn(async move {
-                let answer =
-                    tokio::time::timeout(deadline, ask_node(&peers, &address, request, deadline))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(format!(
-                                "no answer from {address} within {} ms",
-                                deadline.as_millis()
-                            ))
-                        });
+            // The calls belong to the caller's trace, if it has one.
+            let span = tracing::Span::current();
+            let call = async move {
+                let answer = tokio::time::timeout(deadline, ask_node(&peers, id, &address, request, deadline))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer from {address} within {} ms (is node {id} overloaded or cut off? a longer --deadline-ms waits more)",
+                            deadline.as_millis()
+                        ))
+                    });
                 (id, answer)
-            });
+            };
+            calls.spawn(tracing::Instrument::instrument(call, span));
         }
         let mut reports = BTreeMap::new();
         if filter.node.is_none_or(|n| n == me) {
-            reports.insert(me, Ok(self.local_report(filter).into_form()));
+            // Walking thousands of instance trees is CPU work: off the async threads.
+            let (me_, filter_) = (self.clone(), filter.clone());
+            let local = tokio::task::spawn_blocking(move || me_.local_report(&filter_).into_form())
+                .await
+                .map_err(|e| format!("reading this node's beacon failed: {e}"));
+            reports.insert(me, local);
         }
         while let Some(joined) = calls.join_next().await {
             if let Ok((id, answer)) = joined {
                 reports.insert(id, answer);
             }
         }
-        // The replica's state is held only while the skeleton is built; the trees are moved
-        // in afterwards.
-        let mut graph = self.node.local_state(|state| skeleton(state, &ctx, filter));
         graph.attach(reports, filter);
         graph
     }
@@ -188,19 +201,31 @@ impl Inspector {
 
 async fn ask_node<T: TreeForm>(
     peers: &crate::cluster::Peers,
+    id: u64,
     address: &str,
     request: pb::NodeBeaconRequest,
     deadline: Duration,
 ) -> Result<NodeReport<T>, String> {
-    let channel = peers.channel(address)?;
+    // Not Raft's connection: megabytes of trees must not queue up behind (or ahead of) its
+    // heartbeats.
+    let channel = peers.side_channel(address)?;
     let mut client = ControlClient::new(channel).max_decoding_message_size(MAX_GRAPH_BYTES);
     let mut req = tonic::Request::new(request);
-    req.set_timeout(deadline);
+    // The node may give up when the caller will; the caller's own timer (with the clearer
+    // message) fires first.
+    req.set_timeout(deadline + Duration::from_millis(250));
+    crate::telemetry::inject(req.metadata_mut());
     let reply = client
         .node_beacon(req)
         .await
         .map_err(|s| crate::cluster::describe_status(address, &s))?
         .into_inner();
+    if reply.node != id {
+        return Err(format!(
+            "{address} answered as node {} (is node {id} registered with a stale address?)",
+            reply.node
+        ));
+    }
     serde_json::from_slice(&reply.report_json)
         .map_err(|e| format!("{address} sent an undecodable beacon: {e}"))
 }

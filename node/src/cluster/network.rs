@@ -50,13 +50,27 @@ impl PeerHealth {
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    side_channels: Mutex<HashMap<String, Channel>>,
     health: Mutex<HashMap<u64, PeerHealth>>,
 }
 
 impl Peers {
     /// The cached channel to `address` (`host:port`), created lazily on first use.
     pub fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut channels = lock(&self.channels);
+        Self::cached(&self.channels, address)
+    }
+
+    /// A second cached channel to `address`, for bulky calls that must not share Raft's
+    /// connection (the graph fan-out).
+    pub fn side_channel(&self, address: &str) -> Result<Channel, String> {
+        Self::cached(&self.side_channels, address)
+    }
+
+    fn cached(
+        channels: &Mutex<HashMap<String, Channel>>,
+        address: &str,
+    ) -> Result<Channel, String> {
+        let mut channels = lock(channels);
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }

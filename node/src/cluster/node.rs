@@ -481,13 +481,19 @@ impl ClusterNode {
         command: Command,
         may_forward: bool,
     ) -> Result<WriteOutcome, ClusterError> {
-        let span = tracing::info_span!(
-            target: crate::telemetry::TARGET,
-            "raft.propose",
-            otel.name = "raft.propose",
-            op = command.op(),
-            node = self.config.id,
-        );
+        // Only writes made for a traced request are traced: agents' reports, heartbeats and
+        // events would otherwise each start a trace of their own.
+        let span = if crate::telemetry::in_trace() {
+            tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "raft.propose",
+                otel.name = "raft.propose",
+                op = command.op(),
+                node = self.config.id,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let proposal = Proposal {
             at_ms: now_ms(),
             trace: crate::telemetry::traceparent(&span),

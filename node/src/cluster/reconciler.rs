@@ -553,7 +553,10 @@ mod tests {
         };
         assert_eq!(out[1].1, None);
         assert_eq!(
-            assign.iter().map(|a| a.service.as_str()).collect::<Vec<_>>(),
+            assign
+                .iter()
+                .map(|a| a.service.as_str())
+                .collect::<Vec<_>>(),
             ["stale", "plain"]
         );
         assert_eq!(out[2], (event, None));

@@ -621,9 +621,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     .proposals
                     .iter()
                     .map(|p| match &p.trace {
-                        None => a.state.apply(p),
-                        // A traced proposal shows being applied on every replica.
-                        Some(parent) => {
+                        // A traced proposal shows being applied on every replica, but not
+                        // when the log is replayed after a restart.
+                        Some(parent) if super::node::now_ms().saturating_sub(p.at_ms) < 60_000 => {
                             let span = tracing::info_span!(
                                 target: crate::telemetry::TARGET,
                                 "raft.apply",
@@ -635,6 +635,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             let _in = span.enter();
                             a.state.apply(p)
                         }
+                        _ => a.state.apply(p),
                     })
                     .collect(),
                 EntryPayload::Membership(ref m) => {

@@ -150,9 +150,21 @@ pub struct ClusterGraph<T = BeaconNode> {
     /// Service-level summary: desired and running instances, dependencies.
     #[serde(default)]
     pub services: Vec<ServiceSummary>,
-    /// Dependency edges between the nodes running dependent services.
+    /// Dependency edges between the nodes running dependent services (at most
+    /// [`MAX_EDGES`]).
     #[serde(default)]
     pub edges: Vec<DependencyEdge>,
+    /// Edges left out beyond [`MAX_EDGES`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub edges_omitted: usize,
+}
+
+/// The most dependency edges a graph lists: two services on 1,000 nodes each would otherwise
+/// make a million.
+pub const MAX_EDGES: usize = 2_000;
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One node of the cluster.
@@ -214,6 +226,23 @@ impl<T> InstanceGraph<T> {
     /// `service#slot`.
     pub fn name(&self) -> String {
         format!("{}#{}", self.service, self.slot)
+    }
+
+    /// Write `web#0 running, restarts=2 (recorded pending)` into `out`: its name, state,
+    /// restarts and where the control plane's record differs.
+    pub fn write_headline(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{}#{} {}", self.service, self.slot, self.state);
+        if self.restart_count > 0 {
+            let _ = write!(out, ", restarts={}", self.restart_count);
+        }
+        match &self.placement {
+            Some(p) if p != &self.state => {
+                let _ = write!(out, " (recorded {p})");
+            }
+            Some(_) => {}
+            None => out.push_str(" (not placed here)"),
+        }
     }
 }
 
@@ -346,7 +375,10 @@ pub fn skeleton<T>(
                     .unwrap_or_default(),
                 state: recorded.to_string(),
                 reachable: false,
-                error: Some("not asked".to_string()),
+                error: Some(match info.map(|n| n.status) {
+                    Some(NodeStatus::Down) => "down (missed its heartbeats): not asked".to_string(),
+                    _ => "not asked".to_string(),
+                }),
                 leader: ctx.leader == Some(id),
                 labels: info.map(|n| n.labels.clone()).unwrap_or_default(),
                 instances: Vec::new(),
@@ -388,6 +420,7 @@ pub fn skeleton<T>(
             deleting: state.deleting.contains(&s.name),
         })
         .collect();
+    let (edges, edges_omitted) = edges(state, filter);
     ClusterGraph {
         answered_by: ctx.answered_by,
         leader: ctx.leader,
@@ -395,7 +428,8 @@ pub fn skeleton<T>(
         applied_index: ctx.applied_index,
         generated_at: format!("{}Z", crate::service::format_utc_ms(now_ms())),
         filters: filter.describe(),
-        edges: edges(state, filter),
+        edges,
+        edges_omitted,
         nodes: nodes.into_values().collect(),
         services,
     }
@@ -479,7 +513,7 @@ pub fn inner_service(tree: &BeaconNode) -> Option<&BeaconNode> {
     tree.children.iter().find(|c| !c.kind.is_task())
 }
 
-fn edges(state: &ClusterState, filter: &GraphFilter) -> Vec<DependencyEdge> {
+fn edges(state: &ClusterState, filter: &GraphFilter) -> (Vec<DependencyEdge>, usize) {
     let nodes_of = |service: &str| -> BTreeSet<u64> {
         state
             .placements
@@ -510,7 +544,11 @@ fn edges(state: &ClusterState, filter: &GraphFilter) -> Vec<DependencyEdge> {
             }
         }
     }
-    out.into_iter().collect()
+    let total = out.len();
+    (
+        out.into_iter().take(MAX_EDGES).collect(),
+        total.saturating_sub(MAX_EDGES),
+    )
 }
 
 fn now_ms() -> u64 {
@@ -532,6 +570,8 @@ impl ClusterGraph {
     pub fn signature(&self) -> String {
         let mut g = self.clone();
         g.generated_at.clear();
+        // Any write moves it, also those that change nothing shown.
+        g.applied_index = 0;
         for n in &mut g.nodes {
             for i in &mut n.instances {
                 if let Some(t) = &mut i.tree {

@@ -61,6 +61,9 @@ impl ClusterGraph {
         }
         if !self.edges.is_empty() {
             let _ = writeln!(out, "└── dependencies");
+            if self.edges_omitted > 0 {
+                let _ = writeln!(out, "    ({} more not listed)", self.edges_omitted);
+            }
             let m = self.edges.len();
             for (i, e) in self.edges.iter().enumerate() {
                 let (branch, _) = branches(i + 1 == m);
@@ -187,17 +190,8 @@ fn write_node(out: &mut String, node: &NodeGraph, branch: &str, cont: &str, pale
     for inst in &node.instances {
         i += 1;
         let (b, c) = branches(i == total);
-        let mut line = format!("{} {}", inst.name(), inst.state);
-        if inst.restart_count > 0 {
-            let _ = write!(line, ", restarts={}", inst.restart_count);
-        }
-        if let Some(p) = &inst.placement {
-            if p != &inst.state {
-                let _ = write!(line, " (recorded {p})");
-            }
-        } else {
-            line.push_str(" (not placed here)");
-        }
+        let mut line = String::new();
+        inst.write_headline(&mut line);
         if let Some(r) = &inst.last_crash {
             let _ = write!(line, ", last crash: {r}");
         }

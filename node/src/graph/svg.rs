@@ -80,27 +80,14 @@ impl<'a> Content<'a> {
 
     fn title(self, out: &mut String) {
         out.clear();
-        let restarts = match self {
+        match self {
             Content::Daemon(d) => {
                 let _ = write!(out, "daemon: {} {}", d.label, d.state);
-                d.restart_count
-            }
-            Content::Instance(i) => {
-                let _ = write!(out, "{}#{} {}", i.service, i.slot, i.state);
-                i.restart_count
-            }
-        };
-        if restarts > 0 {
-            let _ = write!(out, ", restarts={restarts}");
-        }
-        if let Content::Instance(i) = self {
-            match &i.placement {
-                Some(p) if p != &i.state => {
-                    let _ = write!(out, " (recorded {p})");
+                if d.restart_count > 0 {
+                    let _ = write!(out, ", restarts={}", d.restart_count);
                 }
-                Some(_) => {}
-                None => out.push_str(" (not placed here)"),
             }
+            Content::Instance(i) => i.write_headline(out),
         }
     }
 
@@ -360,9 +347,21 @@ fn write_document(out: &mut String, scratch: &mut String, graph: &ClusterGraph, 
     let (w, h) = (layout.width, layout.height);
     let _ = write!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"mode-graph\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"monospace\" font-size=\"12\">"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"mode-graph\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"monospace\" font-size=\"12\""
     );
-    out.push('\n');
+    // The summary, for the page that shows this document (one request per refresh).
+    let _ = write!(
+        out,
+        " data-nodes=\"{}\" data-instances=\"{}\" data-unreachable=\"{}\" data-leader=\"{}\" data-term=\"{}\" data-answered-by=\"{}\" data-filters=\"",
+        graph.nodes.len(),
+        graph.instance_count(),
+        graph.nodes.iter().filter(|n| !n.reachable).count(),
+        graph.leader.map(|l| l.to_string()).unwrap_or_default(),
+        graph.term,
+        graph.answered_by
+    );
+    push_escaped(out, &graph.filters.join(", "));
+    out.push_str("\">\n");
     // Selectors are scoped to `.mode-graph`: the page inlines this document into its own.
     out.push_str(concat!(
         "<style>",

@@ -85,6 +85,7 @@ fn empty() -> ClusterGraph {
         nodes: vec![],
         services: vec![],
         edges: vec![],
+        edges_omitted: 0,
     }
 }
 
@@ -123,6 +124,7 @@ fn sample() -> ClusterGraph {
         generated_at: "2026-11-25 08:14:20.123Z".into(),
         filters: vec!["service=web".into()],
         nodes: vec![n1, n2, n3, n4],
+        edges_omitted: 0,
         services: vec![
             ServiceSummary {
                 name: "db".into(),

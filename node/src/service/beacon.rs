@@ -29,6 +29,9 @@ pub enum NodeKind {
     Timer,
     /// A cron job.
     Cron,
+    /// A kind this build does not know (sent by a newer node during a rolling upgrade).
+    #[serde(other)]
+    Other,
 }
 
 impl NodeKind {
@@ -43,6 +46,7 @@ impl NodeKind {
             NodeKind::Future => "future",
             NodeKind::Timer => "timer",
             NodeKind::Cron => "cron",
+            NodeKind::Other => "other",
         }
     }
 

@@ -15,6 +15,17 @@ const TARGET_P50_MS: f64 = 150.0;
 /// kind's service, a timer and the supervisor's task).
 const KINDS: [&str; 2] = ["ticker", "counter"];
 
+/// The instances of the `i`th kind (the first takes the remainder).
+fn share(instances: u32, i: usize) -> u32 {
+    let kinds = KINDS.len() as u32;
+    let each = instances / kinds;
+    if i == 0 {
+        instances - each * (kinds - 1)
+    } else {
+        each
+    }
+}
+
 pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
     let modectl = std::env::current_exe()?.with_file_name("modectl");
     anyhow::ensure!(
@@ -28,14 +39,9 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
     let (reply_bytes, report_bytes, rpc_p50, beacon_p50) = rt.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await;
         cluster.wait_registered(3).await;
-        let per_kind = instances / KINDS.len() as u32;
         let t0 = Instant::now();
         for (i, kind) in KINDS.iter().enumerate() {
-            let n = if i == 0 {
-                instances - per_kind * (KINDS.len() as u32 - 1)
-            } else {
-                per_kind
-            };
+            let n = share(instances, i);
             // Slow timers: the cluster stays quiet while it is measured.
             cluster
                 .apply(
@@ -45,11 +51,7 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
                 .await?;
         }
         for (i, kind) in KINDS.iter().enumerate() {
-            let n = if i == 0 {
-                instances - per_kind * (KINDS.len() as u32 - 1)
-            } else {
-                per_kind
-            } as usize;
+            let n = share(instances, i) as usize;
             cluster
                 .wait_instances(leader, &format!("load-{kind}"), Duration::from_secs(300), |p| {
                     p.len() == n && p.values().all(|p| p["state"] == "running")
@@ -109,16 +111,23 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&out.stderr)
         );
         if i == 0 {
+            // A real answer: every node reachable, every instance with its tree.
             let g: Value = serde_json::from_slice(&out.stdout)?;
-            let n: usize = g["nodes"]
-                .as_array()
-                .map(|ns| {
-                    ns.iter()
-                        .map(|n| n["instances"].as_array().map_or(0, Vec::len))
-                        .sum()
-                })
-                .unwrap_or(0);
-            anyhow::ensure!(n == instances as usize, "the graph shows {n} instances");
+            let nodes = g["nodes"].as_array().cloned().unwrap_or_default();
+            anyhow::ensure!(
+                nodes.len() == 3 && nodes.iter().all(|n| n["reachable"] == true),
+                "not every node answered: {:?}",
+                nodes.iter().map(|n| &n["error"]).collect::<Vec<_>>()
+            );
+            let with_tree: usize = nodes
+                .iter()
+                .flat_map(|n| n["instances"].as_array().cloned().unwrap_or_default())
+                .filter(|i| i["tree"].is_object())
+                .count();
+            anyhow::ensure!(
+                with_tree == instances as usize,
+                "the graph shows {with_tree} instances with their trees"
+            );
             printed = out.stdout.len();
             continue;
         }
