@@ -42,7 +42,7 @@ const MAX_ROWS: usize = 12;
 /// let graph = ClusterGraph {
 ///     answered_by: 1, leader: Some(1), term: 2, applied_index: 9,
 ///     generated_at: String::new(), filters: vec![], nodes: vec![],
-///     services: vec![], edges: vec![],
+///     services: vec![], edges: vec![], edges_omitted: 0,
 /// };
 /// let svg = svg::render(&graph);
 /// assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
