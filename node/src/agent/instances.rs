@@ -92,6 +92,18 @@ fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> S
         .build()
 }
 
+/// Reports sent together at most (one Raft entry each batch, at most a few hundred KB).
+const MAX_REPORTS_AT_ONCE: usize = 1024;
+
+/// What a queued report is about: a newer one with the same key replaces it.
+fn report_key(report: &Command) -> Option<(&'static str, String, u32)> {
+    match report {
+        Command::ReportInstance { service, slot, .. }
+        | Command::ReleaseMove { service, slot, .. } => Some((report.op(), service.clone(), *slot)),
+        _ => None,
+    }
+}
+
 /// Whether every service `spec` depends on runs somewhere and is not being removed.
 fn dependencies_ready(state: &ClusterState, spec: &ServiceSpec) -> bool {
     spec.depends_on.iter().all(|d| {
@@ -136,11 +148,38 @@ pub async fn run(
     {
         let (node, c) = (node.clone(), ctx.clone());
         ctx.spawn("report", async move {
-            while let Some(Some(report)) = c.wait(report_rx.recv()).await {
-                match tokio::time::timeout(Duration::from_secs(2), node.write(report, true)).await {
-                    Ok(Ok(_)) | Ok(Err(ClusterError::Invalid(_))) => {}
-                    Ok(Err(e)) => tracing::debug!("reporting an instance: {e}"),
-                    Err(_) => tracing::debug!("reporting an instance: no answer within 2s"),
+            while let Some(Some(first)) = c.wait(report_rx.recv()).await {
+                // Whatever queued up meanwhile goes at once: the leader commits concurrent
+                // writes as one Raft entry. A newer report of an instance replaces an older
+                // one still queued (thousands of instances must not snowball re-sent reports).
+                let mut pending: BTreeMap<(&'static str, String, u32), Command> = BTreeMap::new();
+                let mut others = Vec::new();
+                let mut next = Some(first);
+                while let Some(r) = next.take() {
+                    match report_key(&r) {
+                        Some(key) => {
+                            pending.insert(key, r);
+                        }
+                        None => others.push(r),
+                    }
+                    if pending.len() + others.len() < MAX_REPORTS_AT_ONCE {
+                        next = report_rx.try_recv().ok();
+                    }
+                }
+                let mut writes = tokio::task::JoinSet::new();
+                for report in pending.into_values().chain(others) {
+                    let node = node.clone();
+                    writes.spawn(async move {
+                        tokio::time::timeout(Duration::from_secs(2), node.write(report, true)).await
+                    });
+                }
+                while let Some(done) = writes.join_next().await {
+                    match done {
+                        Ok(Ok(Ok(_)) | Ok(Err(ClusterError::Invalid(_)))) => {}
+                        Ok(Ok(Err(e))) => tracing::debug!("reporting an instance: {e}"),
+                        Ok(Err(_)) => tracing::debug!("reporting an instance: no answer within 2s"),
+                        Err(e) => tracing::debug!("reporting an instance: {e}"),
+                    }
                 }
             }
             Ok(())
@@ -149,6 +188,7 @@ pub async fn run(
     let mut local: HashMap<(String, u32), Local> = HashMap::new();
     // When a "waiting" report was last sent per instance (re-sent while the state disagrees).
     let mut waiting_sent: HashMap<(String, u32), Instant> = HashMap::new();
+    let mut cached: Option<(u64, Arc<ClusterState>)> = None;
     loop {
         if !ctx.sleep(Duration::from_millis(100)).await {
             break;
@@ -156,7 +196,16 @@ pub async fn run(
         let acked = last_ack.load(Ordering::Relaxed);
         let leased = acked > 0
             && started.elapsed().as_millis() as u64 <= acked + timings.lease.as_millis() as u64;
-        let state = node.local_state(|s| s.clone());
+        // A fresh copy only when the replicated state moved (10k placements are not copied
+        // ten times a second for nothing).
+        let applied = node.applied_index();
+        if cached.as_ref().is_none_or(|(at, _)| *at != applied) {
+            cached = Some((applied, Arc::new(node.local_state(ClusterState::without_events))));
+        }
+        let state = match &cached {
+            Some((_, s)) => s.clone(),
+            None => continue,
+        };
         let mut reports = Vec::new();
 
         // What should run here: placed here, or moving away from here (kept until it runs

@@ -115,7 +115,7 @@ pub async fn run(
             commit(&node, commands).await;
             continue;
         }
-        let state = node.local_state(|s| s.clone());
+        let state = node.local_state(ClusterState::without_events);
         memory.planned_at = Some(applied);
         if !memory.leading {
             node.heartbeats().reset(state.nodes.keys().copied());

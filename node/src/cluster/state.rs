@@ -354,6 +354,20 @@ impl Command {
 }
 
 impl ClusterState {
+    /// A copy without the event log (what the agent and the control loop work from; the
+    /// events of a busy cluster are most of its size).
+    pub fn without_events(&self) -> ClusterState {
+        ClusterState {
+            nodes: self.nodes.clone(),
+            specs: self.specs.clone(),
+            placements: self.placements.clone(),
+            deleting: self.deleting.clone(),
+            events: VecDeque::new(),
+            next_event_seq: self.next_event_seq,
+            traces: self.traces.clone(),
+        }
+    }
+
     /// Apply one committed proposal.
     pub fn apply(&mut self, proposal: &Proposal) -> CommandResult {
         let at = proposal.at_ms;
