@@ -200,7 +200,10 @@ pub async fn run(
         // ten times a second for nothing).
         let applied = node.applied_index();
         if cached.as_ref().is_none_or(|(at, _)| *at != applied) {
-            cached = Some((applied, Arc::new(node.local_state(ClusterState::without_events))));
+            cached = Some((
+                applied,
+                Arc::new(node.local_state(ClusterState::without_events)),
+            ));
         }
         let state = match &cached {
             Some((_, s)) => s.clone(),
