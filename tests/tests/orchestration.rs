@@ -516,3 +516,33 @@ async fn draining_a_singleton_never_runs_two_copies() {
     assert_eq!(most, 1, "two copies of the singleton ran at once");
     c.modectl(leader, &["svc", "rm", "only", "--wait"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_deploy_settles_and_then_writes_nothing() {
+    // 1,500 instances: each agent has 500 to report at once. Reports sent one write at a
+    // time (and re-sent while they queued) once kept a settled cluster writing for minutes.
+    let c = TestCluster::start(3, &["--capacity", "1000"]);
+    let leader = c.wait_leader(ELECTION).await;
+    c.wait_registered(3).await;
+    c.apply(
+        leader,
+        "name: many\nkind: counter\nconfig: {every_ms: 60000}\nreplicas: 1500\n",
+    )
+    .await
+    .unwrap();
+    c.wait_instances(leader, "many", Duration::from_secs(90), |i| {
+        all_running(i, 1500)
+    })
+    .await;
+    // Let reports still in flight land, then watch the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let applied = |s: mode_proto::v1::ClusterStatusReply| s.applied_index;
+    let before = applied(c.status(leader, true).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = applied(c.status(leader, true).await.unwrap());
+    assert!(
+        after - before < 20,
+        "a settled cluster committed {} entries in 3 s",
+        after - before
+    );
+}
