@@ -1,14 +1,13 @@
 //! Building the combined beacon graph: this node's own report, and the fan-out to every member
 //! that the gRPC `Graph` call and the HTTP `/api/graph` share.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 
-use crate::cluster::state::NodeStatus;
 use crate::cluster::ClusterNode;
 use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport, TreeForm};
 use crate::service::{BeaconNode, NodeKind, ServiceHandle};
@@ -143,20 +142,14 @@ impl Inspector {
         let ctx = self.node.graph_context();
         // The skeleton comes from the state as it was before anyone was asked: an instance
         // recorded running that its node then does not report is really missing.
-        let (mut graph, down) = self.node.local_state(|state| {
-            let down: BTreeSet<u64> = state
-                .nodes
-                .values()
-                .filter(|n| n.status == NodeStatus::Down)
-                .map(|n| n.id)
-                .collect();
-            (skeleton::<T>(state, &ctx, filter), down)
-        });
+        let mut graph = self
+            .node
+            .local_state(|state| skeleton::<T>(state, &ctx, filter));
         let me = self.node.id();
         let mut calls = tokio::task::JoinSet::new();
         for node in &graph.nodes {
             // A node that missed its heartbeats would cost the whole deadline every time.
-            if node.id == me || down.contains(&node.id) || node.address.is_empty() {
+            if node.id == me || node.state == "down" || node.address.is_empty() {
                 continue;
             }
             let (id, address) = (node.id, node.address.clone());
