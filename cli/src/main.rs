@@ -102,10 +102,14 @@ enum NodeCmd {
         /// Node id.
         id: u64,
     },
-    /// Move every instance off a node (started elsewhere before stopped here).
+    /// Move every instance off a node (started elsewhere before stopped here). Refused when
+    /// an instance could run nowhere else, unless --force (it then stays on the node).
     Drain {
         /// Node id.
         id: u64,
+        /// Drain even if some instances have nowhere else to go.
+        #[arg(long)]
+        force: bool,
     },
     /// Return a drained node to service.
     Undrain {
@@ -136,7 +140,10 @@ pub(crate) struct Failure {
 
 impl Failure {
     pub(crate) fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
+        let timed_out = status.code() == tonic::Code::Cancelled
+            && status.message().contains("Timeout expired");
         let code = match status.code() {
+            _ if timed_out => 4,
             tonic::Code::NotFound => 3,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 4,
             tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => 1,
@@ -149,6 +156,9 @@ impl Failure {
             ),
             tonic::Code::Unimplemented => format!("{endpoint} is not a mode node of this version (it does not serve mode.v1.Control)"),
             tonic::Code::DeadlineExceeded => format!("{endpoint} did not answer in time"),
+            _ if timed_out => format!(
+                "{endpoint} did not answer within --timeout: if this was a change, its outcome is unknown (check with `modectl svc get` or `events`)"
+            ),
             _ => status.message().to_string(),
         };
         Failure { code, message }
@@ -265,8 +275,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", r.message);
             }
         }
-        Cmd::Node(NodeCmd::Drain { id }) | Cmd::Node(NodeCmd::Undrain { id }) => {
-            let draining = matches!(&cli.command, Cmd::Node(NodeCmd::Drain { .. }));
+        Cmd::Node(NodeCmd::Drain { id, .. }) | Cmd::Node(NodeCmd::Undrain { id }) => {
+            let (draining, force) = match &cli.command {
+                Cmd::Node(NodeCmd::Drain { force, .. }) => (true, *force),
+                _ => (false, false),
+            };
+            let mut stuck = Vec::new();
+            if draining {
+                let blockers = read(&mut client, &endpoint, &format!("drain:{id}"), false).await?;
+                stuck = blockers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        format!(
+                            "{} ({})",
+                            b["instance"].as_str().unwrap_or("?"),
+                            b["reason"].as_str().unwrap_or("no eligible node")
+                        )
+                    })
+                    .collect();
+                if !stuck.is_empty() && !force {
+                    return Err(Failure {
+                        code: 1,
+                        message: format!(
+                            "node {id} was not drained: {} could run nowhere else: {}. Add capacity or nodes, or drain with --force (they then stay on node {id} until they can move)",
+                            if stuck.len() == 1 { "1 instance" } else { "some instances" },
+                            stuck.join("; ")
+                        ),
+                    });
+                }
+            }
             let status = if draining { "draining" } else { "up" };
             let command = serde_json::json!({"op": "set_node_status", "id": id, "status": status});
             let r = write(&mut client, &endpoint, command).await?;
@@ -278,6 +317,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             if json {
                 println!("{r}");
+            } else if draining && !stuck.is_empty() {
+                println!(
+                    "node {id} is draining: its instances start elsewhere, then stop here; these stay on node {id} until they can move: {}",
+                    stuck.join("; ")
+                );
             } else if draining {
                 println!("node {id} is draining: its instances start elsewhere, then stop here");
             } else {
@@ -333,13 +377,33 @@ pub(crate) async fn write(
     command: Value,
 ) -> Result<Value, Failure> {
     let reply = client
-        .write(pb::WriteRequest {
+        .write(with_request_id(pb::WriteRequest {
             command_json: command.to_string(),
-        })
+            ..Default::default()
+        }))
         .await
         .map_err(|s| Failure::from_status(endpoint, &s))?
         .into_inner();
     decode(endpoint, &reply.response_json)
+}
+
+/// A request carrying a fresh request id (`x-mode-request-id`): the cluster applies a write
+/// once, however often a node forwards or retries it.
+pub(crate) fn with_request_id<T>(message: T) -> tonic::Request<T> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    let id = format!("modectl-{nanos:x}-{:x}", h.finish());
+    let mut req = tonic::Request::new(message);
+    if let Ok(v) = id.parse() {
+        req.metadata_mut().insert(mode::cluster::REQUEST_ID, v);
+    }
+    req
 }
 
 /// Parse a JSON answer from `endpoint`.

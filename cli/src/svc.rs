@@ -8,7 +8,7 @@ use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
 use crate::output::table;
-use crate::{read, write, Client, Failure};
+use crate::{read, with_request_id, write, Client, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum SvcCmd {
@@ -43,10 +43,14 @@ pub(crate) enum SvcCmd {
         /// Service name.
         name: String,
     },
-    /// Remove a service (services that depend on it stop first).
+    /// Remove a service. Refused while other services depend on it, unless --force (they
+    /// stop first).
     Rm {
         /// Service name.
         name: String,
+        /// Remove it even though other services depend on it.
+        #[arg(long)]
+        force: bool,
         /// Wait until it is gone.
         #[arg(long)]
         wait: bool,
@@ -85,10 +89,10 @@ pub(crate) async fn run(
             let text = std::fs::read_to_string(file)
                 .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
             let reply = client
-                .apply_specs(pb::ApplySpecsRequest {
+                .apply_specs(with_request_id(pb::ApplySpecsRequest {
                     text,
                     file: file.display().to_string(),
-                })
+                }))
                 .await
                 .map_err(|s| match s.code() {
                     tonic::Code::InvalidArgument => fail(2, s.message()),
@@ -210,10 +214,10 @@ pub(crate) async fn run(
             }
             spec["replicas"] = json!(replicas);
             let reply = client
-                .apply_specs(pb::ApplySpecsRequest {
+                .apply_specs(with_request_id(pb::ApplySpecsRequest {
                     text: spec.to_string(),
                     file: format!("scale {name}"),
-                })
+                }))
                 .await
                 .map_err(|s| Failure::from_status(endpoint, &s))?
                 .into_inner();
@@ -257,11 +261,17 @@ pub(crate) async fn run(
                 println!("{name} restarted");
             }
         }
-        SvcCmd::Rm { name, wait } => {
-            let r = write(client, endpoint, json!({"op": "delete_spec", "name": name})).await?;
+        SvcCmd::Rm { name, wait, force } => {
+            let r = write(
+                client,
+                endpoint,
+                json!({"op": "delete_spec", "name": name, "force": force}),
+            )
+            .await?;
             if r["ok"] != true {
+                let message = r["message"].as_str().unwrap_or("");
                 return Err(fail(
-                    3,
+                    if message.contains("is needed by") { 1 } else { 3 },
                     r["message"]
                         .as_str()
                         .unwrap_or("no such service")

@@ -47,6 +47,11 @@ pub struct NodeArgs {
     /// Join an existing cluster through any of its nodes (HOST:PORT).
     #[arg(long, env = "MODE_JOIN")]
     pub join: Option<String>,
+    /// This node's data directory was lost: come back as a new learner, replacing the member
+    /// of the same id (which is removed first, so it can never vote with blank data). Only
+    /// acts when the data directory is new.
+    #[arg(long, env = "MODE_REJOIN")]
+    pub rejoin: bool,
     /// Where this node keeps its Raft log and snapshots (default: $XDG_DATA_HOME/mode/node-ID).
     #[arg(long, env = "MODE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -70,7 +75,9 @@ pub struct NodeArgs {
     /// Labels for placement constraints, KEY=VALUE (repeatable or comma-separated).
     #[arg(long = "label", env = "MODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// A node silent for longer is marked down and its instances move elsewhere.
+    /// A node silent for longer is marked down and its instances move elsewhere. A node's
+    /// singletons run only under a lease of 60 % of this, which must end well before the
+    /// grace does (checked at start); use the same value on every node.
     #[arg(long, env = "MODE_HEARTBEAT_GRACE", default_value = "1500ms", value_parser = parse_duration)]
     pub heartbeat_grace: Duration,
     /// Capacity units this node offers to placements.
@@ -179,12 +186,21 @@ impl NodeArgs {
         config.heartbeat = self.heartbeat;
         config.election_timeout = (self.election_timeout, self.election_timeout * 2);
         config.snapshot_every = self.snapshot_every.max(10);
+        config.rejoin = self.rejoin;
+        config.lease = self.heartbeat_grace.mul_f64(0.6);
         if self.heartbeat >= self.election_timeout {
             return Err(format!(
                 "--heartbeat ({:?}) must be shorter than --election-timeout ({:?})",
                 self.heartbeat, self.election_timeout
             ));
         }
+        if self.heartbeat_grace < Duration::from_secs(1) {
+            return Err(format!(
+                "--heartbeat-grace {:?} is too short: nodes heartbeat every 250 ms, so it must be at least 1s",
+                self.heartbeat_grace
+            ));
+        }
+        config.check_timings(self.heartbeat_grace)?;
         Ok(config)
     }
 }
@@ -355,7 +371,6 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         capacity: args.capacity,
         kinds,
         instances: instances.clone(),
-        heartbeat_grace: args.heartbeat_grace,
     })
     .label("Agent")
     .build();
@@ -407,11 +422,32 @@ impl Service for RaftService {
         let (c, node) = (ctx.clone(), self.node.clone());
         ctx.spawn("leader-watch", async move {
             let mut last = (None, 0);
+            let mut was_member = false;
             loop {
-                let now = {
+                let (now, fatal, member) = {
                     let m = metrics.borrow_and_update();
-                    (m.current_leader, m.current_term)
+                    (
+                        (m.current_leader, m.current_term),
+                        m.running_state.as_ref().err().map(|e| e.to_string()),
+                        m.membership_config.membership().get_node(&me).is_some(),
+                    )
                 };
+                // Fail-stop: a node whose Raft stopped (a storage error, a full disk) must not
+                // go on running instances that the rest of the cluster reschedules.
+                if let Some(fatal) = fatal {
+                    return Err(format!(
+                        "Raft stopped on this node: {fatal}. Stopping its instances and exiting; fix the cause (e.g. free disk space in the data directory) and start it again"
+                    )
+                    .into());
+                }
+                if member {
+                    was_member = true;
+                } else if was_member || node.removed_by_peers() {
+                    return Err(format!(
+                        "node {me} was removed from the cluster: it stops its instances, no longer takes part in elections, and exits. To bring it back, move its data directory away and start it with --join"
+                    )
+                    .into());
+                }
                 if now.0 != last.0 {
                     if now.0.is_some() {
                         node.note_leader_change();
@@ -425,8 +461,17 @@ impl Service for RaftService {
                     }
                 }
                 last = now;
-                if c.wait(metrics.changed()).await.is_none_or(|r| r.is_err()) {
-                    return Ok(());
+                let changed = tokio::select! {
+                    changed = c.wait(metrics.changed()) => changed,
+                    // Refusals by peers are not Raft metrics: look now and then.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => Some(Ok(())),
+                };
+                match changed {
+                    None => return Ok(()),
+                    Some(Ok(())) => {}
+                    Some(Err(_)) => {
+                        return Err("Raft stopped on this node; exiting".to_string().into())
+                    }
                 }
             }
         });
@@ -507,7 +552,6 @@ struct Agent {
     capacity: u64,
     kinds: KindRegistry,
     instances: ServiceHandle,
-    heartbeat_grace: Duration,
 }
 
 impl Service for Agent {
@@ -520,13 +564,10 @@ impl Service for Agent {
             labels: self.labels.clone(),
             capacity: self.capacity,
             kinds: self.kinds.names(),
+            incarnation: node.incarnation(),
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
-        // A singleton's lease must run out well before the leader gives up on this node.
-        let timings = AgentTimings {
-            lease: self.heartbeat_grace.mul_f64(0.6),
-            ..AgentTimings::default()
-        };
+        let timings = AgentTimings::default();
         let c = ctx.clone();
         ctx.spawn("register", async move {
             match c.wait(node.bootstrap(timeout)).await {
@@ -538,10 +579,11 @@ impl Service for Agent {
             loop {
                 match c.wait(node.write(register.clone(), true)).await {
                     None => return Ok(()),
-                    Some(Ok(out)) => {
+                    Some(Ok(out)) if out.result.ok => {
                         tracing::info!("{}", out.result.message);
                         break;
                     }
+                    Some(Ok(out)) => return Err(out.result.message.into()),
                     Some(Err(ClusterError::Unavailable(e))) => {
                         tracing::warn!("registering this node: {e}; retrying")
                     }

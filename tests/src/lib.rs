@@ -505,6 +505,7 @@ pub async fn put_spec(
     client
         .write(pb::WriteRequest {
             command_json: command.to_string(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

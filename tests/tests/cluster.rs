@@ -377,6 +377,7 @@ async fn a_peer_speaking_another_protocol_version_is_refused_by_name() {
             protocol: 99,
             from: 7,
             payload: b"{}".to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -1,20 +1,28 @@
 //! The agent: runs the instances the control plane placed on this node, each under its own
 //! supervisor (restart policy from its spec), reports their states to the leader, heartbeats,
-//! and stops singletons when cut off from the leader for longer than its lease.
+//! and holds the singleton leases the leader grants with its heartbeat answers.
+//!
+//! How a singleton never runs twice, from this side: a singleton runs only while a lease
+//! covers it — granted by a leader that heard from a quorum recently, counted from when the
+//! heartbeat was *sent*, and valid only once this node's replica has applied the leader's
+//! commit index of the grant (so a node back from a partition first learns that its
+//! singleton moved). A watchdog checks the lease on its own timer, whatever the agent loop is
+//! doing, and kills singletons at once (SIGKILL for processes) when it runs out. Stops and
+//! replacements run in the background, so a slow stop never delays the next decision.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 
-use super::kinds::{InstanceSpec, KindRegistry};
+use super::kinds::{InstanceSpec, KillSwitch, KindRegistry};
 use crate::cluster::spec::ServiceSpec;
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::{ClusterError, ClusterNode};
 use crate::service::{
-    Backoff, Context, RestartIntensity, ServiceHandle, ServiceState, Strategy, Supervisor,
+    lock, Backoff, Context, RestartIntensity, ServiceHandle, ServiceState, Strategy, Supervisor,
 };
 
 /// Agent timings.
@@ -22,17 +30,68 @@ use crate::service::{
 pub struct AgentTimings {
     /// Heartbeat period.
     pub heartbeat: Duration,
-    /// Without a heartbeat acknowledged for this long, singleton instances stop (shorter than
-    /// the leader's grace period, so a singleton never runs twice).
-    pub lease: Duration,
 }
 
 impl Default for AgentTimings {
     fn default() -> Self {
         AgentTimings {
             heartbeat: Duration::from_millis(250),
-            lease: Duration::from_millis(1000),
         }
+    }
+}
+
+/// How often the lease watchdog looks.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
+
+/// The leases this node holds (each heartbeat answer may grant one), and whether its replica
+/// has caught up with the leader since it started.
+pub(crate) struct Leases {
+    /// `(valid until, leader's commit index at the grant)`, newest last.
+    grants: Mutex<VecDeque<(Instant, u64)>>,
+    /// The leader's commit index in the first heartbeat answer (`u64::MAX` before one).
+    catch_up_to: AtomicU64,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            grants: Mutex::new(VecDeque::new()),
+            catch_up_to: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Leases {
+    fn grant(&self, until: Instant, index: u64) {
+        let mut grants = lock(&self.grants);
+        grants.push_back((until, index));
+        while grants.len() > 16 {
+            grants.pop_front();
+        }
+    }
+
+    fn answered(&self, index: u64) {
+        let _ = self.catch_up_to.compare_exchange(
+            u64::MAX,
+            index,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Whether some grant covers now and its index is applied here. (Each grant stands on its
+    /// own: a newer one whose index is not applied yet does not void an older one.)
+    fn valid(&self, applied: u64) -> bool {
+        let now = Instant::now();
+        let mut grants = lock(&self.grants);
+        grants.retain(|(until, _)| *until > now);
+        grants.iter().any(|(_, index)| *index <= applied)
+    }
+
+    /// Whether the replica has applied what the leader had committed when it first answered
+    /// (a restarted node starts nothing before that).
+    fn caught_up(&self, applied: u64) -> bool {
+        applied >= self.catch_up_to.load(Ordering::Acquire)
     }
 }
 
@@ -46,6 +105,9 @@ struct Local {
     /// replaces it; other spec changes (replicas, placement rules) do not.
     fingerprint: String,
     restart_seq: u64,
+    /// The fencing token it was started with.
+    epoch: u64,
+    kill: KillSwitch,
     reported: Option<(String, u32)>,
     reported_at: Instant,
 }
@@ -104,7 +166,9 @@ fn report_key(report: &Command) -> Option<(&'static str, String, u32)> {
     }
 }
 
-/// Whether every service `spec` depends on runs somewhere and is not being removed.
+/// Whether every service `spec` depends on runs somewhere and is not being removed. Only an
+/// instance's *start* waits for this (like systemd's ordering): a running instance is not
+/// stopped because a dependency restarts or moves.
 fn dependencies_ready(state: &ClusterState, spec: &ServiceSpec) -> bool {
     spec.depends_on.iter().all(|d| {
         !state.deleting.contains(d)
@@ -113,6 +177,82 @@ fn dependencies_ready(state: &ClusterState, spec: &ServiceSpec) -> bool {
                 .get(d)
                 .is_some_and(|slots| slots.values().any(|p| p.state == "running"))
     })
+}
+
+type Key = (String, u32);
+
+/// What this node should run of one placement.
+struct Desired<'a> {
+    spec: &'a ServiceSpec,
+    restart_seq: u64,
+    epoch: u64,
+}
+
+/// The instances of this node, and the ones being stopped in the background.
+struct Instances {
+    me: u64,
+    node: Arc<ClusterNode>,
+    supervisor: ServiceHandle,
+    local: HashMap<Key, Local>,
+    /// Stops in progress; an instance is not started again before its old copy has stopped.
+    stopping: HashMap<Key, tokio::task::JoinHandle<()>>,
+    /// The kill switches of running singletons (the watchdog fires them).
+    singletons: Arc<Mutex<HashMap<Key, KillSwitch>>>,
+    report_tx: tokio::sync::mpsc::UnboundedSender<Command>,
+    /// When a report about an instance not running here was last sent (rate limit).
+    quiet_sent: HashMap<Key, Instant>,
+    /// Instances whose service could not be built, with what they were built from: not
+    /// retried (nor reported again) until the placement or the spec changes.
+    unbuildable: HashMap<Key, (String, u64, u64)>,
+}
+
+impl Instances {
+    /// Stop `key` in the background; `kill` first kills it at once; `then` is sent once it
+    /// has stopped.
+    fn begin_stop(&mut self, key: Key, l: Local, kill: bool, then: Option<Command>) {
+        if kill {
+            l.kill.fire();
+        }
+        lock(&self.singletons).remove(&key);
+        let (supervisor, report_tx) = (self.supervisor.clone(), self.report_tx.clone());
+        let label = format!("{}#{}", key.0, key.1);
+        let previous = self.stopping.remove(&key);
+        let stop = tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            supervisor.remove_dependency(&l.wrapper).await;
+            tracing::info!("{label} stopped");
+            if let Some(c) = then {
+                let _ = report_tx.send(c);
+            }
+        });
+        self.stopping.insert(key, stop);
+    }
+
+    /// Send `report` about an instance that does not run here, at most once a second.
+    fn quiet_report(&mut self, key: &Key, report: Command) {
+        let due = self
+            .quiet_sent
+            .get(key)
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+        if due {
+            self.quiet_sent.insert(key.clone(), Instant::now());
+            let _ = self.report_tx.send(report);
+        }
+    }
+
+    fn report(&self, key: &Key, state: &str, restarts: u32, crash: Option<String>, epoch: u64) {
+        let _ = self.report_tx.send(Command::ReportInstance {
+            service: key.0.clone(),
+            slot: key.1,
+            node: self.me,
+            state: state.to_string(),
+            restart_count: restarts,
+            last_crash: crash,
+            epoch,
+        });
+    }
 }
 
 /// Run the agent until the context stops. `instances` is the node's (forfeit) supervisor the
@@ -125,16 +265,18 @@ pub async fn run(
     timings: AgentTimings,
 ) {
     let me = node.id();
-    let last_ack = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let leases = Arc::new(Leases::default());
     {
-        let (node, last_ack, c) = (node.clone(), last_ack.clone(), ctx.clone());
+        let (node, leases, c) = (node.clone(), leases.clone(), ctx.clone());
         ctx.spawn("heartbeat", async move {
             loop {
                 // The lease counts from when the heartbeat was sent, not when it was answered.
-                let sent = started.elapsed().as_millis() as u64 + 1;
-                if node.heartbeat(me, true).await.is_ok() {
-                    last_ack.fetch_max(sent, Ordering::Relaxed);
+                let sent = Instant::now();
+                if let Ok(grant) = node.heartbeat(me, true).await {
+                    leases.answered(grant.index);
+                    if !grant.lease.is_zero() {
+                        leases.grant(sent + grant.lease, grant.index);
+                    }
                 }
                 if !c.sleep(timings.heartbeat).await {
                     return Ok(());
@@ -142,8 +284,37 @@ pub async fn run(
             }
         });
     }
+    let singletons: Arc<Mutex<HashMap<Key, KillSwitch>>> = Default::default();
+    {
+        // The watchdog: independent of the loop below (which may be busy starting instances),
+        // it kills every singleton as soon as no lease covers it.
+        let (node, leases, singletons, c) = (
+            node.clone(),
+            leases.clone(),
+            singletons.clone(),
+            ctx.clone(),
+        );
+        ctx.spawn("lease-watchdog", async move {
+            while c.sleep(WATCHDOG_PERIOD).await {
+                if leases.valid(node.applied_index()) {
+                    continue;
+                }
+                for (key, kill) in lock(&singletons).iter() {
+                    if !kill.is_fired() {
+                        tracing::warn!(
+                            "{}#{}: this node holds no lease for its singleton (no leader with a quorum has answered its heartbeats in time): killing it",
+                            key.0,
+                            key.1
+                        );
+                        kill.fire();
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
     // Reports go through Raft; without a quorum they wait, so they are sent from their own
-    // task and never hold up the loop (which must stop singletons when the lease runs out).
+    // task and never hold up the loop.
     let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
     {
         let (node, c) = (node.clone(), ctx.clone());
@@ -185,220 +356,272 @@ pub async fn run(
             Ok(())
         });
     }
-    let mut local: HashMap<(String, u32), Local> = HashMap::new();
-    // When a "waiting" report was last sent per instance (re-sent while the state disagrees).
-    let mut waiting_sent: HashMap<(String, u32), Instant> = HashMap::new();
+    let mut agent = Instances {
+        me,
+        node: node.clone(),
+        supervisor: instances,
+        local: HashMap::new(),
+        stopping: HashMap::new(),
+        singletons,
+        report_tx,
+        quiet_sent: HashMap::new(),
+        unbuildable: HashMap::new(),
+    };
     let mut cached: Option<(u64, Arc<ClusterState>)> = None;
+    let mut said_waiting_for_catch_up = false;
     loop {
         if !ctx.sleep(Duration::from_millis(100)).await {
             break;
         }
-        let acked = last_ack.load(Ordering::Relaxed);
-        let leased = acked > 0
-            && started.elapsed().as_millis() as u64 <= acked + timings.lease.as_millis() as u64;
+        agent.stopping.retain(|_, stop| !stop.is_finished());
+        let applied = node.applied_index();
+        let leased = leases.valid(applied);
+        let caught_up = leases.caught_up(applied);
         // A fresh copy only when the replicated state moved (10k placements are not copied
         // ten times a second for nothing).
-        let applied = node.applied_index();
         if cached.as_ref().is_none_or(|(at, _)| *at != applied) {
             cached = Some((
                 applied,
                 Arc::new(node.local_state(ClusterState::without_events)),
             ));
         }
-        let state = match &cached {
-            Some((_, s)) => s.clone(),
-            None => continue,
+        let Some(state) = cached.as_ref().map(|(_, s)| s.clone()) else {
+            continue;
         };
-        let mut reports = Vec::new();
-
-        // What should run here: placed here, or moving away from here (kept until it runs
-        // on its new node).
-        let mut desired: BTreeMap<(String, u32), (&ServiceSpec, u64)> = BTreeMap::new();
-        let mut release = Vec::new();
-        for (service, slots) in &state.placements {
-            let Some(spec) = state.specs.get(service) else {
-                continue;
-            };
-            for (slot, p) in slots {
-                let key = (service.clone(), *slot);
-                if spec.singleton && p.moving_from == Some(me) {
-                    // A singleton leaves before it arrives elsewhere: stop it, then release it.
-                    release.push(key);
-                } else if spec.singleton && p.node == me && p.moving_from.is_some() {
-                    // Not ours to start until the old node released it.
-                } else if p.node == me || p.moving_from == Some(me) {
-                    desired.insert(key, (spec, p.restart_seq));
-                }
-            }
-        }
-
-        // Stop what should not run: unplaced, waiting for a dependency, or a singleton without
-        // a lease.
-        let keys: Vec<(String, u32)> = local.keys().cloned().collect();
-        for key in keys {
-            let keep = desired.get(&key).is_some_and(|(spec, _)| {
-                dependencies_ready(&state, spec) && (!spec.singleton || leased)
-            });
-            if !keep {
-                if let Some(l) = local.remove(&key) {
-                    tracing::info!("stopping {}#{}", key.0, key.1);
-                    instances.remove_dependency(&l.wrapper).await;
-                    if let Some((spec, _)) = desired.get(&key) {
-                        let why = if spec.singleton && !leased {
-                            "lease lost"
-                        } else {
-                            "waiting for a dependency"
-                        };
-                        tracing::info!("{}#{} stopped: {why}", key.0, key.1);
-                        reports.push((
-                            key.clone(),
-                            "waiting".to_string(),
-                            l.inner.restart_count(),
-                            None,
-                        ));
-                    }
-                }
-            }
-        }
-
-        for (service, slot) in release {
-            if let Some(l) = local.remove(&(service.clone(), slot)) {
-                instances.remove_dependency(&l.wrapper).await;
-            }
-            let _ = report_tx.send(Command::ReleaseMove {
-                service,
-                slot,
-                node: me,
-            });
-        }
-
-        // An instance stopped for its dependencies must not look running: re-send the report
-        // (at most once a second) until the state shows it.
-        for (key, (spec, _)) in &desired {
-            let gated = !dependencies_ready(&state, spec) || (spec.singleton && !leased);
-            let shown_running = state
-                .placements
-                .get(&key.0)
-                .and_then(|s| s.get(&key.1))
-                .filter(|p| p.node == me && p.state == "running");
-            if let (true, false, Some(p)) = (gated, local.contains_key(key), shown_running) {
-                let due = waiting_sent
-                    .get(key)
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
-                if due {
-                    waiting_sent.insert(key.clone(), Instant::now());
-                    reports.push((key.clone(), "waiting".to_string(), p.restart_count, None));
-                }
-            }
-        }
-        waiting_sent.retain(|k, _| desired.contains_key(k));
-
-        // Start or refresh what should run.
-        for (key, (spec, restart_seq)) in &desired {
-            if !dependencies_ready(&state, spec) || (spec.singleton && !leased) {
-                continue;
-            }
-            if let Some(l) = local.get_mut(key) {
-                if l.fingerprint != fingerprint(spec) || l.restart_seq != *restart_seq {
-                    // New config, or a restart was asked for: replace the instance.
-                    let old = local.remove(key).map(|l| l.wrapper);
-                    if let Some(old) = old {
-                        instances.remove_dependency(&old).await;
-                    }
-                } else {
-                    continue;
-                }
-            }
-            let instance = InstanceSpec {
-                service: spec.name.clone(),
-                slot: key.1,
-                node: me,
-                config: spec.config.clone(),
-                grace: spec.stop_grace(),
-            };
-            let inner = match kinds.create(&spec.kind, &instance) {
-                Ok(h) => h,
-                Err(e) => {
-                    reports.push((
-                        key.clone(),
-                        "failed".to_string(),
-                        0,
-                        Some(format!("cannot create: {e}")),
-                    ));
-                    continue;
-                }
-            };
-            let wrapper = instance_supervisor(spec, key.1, inner.clone());
-            instances.add_dependency(wrapper.clone());
-            tracing::info!("starting {}", instance.label());
-            let span = tracing::info_span!(
-                target: crate::telemetry::TARGET,
-                "agent",
-                otel.name = "agent.start_instance",
-                instance = %instance.label(),
-                kind = %spec.kind,
-                node = me,
-                error = tracing::field::Empty,
+        pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await;
+        if !caught_up && !said_waiting_for_catch_up && !state.placements.is_empty() {
+            said_waiting_for_catch_up = true;
+            tracing::info!(
+                "starting no instance before this node's replica has caught up with the leader"
             );
-            let trace = state
-                .placements
-                .get(&key.0)
-                .and_then(|s| s.get(&key.1))
-                .and_then(|p| p.trace.as_deref());
-            crate::telemetry::set_parent(&span, trace);
-            // Called inside the span, so that the lifecycle spans nest under it.
-            let started = async { wrapper.start().await }
-                .instrument(span.clone())
-                .await;
-            if let Err(e) = started {
-                tracing::warn!("{} failed to start: {e}", instance.label());
-                span.record("error", tracing::field::display(&e));
-            }
-            local.insert(
-                key.clone(),
-                Local {
-                    wrapper,
-                    inner,
-                    fingerprint: fingerprint(spec),
-                    restart_seq: *restart_seq,
-                    reported: None,
-                    reported_at: Instant::now(),
-                },
-            );
-        }
-
-        // Report changes (only for instances placed here; a moving-away copy stays quiet).
-        for (key, l) in local.iter_mut() {
-            let placed_here = state
-                .placements
-                .get(&key.0)
-                .and_then(|s| s.get(&key.1))
-                .is_some_and(|p| p.node == me);
-            let (st, restarts, last) = observe(l);
-            let current = Some((st.clone(), restarts));
-            let remote = state.placements.get(&key.0).and_then(|s| s.get(&key.1));
-            let stale = remote.is_some_and(|p| p.state != st || p.restart_count != restarts);
-            // Re-send a report the state does not show yet, at most once a second.
-            let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
-            if placed_here && (l.reported != current || resend) {
-                l.reported = current;
-                l.reported_at = Instant::now();
-                reports.push((key.clone(), st, restarts, last));
-            }
-        }
-        for ((service, slot), st, restart_count, last_crash) in reports {
-            let report = Command::ReportInstance {
-                service,
-                slot,
-                node: me,
-                state: st,
-                restart_count,
-                last_crash,
-            };
-            let _ = report_tx.send(report);
         }
     }
-    for (_, l) in local.drain() {
-        instances.remove_dependency(&l.wrapper).await;
+    let keys: Vec<Key> = agent.local.keys().cloned().collect();
+    for key in keys {
+        if let Some(l) = agent.local.remove(&key) {
+            agent.begin_stop(key, l, false, None);
+        }
+    }
+    for (_, stop) in agent.stopping.drain() {
+        let _ = stop.await;
+    }
+}
+
+/// One pass of the agent over the replicated state.
+async fn pass(
+    agent: &mut Instances,
+    kinds: &KindRegistry,
+    state: &ClusterState,
+    leases: &Leases,
+    leased: bool,
+    caught_up: bool,
+) {
+    let me = agent.me;
+    // What should run here: placed here, or moving away from here (kept until it runs on
+    // its new node).
+    let mut desired: BTreeMap<Key, Desired<'_>> = BTreeMap::new();
+    let mut release = Vec::new();
+    for (service, slots) in &state.placements {
+        let Some(spec) = state.specs.get(service) else {
+            continue;
+        };
+        for (slot, p) in slots {
+            let key = (service.clone(), *slot);
+            if spec.singleton && p.moving_from == Some(me) {
+                // A singleton leaves before it arrives elsewhere: stop it, then release it.
+                release.push(key);
+            } else if spec.singleton && p.node == me && p.moving_from.is_some() {
+                // Not ours to start until the old node released it.
+            } else if p.node == me || p.moving_from == Some(me) {
+                desired.insert(
+                    key,
+                    Desired {
+                        spec,
+                        restart_seq: p.restart_seq,
+                        epoch: p.epoch,
+                    },
+                );
+            }
+        }
+    }
+    agent
+        .unbuildable
+        .retain(|k, (f, seq, epoch)| match desired.get(k) {
+            Some(d) => *f == fingerprint(d.spec) && *seq == d.restart_seq && *epoch == d.epoch,
+            None => false,
+        });
+
+    // Stop what should not run here any more, or is a singleton without a lease (killed at
+    // once: its replacement may start elsewhere as soon as the lease would have run out).
+    let keys: Vec<Key> = agent.local.keys().cloned().collect();
+    for key in keys {
+        let (keep, kill) = match desired.get(&key) {
+            None => (false, false),
+            Some(d) if d.spec.singleton && !leased => (false, true),
+            // A dependency being removed: its dependents stop first (an operator's
+            // decision; a dependency that merely restarts or moves stops nothing).
+            Some(d) if d.spec.depends_on.iter().any(|x| state.deleting.contains(x)) => {
+                (false, false)
+            }
+            Some(_) => (true, false),
+        };
+        if keep {
+            continue;
+        }
+        if let Some(l) = agent.local.remove(&key) {
+            let restarts = l.inner.restart_count();
+            let epoch = l.epoch;
+            agent.begin_stop(key.clone(), l, kill, None);
+            if kill {
+                tracing::info!("{}#{} stopped: lease lost", key.0, key.1);
+            }
+            if desired.contains_key(&key) {
+                agent.report(&key, "waiting", restarts, None, epoch);
+            }
+        }
+    }
+
+    for key in release {
+        let release = Command::ReleaseMove {
+            service: key.0.clone(),
+            slot: key.1,
+            node: me,
+        };
+        match agent.local.remove(&key) {
+            Some(l) => agent.begin_stop(key, l, false, Some(release)),
+            None if !agent.stopping.contains_key(&key) => agent.quiet_report(&key, release),
+            None => {}
+        }
+    }
+
+    // Start or replace what should run.
+    for (key, d) in &desired {
+        let spec = d.spec;
+        if let Some(l) = agent.local.get(key) {
+            if l.fingerprint == fingerprint(spec)
+                && l.restart_seq == d.restart_seq
+                && l.epoch == d.epoch
+            {
+                continue;
+            }
+            // New config, a restart was asked for, or a new assignment: replace it (the new
+            // copy starts once the old one has stopped).
+            if let Some(l) = agent.local.remove(key) {
+                agent.begin_stop(key.clone(), l, false, None);
+            }
+            continue;
+        }
+        if !caught_up || (spec.singleton && !leased) || agent.stopping.contains_key(key) {
+            continue;
+        }
+        if agent.unbuildable.contains_key(key) {
+            continue;
+        }
+        let placement = state.placements.get(&key.0).and_then(|s| s.get(&key.1));
+        if !dependencies_ready(state, spec) {
+            // Not started until its dependencies run; say so (once, not every pass).
+            if placement.is_some_and(|p| p.node == me && p.state != "waiting") {
+                let report = Command::ReportInstance {
+                    service: key.0.clone(),
+                    slot: key.1,
+                    node: me,
+                    state: "waiting".into(),
+                    restart_count: placement.map_or(0, |p| p.restart_count),
+                    last_crash: None,
+                    epoch: d.epoch,
+                };
+                agent.quiet_report(key, report);
+            }
+            continue;
+        }
+        let kill = KillSwitch::default();
+        let instance = InstanceSpec {
+            service: spec.name.clone(),
+            slot: key.1,
+            node: me,
+            config: spec.config.clone(),
+            grace: spec.stop_grace(),
+            fencing_token: d.epoch,
+            kill: kill.clone(),
+        };
+        let inner = match kinds.create(&spec.kind, &instance) {
+            Ok(h) => h,
+            Err(e) => {
+                agent.unbuildable.insert(
+                    key.clone(),
+                    (fingerprint(spec), d.restart_seq, d.epoch),
+                );
+                agent.report(key, "failed", 0, Some(format!("cannot create: {e}")), d.epoch);
+                continue;
+            }
+        };
+        let wrapper = instance_supervisor(spec, key.1, inner.clone());
+        agent.supervisor.add_dependency(wrapper.clone());
+        tracing::info!("starting {} (fencing token {})", instance.label(), d.epoch);
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "agent",
+            otel.name = "agent.start_instance",
+            instance = %instance.label(),
+            kind = %spec.kind,
+            node = me,
+            error = tracing::field::Empty,
+        );
+        crate::telemetry::set_parent(&span, placement.and_then(|p| p.trace.as_deref()));
+        // Called inside the span, so that the lifecycle spans nest under it.
+        let started = async { wrapper.start().await }
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = started {
+            tracing::warn!("{} failed to start: {e}", instance.label());
+            span.record("error", tracing::field::display(&e));
+        }
+        if spec.singleton {
+            lock(&agent.singletons).insert(key.clone(), kill.clone());
+            // The lease may have run out while it started: the watchdog only sees it now.
+            if !leases.valid(agent.node.applied_index()) {
+                kill.fire();
+            }
+        }
+        agent.local.insert(
+            key.clone(),
+            Local {
+                wrapper,
+                inner,
+                fingerprint: fingerprint(spec),
+                restart_seq: d.restart_seq,
+                epoch: d.epoch,
+                kill,
+                reported: None,
+                reported_at: Instant::now(),
+            },
+        );
+    }
+
+    // Report changes (only for instances placed here; a moving-away copy stays quiet).
+    let mut reports = Vec::new();
+    for (key, l) in agent.local.iter_mut() {
+        let remote = state
+            .placements
+            .get(&key.0)
+            .and_then(|s| s.get(&key.1))
+            .filter(|p| p.node == me && p.epoch == l.epoch);
+        let Some(remote) = remote else {
+            continue;
+        };
+        let (st, restarts, last) = observe(l);
+        let current = Some((st.clone(), restarts));
+        let stale = remote.state != st || remote.restart_count != restarts;
+        // Re-send a report the state does not show yet, at most once a second; an identical
+        // one the state shows is never sent again.
+        let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
+        if (l.reported != current && stale) || resend {
+            l.reported = current;
+            l.reported_at = Instant::now();
+            reports.push((key.clone(), st, restarts, last, l.epoch));
+        }
+    }
+    for (key, st, restarts, last, epoch) in reports {
+        agent.report(&key, &st, restarts, last, epoch);
     }
 }

@@ -20,6 +20,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,68 @@ pub struct InstanceSpec {
     pub config: Value,
     /// How long the instance may take to stop before it is killed.
     pub grace: Duration,
+    /// The placement's fencing token: it only grows from one assignment of this instance to
+    /// the next, so a workload can stamp its writes with it and have stale ones refused
+    /// (`exec` processes get it as `MODE_FENCING_TOKEN`).
+    pub fencing_token: u64,
+    /// Fired when the instance must die at once, not gracefully (a singleton whose node lost
+    /// its lease): a kind that runs OS processes kills them with SIGKILL.
+    pub kill: KillSwitch,
+}
+
+/// A one-shot signal that an instance must die at once (see [`InstanceSpec::kill`]).
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// let kill = mode::agent::kinds::KillSwitch::default();
+/// let seen = kill.clone();
+/// kill.fire();
+/// seen.fired().await; // returns at once: it was fired
+/// assert!(seen.is_fired());
+/// # });
+/// # fn tokio_test_block_on(f: impl std::future::Future<Output = ()>) {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct KillSwitch(Arc<KillInner>);
+
+#[derive(Default)]
+struct KillInner {
+    fired: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl KillSwitch {
+    /// Fire it (idempotent).
+    pub fn fire(&self) {
+        self.0.fired.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether it was fired.
+    pub fn is_fired(&self) -> bool {
+        self.0.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once it is fired.
+    pub async fn fired(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_fired() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl fmt::Debug for KillSwitch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KillSwitch(fired: {})", self.is_fired())
+    }
 }
 
 impl InstanceSpec {
@@ -54,6 +117,8 @@ impl InstanceSpec {
     ///     node: 1,
     ///     config: serde_json::Value::Null,
     ///     grace: std::time::Duration::from_secs(5),
+    ///     fencing_token: 7,
+    ///     kill: Default::default(),
     /// };
     /// assert_eq!(spec.label(), "web#2");
     /// ```

@@ -14,7 +14,7 @@ use super::inspect::{Inspector, DEFAULT_DEADLINE};
 use crate::agent::KindRegistry;
 use crate::cluster::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
 use crate::cluster::state::Command;
-use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED};
+use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED, REQUEST_ID};
 use crate::graph::GraphFilter;
 
 /// The control API of one node.
@@ -87,6 +87,15 @@ fn may_forward<T>(req: &Request<T>) -> bool {
     req.metadata().get(FORWARDED).is_none()
 }
 
+/// The client's request id (metadata `x-mode-request-id`), if it sent one.
+fn request_id<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn cluster_status(
@@ -103,11 +112,14 @@ impl Control for ControlService {
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let forward = may_forward(&request);
+        let id = request_id(&request).or_else(|| {
+            Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty())
+        });
         let command: Command = serde_json::from_str(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let out = self
             .node
-            .write(command, forward)
+            .write_request(command, forward, id)
             .await
             .map_err(|e| to_status(&e))?;
         let response_json =
@@ -145,7 +157,7 @@ impl Control for ControlService {
         let r = request.into_inner();
         let (voter, message) = self
             .node
-            .join_member(r.id, &r.address, forward)
+            .join_member(r.id, &r.address, r.incarnation, r.rejoin, forward)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::JoinReply { voter, message }))
@@ -169,18 +181,23 @@ impl Control for ControlService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let forward = may_forward(&request);
-        let leader = self
+        let grant = self
             .node
             .heartbeat(request.into_inner().node, forward)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::HeartbeatReply { leader }))
+        Ok(Response::new(pb::HeartbeatReply {
+            leader: grant.leader,
+            lease_ms: grant.lease.as_millis() as u64,
+            lease_index: grant.index,
+        }))
     }
 
     async fn apply_specs(
         &self,
         request: Request<pb::ApplySpecsRequest>,
     ) -> Result<Response<pb::ApplySpecsReply>, Status> {
+        let id = request_id(&request);
         let r = request.into_inner();
         let file = if r.file.is_empty() {
             "(spec)"
@@ -192,10 +209,13 @@ impl Control for ControlService {
         self.check_specs(&specs, Some(file))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut results = Vec::new();
-        for spec in specs {
+        for (i, spec) in specs.into_iter().enumerate() {
+            // One id per spec of the request, so that a retry of the whole file applies each
+            // spec once.
+            let id = id.as_ref().map(|id| format!("{id}/{i}"));
             let out = self
                 .node
-                .write(Command::PutSpec { spec }, true)
+                .write_request(Command::PutSpec { spec }, true, id)
                 .await
                 .map_err(|e| to_status(&e))?;
             results.push(out.result.message);

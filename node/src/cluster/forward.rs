@@ -9,8 +9,10 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::network::{describe_status, Peers};
-use super::node::{ClusterError, ClusterStatus, MemberStatus, WriteOutcome, FORWARDED};
-use super::state::Command;
+use super::node::{
+    ClusterError, ClusterStatus, LeaseGrant, MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID,
+};
+use super::state::Proposal;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,20 +53,46 @@ pub(crate) fn to_status(e: &ClusterError) -> tonic::Status {
     }
 }
 
+/// Why a forwarded write failed.
+pub(crate) enum Forwarded {
+    /// The leader could not have received it (no connection): retry elsewhere.
+    NotSent(String),
+    /// It may have reached the leader (no answer in time, connection lost): retry with the
+    /// same request id.
+    MaybeSent(String),
+    /// The leader answered with an error.
+    Answer(ClusterError),
+}
+
 pub(crate) async fn write(
     peers: &Peers,
     address: &str,
-    command: &Command,
-) -> Result<WriteOutcome, ClusterError> {
-    let command_json =
-        serde_json::to_string(command).map_err(|e| ClusterError::Invalid(e.to_string()))?;
-    let reply = client(peers, address)?
-        .write(forwarded(pb::WriteRequest { command_json }))
+    proposal: &Proposal,
+) -> Result<WriteOutcome, Forwarded> {
+    let command_json = serde_json::to_string(&proposal.command)
+        .map_err(|e| Forwarded::Answer(ClusterError::Invalid(e.to_string())))?;
+    let mut req = forwarded(pb::WriteRequest {
+        command_json,
+        request_id: proposal.request_id.clone().unwrap_or_default(),
+    });
+    if let Some(id) = proposal.request_id.as_deref().and_then(|id| id.parse().ok()) {
+        req.metadata_mut().insert(REQUEST_ID, id);
+    }
+    let reply = client(peers, address)
+        .map_err(|e| Forwarded::NotSent(e.to_string()))?
+        .write(req)
         .await
-        .map_err(|s| from_status(address, &s))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable if super::network::never_connected(&s) => {
+                Forwarded::NotSent(describe_status(address, &s))
+            }
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown => Forwarded::MaybeSent(describe_status(address, &s)),
+            _ => Forwarded::Answer(from_status(address, &s)),
+        })?
         .into_inner();
     let result = serde_json::from_str(&reply.response_json).map_err(|e| {
-        ClusterError::Unavailable(format!("undecodable answer from {address}: {e}"))
+        Forwarded::MaybeSent(format!("undecodable answer from {address}: {e}"))
     })?;
     Ok(WriteOutcome {
         result,
@@ -106,11 +134,15 @@ pub(crate) async fn join(
     address: &str,
     id: u64,
     joiner: &str,
+    incarnation: u64,
+    rejoin: bool,
 ) -> Result<(bool, String), ClusterError> {
     let reply = client(peers, address)?
         .join(forwarded(pb::JoinRequest {
             id,
             address: joiner.to_string(),
+            incarnation,
+            rejoin,
         }))
         .await
         .map_err(|s| from_status(address, &s))?
@@ -127,14 +159,23 @@ pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<Stri
     Ok(reply.message)
 }
 
-pub(crate) async fn heartbeat(peers: &Peers, address: &str, node: u64) -> Result<(), ClusterError> {
+pub(crate) async fn heartbeat(
+    peers: &Peers,
+    address: &str,
+    node: u64,
+) -> Result<LeaseGrant, ClusterError> {
     let mut req = forwarded(pb::HeartbeatRequest { node });
     req.set_timeout(std::time::Duration::from_secs(1));
-    client(peers, address)?
+    let reply = client(peers, address)?
         .heartbeat(req)
         .await
-        .map_err(|s| from_status(address, &s))?;
-    Ok(())
+        .map_err(|s| from_status(address, &s))?
+        .into_inner();
+    Ok(LeaseGrant {
+        leader: reply.leader,
+        lease: Duration::from_millis(reply.lease_ms),
+        index: reply.lease_index,
+    })
 }
 
 /// Domain status → wire.

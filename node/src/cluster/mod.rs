@@ -21,7 +21,7 @@ pub(crate) use network::describe_status;
 pub use network::{PeerHealth, Peers};
 pub use node::{
     check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,
-    WriteOutcome, FORWARDED, WRITE_TIMEOUT,
+    WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,
 };
 pub use reconciler::{run as run_control_loop, Liveness};
 pub use store::DataDirError;

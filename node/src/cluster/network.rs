@@ -52,6 +52,8 @@ pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     side_channels: Mutex<HashMap<String, Channel>>,
     health: Mutex<HashMap<u64, PeerHealth>>,
+    /// Peers that refused this node's vote requests because it is not a member.
+    refused_membership: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Peers {
@@ -85,6 +87,11 @@ impl Peers {
         Ok(channel)
     }
 
+    /// Peers that said this node is not a member.
+    pub fn refused_membership(&self) -> std::collections::BTreeSet<u64> {
+        lock(&self.refused_membership).clone()
+    }
+
     /// Health of every peer this node has called.
     pub fn health(&self) -> HashMap<u64, PeerHealth> {
         lock(&self.health).clone()
@@ -114,7 +121,10 @@ impl Peers {
 /// Creates a client per peer (openraft keeps one per replication stream).
 pub(crate) struct Network {
     pub(crate) my_id: u64,
+    pub(crate) incarnation: u64,
     pub(crate) peers: Arc<Peers>,
+    pub(crate) sm: super::store::StateMachineStore,
+    pub(crate) refused: super::node::Refusal,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -123,20 +133,26 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         PeerClient {
             my_id: self.my_id,
+            incarnation: self.incarnation,
             target,
             address: node.addr.clone(),
             channel: self.peers.channel(&node.addr),
             peers: self.peers.clone(),
+            sm: self.sm.clone(),
+            refused: self.refused.clone(),
         }
     }
 }
 
 pub(crate) struct PeerClient {
     my_id: u64,
+    incarnation: u64,
     target: u64,
     address: String,
     channel: Result<Channel, String>,
     peers: Arc<Peers>,
+    sm: super::store::StateMachineStore,
+    refused: super::node::Refusal,
 }
 
 /// A transport-level failure: the peer could not be reached or did not answer in time.
@@ -168,10 +184,19 @@ impl PeerClient {
         };
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let to_incarnation = self.sm.read(|a| {
+            a.state
+                .nodes
+                .get(&self.target)
+                .map_or(0, |n| n.incarnation)
+        });
         let request = RaftRequest {
             protocol: PROTOCOL_VERSION,
             from: self.my_id,
             payload,
+            incarnation: self.incarnation,
+            to: self.target,
+            to_incarnation,
         };
         let mut client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
         let timeout = option.hard_ttl();
@@ -189,6 +214,27 @@ impl PeerClient {
                 return Err(RPCError::Network(NetworkError::new(&TransportError(msg))));
             }
             Ok(Err(status)) => {
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with(super::raft_server::WIPED)
+                    && status.message().contains(&format!("node {} spoke", self.my_id))
+                {
+                    // A peer says this node's data directory is not the member's.
+                    let why = status
+                        .message()
+                        .trim_start_matches(super::raft_server::WIPED)
+                        .trim()
+                        .to_string();
+                    let mut refused = lock(&self.refused);
+                    if refused.is_none() {
+                        tracing::error!("{why}");
+                    }
+                    *refused = Some(why);
+                }
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with(super::raft_server::NOT_A_MEMBER)
+                {
+                    lock(&self.peers.refused_membership).insert(self.target);
+                }
                 let msg = describe_status(&self.address, &status);
                 self.peers.record(self.target, Err(msg.clone()));
                 let err = TransportError(msg);
@@ -202,6 +248,7 @@ impl PeerClient {
             Ok(Ok(r)) => r.into_inner(),
         };
         self.peers.record(self.target, Ok(()));
+        lock(&self.peers.refused_membership).remove(&self.target);
         if reply.is_error {
             let e: RaftError<u64, E> = serde_json::from_slice(&reply.payload)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -209,6 +256,16 @@ impl PeerClient {
         }
         serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
+}
+
+/// Whether a failed call never reached the peer (the connection could not be made), so the
+/// request cannot have been taken.
+pub(crate) fn never_connected(status: &tonic::Status) -> bool {
+    let cause = root_cause(status).to_lowercase();
+    cause.contains("connection refused")
+        || cause.contains("tcp connect error")
+        || cause.contains("no route to host")
+        || cause.contains("network is unreachable")
 }
 
 /// The innermost cause of a failed call ("Connection refused (os error 111)").

@@ -26,6 +26,64 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC metadata key marking a request forwarded by another node (never forwarded again).
 pub const FORWARDED: &str = "x-mode-forwarded";
 
+/// The gRPC metadata key carrying a write's request id (deduplicated by the state machine).
+pub const REQUEST_ID: &str = "x-mode-request-id";
+
+/// The longest request id accepted.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// A singleton lease granted by the leader with a heartbeat's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseGrant {
+    /// The leader that answered.
+    pub leader: u64,
+    /// How long the lease lasts, counted from when the heartbeat was sent; zero: not granted.
+    pub lease: Duration,
+    /// The leader's commit index at the grant: placements are acted on only once the local
+    /// replica has applied this much.
+    pub index: u64,
+}
+
+/// When the leader last heard from a quorum, from openraft's metrics (which say how long ago,
+/// each time they are published). Kept as an instant so that metrics that stop being
+/// published make the quorum look older, never fresher.
+#[derive(Default)]
+struct QuorumClock {
+    acked: std::sync::Mutex<Option<Instant>>,
+}
+
+impl QuorumClock {
+    fn age(&self) -> Option<Duration> {
+        crate::service::lock(&self.acked).map(|t| t.elapsed())
+    }
+
+    fn watch(self: Arc<Self>, raft: Raft) {
+        tokio::spawn(async move {
+            let mut metrics = raft.metrics();
+            loop {
+                let acked = {
+                    let m = metrics.borrow_and_update();
+                    match (m.state, m.millis_since_quorum_ack) {
+                        (ServerState::Leader, Some(ms)) => {
+                            Instant::now().checked_sub(Duration::from_millis(ms))
+                        }
+                        _ => None,
+                    }
+                };
+                *crate::service::lock(&self.acked) = acked;
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A fresh request id: this node's id, the time and a random part.
+pub(crate) fn new_request_id(node: u64) -> String {
+    format!("n{node}-{:x}-{:x}", now_ms(), store::random_u64())
+}
+
 /// How this node takes part in the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -47,6 +105,12 @@ pub struct ClusterConfig {
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot after this many new log entries.
     pub snapshot_every: u64,
+    /// The singleton lease the leader grants with each heartbeat answer (see
+    /// [`ClusterConfig::check_timings`]).
+    pub lease: Duration,
+    /// A node whose data directory is new comes back as a new learner, replacing the member
+    /// of the same id whose data was lost.
+    pub rejoin: bool,
 }
 
 impl ClusterConfig {
@@ -63,7 +127,31 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(120), Duration::from_millis(240)),
             snapshot_every: 10_000,
+            lease: Duration::from_millis(900),
+            rejoin: false,
         }
+    }
+
+    /// Check that a singleton lease cannot outlive the moment a rival leader may move its
+    /// instance. A lease of `L` is granted by a leader that heard from a quorum at most `Q`
+    /// (the check-quorum window: the maximum election timeout, `E`) ago, and counts from
+    /// the heartbeat's sending. A rival cannot be elected before `E` after that quorum heard
+    /// from the old leader (followers refuse votes for `E`), and marks the node down only
+    /// after a full heartbeat grace `G` of its own. So `L + Q < E + G`, i.e. `L < G`, with a
+    /// margin `M` for killing the processes: `L + M <= G`.
+    pub fn check_timings(&self, grace: Duration) -> Result<(), String> {
+        const MARGIN: Duration = Duration::from_millis(300);
+        let (_, emax) = self.election_timeout;
+        if self.lease.is_zero() {
+            return Err("the singleton lease must be longer than zero".into());
+        }
+        if self.lease + self.election_timeout.1 + MARGIN > emax + grace {
+            return Err(format!(
+                "a singleton lease of {:?} does not fit in the heartbeat grace of {grace:?}: it must be at most the grace minus {MARGIN:?} (a longer --heartbeat-grace gives a longer lease)",
+                self.lease
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -161,7 +249,16 @@ pub struct ClusterNode {
     membership: tokio::sync::Mutex<()>,
     heartbeats: super::reconciler::Heartbeats,
     counters: super::metrics::Counters,
+    incarnation: u64,
+    fresh: bool,
+    quorum: Arc<QuorumClock>,
+    /// Why peers refuse to talk to this node as the member it claims to be (its data
+    /// directory was wiped), once one has said so.
+    refused: Refusal,
 }
+
+/// Why this node is refused by its peers (shared with the Raft transport).
+pub(crate) type Refusal = Arc<std::sync::Mutex<Option<String>>>;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -222,6 +319,7 @@ impl ClusterNode {
         let (db, recovered) = tokio::task::spawn_blocking(move || store::open(&dir, id))
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))??;
+        let (incarnation, fresh) = (recovered.incarnation, recovered.fresh);
         let (log, sm) = store::stores(db, recovered)?;
         let (emin, emax) = config.election_timeout;
         let raft_config = openraft::Config {
@@ -238,9 +336,13 @@ impl ClusterNode {
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
         let peers = Arc::new(Peers::default());
+        let refused: Refusal = Default::default();
         let network = Network {
             my_id: config.id,
+            incarnation,
             peers: peers.clone(),
+            sm: sm.clone(),
+            refused: refused.clone(),
         };
         let raft = Raft::new(
             config.id,
@@ -251,6 +353,8 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        let quorum = Arc::new(QuorumClock::default());
+        quorum.clone().watch(raft.clone());
         Ok(Arc::new(ClusterNode {
             config,
             proposer: Proposer::start(raft.clone()),
@@ -261,7 +365,83 @@ impl ClusterNode {
             sm,
             peers,
             membership: tokio::sync::Mutex::new(()),
+            incarnation,
+            fresh,
+            quorum,
+            refused,
         }))
+    }
+
+    /// This data directory's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Whether the data directory was created by this run.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// How long ago a quorum last acknowledged this node's leadership; `None` unless it
+    /// leads (and has heard from a quorum since it was elected).
+    pub fn quorum_age(&self) -> Option<Duration> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.quorum.age()
+    }
+
+    /// After this long without hearing from a quorum, a leader stops serving clients and
+    /// granting leases: a rival may be elected once the followers' leader lease (the maximum
+    /// election timeout) has run out.
+    pub fn check_quorum_window(&self) -> Duration {
+        self.config.election_timeout.1
+    }
+
+    /// Whether this node leads and heard from a quorum within the check-quorum window.
+    fn leads_with_quorum(&self) -> bool {
+        self.quorum_age()
+            .is_some_and(|age| age <= self.check_quorum_window())
+    }
+
+    /// Check-quorum for clients: a leader that has not heard from a quorum within the window
+    /// confirms once (a heartbeat round, bounded) before it takes a write; `Err` says why not.
+    async fn confirm_quorum(&self) -> Result<(), String> {
+        if self.leads_with_quorum() {
+            return Ok(());
+        }
+        let window = self.check_quorum_window();
+        match tokio::time::timeout(window, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!(
+                "node {} leads term {} but has not heard from a quorum for {} ms",
+                self.config.id,
+                self.raft.metrics().borrow().current_term,
+                self.quorum
+                    .age()
+                    .map_or("ever".to_string(), |a| a.as_millis().to_string())
+            )),
+        }
+    }
+
+    /// Whether a majority of the voters this node knows refused to vote for it because it is
+    /// not a member (it was removed but never learnt it).
+    pub fn removed_by_peers(&self) -> bool {
+        let voters: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let refused = self.peers.refused_membership();
+        !voters.is_empty() && refused.intersection(&voters).count() * 2 > voters.len()
+    }
+
+    /// Why peers refuse this node, if one did.
+    pub fn refusal(&self) -> Option<String> {
+        crate::service::lock(&self.refused).clone()
     }
 
     /// This node's id.
@@ -282,6 +462,10 @@ impl ClusterNode {
     pub(crate) fn raft_service(&self) -> super::raft_server::RaftService {
         super::raft_server::RaftService {
             raft: self.raft.clone(),
+            me: self.config.id,
+            incarnation: self.incarnation,
+            sm: self.sm.clone(),
+            refused: self.refused.clone(),
         }
     }
 
@@ -333,10 +517,47 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.config.id)
+            .is_some();
+        if initialized && !member && self.config.join.is_none() {
+            return Err(ClusterError::Conflict(format!(
+                "node {} is not a member of the cluster recorded in its data directory: it was removed. Move the data directory away and start it with --join to add it again",
+                self.config.id
+            )));
+        }
         if let Some(via) = self.config.join.clone() {
             if !initialized {
                 self.join_via(&via, timeout).await?;
             }
+        } else if !initialized && self.config.rejoin {
+            // A member whose data was lost: come back through any other member.
+            let others: Vec<String> = self
+                .config
+                .peers
+                .iter()
+                .filter(|(id, _)| **id != self.config.id)
+                .map(|(_, a)| a.clone())
+                .collect();
+            let Some(first) = others.first() else {
+                return Err(ClusterError::Config(
+                    "--rejoin needs --peers (the other members) or --join".into(),
+                ));
+            };
+            let each = timeout / others.len().max(1) as u32;
+            let mut joined = Err(ClusterError::Unavailable(format!("no member at {first} answered")));
+            for via in &others {
+                joined = self.join_via(via, each).await;
+                if joined.is_ok() || matches!(joined, Err(ClusterError::Conflict(_))) {
+                    break;
+                }
+            }
+            joined?;
         } else if !initialized {
             let members: BTreeMap<u64, String> = if self.config.peers.is_empty() {
                 BTreeMap::from([(self.config.id, self.config.advertise.clone())])
@@ -369,11 +590,22 @@ impl ClusterNode {
     }
 
     async fn wait_for_leader(&self, timeout: Duration) -> Result<(), ClusterError> {
-        let waited = self
-            .raft
-            .wait(Some(timeout))
-            .metrics(|m| m.current_leader.is_some(), "a leader")
-            .await;
+        let deadline = Instant::now() + timeout;
+        let waited = loop {
+            if let Some(why) = self.refusal() {
+                return Err(ClusterError::Conflict(why));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let step = left.min(Duration::from_millis(200));
+            let w = self
+                .raft
+                .wait(Some(step))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+            if w.is_ok() || left <= step {
+                break w;
+            }
+        };
         if waited.is_ok() {
             return Ok(());
         }
@@ -435,6 +667,8 @@ impl ClusterNode {
             let req = JoinRequest {
                 id: self.config.id,
                 address: self.config.advertise.clone(),
+                incarnation: self.incarnation,
+                rejoin: self.config.rejoin,
             };
             match tokio::time::timeout(Duration::from_secs(30), client.join(req)).await {
                 Ok(Ok(reply)) => {
@@ -481,6 +715,31 @@ impl ClusterNode {
         command: Command,
         may_forward: bool,
     ) -> Result<WriteOutcome, ClusterError> {
+        self.write_request(command, may_forward, None).await
+    }
+
+    /// [`ClusterNode::write`] of a client request: the state machine applies a request id
+    /// once, whoever retries or forwards it. Without an id (and unless already forwarded),
+    /// this node makes one, so its own forwarding retries cannot apply it twice.
+    pub async fn write_request(
+        &self,
+        command: Command,
+        may_forward: bool,
+        request_id: Option<String>,
+    ) -> Result<WriteOutcome, ClusterError> {
+        if let Some(id) = &request_id {
+            if id.len() > MAX_REQUEST_ID {
+                return Err(ClusterError::Invalid(format!(
+                    "request id is {} bytes; the limit is {MAX_REQUEST_ID}",
+                    id.len()
+                )));
+            }
+        }
+        let request_id = match request_id {
+            Some(id) => Some(id),
+            None if may_forward => Some(new_request_id(self.config.id)),
+            None => None,
+        };
         // Only writes made for a traced request are traced: agents' reports, heartbeats and
         // events would otherwise each start a trace of their own.
         let span = if crate::telemetry::in_trace() {
@@ -498,6 +757,7 @@ impl ClusterNode {
             at_ms: now_ms(),
             trace: crate::telemetry::traceparent(&span),
             command,
+            request_id,
         };
         self.write_proposal(proposal, may_forward)
             .instrument(span)
@@ -511,46 +771,105 @@ impl ClusterNode {
     ) -> Result<WriteOutcome, ClusterError> {
         let started = Instant::now();
         let deadline = started + WRITE_TIMEOUT;
+        // Whether some node may have taken the write (then a failure's outcome is unknown).
+        let mut maybe_taken = false;
+        let mut last_problem;
         loop {
-            match self.proposer.propose(proposal.clone()).await {
-                Ok((result, log_index)) => {
-                    self.counters.proposal_done(started.elapsed());
-                    return Ok(WriteOutcome {
-                        result,
-                        log_index,
-                        leader: self.config.id,
-                    });
+            if self.is_leader() {
+                if let Err(why) = self.confirm_quorum().await {
+                    // Check-quorum: a leader cut off from its quorum does not take writes (a
+                    // rival may lead already); it fails fast instead of waiting.
+                    return Err(ClusterError::Unavailable(unknown_or_not_made(
+                        maybe_taken,
+                        &why,
+                    )));
                 }
-                Err(Rejected::NotLeader(leader)) => {
-                    if !may_forward {
+                maybe_taken = true;
+                let committed = tokio::select! {
+                    committed = self.proposer.propose(proposal.clone()) => committed,
+                    why = self.quorum_lost() => {
                         return Err(ClusterError::Unavailable(format!(
-                            "node {} is not the leader",
-                            self.config.id
+                            "outcome unknown: {why} while committing the write; it may still be applied if this node regains its quorum. Check the state (e.g. `modectl svc get`), or retry: a retry with the same request id applies once"
                         )));
                     }
-                    if let Some((leader, addr)) = leader {
-                        match super::forward::write(&self.peers, &addr, &proposal.command).await {
-                            Ok(mut out) => {
-                                out.leader = leader;
-                                return Ok(out);
-                            }
-                            Err(ClusterError::Unavailable(e)) => {
-                                tracing::debug!("forwarding to node {leader}: {e}")
-                            }
-                            Err(e) => return Err(e),
-                        }
+                };
+                match committed {
+                    Ok((result, log_index)) => {
+                        self.counters.proposal_done(started.elapsed());
+                        return Ok(WriteOutcome {
+                            result,
+                            log_index,
+                            leader: self.config.id,
+                        });
                     }
+                    Err(Rejected::NotLeader) => {
+                        last_problem = format!("node {} lost its leadership", self.config.id);
+                    }
+                    Err(Rejected::Invalid(e)) => return Err(ClusterError::Invalid(e)),
+                    Err(Rejected::Fatal(e)) => return Err(ClusterError::Fatal(e)),
                 }
-                Err(Rejected::Invalid(e)) => return Err(ClusterError::Invalid(e)),
-                Err(Rejected::Fatal(e)) => return Err(ClusterError::Fatal(e)),
+            } else if !may_forward {
+                return Err(ClusterError::Unavailable(format!(
+                    "node {} is not the leader",
+                    self.config.id
+                )));
+            } else if let Some((leader, addr)) = self.leader_with_address() {
+                match super::forward::write(&self.peers, &addr, &proposal).await {
+                    Ok(mut out) => {
+                        out.leader = leader;
+                        return Ok(out);
+                    }
+                    Err(super::forward::Forwarded::NotSent(e)) => {
+                        tracing::debug!("forwarding to node {leader}: {e}");
+                        last_problem = e;
+                    }
+                    Err(super::forward::Forwarded::MaybeSent(e)) => {
+                        tracing::debug!("forwarding to node {leader}: {e}");
+                        maybe_taken = true;
+                        last_problem = e;
+                    }
+                    Err(super::forward::Forwarded::Answer(e)) => return Err(e),
+                }
+            } else {
+                last_problem = format!("node {} knows no leader", self.config.id);
             }
             if Instant::now() >= deadline {
-                return Err(ClusterError::Unavailable(format!(
-                    "no leader accepted the write within {WRITE_TIMEOUT:?}; is a quorum of nodes up?"
+                return Err(ClusterError::Unavailable(unknown_or_not_made(
+                    maybe_taken,
+                    &format!(
+                        "no leader accepted the write within {WRITE_TIMEOUT:?} ({last_problem}); is a quorum of nodes up?"
+                    ),
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Resolves once this node, leading, has not heard from a quorum for the check-quorum
+    /// window (or no longer leads); says which.
+    async fn quorum_lost(&self) -> String {
+        loop {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if !self.is_leader() {
+                return format!("node {} lost its leadership", self.config.id);
+            }
+            if !self.leads_with_quorum() {
+                if let Err(why) = self.confirm_quorum().await {
+                    return why;
+                }
+            }
+        }
+    }
+
+    /// The leader and its address, when known and not this node.
+    fn leader_with_address(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let leader = m.current_leader.filter(|l| *l != self.config.id)?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| (leader, n.addr.clone()))
     }
 
     /// Answer a query from the replicated state. Linearizable unless `stale`: the leader
@@ -615,6 +934,12 @@ impl ClusterNode {
     /// Ready to serve: a member of a cluster with a leader, and caught up with the commit index.
     pub fn readiness(&self) -> Result<(), String> {
         let m = self.raft.metrics().borrow().clone();
+        if let Err(e) = &m.running_state {
+            return Err(format!("Raft stopped on this node: {e}"));
+        }
+        if let Some(why) = self.refusal() {
+            return Err(why);
+        }
         let member = m
             .membership_config
             .membership()
@@ -867,32 +1192,28 @@ impl ClusterNode {
         &self.heartbeats
     }
 
-    /// Record a heartbeat from `node` on the leader (forwarded there from a follower).
-    /// Returns the leader's id.
-    pub async fn heartbeat(&self, node: u64, may_forward: bool) -> Result<u64, ClusterError> {
+    /// Record a heartbeat from `node` on the leader (forwarded there from a follower), and
+    /// grant it a singleton lease if this leader heard from a quorum recently enough and has
+    /// committed in its term (so its commit index covers every committed placement).
+    pub async fn heartbeat(&self, node: u64, may_forward: bool) -> Result<LeaseGrant, ClusterError> {
         if self.is_leader() {
-            if node == self.config.id {
-                // The leader's own agent must not keep its lease on a stale leadership: confirm
-                // that a quorum still follows.
-                let confirmed = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    self.raft.ensure_linearizable(),
-                )
-                .await;
-                if !matches!(confirmed, Ok(Ok(_))) {
-                    return Err(ClusterError::Unavailable(
-                        "leadership not confirmed by a quorum".into(),
-                    ));
-                }
-            }
             self.heartbeats.record(node);
-            return Ok(self.config.id);
+            let term = self.raft.metrics().borrow().current_term;
+            let committed = self.log.committed();
+            let in_term = committed.is_some_and(|c| c.leader_id.term == term);
+            let lease = if in_term && self.leads_with_quorum() {
+                self.config.lease
+            } else {
+                Duration::ZERO
+            };
+            return Ok(LeaseGrant {
+                leader: self.config.id,
+                lease,
+                index: committed.map_or(0, |c| c.index),
+            });
         }
-        match (may_forward, self.leader_address(), self.leader()) {
-            (true, Some(addr), Some(leader)) => {
-                super::forward::heartbeat(&self.peers, &addr, node).await?;
-                Ok(leader)
-            }
+        match (may_forward, self.leader_with_address()) {
+            (true, Some((_, addr))) => super::forward::heartbeat(&self.peers, &addr, node).await,
             _ => Err(ClusterError::Unavailable(
                 "no leader to take the heartbeat".into(),
             )),
@@ -911,13 +1232,18 @@ impl ClusterNode {
         &self,
         id: u64,
         address: &str,
+        incarnation: u64,
+        rejoin: bool,
         may_forward: bool,
     ) -> Result<(bool, String), ClusterError> {
         check_address("joining node's address", address)
             .map_err(|e| ClusterError::Invalid(e.to_string()))?;
         if !self.is_leader() {
             return match (may_forward, self.leader_address()) {
-                (true, Some(addr)) => super::forward::join(&self.peers, &addr, id, address).await,
+                (true, Some(addr)) => {
+                    super::forward::join(&self.peers, &addr, id, address, incarnation, rejoin)
+                        .await
+                }
                 _ => Err(ClusterError::Unavailable(
                     "no leader to take the join; retry".into(),
                 )),
@@ -925,6 +1251,27 @@ impl ClusterNode {
         }
         // One membership change at a time.
         let _one_at_a_time = self.membership.lock().await;
+        let known = self.local_state(|s| s.nodes.get(&id).map_or(0, |n| n.incarnation));
+        let same_directory = known == 0 || incarnation == 0 || known == incarnation;
+        if !same_directory && !rejoin {
+            return Err(ClusterError::Conflict(format!(
+                "node id {id} is a member whose data directory has incarnation {known:016x}, but the joining node's has {incarnation:016x}: its data was lost. Start it with --rejoin to replace the member, or use another --id"
+            )));
+        }
+        if !same_directory && rejoin {
+            // The member it was can never vote again: remove it (membership and node table)
+            // before the new data directory joins as a learner.
+            self.remove_member_locked(id).await?;
+            tracing::warn!(
+                "node {id} rejoins with a new data directory ({incarnation:016x}); the member it replaced ({known:016x}) was removed"
+            );
+            self.record(
+                format!("node {id} rejoined with a new data directory; the member whose data was lost was removed"),
+                "node-rejoined",
+                id,
+            )
+            .await;
+        }
         let (existing, voters) = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -994,6 +1341,12 @@ impl ClusterNode {
             };
         }
         let _one_at_a_time = self.membership.lock().await;
+        self.remove_member_locked(id).await?;
+        Ok(format!("node {id} removed"))
+    }
+
+    /// [`ClusterNode::remove_member`] with the membership lock held.
+    async fn remove_member_locked(&self, id: u64) -> Result<(), ClusterError> {
         let (present, voters) = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -1003,30 +1356,32 @@ impl ClusterNode {
                 membership.voter_ids().collect::<BTreeSet<u64>>(),
             )
         };
-        if !present {
+        let in_table = self.local_state(|s| s.nodes.contains_key(&id));
+        if !present && !in_table {
             return Err(ClusterError::NotFound(format!(
                 "node {id} is not a member of this cluster"
             )));
         }
-        let change = if voters.contains(&id) {
-            if voters.len() == 1 {
-                return Err(ClusterError::Conflict(format!(
-                    "node {id} is the last voter; a cluster cannot remove its last voter"
-                )));
-            }
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        };
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| ClusterError::Unavailable(format!("removing node {id}: {e}")))?;
-        drop(_one_at_a_time);
+        if present {
+            let change = if voters.contains(&id) {
+                if voters.len() == 1 {
+                    return Err(ClusterError::Conflict(format!(
+                        "node {id} is the last voter; a cluster cannot remove its last voter"
+                    )));
+                }
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            self.raft
+                .change_membership(change, false)
+                .await
+                .map_err(|e| ClusterError::Unavailable(format!("removing node {id}: {e}")))?;
+        }
         if let Err(e) = self.write(Command::RemoveNode { id }, true).await {
             tracing::debug!("node table: {e}");
         }
-        Ok(format!("node {id} removed"))
+        Ok(())
     }
 
     /// Build a snapshot of the current state and purge the log it covers.
@@ -1053,5 +1408,14 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         Ok((snap, m.purged.map(|p| p.index).unwrap_or(0)))
+    }
+}
+
+/// The message of a failed write: whether it may still be applied.
+fn unknown_or_not_made(maybe_taken: bool, why: &str) -> String {
+    if maybe_taken {
+        format!("outcome unknown: {why}; the write may still be applied. Check the state (e.g. `modectl svc get`), or retry: a retry with the same request id applies once")
+    } else {
+        format!("{why}; the write was not made")
     }
 }

@@ -19,8 +19,8 @@ const MAX_BATCH: usize = 1024;
 /// Why a proposal was not committed here.
 #[derive(Debug, Clone)]
 pub(crate) enum Rejected {
-    /// This node is not the leader; the leader, if known, with its address.
-    NotLeader(Option<(u64, String)>),
+    /// This node is not the leader (any more).
+    NotLeader,
     /// The proposal was invalid (membership change conflicts).
     Invalid(String),
     /// Raft stopped.
@@ -90,8 +90,8 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Waiter>) {
                 }
                 Err(e) => {
                     let rejected = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                            Rejected::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                            Rejected::NotLeader
                         }
                         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
                             Rejected::Invalid(e.to_string())

@@ -7,10 +7,68 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use super::node::Refusal;
+use super::store::StateMachineStore;
 use super::types::Raft;
 
 pub(crate) struct RaftService {
     pub(crate) raft: Raft,
+    pub(crate) me: u64,
+    pub(crate) incarnation: u64,
+    pub(crate) sm: StateMachineStore,
+    pub(crate) refused: Refusal,
+}
+
+/// The marker in a refusal that tells the sender its data directory is not the member's.
+pub(crate) const WIPED: &str = "[wiped]";
+/// The marker in a refusal that tells the sender it is not a member.
+pub(crate) const NOT_A_MEMBER: &str = "[not a member]";
+
+impl RaftService {
+    /// Refuse messages between a wiped data directory and the cluster that knew the member it
+    /// replaced, both ways, and votes from nodes that are not members.
+    fn admit(&self, req: &RaftRequest, is_vote: bool) -> Result<(), Status> {
+        if req.to_incarnation != 0 && req.to_incarnation != self.incarnation {
+            let why = format!(
+                "node {} sent a Raft message to node {} with data directory incarnation {:016x}, but this data directory has {:016x}: it was wiped or replaced, so it must not act as the member it was (it could vote twice or forget acknowledged writes). Remove the member (`modectl node rm {}`) and start this node with --join, or start it with --rejoin to come back as a new learner",
+                req.from, self.me, req.to_incarnation, self.incarnation, self.me
+            );
+            let mut refused = crate::service::lock(&self.refused);
+            if refused.is_none() {
+                tracing::error!("{why}");
+            }
+            *refused = Some(why.clone());
+            return Err(Status::failed_precondition(format!("{WIPED} {why}")));
+        }
+        let (known, member, initialized) = self.sm.read(|a| {
+            (
+                a.state.nodes.get(&req.from).map_or(0, |n| n.incarnation),
+                a.membership.membership().get_node(&req.from).is_some(),
+                a.membership.membership().nodes().next().is_some(),
+            )
+        });
+        if known != 0 && req.incarnation != 0 && known != req.incarnation {
+            return Err(Status::failed_precondition(format!(
+                "{WIPED} node {} spoke with data directory incarnation {:016x}, but the cluster knows node {} as {known:016x}: its data was lost, so it must not act as the member it was. Remove it (`modectl node rm {}`) and start it with --join, or start it with --rejoin",
+                req.from, req.incarnation, req.from, req.from
+            )));
+        }
+        let effective_member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&req.from)
+            .is_some();
+        if is_vote && initialized && !member && !effective_member {
+            return Err(Status::failed_precondition(format!(
+                "{NOT_A_MEMBER} node {} is not a member of this cluster (removed?); node {} does not vote for it",
+                req.from, self.me
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
@@ -40,6 +98,7 @@ fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<Ra
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.admit(request.get_ref(), true)?;
         let rpc = decode(request.get_ref())?;
         reply(self.raft.vote(rpc).await)
     }
@@ -48,6 +107,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        self.admit(request.get_ref(), false)?;
         let rpc = decode(request.get_ref())?;
         reply(self.raft.append_entries(rpc).await)
     }
@@ -56,6 +116,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        self.admit(request.get_ref(), false)?;
         let rpc = decode(request.get_ref())?;
         reply(self.raft.install_snapshot(rpc).await)
     }

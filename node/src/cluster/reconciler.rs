@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::node::ClusterNode;
 use super::state::{ClusterState, Command, NodeStatus, SlotAssignment};
-use crate::schedule::{plan_avoiding, Assignment, Avoid, NodeView};
+use crate::schedule::{plan_avoiding, Assignment, Avoid};
 use crate::service::lock;
 
 /// How often the leader reconciles.
@@ -80,8 +80,9 @@ struct Memory {
     /// The applied index the last full pass saw; planning runs again only when it moves (or
     /// while a failed instance waits out its backoff).
     planned_at: Option<u64>,
-    /// When each failed instance was first seen failed.
-    failed_since: HashMap<(String, u32), Instant>,
+    /// Whether the last pass left a failed instance waiting out its backoff (planning then
+    /// runs again although the state did not move).
+    backing_off: bool,
     /// The last "could not place" reason recorded per instance.
     unplaced: HashMap<(String, u32), String>,
 }
@@ -108,7 +109,7 @@ pub async fn run(
             continue;
         }
         let applied = node.applied_index();
-        let waiting = !memory.failed_since.is_empty();
+        let waiting = memory.backing_off;
         if memory.leading && memory.planned_at == Some(applied) && !waiting {
             // Nothing new to plan; only liveness can change.
             let commands = node.local_state(|s| liveness_commands(&node, s, liveness));
@@ -316,33 +317,14 @@ fn decide(
     }
 
     // 4. Scheduling.
-    let nodes: Vec<NodeView> = state
-        .nodes
-        .values()
-        .map(|n| NodeView {
-            id: n.id,
-            labels: n.labels.clone(),
-            capacity: n.capacity,
-            schedulable: n.status == NodeStatus::Up,
-            kinds: Some(n.kinds.iter().cloned().collect()),
-        })
-        .collect();
+    let nodes = state.node_views();
     // Services being removed are left alone: their instances go when they are purged.
-    let specs: Vec<_> = state
-        .specs
-        .values()
-        .filter(|s| !state.deleting.contains(&s.name))
-        .map(|s| s.to_view())
-        .collect();
+    let specs = state.spec_views();
     let mut avoid = Avoid::new();
     let mut current = Vec::new();
     let mut failed_now = BTreeSet::new();
-    memory.failed_since.retain(|(service, slot), _| {
-        state
-            .placements
-            .get(service)
-            .is_some_and(|s| s.contains_key(slot))
-    });
+    let now_ms = super::node::now_ms();
+    memory.backing_off = false;
     for (service, slots) in &state.placements {
         if state.deleting.contains(service) {
             continue;
@@ -353,17 +335,13 @@ fn decide(
                 avoid.insert(key.clone(), p.avoid.iter().copied().collect());
             }
             if p.state == "failed" {
-                let since = *memory
-                    .failed_since
-                    .entry(key.clone())
-                    .or_insert_with(Instant::now);
-                let wait = liveness.reschedule_backoff * 2u32.saturating_pow(p.reschedules.min(6));
-                if since.elapsed() >= wait.min(Duration::from_secs(30)) {
+                // The backoff lives in the replicated placement (when it failed, how often it
+                // was moved), so a new leader keeps it instead of starting over.
+                if now_ms >= p.failed_at_ms.unwrap_or(0) + reschedule_wait(liveness, p.reschedules) {
                     failed_now.insert(key);
                     continue; // not current: the plan places it again, elsewhere if it can
                 }
-            } else {
-                memory.failed_since.remove(&key);
+                memory.backing_off = true;
             }
             current.push(Assignment {
                 service: service.clone(),
@@ -440,9 +418,33 @@ fn decide(
         .iter()
         .map(|a| (a.service.clone(), a.slot))
         .collect();
+    let unplaced: BTreeMap<(String, u32), &str> = plan
+        .unplaced
+        .iter()
+        .map(|u| ((u.service.clone(), u.slot), u.reason.as_str()))
+        .collect();
     for a in &plan.unassign {
-        if reassigned.contains(&(a.service.clone(), a.slot)) {
+        let key = (a.service.clone(), a.slot);
+        if reassigned.contains(&key) {
             continue; // replaced by the assignment above
+        }
+        if draining.contains(&a.node) {
+            if let Some(reason) = unplaced.get(&key) {
+                // Nowhere to go: a drain keeps it where it runs rather than cause an outage.
+                if memory.unplaced.get(&key).map(String::as_str) != Some(*reason) {
+                    memory.unplaced.insert(key.clone(), reason.to_string());
+                    commands.push(event(
+                        "drain-stuck",
+                        format!(
+                            "{}#{} stays on draining node {}: it cannot run elsewhere ({reason})",
+                            a.service, a.slot, a.node
+                        ),
+                        Some(a.service.clone()),
+                        Some(a.node),
+                    ));
+                }
+                continue;
+            }
         }
         notes.push((
             a.service.clone(),
@@ -458,6 +460,14 @@ fn decide(
     }
     for u in &plan.unplaced {
         let key = (u.service.clone(), u.slot);
+        let kept_on_draining = state
+            .placements
+            .get(&u.service)
+            .and_then(|s| s.get(&u.slot))
+            .is_some_and(|p| draining.contains(&p.node));
+        if kept_on_draining {
+            continue; // said above
+        }
         if memory.unplaced.get(&key) != Some(&u.reason) {
             memory.unplaced.insert(key, u.reason.clone());
             commands.push(event(
@@ -492,6 +502,13 @@ fn decide(
         }
     }
     commands
+}
+
+/// How long an instance that exceeded its restart intensity waits before it is moved: the
+/// backoff doubles with each move, up to 30 s.
+fn reschedule_wait(liveness: Liveness, reschedules: u32) -> u64 {
+    let wait = liveness.reschedule_backoff * 2u32.saturating_pow(reschedules.min(6));
+    wait.min(Duration::from_secs(30)).as_millis() as u64
 }
 
 /// Above this many decisions in one pass, events summarise per service.

@@ -47,6 +47,15 @@ pub struct NodeInfo {
     /// When it registered (leader's clock, ms since the epoch).
     #[serde(default)]
     pub registered_at_ms: u64,
+    /// The incarnation of its data directory (random, made when the directory was created; 0
+    /// when unknown). A node whose directory was wiped comes back with another one and is
+    /// refused: it must never vote or acknowledge as the member it was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub use super::spec::ServiceSpec;
@@ -82,6 +91,15 @@ pub struct Placement {
     /// continues the trace when it starts the instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Fencing token: the log index of the command that (re)assigned or restarted it. Only
+    /// increases; the instance gets it (`MODE_FENCING_TOKEN`) and its reports carry it, so
+    /// reports about an older assignment are discarded.
+    #[serde(default)]
+    pub epoch: u64,
+    /// When it was reported failed (proposer's clock, ms since the epoch): the reschedule
+    /// backoff counts from here, on whichever node leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at_ms: Option<u64>,
 }
 
 impl Placement {
@@ -97,6 +115,8 @@ impl Placement {
             reschedules: 0,
             restart_seq: 0,
             trace: None,
+            epoch: 0,
+            failed_at_ms: None,
         }
     }
 }
@@ -157,6 +177,9 @@ pub enum Command {
         /// Service kinds it can run.
         #[serde(default)]
         kinds: Vec<String>,
+        /// Its data directory's incarnation (0: unknown).
+        #[serde(default)]
+        incarnation: u64,
     },
     /// Change a node's status.
     SetNodeStatus {
@@ -179,6 +202,9 @@ pub enum Command {
     DeleteSpec {
         /// Its name.
         name: String,
+        /// Delete it even though other services depend on it (they stop first).
+        #[serde(default)]
+        force: bool,
     },
     /// Apply a scheduler decision: assign instances to nodes and remove others.
     Place {
@@ -206,6 +232,9 @@ pub enum Command {
         /// The last crash reason.
         #[serde(default)]
         last_crash: Option<String>,
+        /// The fencing token of the placement the instance was started for (0: unknown).
+        #[serde(default)]
+        epoch: u64,
     },
     /// A moved instance runs on its new node: release the old one.
     FinishMove {
@@ -261,6 +290,10 @@ pub struct Proposal {
     /// later (placements, instance starts) joins the same trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// The request it carries out, when it came from a client: a retried or re-forwarded
+    /// write with the same id is applied once (the state machine remembers recent ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Proposals committed together as one Raft entry (the leader batches concurrent writes so
@@ -281,6 +314,10 @@ pub struct CommandResult {
     /// The spec generation stored, for `PutSpec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The request had been applied already (a retry): this is the first outcome, and
+    /// nothing changed now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 impl CommandResult {
@@ -288,7 +325,7 @@ impl CommandResult {
         CommandResult {
             ok: true,
             message: message.into(),
-            generation: None,
+            ..Default::default()
         }
     }
 
@@ -296,7 +333,7 @@ impl CommandResult {
         CommandResult {
             ok: false,
             message: message.into(),
-            generation: None,
+            ..Default::default()
         }
     }
 }
@@ -322,6 +359,46 @@ pub struct ClusterState {
     /// soon after continues that trace).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub traces: BTreeMap<String, TraceMark>,
+    /// Outcomes of the most recent client requests, by request id (deduplication).
+    #[serde(default, skip_serializing_if = "RequestLog::is_empty")]
+    pub requests: RequestLog,
+    /// Nodes removed from the cluster, with their data directory's incarnation: the same
+    /// directory may not register again (a new one, joining afresh, may).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub removed: BTreeMap<u64, u64>,
+}
+
+/// How many request ids the state remembers (a retry older than that many writes applies
+/// again; clients retry within seconds).
+pub const MAX_REMEMBERED_REQUESTS: usize = 10_000;
+
+/// The outcomes of recent requests, oldest first, bounded by [`MAX_REMEMBERED_REQUESTS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RequestLog {
+    order: VecDeque<String>,
+    outcomes: BTreeMap<String, CommandResult>,
+}
+
+impl RequestLog {
+    /// Whether it remembers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn get(&self, id: &str) -> Option<&CommandResult> {
+        self.outcomes.get(id)
+    }
+
+    fn remember(&mut self, id: &str, outcome: &CommandResult) {
+        if self.outcomes.insert(id.to_string(), outcome.clone()).is_none() {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > MAX_REMEMBERED_REQUESTS {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old);
+            }
+        }
+    }
 }
 
 /// A trace context and when the change that carried it was proposed.
@@ -365,11 +442,35 @@ impl ClusterState {
             events: VecDeque::new(),
             next_event_seq: self.next_event_seq,
             traces: self.traces.clone(),
+            requests: RequestLog::default(),
+            removed: self.removed.clone(),
         }
     }
 
-    /// Apply one committed proposal.
+    /// Apply one committed proposal outside a log (tests, tools): as at log index 0.
     pub fn apply(&mut self, proposal: &Proposal) -> CommandResult {
+        self.apply_at(proposal, 0)
+    }
+
+    /// Apply one committed proposal of the entry at log `index`. A request applied before
+    /// (same request id) changes nothing and answers its first outcome.
+    pub fn apply_at(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
+        if let Some(id) = &proposal.request_id {
+            if let Some(first) = self.requests.get(id) {
+                return CommandResult {
+                    duplicate: true,
+                    ..first.clone()
+                };
+            }
+        }
+        let outcome = self.apply_command(proposal, index);
+        if let Some(id) = &proposal.request_id {
+            self.requests.remember(id, &outcome);
+        }
+        outcome
+    }
+
+    fn apply_command(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
         let at = proposal.at_ms;
         match &proposal.command {
             Command::RegisterNode {
@@ -378,8 +479,21 @@ impl ClusterState {
                 labels,
                 capacity,
                 kinds,
+                incarnation,
             } => {
+                if self.removed.get(id).is_some_and(|r| *r == *incarnation) {
+                    return CommandResult::refused(format!(
+                        "node {id} was removed from the cluster: it must not come back with the same data. Move its data directory away and start it with --join"
+                    ));
+                }
+                self.removed.remove(id);
                 let existing = self.nodes.get(id).cloned();
+                let known = existing.as_ref().map_or(0, |n| n.incarnation);
+                if known != 0 && *incarnation != 0 && known != *incarnation {
+                    return CommandResult::refused(format!(
+                        "node {id} is a member whose data directory has incarnation {known:016x}, but this one has {incarnation:016x}: its data was lost or replaced, so it must not act as the member it was. Remove it (`modectl node rm {id}`) and start it again with --join, or start it with --rejoin to come back as a new learner"
+                    ));
+                }
                 let info = NodeInfo {
                     id: *id,
                     address: address.clone(),
@@ -389,6 +503,7 @@ impl ClusterState {
                     draining: existing.as_ref().is_some_and(|n| n.draining),
                     status: existing.as_ref().map(|n| n.status).unwrap_or_default(),
                     registered_at_ms: existing.as_ref().map(|n| n.registered_at_ms).unwrap_or(at),
+                    incarnation: if *incarnation != 0 { *incarnation } else { known },
                 };
                 if existing.as_ref() == Some(&info) {
                     return CommandResult::ok(format!("node {id} unchanged"));
@@ -418,7 +533,10 @@ impl ClusterState {
                 None => CommandResult::refused(format!("no node {id}")),
             },
             Command::RemoveNode { id } => match self.nodes.remove(id) {
-                Some(_) => {
+                Some(n) => {
+                    if n.incarnation != 0 {
+                        self.removed.insert(*id, n.incarnation);
+                    }
                     let msg = format!("node {id} removed");
                     self.event(at, "node-removed", &msg, None, Some(*id));
                     CommandResult::ok(msg)
@@ -452,11 +570,25 @@ impl ClusterState {
                     ok: true,
                     message: msg,
                     generation: Some(generation),
+                    ..Default::default()
                 }
             }
-            Command::DeleteSpec { name } => {
+            Command::DeleteSpec { name, force } => {
                 if !self.specs.contains_key(name) {
                     return CommandResult::refused(format!("no service '{name}'"));
+                }
+                let dependents: Vec<&str> = self
+                    .specs
+                    .values()
+                    .filter(|s| !self.deleting.contains(&s.name))
+                    .filter(|s| s.depends_on.iter().any(|d| d == name))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if !dependents.is_empty() && !force {
+                    return CommandResult::refused(format!(
+                        "service '{name}' is needed by {}: remove them first, or remove it with --force (they stop first, then '{name}')",
+                        dependents.join(", ")
+                    ));
                 }
                 if !self.deleting.insert(name.clone()) {
                     return CommandResult::ok(format!("service '{name}' is already being removed"));
@@ -485,6 +617,7 @@ impl ClusterState {
                 state,
                 restart_count,
                 last_crash,
+                epoch,
             } => {
                 let Some(p) = self
                     .placements
@@ -496,6 +629,12 @@ impl ClusterState {
                 if p.node != *node {
                     return CommandResult::refused(format!(
                         "{service}#{slot} is not placed on node {node}"
+                    ));
+                }
+                if *epoch != 0 && *epoch != p.epoch {
+                    return CommandResult::refused(format!(
+                        "stale report of {service}#{slot}: it was started for fencing token {epoch}, the placement is at {}",
+                        p.epoch
                     ));
                 }
                 let changed = p.state != *state || p.restart_count != *restart_count;
@@ -512,6 +651,11 @@ impl ClusterState {
                 }
                 if state == "failed" && !p.avoid.contains(node) {
                     p.avoid.push(*node);
+                }
+                if state == "failed" {
+                    p.failed_at_ms.get_or_insert(at);
+                } else {
+                    p.failed_at_ms = None;
                 }
                 if changed && state == "waiting" {
                     let msg = format!(
@@ -583,6 +727,7 @@ impl ClusterState {
                 {
                     Some(p) => {
                         p.restart_seq += 1;
+                        p.epoch = index.max(p.epoch + 1);
                         p.state = pending();
                         CommandResult::ok(format!("{service}#{slot} restart requested"))
                     }
@@ -619,6 +764,8 @@ impl ClusterState {
                     p.state = pending();
                     p.moving_from = a.moving_from;
                     p.trace = proposal.trace.clone();
+                    p.epoch = index.max(p.epoch + 1);
+                    p.failed_at_ms = None;
                     slots.insert(a.slot, p);
                 }
                 CommandResult::ok(format!(
@@ -661,7 +808,73 @@ impl ClusterState {
         }
     }
 
-    /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `placements`, `events`, `all`.
+    /// The scheduler's view of the nodes (only `up` nodes take instances).
+    pub fn node_views(&self) -> Vec<crate::schedule::NodeView> {
+        self.nodes
+            .values()
+            .map(|n| crate::schedule::NodeView {
+                id: n.id,
+                labels: n.labels.clone(),
+                capacity: n.capacity,
+                schedulable: n.status == NodeStatus::Up,
+                kinds: Some(n.kinds.iter().cloned().collect()),
+            })
+            .collect()
+    }
+
+    /// The scheduler's view of the specs, leaving out services being removed.
+    pub fn spec_views(&self) -> Vec<crate::schedule::SpecView> {
+        self.specs
+            .values()
+            .filter(|s| !self.deleting.contains(&s.name))
+            .map(|s| s.to_view())
+            .collect()
+    }
+
+    /// What draining node `id` would leave stuck: its instances that could run nowhere
+    /// else, each with why (`[{"instance": "web#0", "reason": ...}]`).
+    pub fn drain_blockers(&self, id: u64) -> Result<serde_json::Value, QueryError> {
+        if !self.nodes.contains_key(&id) {
+            return Err(QueryError::NotFound(format!("no node {id}")));
+        }
+        let mut nodes = self.node_views();
+        for n in nodes.iter_mut().filter(|n| n.id == id) {
+            n.schedulable = false;
+        }
+        let current: Vec<crate::schedule::Assignment> = self
+            .placements
+            .iter()
+            .filter(|(s, _)| !self.deleting.contains(*s))
+            .flat_map(|(s, slots)| {
+                slots.iter().map(|(slot, p)| crate::schedule::Assignment {
+                    service: s.clone(),
+                    slot: *slot,
+                    node: p.node,
+                })
+            })
+            .collect();
+        let on_node: std::collections::BTreeSet<(String, u32)> = current
+            .iter()
+            .filter(|a| a.node == id)
+            .map(|a| (a.service.clone(), a.slot))
+            .collect();
+        let plan = crate::schedule::plan(&nodes, &self.spec_views(), &current);
+        let stuck: Vec<serde_json::Value> = plan
+            .unplaced
+            .iter()
+            .filter(|u| on_node.contains(&(u.service.clone(), u.slot)))
+            .map(|u| {
+                serde_json::json!({
+                    "instance": format!("{}#{}", u.service, u.slot),
+                    "reason": u.reason,
+                })
+            })
+            .collect();
+        Ok(serde_json::Value::Array(stuck))
+    }
+
+    /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `placements`, `events`,
+    /// `drain:<node id>`, `all`.
     pub fn query(&self, query: &str) -> Result<serde_json::Value, QueryError> {
         let v = match query {
             "nodes" => serde_json::to_value(self.nodes.values().collect::<Vec<_>>()),
@@ -690,13 +903,19 @@ impl ClusterState {
                 Ok(serde_json::Value::Array(events))
             }
             "all" => serde_json::to_value(self),
+            q if q.starts_with("drain:") => {
+                let id = q["drain:".len()..].parse::<u64>().map_err(|_| {
+                    QueryError::Unknown(format!("'{q}': drain:<node id> takes a node id"))
+                })?;
+                return self.drain_blockers(id);
+            }
             q => match q.strip_prefix("spec:") {
                 Some(name) => match self.specs.get(name) {
                     Some(spec) => serde_json::to_value(spec),
                     None => return Err(QueryError::NotFound(format!("no service named '{name}'"))),
                 },
                 None => return Err(QueryError::Unknown(format!(
-                    "unknown query '{q}': use nodes, specs, spec:<name>, placements, kinds, events or all"
+                    "unknown query '{q}': use nodes, specs, spec:<name>, placements, kinds, events, drain:<node id> or all"
                 ))),
             },
         };
@@ -724,6 +943,7 @@ mod tests {
             trace: None,
             at_ms: 1000,
             command,
+            request_id: None,
         }
     }
 
@@ -747,10 +967,16 @@ mod tests {
         );
         assert_eq!(s.specs["a"].generation, 2);
         assert_eq!(s.events.len(), 2);
-        assert!(s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
+        assert!(s.apply(&p(Command::DeleteSpec {
+            name: "a".into(),
+            force: false
+        })).ok);
         assert!(s.deleting.contains("a"));
         assert!(s.apply(&p(Command::PurgeSpec { name: "a".into() })).ok);
-        assert!(!s.apply(&p(Command::DeleteSpec { name: "a".into() })).ok);
+        assert!(!s.apply(&p(Command::DeleteSpec {
+            name: "a".into(),
+            force: false
+        })).ok);
         assert_eq!(
             s.query("spec:a").unwrap_err().to_string(),
             "no service named 'a'"
@@ -766,6 +992,7 @@ mod tests {
             labels: BTreeMap::new(),
             capacity: 10,
             kinds: vec![],
+            incarnation: 7,
         };
         assert!(s.apply(&p(reg.clone())).ok);
         assert!(
@@ -834,7 +1061,10 @@ mod tests {
     fn op_names_match_the_json_tags() {
         let cmds = [
             Command::PutSpec { spec: spec("a") },
-            Command::DeleteSpec { name: "a".into() },
+            Command::DeleteSpec {
+                name: "a".into(),
+                force: false,
+            },
             Command::PurgeSpec { name: "a".into() },
             Command::Place {
                 assign: vec![],
@@ -873,6 +1103,7 @@ mod tests {
             state: "running".into(),
             restart_count: 0,
             last_crash: None,
+            epoch: 0,
         }));
         assert_eq!(s.placements["a"][&0].trace, None, "done once it runs");
         // An untraced change forgets the old context.

@@ -76,10 +76,42 @@ pub enum DataDirError {
 struct Identity {
     format: u32,
     node_id: u64,
+    /// Made at random when the directory is created: a wiped directory gets another one, so
+    /// the cluster can tell it from the member it replaced.
+    #[serde(default)]
+    incarnation: u64,
+}
+
+/// A random non-zero u64 (from the OS-seeded keys of the standard hasher).
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
+fn write_identity(dir: &Path, identity: &Identity) -> std::io::Result<()> {
+    let text = serde_json::to_string(identity).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))?;
+    // The rename itself must be durable before anything is written under this identity.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Everything read back from a data directory at start.
 pub(crate) struct Recovered {
+    /// The directory's incarnation.
+    pub(crate) incarnation: u64,
+    /// Whether the directory was created just now (nothing of a previous run).
+    pub(crate) fresh: bool,
     vote: Option<Vote>,
     committed: Option<LogId>,
     purged: Option<LogId>,
@@ -104,6 +136,7 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
     let identity_path = dir.join(IDENTITY_FILE);
     let db_path = dir.join(DATABASE_FILE);
     let fresh = !identity_path.exists();
+    let mut incarnation = 0;
     if fresh {
         let mut found: Vec<String> = std::fs::read_dir(dir)
             .map_err(io)?
@@ -138,29 +171,50 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
         if !db_path.exists() {
             return Err(corrupt(format!("{DATABASE_FILE} is missing")));
         }
+        incarnation = identity.incarnation;
     }
 
     let db = if fresh {
         let db = Database::create(&db_path).map_err(|e| corrupt(e.to_string()))?;
-        let text = serde_json::to_string(&Identity {
-            format: FORMAT,
-            node_id,
-        })
-        .map_err(|e| corrupt(e.to_string()))?;
-        let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &identity_path).map_err(io)?;
+        incarnation = random_u64();
+        write_identity(
+            dir,
+            &Identity {
+                format: FORMAT,
+                node_id,
+                incarnation,
+            },
+        )
+        .map_err(io)?;
         db
     } else {
-        Database::open(&db_path).map_err(|e| corrupt(format!("{DATABASE_FILE}: {e}")))?
+        let db = Database::open(&db_path).map_err(|e| corrupt(format!("{DATABASE_FILE}: {e}")))?;
+        if incarnation == 0 {
+            // Made by a version without incarnations: give it one now.
+            incarnation = random_u64();
+            write_identity(
+                dir,
+                &Identity {
+                    format: FORMAT,
+                    node_id,
+                    incarnation,
+                },
+            )
+            .map_err(io)?;
+        }
+        db
     };
-    let recovered = recover(&db).map_err(corrupt)?;
+    let mut recovered = recover(&db).map_err(corrupt)?;
+    recovered.incarnation = incarnation;
+    recovered.fresh = fresh;
     Ok((Arc::new(db), recovered))
 }
 
 fn recover(db: &Database) -> Result<Recovered, String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let mut r = Recovered {
+        incarnation: 0,
+        fresh: false,
         vote: None,
         committed: None,
         purged: None,
@@ -384,6 +438,11 @@ impl LogStore {
     /// Highest committed index saved by Raft (0 when none).
     pub(crate) fn committed_index(&self) -> u64 {
         self.inner.committed_index.load(Ordering::Relaxed)
+    }
+
+    /// The highest committed log id saved by Raft.
+    pub(crate) fn committed(&self) -> Option<LogId> {
+        lock(&self.inner.mem).committed
     }
 }
 
@@ -633,9 +692,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             );
                             crate::telemetry::set_parent(&span, Some(parent));
                             let _in = span.enter();
-                            a.state.apply(p)
+                            a.state.apply_at(p, entry.log_id.index)
                         }
-                        _ => a.state.apply(p),
+                        _ => a.state.apply_at(p, entry.log_id.index),
                     })
                     .collect(),
                 EntryPayload::Membership(ref m) => {

@@ -29,6 +29,7 @@ fn node_info(id: u64) -> NodeInfo {
         kinds: vec!["ticker".into()],
         draining: false,
         registered_at_ms: 0,
+        incarnation: 0,
     }
 }
 

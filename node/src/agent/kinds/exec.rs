@@ -97,6 +97,13 @@ impl Kind for ExecKind {
             label: label.clone(),
             config,
             grace: instance.grace,
+            env: vec![
+                ("MODE_FENCING_TOKEN", instance.fencing_token.to_string()),
+                ("MODE_SERVICE", instance.service.clone()),
+                ("MODE_SLOT", instance.slot.to_string()),
+                ("MODE_NODE_ID", instance.node.to_string()),
+            ],
+            kill: instance.kill.clone(),
         };
         Ok(ServiceHandle::builder(service)
             .label(label)
@@ -110,6 +117,9 @@ struct Exec {
     label: String,
     config: ExecConfig,
     grace: Duration,
+    /// What the process learns of its instance (`MODE_FENCING_TOKEN`, ...).
+    env: Vec<(&'static str, String)>,
+    kill: super::KillSwitch,
 }
 
 impl Service for Exec {
@@ -118,6 +128,7 @@ impl Service for Exec {
         let mut command = Command::new(&config.command);
         command
             .args(&config.args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .envs(&config.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -145,6 +156,7 @@ impl Service for Exec {
             group,
             grace: self.grace,
             last_stderr: None,
+            kill: self.kill.clone(),
         };
         let c = ctx.clone();
         ctx.spawn("process", process.supervise(c, stdout, stderr));
@@ -159,6 +171,7 @@ struct Process {
     group: ProcessGroup,
     grace: Duration,
     last_stderr: Option<String>,
+    kill: super::KillSwitch,
 }
 
 impl Process {
@@ -195,6 +208,16 @@ impl Process {
                     );
                     self.group.signal(libc::SIGTERM);
                     kill_at = Some(Instant::now() + self.grace);
+                }
+                _ = self.kill.fired(), if !killed => {
+                    tracing::warn!(
+                        "[{}] killing pid {pid} at once (SIGKILL): this node lost its lease on the instance",
+                        self.label
+                    );
+                    self.group.signal(libc::SIGKILL);
+                    let _ = self.child.start_kill();
+                    killed = true;
+                    kill_at.get_or_insert_with(Instant::now);
                 }
                 _ = sleep_until(kill_at), if kill_at.is_some() && !killed => {
                     tracing::warn!(

@@ -23,6 +23,8 @@ fn spec(config: Value, grace: Duration) -> InstanceSpec {
         node: 1,
         config,
         grace,
+        fencing_token: 1,
+        kill: Default::default(),
     }
 }
 

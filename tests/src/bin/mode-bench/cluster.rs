@@ -164,6 +164,7 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                         command_json:
                             json!({"op": "put_spec", "spec": {"name": name, "kind": "ticker"}})
                                 .to_string(),
+                        ..Default::default()
                     });
                     req.set_timeout(Duration::from_secs(3));
                     if c.write(req).await.is_ok() {
@@ -265,6 +266,7 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
             let _ = c
                 .write(pb::WriteRequest {
                     command_json: json!({"op": "delete_spec", "name": name}).to_string(),
+                    ..Default::default()
                 })
                 .await;
             cluster

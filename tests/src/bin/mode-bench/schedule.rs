@@ -107,6 +107,7 @@ pub fn schedule_suite(reps: usize) -> anyhow::Result<Value> {
                 let r = c
                     .write(mode_proto::v1::WriteRequest {
                         command_json: command.to_string(),
+                        ..Default::default()
                     })
                     .await;
                 drop(permit);
