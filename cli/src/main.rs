@@ -140,8 +140,8 @@ pub(crate) struct Failure {
 
 impl Failure {
     pub(crate) fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
-        let timed_out = status.code() == tonic::Code::Cancelled
-            && status.message().contains("Timeout expired");
+        let timed_out =
+            status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired");
         let code = match status.code() {
             _ if timed_out => 4,
             tonic::Code::NotFound => 3,

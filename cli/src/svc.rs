@@ -271,7 +271,11 @@ pub(crate) async fn run(
             if r["ok"] != true {
                 let message = r["message"].as_str().unwrap_or("");
                 return Err(fail(
-                    if message.contains("is needed by") { 1 } else { 3 },
+                    if message.contains("is needed by") {
+                        1
+                    } else {
+                        3
+                    },
                     r["message"]
                         .as_str()
                         .unwrap_or("no such service")

@@ -442,7 +442,8 @@ impl Service for RaftService {
                 }
                 if member {
                     was_member = true;
-                } else if was_member || node.removed_by_peers() {
+                }
+                if (!member && was_member) || node.removed_by_peers() {
                     return Err(format!(
                         "node {me} was removed from the cluster: it stops its instances, no longer takes part in elections, and exits. To bring it back, move its data directory away and start it with --join"
                     )

@@ -101,6 +101,9 @@ impl NodeProc {
 
     /// Start (or restart) the process with its arguments; output goes to its log file.
     pub fn start(&mut self) {
+        if self.exited().is_some() {
+            self.child = None;
+        }
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = File::options()
             .create(true)
@@ -117,6 +120,11 @@ impl NodeProc {
             .spawn()
             .expect("start mode-node");
         self.child = Some(child);
+    }
+
+    /// Add flags for its next start.
+    pub fn push_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| a.to_string()));
     }
 
     /// The process id while it runs.
@@ -534,4 +542,57 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+/// Whether every instance in `inst` (from [`TestCluster::instances`]) runs, and there are `n`.
+pub fn all_running(inst: &BTreeMap<u64, serde_json::Value>, n: usize) -> bool {
+    inst.len() == n && inst.values().all(|p| p["state"] == "running")
+}
+
+/// An `exec` spec running `sh` that writes its pid to `pid_file` (appending with `append`);
+/// `extra` is more YAML (e.g. `"singleton: true\n"`).
+pub fn pid_spec(name: &str, pid_file: &Path, append: bool, extra: &str) -> String {
+    let op = if append { ">>" } else { ">" };
+    format!(
+        "name: {name}\nkind: exec\n{extra}config:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ {op} {}; exec sleep 1000\"]\n",
+        pid_file.display()
+    )
+}
+
+/// The last pid written to `pid_file`, waiting up to 10 s for one.
+pub async fn wait_pid(pid_file: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.lines().rev().find_map(|l| l.trim().parse::<u32>().ok()));
+        if let Some(p) = last {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid in {}",
+            pid_file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every pid written to `pid_file` so far.
+pub fn pids_in(pid_file: &Path) -> Vec<u32> {
+    std::fs::read_to_string(pid_file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }

@@ -3,14 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mode_tests::{Scratch, TestCluster};
+use mode_tests::{all_running, pid_spec, wait_pid, Scratch, TestCluster};
 use serde_json::Value;
 
 const ELECTION: Duration = Duration::from_secs(20);
-
-fn all_running(inst: &BTreeMap<u64, Value>, n: usize) -> bool {
-    inst.len() == n && inst.values().all(|p| p["state"] == "running")
-}
 
 fn nodes_of(inst: &BTreeMap<u64, Value>) -> Vec<u64> {
     let mut v: Vec<u64> = inst.values().filter_map(|p| p["node"].as_u64()).collect();
@@ -24,34 +20,6 @@ async fn cluster(n: u64) -> (TestCluster, u64) {
     let leader = c.wait_leader(ELECTION).await;
     c.wait_registered(n as usize).await;
     (c, leader)
-}
-
-/// An `exec` spec running `sh` that writes its pid to `pid_file` (appending with `append`).
-fn pid_spec(name: &str, pid_file: &std::path::Path, append: bool, extra: &str) -> String {
-    let op = if append { ">>" } else { ">" };
-    format!(
-        "name: {name}\nkind: exec\n{extra}config:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ {op} {}; exec sleep 1000\"]\n",
-        pid_file.display()
-    )
-}
-
-/// The last pid written to `pid_file`, waiting up to 10 s for one.
-async fn wait_pid(pid_file: &std::path::Path) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let last = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|s| s.lines().rev().find_map(|l| l.trim().parse::<u32>().ok()));
-        if let Some(p) = last {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pid in {}",
-            pid_file.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,8 +247,14 @@ async fn a_service_starts_after_its_dependency_runs_and_stops_before_it_is_remov
         assert!(t0.elapsed() < Duration::from_secs(20), "{p}\n{}", c.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Removing A: B stops first, then A goes.
+    // A is needed by B: removing it is refused unless forced.
     let out = c.modectl(leader, &["svc", "rm", "a"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("service 'a' is needed by b"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    // Forced: B stops first, then A goes.
+    let out = c.modectl(leader, &["svc", "rm", "a", "--force"]);
     assert!(
         out.status.success(),
         "{}",

@@ -71,12 +71,9 @@ impl Leases {
     }
 
     fn answered(&self, index: u64) {
-        let _ = self.catch_up_to.compare_exchange(
-            u64::MAX,
-            index,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ =
+            self.catch_up_to
+                .compare_exchange(u64::MAX, index, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether some grant covers now and its index is applied here. (Each grant stands on its
@@ -547,11 +544,16 @@ async fn pass(
         let inner = match kinds.create(&spec.kind, &instance) {
             Ok(h) => h,
             Err(e) => {
-                agent.unbuildable.insert(
-                    key.clone(),
-                    (fingerprint(spec), d.restart_seq, d.epoch),
+                agent
+                    .unbuildable
+                    .insert(key.clone(), (fingerprint(spec), d.restart_seq, d.epoch));
+                agent.report(
+                    key,
+                    "failed",
+                    0,
+                    Some(format!("cannot create: {e}")),
+                    d.epoch,
                 );
-                agent.report(key, "failed", 0, Some(format!("cannot create: {e}")), d.epoch);
                 continue;
             }
         };

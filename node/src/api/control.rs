@@ -112,9 +112,8 @@ impl Control for ControlService {
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let forward = may_forward(&request);
-        let id = request_id(&request).or_else(|| {
-            Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty())
-        });
+        let id = request_id(&request)
+            .or_else(|| Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty()));
         let command: Command = serde_json::from_str(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let out = self

@@ -75,7 +75,11 @@ pub(crate) async fn write(
         command_json,
         request_id: proposal.request_id.clone().unwrap_or_default(),
     });
-    if let Some(id) = proposal.request_id.as_deref().and_then(|id| id.parse().ok()) {
+    if let Some(id) = proposal
+        .request_id
+        .as_deref()
+        .and_then(|id| id.parse().ok())
+    {
         req.metadata_mut().insert(REQUEST_ID, id);
     }
     let reply = client(peers, address)
@@ -86,14 +90,15 @@ pub(crate) async fn write(
             tonic::Code::Unavailable if super::network::never_connected(&s) => {
                 Forwarded::NotSent(describe_status(address, &s))
             }
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
             | tonic::Code::Unknown => Forwarded::MaybeSent(describe_status(address, &s)),
             _ => Forwarded::Answer(from_status(address, &s)),
         })?
         .into_inner();
-    let result = serde_json::from_str(&reply.response_json).map_err(|e| {
-        Forwarded::MaybeSent(format!("undecodable answer from {address}: {e}"))
-    })?;
+    let result = serde_json::from_str(&reply.response_json)
+        .map_err(|e| Forwarded::MaybeSent(format!("undecodable answer from {address}: {e}")))?;
     Ok(WriteOutcome {
         result,
         log_index: reply.log_index,

@@ -184,12 +184,9 @@ impl PeerClient {
         };
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let to_incarnation = self.sm.read(|a| {
-            a.state
-                .nodes
-                .get(&self.target)
-                .map_or(0, |n| n.incarnation)
-        });
+        let to_incarnation = self
+            .sm
+            .read(|a| a.state.nodes.get(&self.target).map_or(0, |n| n.incarnation));
         let request = RaftRequest {
             protocol: PROTOCOL_VERSION,
             from: self.my_id,
@@ -216,7 +213,9 @@ impl PeerClient {
             Ok(Err(status)) => {
                 if status.code() == tonic::Code::FailedPrecondition
                     && status.message().starts_with(super::raft_server::WIPED)
-                    && status.message().contains(&format!("node {} spoke", self.my_id))
+                    && status
+                        .message()
+                        .contains(&format!("node {} spoke", self.my_id))
                 {
                     // A peer says this node's data directory is not the member's.
                     let why = status
@@ -231,7 +230,9 @@ impl PeerClient {
                     *refused = Some(why);
                 }
                 if status.code() == tonic::Code::FailedPrecondition
-                    && status.message().starts_with(super::raft_server::NOT_A_MEMBER)
+                    && status
+                        .message()
+                        .starts_with(super::raft_server::NOT_A_MEMBER)
                 {
                     lock(&self.peers.refused_membership).insert(self.target);
                 }

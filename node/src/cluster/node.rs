@@ -550,7 +550,9 @@ impl ClusterNode {
                 ));
             };
             let each = timeout / others.len().max(1) as u32;
-            let mut joined = Err(ClusterError::Unavailable(format!("no member at {first} answered")));
+            let mut joined = Err(ClusterError::Unavailable(format!(
+                "no member at {first} answered"
+            )));
             for via in &others {
                 joined = self.join_via(via, each).await;
                 if joined.is_ok() || matches!(joined, Err(ClusterError::Conflict(_))) {
@@ -558,6 +560,8 @@ impl ClusterNode {
                 }
             }
             joined?;
+            // Refusals seen before the member was replaced are over.
+            crate::service::lock(&self.refused).take();
         } else if !initialized {
             let members: BTreeMap<u64, String> = if self.config.peers.is_empty() {
                 BTreeMap::from([(self.config.id, self.config.advertise.clone())])
@@ -592,7 +596,8 @@ impl ClusterNode {
     async fn wait_for_leader(&self, timeout: Duration) -> Result<(), ClusterError> {
         let deadline = Instant::now() + timeout;
         let waited = loop {
-            if let Some(why) = self.refusal() {
+            // With --rejoin the refusal is what the rejoin repairs: keep waiting.
+            if let Some(why) = self.refusal().filter(|_| !self.config.rejoin) {
                 return Err(ClusterError::Conflict(why));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1195,7 +1200,11 @@ impl ClusterNode {
     /// Record a heartbeat from `node` on the leader (forwarded there from a follower), and
     /// grant it a singleton lease if this leader heard from a quorum recently enough and has
     /// committed in its term (so its commit index covers every committed placement).
-    pub async fn heartbeat(&self, node: u64, may_forward: bool) -> Result<LeaseGrant, ClusterError> {
+    pub async fn heartbeat(
+        &self,
+        node: u64,
+        may_forward: bool,
+    ) -> Result<LeaseGrant, ClusterError> {
         if self.is_leader() {
             self.heartbeats.record(node);
             let term = self.raft.metrics().borrow().current_term;
@@ -1241,8 +1250,7 @@ impl ClusterNode {
         if !self.is_leader() {
             return match (may_forward, self.leader_address()) {
                 (true, Some(addr)) => {
-                    super::forward::join(&self.peers, &addr, id, address, incarnation, rejoin)
-                        .await
+                    super::forward::join(&self.peers, &addr, id, address, incarnation, rejoin).await
                 }
                 _ => Err(ClusterError::Unavailable(
                     "no leader to take the join; retry".into(),
@@ -1251,6 +1259,19 @@ impl ClusterNode {
         }
         // One membership change at a time.
         let _one_at_a_time = self.membership.lock().await;
+        let existing_address = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone());
+        if let Some(addr) = existing_address.filter(|a| a != address && !rejoin) {
+            return Err(ClusterError::Conflict(format!(
+                "node id {id} is already a member at {addr}; start the new node with another --id (or remove node {id} first)"
+            )));
+        }
         let known = self.local_state(|s| s.nodes.get(&id).map_or(0, |n| n.incarnation));
         let same_directory = known == 0 || incarnation == 0 || known == incarnation;
         if !same_directory && !rejoin {

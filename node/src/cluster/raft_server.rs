@@ -28,6 +28,7 @@ impl RaftService {
     /// Refuse messages between a wiped data directory and the cluster that knew the member it
     /// replaced, both ways, and votes from nodes that are not members.
     fn admit(&self, req: &RaftRequest, is_vote: bool) -> Result<(), Status> {
+        check_protocol(req)?;
         if req.to_incarnation != 0 && req.to_incarnation != self.incarnation {
             let why = format!(
                 "node {} sent a Raft message to node {} with data directory incarnation {:016x}, but this data directory has {:016x}: it was wiped or replaced, so it must not act as the member it was (it could vote twice or forget acknowledged writes). Remove the member (`modectl node rm {}`) and start this node with --join, or start it with --rejoin to come back as a new learner",
@@ -71,13 +72,17 @@ impl RaftService {
     }
 }
 
-fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     if req.protocol != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
             "node {} speaks mode protocol {}, this node speaks {PROTOCOL_VERSION}: run the same mode version on every node",
             req.from, req.protocol
         )));
     }
+    Ok(())
+}
+
+fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
     serde_json::from_slice(&req.payload).map_err(|e| {
         Status::invalid_argument(format!(
             "undecodable Raft message from node {}: {e}",

@@ -337,7 +337,8 @@ fn decide(
             if p.state == "failed" {
                 // The backoff lives in the replicated placement (when it failed, how often it
                 // was moved), so a new leader keeps it instead of starting over.
-                if now_ms >= p.failed_at_ms.unwrap_or(0) + reschedule_wait(liveness, p.reschedules) {
+                if now_ms >= p.failed_at_ms.unwrap_or(0) + reschedule_wait(liveness, p.reschedules)
+                {
                     failed_now.insert(key);
                     continue; // not current: the plan places it again, elsewhere if it can
                 }

@@ -390,7 +390,11 @@ impl RequestLog {
     }
 
     fn remember(&mut self, id: &str, outcome: &CommandResult) {
-        if self.outcomes.insert(id.to_string(), outcome.clone()).is_none() {
+        if self
+            .outcomes
+            .insert(id.to_string(), outcome.clone())
+            .is_none()
+        {
             self.order.push_back(id.to_string());
         }
         while self.order.len() > MAX_REMEMBERED_REQUESTS {
@@ -503,7 +507,11 @@ impl ClusterState {
                     draining: existing.as_ref().is_some_and(|n| n.draining),
                     status: existing.as_ref().map(|n| n.status).unwrap_or_default(),
                     registered_at_ms: existing.as_ref().map(|n| n.registered_at_ms).unwrap_or(at),
-                    incarnation: if *incarnation != 0 { *incarnation } else { known },
+                    incarnation: if *incarnation != 0 {
+                        *incarnation
+                    } else {
+                        known
+                    },
                 };
                 if existing.as_ref() == Some(&info) {
                     return CommandResult::ok(format!("node {id} unchanged"));
@@ -967,16 +975,22 @@ mod tests {
         );
         assert_eq!(s.specs["a"].generation, 2);
         assert_eq!(s.events.len(), 2);
-        assert!(s.apply(&p(Command::DeleteSpec {
-            name: "a".into(),
-            force: false
-        })).ok);
+        assert!(
+            s.apply(&p(Command::DeleteSpec {
+                name: "a".into(),
+                force: false
+            }))
+            .ok
+        );
         assert!(s.deleting.contains("a"));
         assert!(s.apply(&p(Command::PurgeSpec { name: "a".into() })).ok);
-        assert!(!s.apply(&p(Command::DeleteSpec {
-            name: "a".into(),
-            force: false
-        })).ok);
+        assert!(
+            !s.apply(&p(Command::DeleteSpec {
+                name: "a".into(),
+                force: false
+            }))
+            .ok
+        );
         assert_eq!(
             s.query("spec:a").unwrap_err().to_string(),
             "no service named 'a'"
