@@ -47,11 +47,14 @@ pub struct ClusterConfig {
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot after this many new log entries.
     pub snapshot_every: u64,
+    /// How long an AppendEntries carrying entries may take (a large entry, a slow fsync);
+    /// openraft's own timeout is one heartbeat, which is kept for heartbeats.
+    pub replication_timeout: Duration,
 }
 
 impl ClusterConfig {
     /// Defaults for a node: 50 ms heartbeats, 120–240 ms election timeouts, a snapshot every
-    /// 10,000 entries.
+    /// 10,000 entries, 5 s for an AppendEntries that carries entries.
     pub fn new(id: u64, advertise: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         ClusterConfig {
             id,
@@ -63,6 +66,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(120), Duration::from_millis(240)),
             snapshot_every: 10_000,
+            replication_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -241,6 +245,7 @@ impl ClusterNode {
         let network = Network {
             my_id: config.id,
             peers: peers.clone(),
+            replication_timeout: config.replication_timeout,
         };
         let raft = Raft::new(
             config.id,
