@@ -158,7 +158,12 @@ async fn an_unplaceable_20000_replica_spec_costs_a_few_writes_and_does_not_stall
         .into_iter()
         .filter(|e| e["kind"] == "unplaced")
         .collect();
-    assert_eq!(unplaced.len(), 1, "one summary: {unplaced:?}");
+    assert_eq!(
+        unplaced.len(),
+        1,
+        "one summary, not one event per instance; the first: {:?}",
+        unplaced.first()
+    );
     let said = unplaced[0]["message"].as_str().unwrap_or("");
     assert!(
         said.starts_with("web: 20,000 of 20,000 instances could not be placed:"),
@@ -281,7 +286,4 @@ async fn large_answers_pass_through_followers_and_oversized_writes_fail_fast() {
         c.logs()
     );
     eprintln!("8 writes of ~900 KB: {took:?}, term {term} -> {term_after}");
-    if term_after != term && std::env::var("LIMITS_DEBUG").is_ok() {
-        eprintln!("{}", c.logs());
-    }
 }
