@@ -86,8 +86,21 @@ pub(crate) async fn run(
             wait,
             wait_timeout,
         } => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+            let cannot_read =
+                |e: std::io::Error| fail(2, format!("cannot read {}: {e}", file.display()));
+            let size = std::fs::metadata(file).map_err(cannot_read)?.len();
+            let limit = mode::cluster::limits::MAX_REQUEST_BYTES as u64;
+            if size > limit {
+                return Err(fail(
+                    2,
+                    format!(
+                        "{}: the file is {size} bytes, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
+                        file.display(),
+                        mode::cluster::limits::MAX_SPEC_BYTES
+                    ),
+                ));
+            }
+            let text = std::fs::read_to_string(file).map_err(cannot_read)?;
             let reply = client
                 .apply_specs(with_request_id(pb::ApplySpecsRequest {
                     text,

@@ -140,11 +140,11 @@ fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> S
         .label(format!("{}#{slot}", spec.name))
         .intensity(RestartIntensity {
             max_restarts: policy.max_restarts,
-            within: Duration::from_secs(policy.within_s),
+            within: policy.within(),
         })
         .backoff(Backoff {
-            initial: Duration::from_millis(policy.backoff_initial_ms),
-            max: Duration::from_millis(policy.backoff_max_ms),
+            initial: policy.backoff_initial(),
+            max: policy.backoff_max(),
             ..Backoff::default()
         })
         .child(inner)

@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use super::inspect::{Inspector, DEFAULT_DEADLINE};
+use super::inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
 use crate::agent::KindRegistry;
+use crate::cluster::limits;
 use crate::cluster::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
 use crate::cluster::state::Command;
 use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED, REQUEST_ID};
@@ -114,7 +115,10 @@ impl Control for ControlService {
         let forward = may_forward(&request);
         let id = request_id(&request)
             .or_else(|| Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty()));
-        let command: Command = serde_json::from_str(&request.get_ref().command_json)
+        let text = &request.get_ref().command_json;
+        limits::check_write_bytes(text.len())
+            .map_err(|e| Status::invalid_argument(format!("{e}: send less in one write")))?;
+        let command: Command = serde_json::from_str(text)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let out = self
             .node
@@ -141,8 +145,20 @@ impl Control for ControlService {
             .read(&r.query, r.stale, forward)
             .await
             .map_err(|e| to_status(&e))?;
+        // The event log or a large state is megabytes of JSON: off the async threads.
+        let result_json = tokio::task::spawn_blocking(move || value.to_string())
+            .await
+            .map_err(|e| Status::internal(format!("encoding the answer failed: {e}")))?;
+        if result_json.len() > limits::MAX_ANSWER_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the answer to '{}' is {} bytes, over the limit of {} bytes: ask for less (nodes, specs, spec:<name>, placements or events)",
+                r.query,
+                result_json.len(),
+                limits::MAX_ANSWER_BYTES
+            )));
+        }
         Ok(Response::new(pb::ReadReply {
-            result_json: value.to_string(),
+            result_json,
             applied_index: applied,
             answered_by: self.node.id(),
         }))
@@ -203,8 +219,14 @@ impl Control for ControlService {
         } else {
             r.file.as_str()
         };
-        let specs =
-            parse_specs(file, &r.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let file = file.to_string();
+        // A big file is CPU work: off the async threads.
+        let parse = move || parse_specs(&file, &r.text).map(|specs| (specs, file));
+        let (specs, file) = tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| Status::internal(format!("parsing the specs failed: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let file = file.as_str();
         self.check_specs(&specs, Some(file))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut results = Vec::new();
@@ -289,11 +311,13 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
         .add_service(
-            RaftServer::new(inspector.node().raft_service()).max_decoding_message_size(64 << 20),
+            RaftServer::new(inspector.node().raft_service())
+                .max_decoding_message_size(limits::MAX_RAFT_MESSAGE_BYTES),
         )
         .add_service(
             ControlServer::new(ControlService::new(inspector, kinds))
-                .max_decoding_message_size(64 << 20),
+                .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_GRAPH_BYTES.max(limits::MAX_ANSWER_BYTES)),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

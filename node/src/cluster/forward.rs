@@ -8,6 +8,7 @@ use mode_proto::v1::control_client::ControlClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use super::limits;
 use super::network::{describe_status, Peers};
 use super::node::{
     ClusterError, ClusterStatus, LeaseGrant, MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID,
@@ -16,9 +17,20 @@ use super::state::Proposal;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Answers larger than this are decoded on a blocking thread.
+const BIG_ANSWER_BYTES: usize = 256 << 10;
+
 fn client(peers: &Peers, address: &str) -> Result<ControlClient<Channel>, ClusterError> {
     let channel = peers.channel(address).map_err(ClusterError::Config)?;
-    Ok(ControlClient::new(channel))
+    Ok(sized(ControlClient::new(channel)))
+}
+
+/// The limits every node's server applies, on the forwarding side too: whatever the leader may
+/// answer, the follower accepts (gRPC's default of 4 MiB failed reads of larger states).
+fn sized(client: ControlClient<Channel>) -> ControlClient<Channel> {
+    client
+        .max_decoding_message_size(limits::MAX_ANSWER_BYTES)
+        .max_encoding_message_size(limits::MAX_REQUEST_BYTES)
 }
 
 fn forwarded<T>(message: T) -> tonic::Request<T> {
@@ -111,7 +123,9 @@ pub(crate) async fn read(
     address: &str,
     query: &str,
 ) -> Result<(serde_json::Value, u64), ClusterError> {
-    let reply = client(peers, address)?
+    // Megabytes of state must not queue up behind (or ahead of) Raft's heartbeats.
+    let channel = peers.side_channel(address).map_err(ClusterError::Config)?;
+    let reply = sized(ControlClient::new(channel))
         .read(forwarded(pb::ReadRequest {
             query: query.to_string(),
             stale: false,
@@ -119,10 +133,20 @@ pub(crate) async fn read(
         .await
         .map_err(|s| from_status(address, &s))?
         .into_inner();
-    let value = serde_json::from_str(&reply.result_json).map_err(|e| {
+    let applied = reply.applied_index;
+    let big = reply.result_json.len() > BIG_ANSWER_BYTES;
+    let decode = move || serde_json::from_str(&reply.result_json);
+    let decoded = if big {
+        tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(|e| ClusterError::Fatal(format!("decoding an answer: {e}")))?
+    } else {
+        decode()
+    };
+    let value = decoded.map_err(|e| {
         ClusterError::Unavailable(format!("undecodable answer from {address}: {e}"))
     })?;
-    Ok((value, reply.applied_index))
+    Ok((value, applied))
 }
 
 pub(crate) async fn status(peers: &Peers, address: &str) -> Result<ClusterStatus, ClusterError> {

@@ -4,6 +4,7 @@
 //! the domain types of [`state`].
 
 mod forward;
+pub mod limits;
 mod metrics;
 mod network;
 mod node;

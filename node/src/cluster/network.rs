@@ -9,7 +9,8 @@ use mode_proto::v1::raft_client::RaftClient;
 use mode_proto::v1::{RaftReply, RaftRequest};
 use mode_proto::PROTOCOL_VERSION;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::limits::{APPEND_TARGET_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use super::types::TypeConfig;
 use crate::service::lock;
 
@@ -125,6 +127,8 @@ pub(crate) struct Network {
     pub(crate) peers: Arc<Peers>,
     pub(crate) sm: super::store::StateMachineStore,
     pub(crate) refused: super::node::Refusal,
+    /// How long an AppendEntries that carries entries may take (see [`PeerClient`]).
+    pub(crate) replication_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -140,11 +144,62 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             sm: self.sm.clone(),
             refused: self.refused.clone(),
+            replication_timeout: self.replication_timeout,
+            in_flight: None,
         }
     }
 }
 
+/// One replication stream's client.
+///
+/// openraft 0.9 gives every AppendEntries one heartbeat interval (50 ms) and drops the call
+/// after that, so a round trip or a follower's fsync slower than a heartbeat used to stall
+/// replication: the same entries were sent again and again, never answered in time. Here an
+/// append that carries entries runs in its own task for up to the replication timeout; when
+/// openraft gives up on it, it keeps going, and the next append waits for it and then sends
+/// only what the follower does not have yet. Heartbeats (no entries) go at once, beside it, so
+/// the follower keeps hearing from its leader.
 pub(crate) struct PeerClient {
+    my_id: u64,
+    incarnation: u64,
+    target: u64,
+    address: String,
+    channel: Result<Channel, String>,
+    peers: Arc<Peers>,
+    sm: super::store::StateMachineStore,
+    refused: super::node::Refusal,
+    replication_timeout: Duration,
+    in_flight: Option<InFlight>,
+}
+
+type AppendResult = RpcResult<AppendEntriesResponse<u64>, RaftError<u64>>;
+
+/// An append still being sent.
+struct InFlight {
+    vote: openraft::Vote<u64>,
+    /// The last entry it carries.
+    last: Option<openraft::LogId<u64>>,
+    task: tokio::task::JoinHandle<AppendResult>,
+}
+
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            f.task.abort();
+        }
+    }
+}
+
+/// A transport-level failure: the peer could not be reached or did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
+
+/// What one call needs, detached from the client so that it can run in its own task.
+#[derive(Clone)]
+struct Caller {
     my_id: u64,
     incarnation: u64,
     target: u64,
@@ -155,14 +210,20 @@ pub(crate) struct PeerClient {
     refused: super::node::Refusal,
 }
 
-/// A transport-level failure: the peer could not be reached or did not answer in time.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct TransportError(String);
-
-type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
-
 impl PeerClient {
+    fn caller(&self) -> Caller {
+        Caller {
+            my_id: self.my_id,
+            incarnation: self.incarnation,
+            target: self.target,
+            address: self.address.clone(),
+            channel: self.channel.clone(),
+            peers: self.peers.clone(),
+            sm: self.sm.clone(),
+            refused: self.refused.clone(),
+        }
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         method: Method,
@@ -174,6 +235,152 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.caller().send(method, payload, option.hard_ttl()).await
+    }
+
+    /// Send an append that carries entries (see [`PeerClient`]).
+    async fn append(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> AppendResult {
+        let started = Instant::now();
+        // What is left of openraft's time once an append has been waited for this long goes
+        // to a heartbeat instead.
+        let patience = option.soft_ttl() / 2;
+        let asked_from = rpc.prev_log_id;
+        if let Some(f) = self.in_flight.as_mut() {
+            let Ok(done) = tokio::time::timeout(patience, &mut f.task).await else {
+                return self.keep_alive(&rpc, option, started).await;
+            };
+            let (vote, last) = (f.vote, f.last);
+            self.in_flight = None;
+            if matches!(done, Ok(Ok(AppendEntriesResponse::Success))) && vote == rpc.vote {
+                if let Some(last) = last {
+                    rpc = skip_known(rpc, last);
+                }
+            }
+        }
+        let trimmed = rpc.prev_log_id != asked_from;
+        let vote = rpc.vote;
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let beat = heartbeat_like(&rpc, asked_from);
+        let task = tokio::spawn(self.caller().send_append(rpc, self.replication_timeout));
+        let f = self.in_flight.insert(InFlight { vote, last, task });
+        let Ok(done) = tokio::time::timeout(patience, &mut f.task).await else {
+            return self.keep_alive(&beat, option, started).await;
+        };
+        self.in_flight = None;
+        match done {
+            // The follower lost entries it had acknowledged: let openraft send the whole range
+            // again rather than report a conflict where it did not ask.
+            Ok(Ok(AppendEntriesResponse::Conflict)) if trimmed => Err(RPCError::Network(
+                NetworkError::new(&TransportError(format!(
+                    "node {} no longer has the entries it acknowledged; sending them again",
+                    self.target
+                ))),
+            )),
+            Ok(r) => r,
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+
+    /// While an append is on its way: a heartbeat at the point openraft asked from, so the
+    /// follower keeps hearing from its leader (and openraft learns it is alive and matches
+    /// there) instead of starting an election.
+    async fn keep_alive(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+        started: Instant,
+    ) -> AppendResult {
+        let beat = heartbeat_like(rpc, rpc.prev_log_id);
+        let left = option
+            .hard_ttl()
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        let payload =
+            serde_json::to_vec(&beat).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self.caller().send(Method::Append, payload, left).await?;
+        Ok(match reply {
+            AppendEntriesResponse::Success => {
+                AppendEntriesResponse::PartialSuccess(beat.prev_log_id)
+            }
+            other => other,
+        })
+    }
+}
+
+/// An append with no entries from `prev` on, otherwise like `rpc`.
+fn heartbeat_like(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    prev: Option<openraft::LogId<u64>>,
+) -> AppendEntriesRequest<TypeConfig> {
+    AppendEntriesRequest {
+        vote: rpc.vote,
+        prev_log_id: prev,
+        leader_commit: rpc.leader_commit,
+        entries: Vec::new(),
+    }
+}
+
+/// `rpc` without the entries up to `known`, which the follower acknowledged under the same
+/// vote (a leader's log does not change while it leads, so they are the same entries).
+fn skip_known(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+    known: openraft::LogId<u64>,
+) -> AppendEntriesRequest<TypeConfig> {
+    let keep_from = rpc
+        .entries
+        .iter()
+        .position(|e| e.log_id.index > known.index)
+        .unwrap_or(rpc.entries.len());
+    if keep_from == 0 {
+        return rpc;
+    }
+    let new_prev = rpc.entries[keep_from - 1].log_id;
+    if new_prev.index == known.index && new_prev != known {
+        return rpc; // not the log that was acknowledged
+    }
+    rpc.prev_log_id = Some(new_prev);
+    rpc.entries.drain(..keep_from);
+    rpc
+}
+
+impl Caller {
+    /// Encode (off the async threads: entries can be megabytes), split when too large, send.
+    async fn send_append(
+        self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> AppendResult {
+        let entries = rpc.entries.len();
+        let payload = tokio::task::spawn_blocking(move || serde_json::to_vec(&rpc))
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if payload.len() > APPEND_TARGET_BYTES && entries > 1 {
+            // openraft sends fewer entries next time; a single entry always goes.
+            let fit = (entries * APPEND_TARGET_BYTES / payload.len()).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
+        self.send(Method::Append, payload, timeout).await
+    }
+
+    async fn send<Resp, E>(
+        &self,
+        method: Method,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> RpcResult<Resp, RaftError<u64, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let channel = match &self.channel {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -182,8 +389,6 @@ impl PeerClient {
                 ))))
             }
         };
-        let payload =
-            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let to_incarnation = self
             .sm
             .read(|a| a.state.nodes.get(&self.target).map_or(0, |n| n.incarnation));
@@ -195,8 +400,9 @@ impl PeerClient {
             to: self.target,
             to_incarnation,
         };
-        let mut client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
-        let timeout = option.hard_ttl();
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         let call = async {
             match method {
                 Method::Vote => client.vote(request).await,
@@ -305,7 +511,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, RaftError<u64>> {
-        self.call(Method::Append, &rpc, &option).await
+        if rpc.entries.is_empty() {
+            // A heartbeat goes at once, within openraft's time, beside any append in flight.
+            return self.call(Method::Append, &rpc, &option).await;
+        }
+        self.append(rpc, &option).await
     }
 
     async fn install_snapshot(

@@ -111,11 +111,14 @@ pub struct ClusterConfig {
     /// A node whose data directory is new comes back as a new learner, replacing the member
     /// of the same id whose data was lost.
     pub rejoin: bool,
+    /// How long an AppendEntries carrying entries may take (a large entry, a slow fsync);
+    /// openraft's own timeout is one heartbeat, which is kept for heartbeats.
+    pub replication_timeout: Duration,
 }
 
 impl ClusterConfig {
     /// Defaults for a node: 50 ms heartbeats, 120–240 ms election timeouts, a snapshot every
-    /// 10,000 entries.
+    /// 10,000 entries, 5 s for an AppendEntries that carries entries.
     pub fn new(id: u64, advertise: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         ClusterConfig {
             id,
@@ -129,6 +132,7 @@ impl ClusterConfig {
             snapshot_every: 10_000,
             lease: Duration::from_millis(900),
             rejoin: false,
+            replication_timeout: Duration::from_secs(5),
         }
     }
 
@@ -343,6 +347,7 @@ impl ClusterNode {
             peers: peers.clone(),
             sm: sm.clone(),
             refused: refused.clone(),
+            replication_timeout: config.replication_timeout,
         };
         let raft = Raft::new(
             config.id,

@@ -72,6 +72,22 @@ impl RaftService {
     }
 }
 
+/// Payloads larger than this are decoded on a blocking thread (megabytes of entries must not
+/// hold up the async threads that carry heartbeats).
+const BIG_PAYLOAD_BYTES: usize = 64 << 10;
+
+async fn decode_big<T: DeserializeOwned + Send + 'static>(
+    req: Request<RaftRequest>,
+) -> Result<T, Status> {
+    let req = req.into_inner();
+    if req.payload.len() <= BIG_PAYLOAD_BYTES {
+        return decode(&req);
+    }
+    tokio::task::spawn_blocking(move || decode(&req))
+        .await
+        .map_err(|e| Status::internal(format!("decoding a Raft message failed: {e}")))?
+}
+
 fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     if req.protocol != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -113,7 +129,7 @@ impl RaftRpc for RaftService {
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
-        let rpc = decode(request.get_ref())?;
+        let rpc = decode_big(request).await?;
         reply(self.raft.append_entries(rpc).await)
     }
 
@@ -122,7 +138,7 @@ impl RaftRpc for RaftService {
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
-        let rpc = decode(request.get_ref())?;
+        let rpc = decode_big(request).await?;
         reply(self.raft.install_snapshot(rpc).await)
     }
 }

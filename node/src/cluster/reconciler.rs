@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::limits::PLACE_CHUNK;
 use super::node::ClusterNode;
 use super::state::{ClusterState, Command, NodeStatus, SlotAssignment};
 use crate::schedule::{plan_avoiding, Assignment, Avoid};
@@ -83,8 +84,10 @@ struct Memory {
     /// Whether the last pass left a failed instance waiting out its backoff (planning then
     /// runs again although the state did not move).
     backing_off: bool,
-    /// The last "could not place" reason recorded per instance.
-    unplaced: HashMap<(String, u32), String>,
+    /// The last "could not be placed" summary recorded per service.
+    unplaced: HashMap<String, String>,
+    /// The last reason recorded per instance kept on a draining node with nowhere to go.
+    stuck: HashMap<(String, u32), String>,
 }
 
 /// How long after a traced change (`svc apply`) placements still join its trace; later ones
@@ -196,10 +199,19 @@ fn split_traced(
 
 /// Commit decisions in order, each placement decision under a `placement.decide` span (in the
 /// trace of the change it carries out, when it has one).
+///
+/// They are proposed all at once, in order, so that the leader's batcher commits them together
+/// (one Raft entry for most passes) and in this order; one after the other they cost one round
+/// trip each, and a big pass held up node-down detection for many seconds. (Each write queues
+/// its proposal when first polled.)
 async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String>)>) {
     use tracing::Instrument as _;
+    type Write<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), super::node::ClusterError>> + Send + 'a>,
+    >;
+    let mut writes: Vec<Write<'_>> = Vec::with_capacity(commands.len());
     for (command, trace) in commands {
-        let written = match &command {
+        let written: Write<'_> = match &command {
             Command::Place { assign, unassign } => {
                 let span = tracing::info_span!(
                     target: crate::telemetry::TARGET,
@@ -211,15 +223,42 @@ async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String
                     unassign = %describe_slots(unassign),
                 );
                 crate::telemetry::set_parent(&span, trace.as_deref());
-                node.write(command, false).instrument(span).await
+                Box::pin(async move { node.write(command, false).instrument(span).await.map(drop) })
             }
-            _ => node.write(command, false).await,
+            _ => Box::pin(async move { node.write(command, false).await.map(drop) }),
         };
+        writes.push(written);
+    }
+    for written in all_in_order(writes).await {
         if let Err(e) = written {
             tracing::debug!("control loop: {e}");
-            break;
         }
     }
+}
+
+/// Run `futures` together, each first polled in order; their outputs in the same order.
+async fn all_in_order<T>(
+    mut futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>,
+) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 async fn commit(node: &ClusterNode, commands: Vec<Command>) {
@@ -406,7 +445,6 @@ fn decide(
             None => format!("{}#{} placed on node {}", a.service, a.slot, a.node),
         };
         notes.push((a.service.clone(), Some(a.node), message));
-        memory.unplaced.remove(&key);
         assign.push(SlotAssignment {
             service: a.service.clone(),
             slot: a.slot,
@@ -419,7 +457,7 @@ fn decide(
         .iter()
         .map(|a| (a.service.clone(), a.slot))
         .collect();
-    let unplaced: BTreeMap<(String, u32), &str> = plan
+    let unplaced_reasons: BTreeMap<(String, u32), &str> = plan
         .unplaced
         .iter()
         .map(|u| ((u.service.clone(), u.slot), u.reason.as_str()))
@@ -430,10 +468,10 @@ fn decide(
             continue; // replaced by the assignment above
         }
         if draining.contains(&a.node) {
-            if let Some(reason) = unplaced.get(&key) {
+            if let Some(reason) = unplaced_reasons.get(&key) {
                 // Nowhere to go: a drain keeps it where it runs rather than cause an outage.
-                if memory.unplaced.get(&key).map(String::as_str) != Some(*reason) {
-                    memory.unplaced.insert(key.clone(), reason.to_string());
+                if memory.stuck.get(&key).map(String::as_str) != Some(*reason) {
+                    memory.stuck.insert(key.clone(), reason.to_string());
                     commands.push(event(
                         "drain-stuck",
                         format!(
@@ -459,29 +497,33 @@ fn decide(
             moving_from: None,
         });
     }
-    for u in &plan.unplaced {
-        let key = (u.service.clone(), u.slot);
-        let kept_on_draining = state
-            .placements
-            .get(&u.service)
-            .and_then(|s| s.get(&u.slot))
-            .is_some_and(|p| draining.contains(&p.node));
-        if kept_on_draining {
-            continue; // said above
+    // The decision first (in pieces a write can hold), then the events that describe it.
+    commands.extend(place_in_chunks(assign, unassign));
+    // One summary per service, and only when it changed: 20,000 unplaceable instances are one
+    // event, not 20,000 writes.
+    // Instances kept on a draining node were said above.
+    let unplaced: Vec<_> = plan
+        .unplaced
+        .iter()
+        .filter(|u| {
+            !state
+                .placements
+                .get(&u.service)
+                .and_then(|s| s.get(&u.slot))
+                .is_some_and(|p| draining.contains(&p.node))
+        })
+        .cloned()
+        .collect();
+    memory.stuck.retain(|k, _| unplaced_reasons.contains_key(k));
+    let summaries = unplaced_summaries(state, &unplaced);
+    memory
+        .unplaced
+        .retain(|service, _| summaries.contains_key(service));
+    for (service, summary) in summaries {
+        if memory.unplaced.get(&service) != Some(&summary) {
+            memory.unplaced.insert(service.clone(), summary.clone());
+            commands.push(event("unplaced", summary, Some(service), None));
         }
-        if memory.unplaced.get(&key) != Some(&u.reason) {
-            memory.unplaced.insert(key, u.reason.clone());
-            commands.push(event(
-                "unplaced",
-                format!("{}#{} could not be placed: {}", u.service, u.slot, u.reason),
-                Some(u.service.clone()),
-                None,
-            ));
-        }
-    }
-    // The decision first, then the events that describe it.
-    if !assign.is_empty() || !unassign.is_empty() {
-        commands.push(Command::Place { assign, unassign });
     }
     // One event per decision, or per service when a pass decides a lot (a large deploy).
     if notes.len() <= MAX_DETAILED_EVENTS {
@@ -514,6 +556,78 @@ fn reschedule_wait(liveness: Liveness, reschedules: u32) -> u64 {
 
 /// Above this many decisions in one pass, events summarise per service.
 const MAX_DETAILED_EVENTS: usize = 50;
+
+/// `Place` commands of at most [`PLACE_CHUNK`] instances each (assigned and unassigned), in
+/// order: a 50,000-instance deploy is ten writes of a few hundred KB, each under the write
+/// limit.
+fn place_in_chunks(assign: Vec<SlotAssignment>, unassign: Vec<SlotAssignment>) -> Vec<Command> {
+    let mut out = Vec::new();
+    let mut assign = assign.into_iter().peekable();
+    let mut unassign = unassign.into_iter().peekable();
+    while assign.peek().is_some() || unassign.peek().is_some() {
+        out.push(Command::Place {
+            assign: assign.by_ref().take(PLACE_CHUNK).collect(),
+            unassign: unassign.by_ref().take(PLACE_CHUNK).collect(),
+        });
+    }
+    out
+}
+
+/// Per service with unplaced instances: `web: 19,998 of 20,000 instances could not be placed:
+/// <the most common reason>` (and how many had other reasons).
+fn unplaced_summaries(
+    state: &ClusterState,
+    unplaced: &[crate::schedule::Unplaced],
+) -> BTreeMap<String, String> {
+    let mut by_service: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    for u in unplaced {
+        *by_service
+            .entry(u.service.as_str())
+            .or_default()
+            .entry(u.reason.as_str())
+            .or_default() += 1;
+    }
+    by_service
+        .into_iter()
+        .map(|(service, reasons)| {
+            let count: usize = reasons.values().sum();
+            let wanted = state
+                .specs
+                .get(service)
+                .map_or(count as u64, |s| u64::from(s.instances()));
+            let (reason, most) = reasons
+                .iter()
+                .max_by_key(|(reason, n)| (**n, std::cmp::Reverse(**reason)))
+                .map_or(("", 0), |(r, n)| (*r, *n));
+            let mut summary = format!(
+                "{service}: {} of {} instance{} could not be placed: {reason}",
+                thousands(count as u64),
+                thousands(wanted),
+                if wanted == 1 { "" } else { "s" },
+            );
+            if count > most {
+                summary.push_str(&format!(
+                    " ({} for other reasons)",
+                    thousands((count - most) as u64)
+                ));
+            }
+            (service.to_string(), summary)
+        })
+        .collect()
+}
+
+/// `19998` as `19,998`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
 
 fn event(kind: &str, message: String, service: Option<String>, node: Option<u64>) -> Command {
     Command::RecordEvent {
@@ -578,6 +692,72 @@ mod tests {
             ["stale", "plain"]
         );
         assert_eq!(out[2], (event, None));
+    }
+
+    #[test]
+    fn unplaced_instances_are_one_summary_per_service() {
+        let mut state = ClusterState::default();
+        let mut web = crate::cluster::spec::ServiceSpec::new("web", "exec");
+        web.replicas = 20_000;
+        state.specs.insert("web".into(), web);
+        let u = |service: &str, slot, reason: &str| crate::schedule::Unplaced {
+            service: service.into(),
+            slot,
+            reason: reason.into(),
+        };
+        let mut unplaced: Vec<_> = (2..20_000)
+            .map(|i| u("web", i, "3 lack capacity"))
+            .collect();
+        unplaced.push(u("web", 0, "no node offers kind 'exec'"));
+        unplaced.push(u("db", 0, "no node offers kind 'pg'"));
+        let summaries = unplaced_summaries(&state, &unplaced);
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(
+            summaries["web"],
+            "web: 19,999 of 20,000 instances could not be placed: 3 lack capacity (1 for other reasons)"
+        );
+        assert_eq!(
+            summaries["db"],
+            "db: 1 of 1 instance could not be placed: no node offers kind 'pg'"
+        );
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+    }
+
+    #[test]
+    fn big_decisions_are_cut_into_writes_that_fit() {
+        let many = |n: u32| (0..n).map(|i| slot("web", i)).collect::<Vec<_>>();
+        let chunks = place_in_chunks(many(12_000), many(3));
+        assert_eq!(chunks.len(), 3);
+        for c in &chunks {
+            assert_eq!(crate::cluster::limits::check_command(c), Ok(()));
+            let bytes = crate::cluster::limits::json_len(c);
+            assert!(bytes < crate::cluster::limits::MAX_WRITE_BYTES, "{bytes}");
+        }
+        let Command::Place { assign, unassign } = &chunks[2] else {
+            panic!("placements")
+        };
+        assert_eq!((assign.len(), unassign.len()), (2_000, 0));
+        assert!(place_in_chunks(vec![], vec![]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_are_started_in_order_and_answered_in_order() {
+        let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let futures = (0..5u64)
+            .map(|i| {
+                let started = started.clone();
+                Box::pin(async move {
+                    lock(&started).push(i);
+                    // Later ones finish first.
+                    tokio::time::sleep(Duration::from_millis(50 - 10 * i)).await;
+                    i
+                })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = u64> + Send>>
+            })
+            .collect();
+        assert_eq!(all_in_order(futures).await, [0, 1, 2, 3, 4]);
+        assert_eq!(*lock(&started), [0, 1, 2, 3, 4]);
     }
 
     #[test]

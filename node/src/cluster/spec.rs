@@ -9,7 +9,7 @@
 //! config:                   # free-form, validated by the kind
 //!   command: /bin/sleep
 //!   args: ["1000"]
-//! replicas: 3               # default 1; 0 allowed (stopped); not with `singleton: true`
+//! replicas: 3               # default 1; 0 (stopped) to 50,000; not with `singleton: true`
 //! singleton: false          # exactly one instance, never two at once
 //! constraints:              # all must hold on a node's labels
 //!   - label: zone
@@ -146,19 +146,20 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
-    /// The restart window.
+    /// The restart window (at most [`MAX_RESTART_WINDOW_S`](super::limits::MAX_RESTART_WINDOW_S)
+    /// whatever is stored, like the other accessors).
     pub fn within(&self) -> Duration {
-        Duration::from_secs(self.within_s)
+        Duration::from_secs(self.within_s.min(super::limits::MAX_RESTART_WINDOW_S))
     }
 
     /// The first backoff.
     pub fn backoff_initial(&self) -> Duration {
-        Duration::from_millis(self.backoff_initial_ms)
+        Duration::from_millis(self.backoff_initial_ms.min(super::limits::MAX_BACKOFF_MS))
     }
 
     /// The longest backoff.
     pub fn backoff_max(&self) -> Duration {
-        Duration::from_millis(self.backoff_max_ms)
+        Duration::from_millis(self.backoff_max_ms.min(super::limits::MAX_BACKOFF_MS))
     }
 }
 
@@ -259,12 +260,14 @@ impl ServiceSpec {
         }
     }
 
-    /// Instances wanted (1 for a singleton).
+    /// Instances wanted (1 for a singleton), never more than
+    /// [`MAX_REPLICAS`](super::limits::MAX_REPLICAS) (a spec stored before the limit existed
+    /// must not make a node allocate billions of slots).
     pub fn instances(&self) -> u32 {
         if self.singleton {
             1
         } else {
-            self.replicas
+            self.replicas.min(super::limits::MAX_REPLICAS)
         }
     }
 
@@ -399,6 +402,18 @@ impl ServiceSpec {
                 ),
             ));
         }
+        // Sizes, counts and durations (the state machine checks the same on apply).
+        super::limits::check_spec(self).map_err(|e| {
+            let field = match e.what.as_str() {
+                "spec" => None,
+                f => Some(f.to_string()),
+            };
+            let err = SpecError::new(e.to_string()).with_spec(name);
+            match field {
+                Some(f) => err.with_field(f),
+                None => err,
+            }
+        })?;
         Ok(())
     }
 
@@ -442,8 +457,10 @@ impl ServiceSpec {
     }
 
     /// How long an instance gets to stop before it is aborted.
+    /// Clamped to 1..=[`MAX_STOP_GRACE_S`] whatever is stored (a deadline past the end of time
+    /// panics).
     pub fn stop_grace(&self) -> Duration {
-        Duration::from_secs(self.stop_grace_s)
+        Duration::from_secs(self.stop_grace_s.clamp(1, MAX_STOP_GRACE_S))
     }
 }
 

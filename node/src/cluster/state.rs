@@ -476,6 +476,11 @@ impl ClusterState {
 
     fn apply_command(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
         let at = proposal.at_ms;
+        // Here, not only at the edge: a command already in a log or snapshot must never crash
+        // a replica.
+        if let Err(e) = super::limits::check_command(&proposal.command) {
+            return self.refuse_over_limit(at, proposal.command.op(), e);
+        }
         match &proposal.command {
             Command::RegisterNode {
                 id,
@@ -552,6 +557,9 @@ impl ClusterState {
                 None => CommandResult::refused(format!("no node {id}")),
             },
             Command::PutSpec { spec } => {
+                if let Err(e) = super::limits::check_total_instances(spec, self.specs.values()) {
+                    return self.refuse_over_limit(at, "put_spec", e);
+                }
                 // Applying a spec again cancels a pending removal.
                 self.deleting.remove(&spec.name);
                 let generation = self
@@ -654,8 +662,8 @@ impl ClusterState {
                     // The request that placed it is done; later restarts are not part of it.
                     p.trace = None;
                 }
-                if last_crash.is_some() {
-                    p.last_crash = last_crash.clone();
+                if let Some(why) = last_crash {
+                    p.last_crash = Some(super::limits::bounded_message(why).into_owned());
                 }
                 if state == "failed" && !p.avoid.contains(node) {
                     p.avoid.push(*node);
@@ -794,6 +802,18 @@ impl ClusterState {
         }
     }
 
+    /// Refuse a command over a limit, with an event saying so.
+    fn refuse_over_limit(
+        &mut self,
+        at: u64,
+        op: &str,
+        e: super::limits::LimitError,
+    ) -> CommandResult {
+        let msg = format!("refused {op}: {e}");
+        self.event(at, "command-refused", &msg, None, None);
+        CommandResult::refused(msg)
+    }
+
     fn event(
         &mut self,
         at: u64,
@@ -806,7 +826,7 @@ impl ClusterState {
             seq: self.next_event_seq,
             time_ms: at,
             kind: kind.to_string(),
-            message: message.to_string(),
+            message: super::limits::bounded_message(message).into_owned(),
             service,
             node,
         });
@@ -1141,6 +1161,67 @@ mod tests {
         let listed = s.query("events").unwrap();
         assert_eq!(listed[0]["time"], "1970-01-01 00:00:01.000");
         assert_eq!(s.next_event_seq, MAX_EVENTS as u64 + 5);
+    }
+
+    #[test]
+    fn over_limit_commands_are_refused_on_apply_and_recorded() {
+        use crate::cluster::limits::{MAX_MESSAGE_BYTES, MAX_REPLICAS};
+        let mut s = ClusterState::default();
+        // As it would arrive from a log written by an older version or the raw `Write` RPC.
+        let huge: Command = serde_json::from_value(serde_json::json!({
+            "op": "put_spec",
+            "spec": {"name": "web", "kind": "exec", "replicas": 4294967295u64}
+        }))
+        .unwrap();
+        let r = s.apply(&p(huge));
+        assert!(!r.ok);
+        assert_eq!(
+            r.message,
+            "refused put_spec: replicas 4294967295 is over the limit of 50000"
+        );
+        assert!(s.specs.is_empty());
+        let mut grace = spec("slow");
+        grace.stop_grace_s = u64::MAX;
+        let r = s.apply(&p(Command::PutSpec { spec: grace }));
+        assert!(
+            r.message.contains("stop_grace_s 18446744073709551615 s"),
+            "{r:?}"
+        );
+        assert!(s.specs.is_empty());
+        let kinds: Vec<&str> = s.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["command-refused", "command-refused"]);
+        // Two services at the per-service limit fit; a third instance does not.
+        for name in ["a", "b"] {
+            let mut big = spec(name);
+            big.replicas = MAX_REPLICAS;
+            assert!(s.apply(&p(Command::PutSpec { spec: big })).ok);
+        }
+        let r = s.apply(&p(Command::PutSpec { spec: spec("c") }));
+        assert!(r.message.contains("over the limit of 100000"), "{r:?}");
+        // Messages are cut, not refused: a 50 MB event costs 4 KiB.
+        let r = s.apply(&p(Command::RecordEvent {
+            kind: "x".into(),
+            message: "m".repeat(50 << 20),
+            service: None,
+            node: None,
+        }));
+        assert!(r.ok);
+        let last = s.events.back().unwrap();
+        assert!(last.message.len() <= MAX_MESSAGE_BYTES);
+        assert!(last.message.ends_with("(cut: 52428800 bytes in all)"));
+    }
+
+    #[test]
+    fn a_stored_over_limit_spec_is_clamped_where_it_is_used() {
+        // A snapshot taken before the limits existed may hold one; nothing may allocate or
+        // compute a deadline from the raw values.
+        let mut bad = spec("web");
+        bad.replicas = u32::MAX;
+        bad.stop_grace_s = u64::MAX;
+        bad.restart.within_s = u64::MAX;
+        assert_eq!(bad.to_view().replicas, crate::cluster::limits::MAX_REPLICAS);
+        assert_eq!(bad.stop_grace(), std::time::Duration::from_secs(3600));
+        let _ = std::time::Instant::now() + bad.stop_grace() + bad.restart.within();
     }
 
     #[test]

@@ -721,8 +721,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: ClusterState = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        // Megabytes of state: decoded off the async threads.
+        let (state, data) = tokio::task::spawn_blocking(move || {
+            (serde_json::from_slice::<ClusterState>(&data), data)
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist_snapshot(meta, &data).await?;
         {
             let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
