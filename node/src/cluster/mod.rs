@@ -3,6 +3,7 @@
 //! openraft's types stay inside this folder; the rest of the crate uses [`ClusterNode`] and
 //! the domain types of [`state`].
 
+mod election;
 mod forward;
 pub mod limits;
 mod metrics;

@@ -121,6 +121,7 @@ impl Peers {
 }
 
 /// Creates a client per peer (openraft keeps one per replication stream).
+#[derive(Clone)]
 pub(crate) struct Network {
     pub(crate) my_id: u64,
     pub(crate) incarnation: u64,
@@ -199,7 +200,7 @@ type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
 
 /// What one call needs, detached from the client so that it can run in its own task.
 #[derive(Clone)]
-struct Caller {
+pub(crate) struct Caller {
     my_id: u64,
     incarnation: u64,
     target: u64,
@@ -408,6 +409,7 @@ impl Caller {
                 Method::Vote => client.vote(request).await,
                 Method::Append => client.append_entries(request).await,
                 Method::Snapshot => client.install_snapshot(request).await,
+                Method::PreVote => client.pre_vote(request).await,
             }
         };
         let reply: RaftReply = match tokio::time::timeout(timeout, call).await {
@@ -503,6 +505,37 @@ enum Method {
     Vote,
     Append,
     Snapshot,
+    PreVote,
+}
+
+impl Network {
+    /// A caller for one-off calls to `target` at `address` (pre-votes).
+    pub(crate) fn caller_for(&self, target: u64, address: &str) -> Caller {
+        Caller {
+            my_id: self.my_id,
+            incarnation: self.incarnation,
+            target,
+            address: address.to_string(),
+            channel: self.peers.channel(address),
+            peers: self.peers.clone(),
+            sm: self.sm.clone(),
+            refused: self.refused.clone(),
+        }
+    }
+}
+
+impl Caller {
+    /// Ask the peer whether it would vote for this node now.
+    pub(crate) async fn pre_vote(
+        &self,
+        req: &super::election::PreVoteRequest,
+        timeout: Duration,
+    ) -> Result<super::election::PreVoteResponse, String> {
+        let payload = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        self.send::<_, openraft::error::Infallible>(Method::PreVote, payload, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {

@@ -259,6 +259,7 @@ pub struct ClusterNode {
     /// Why peers refuse to talk to this node as the member it claims to be (its data
     /// directory was wiped), once one has said so.
     refused: Refusal,
+    contact: super::election::LeaderContact,
 }
 
 /// Why this node is refused by its peers (shared with the Raft transport).
@@ -335,6 +336,8 @@ impl ClusterNode {
             max_in_snapshot_log_to_keep: 1000,
             max_payload_entries: 1000,
             install_snapshot_timeout: 2000,
+            // Elections are driven by `election::drive`, after a pre-vote.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -349,6 +352,7 @@ impl ClusterNode {
             refused: refused.clone(),
             replication_timeout: config.replication_timeout,
         };
+        let network_for_elections = network.clone();
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
@@ -360,6 +364,13 @@ impl ClusterNode {
         .map_err(|e| ClusterError::Fatal(e.to_string()))?;
         let quorum = Arc::new(QuorumClock::default());
         quorum.clone().watch(raft.clone());
+        let contact = super::election::LeaderContact::default();
+        super::election::drive(
+            raft.clone(),
+            network_for_elections,
+            contact.clone(),
+            config.election_timeout,
+        );
         Ok(Arc::new(ClusterNode {
             config,
             proposer: Proposer::start(raft.clone()),
@@ -374,6 +385,7 @@ impl ClusterNode {
             fresh,
             quorum,
             refused,
+            contact,
         }))
     }
 
@@ -471,6 +483,11 @@ impl ClusterNode {
             incarnation: self.incarnation,
             sm: self.sm.clone(),
             refused: self.refused.clone(),
+            pre_voter: super::election::PreVoter {
+                raft: self.raft.clone(),
+                contact: self.contact.clone(),
+                lease: self.config.election_timeout.1,
+            },
         }
     }
 

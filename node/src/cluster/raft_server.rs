@@ -17,6 +17,7 @@ pub(crate) struct RaftService {
     pub(crate) incarnation: u64,
     pub(crate) sm: StateMachineStore,
     pub(crate) refused: Refusal,
+    pub(crate) pre_voter: super::election::PreVoter,
 }
 
 /// The marker in a refusal that tells the sender its data directory is not the member's.
@@ -124,13 +125,24 @@ impl RaftRpc for RaftService {
         reply(self.raft.vote(rpc).await)
     }
 
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.admit(request.get_ref(), true)?;
+        let req: super::election::PreVoteRequest = decode(request.get_ref())?;
+        reply::<_, openraft::error::Infallible>(Ok(self.pre_voter.answer(&req)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
         let rpc = decode_big(request).await?;
-        reply(self.raft.append_entries(rpc).await)
+        let result = self.raft.append_entries(rpc).await;
+        if matches!(&result, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+        {
+            self.pre_voter.contact.heard();
+        }
+        reply(result)
     }
 
     async fn install_snapshot(
@@ -139,6 +151,10 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
         let rpc = decode_big(request).await?;
-        reply(self.raft.install_snapshot(rpc).await)
+        let result = self.raft.install_snapshot(rpc).await;
+        if result.is_ok() {
+            self.pre_voter.contact.heard();
+        }
+        reply(result)
     }
 }
