@@ -362,6 +362,22 @@ impl TestCluster {
         }
     }
 
+    /// Commit a raw state-machine command (JSON) through node `via`; its result.
+    pub async fn write_command(
+        &self,
+        via: u64,
+        command: &str,
+    ) -> Result<serde_json::Value, tonic::Status> {
+        let mut req = tonic::Request::new(pb::WriteRequest {
+            command_json: command.to_string(),
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(10));
+        let reply = self.client(via).await.write(req).await?.into_inner();
+        serde_json::from_str(&reply.response_json)
+            .map_err(|e| tonic::Status::internal(format!("undecodable result: {e}")))
+    }
+
     /// Read `query` on node `via`, retrying for up to 10 s while the cluster is unavailable
     /// (an election under load).
     pub async fn read(

@@ -344,3 +344,115 @@ async fn restarting_a_dependency_does_not_stop_its_running_dependents() {
     assert_eq!(pids_in(&web_pids), before, "web was restarted");
     assert!(before.iter().all(|p| alive(*p)));
 }
+
+/// A tmpfs mounted over a directory for the test's lifetime (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a tmpfs on {} failed: this test needs root (it fills a small disk)",
+            dir.display()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fills_up_stops_its_instances_and_exits() {
+    let (mut c, leader) = cluster(3).await;
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    let scratch = Scratch::new("full");
+    // Each instance writes its pid to a file named after its node.
+    let by_node = |id: u64| scratch.0.join(format!("pid.{id}"));
+    let spec = format!(
+        "name: web\nkind: exec\nreplicas: 3\nconfig:\n  command: /bin/sh\n  args: [\"-c\", \"echo $$ >> {}/pid.$MODE_NODE_ID; exec sleep 1000\"]\n",
+        scratch.0.display()
+    );
+    c.apply(leader, &spec).await.unwrap();
+    c.wait_instances(leader, "web", Duration::from_secs(20), |i| {
+        all_running(i, 3)
+    })
+    .await;
+    // Move the victim's data onto a small disk.
+    c.node(victim).kill9();
+    let dir = c.nodes[&victim].data_dir.clone();
+    let saved = scratch.0.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    copy_dir(&dir, &saved);
+    let _disk = SmallDisk::mount(&dir, "256m");
+    copy_dir(&saved, &dir);
+    let started_before = pids_in(&by_node(victim)).len();
+    c.node(victim).start();
+    eventually(
+        Duration::from_secs(30),
+        "the restarted node runs an instance",
+        || pids_in(&by_node(victim)).len() > started_before,
+    )
+    .await;
+    let pid = *pids_in(&by_node(victim)).last().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(alive(pid));
+    assert!(
+        c.node(victim).exited().is_none(),
+        "{}",
+        c.nodes[&victim].logs()
+    );
+    // Fill the disk, then write until the victim's storage fails.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", dir.join("fill").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let big = "x".repeat(200_000);
+    let t0 = Instant::now();
+    let mut i = 0;
+    while c.node(victim).exited().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the node with a full disk kept running\n{}",
+            c.logs()
+        );
+        let event = format!(r#"{{"op":"record_event","kind":"fill","message":"{i}{big}"}}"#);
+        let _ = c.write_command(leader, &event).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = c.nodes[&victim].logs();
+    assert_ne!(c.node(victim).exited(), Some(Some(0)), "{logs}");
+    assert!(logs.contains("Raft stopped on this node"), "{logs}");
+    assert!(logs.contains("No space left on device"), "{logs}");
+    // Its instance stopped with it, and runs elsewhere; the others carry on.
+    eventually(
+        Duration::from_secs(5),
+        "the instance outlived its node",
+        || !alive(pid),
+    )
+    .await;
+    c.wait_instances(leader, "web", Duration::from_secs(20), |i| {
+        all_running(i, 3) && i.values().all(|p| p["node"] != victim)
+    })
+    .await;
+}
