@@ -1,4 +1,5 @@
-//! `raft` and `failover`: three nodes as separate processes on loopback, durable storage.
+//! `raft`, `orchestration`, `failover` and `reschedule`: three nodes as separate processes on
+//! loopback, durable storage.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use mode_proto::v1 as pb;
 use mode_tests::{put_spec, Launcher, TestCluster};
 use serde_json::{json, Value};
 
-/// etcd 3.4 on the same machine (../shared/peers/RESULTS.md, quiet run 2).
+/// etcd 3.4 on the same machine (bench/peers/RESULTS.md, quiet run 2).
 const ETCD_P50_MS: f64 = 1.84;
 const ETCD_128_WRITES_PER_S: f64 = 3724.0;
 const ETCD_FAILOVER_S: f64 = 1.245;
@@ -41,7 +42,21 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Run `inflight` concurrent writers against `address` for `window`.
+/// One Raft write that schedules nothing: a ~256-byte event (the control loop plans only when
+/// specs, nodes or placements change, and events change none of them).
+fn event_write(writer: usize, i: usize) -> pb::WriteRequest {
+    pb::WriteRequest {
+        command_json: json!({
+            "op": "record_event",
+            "kind": "bench",
+            "message": format!("writer {writer} write {i} {}", "x".repeat(200)),
+        })
+        .to_string(),
+        ..Default::default()
+    }
+}
+
+/// Run `inflight` concurrent writers of [`event_write`]s against `address` for `window`.
 async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Result<Value> {
     let client = mode_tests::client(address);
     let deadline = Instant::now() + window;
@@ -53,9 +68,8 @@ async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Resul
             let mut lat = Vec::new();
             let mut i = 0usize;
             while Instant::now() < deadline {
-                let name = format!("k{}", (w * 7919 + i) % 1000);
                 let t = Instant::now();
-                put_spec(&mut c, &name).await?;
+                c.write(event_write(w, i)).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 i += 1;
             }
@@ -106,7 +120,7 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
         Ok::<_, anyhow::Error>(Value::Object(figures))
     })?;
     drop(cluster);
-    println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B specs to the leader, {window_s} s per point");
+    println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B events to the leader (they schedule nothing: Raft replication alone), {window_s} s per point");
     println!("  in flight        writes/s    p50 ms    p99 ms   etcd 3.4 same machine");
     for (k, etcd) in [
         ("inflight_1", format!("526/s, p50 {ETCD_P50_MS} ms")),
@@ -128,6 +142,83 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
     let x = out["inflight_128"]["writes_per_s"].as_f64().unwrap_or(0.0) / ETCD_128_WRITES_PER_S;
     println!(
         "  targets: >= 3x etcd at 128 in flight ({x:.1}x), single-client p50 <= {ETCD_P50_MS} ms"
+    );
+    Ok(out)
+}
+
+/// The full path of a deploy: `count` one-instance `ticker` specs applied `inflight` at a time;
+/// for each, from the write's start to its instance reported running (the leader commits the
+/// spec, plans and commits the placement, the chosen node's agent starts the instance, and
+/// its report is committed).
+pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = bench_cluster(&[])?;
+    let out = rt.block_on(async {
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        cluster.wait_registered(3).await;
+        let address = cluster.nodes[&leader].address();
+        let t0 = Instant::now();
+        let sent: std::sync::Arc<std::sync::Mutex<Vec<Option<Duration>>>> =
+            std::sync::Arc::new(std::sync::Mutex::new(vec![None; count]));
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut writers = Vec::new();
+        for _ in 0..inflight {
+            let (mut c, sent, next) = (mode_tests::client(&address), sent.clone(), next.clone());
+            writers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, tonic::Status>(());
+                    }
+                    let at = t0.elapsed();
+                    c.write(pb::WriteRequest {
+                        command_json: json!({"op": "put_spec", "spec": {"name": format!("o{i}"), "kind": "ticker", "config": {"every_ms": 60000}}}).to_string(),
+                        ..Default::default()
+                    })
+                    .await?;
+                    sent.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(at);
+                }
+            }));
+        }
+        // Watch the placements on the leader until every instance runs.
+        let mut running: Vec<Option<Duration>> = vec![None; count];
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while running.iter().any(Option::is_none) {
+            anyhow::ensure!(Instant::now() < deadline, "not every instance ran within 120 s");
+            let p = cluster.read(leader, "placements", true).await?;
+            let now = t0.elapsed();
+            for (i, r) in running.iter_mut().enumerate() {
+                if r.is_none() && p[format!("o{i}")]["0"]["state"] == "running" {
+                    *r = Some(now);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let total = t0.elapsed().as_secs_f64();
+        for w in writers {
+            w.await??;
+        }
+        let sent = sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut lat: Vec<f64> = sent
+            .iter()
+            .zip(&running)
+            .filter_map(|(s, r)| Some((r.as_ref()?.saturating_sub(*s.as_ref()?)).as_secs_f64() * 1000.0))
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        Ok::<_, anyhow::Error>(json!({
+            "instances": count,
+            "inflight": inflight,
+            "p50_ms": percentile(&lat, 0.5),
+            "p99_ms": percentile(&lat, 0.99),
+            "deploys_per_s": count as f64 / total,
+        }))
+    })?;
+    drop(cluster);
+    println!(
+        "orchestration: {count} one-instance specs, {inflight} applied at a time, write -> instance reported running: p50 {:.1} ms, p99 {:.1} ms, {:.0} deploys/s (placements polled every 5 ms)",
+        out["p50_ms"].as_f64().unwrap_or(0.0),
+        out["p99_ms"].as_f64().unwrap_or(0.0),
+        out["deploys_per_s"].as_f64().unwrap_or(0.0)
     );
     Ok(out)
 }

@@ -96,8 +96,18 @@ enum Suite {
     Restart,
     /// services, timers, restart, in that order.
     All,
-    /// Raft write latency and throughput: 3 node processes, 1/16/128 writes in flight.
+    /// Raft write latency and throughput: 3 node processes, 1/16/128 writes in flight of
+    /// events that schedule nothing (replication alone).
     Raft,
+    /// The full path of a deploy: spec write -> placement -> agent start -> report committed.
+    Orchestration {
+        /// One-instance specs applied.
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Applied at a time.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+    },
     /// Leader failover: kill -9 the leader, time to the first successful write.
     Failover,
     /// The scheduler: 100,000 placements on 1,000 nodes, then committed through Raft.
@@ -155,6 +165,9 @@ fn main() -> anyhow::Result<()> {
         Suite::Restart => timed("restart", || restart_suite(&cli))?,
         Suite::Raft => timed("raft", || {
             cluster::raft_suite(cli.window_s, cli.endpoint.as_deref())
+        })?,
+        Suite::Orchestration { count, inflight } => timed("orchestration", || {
+            cluster::orchestration_suite(*count, (*inflight).max(1))
         })?,
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
