@@ -15,6 +15,7 @@ use mode_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
 pub mod netns;
+pub mod probe;
 
 /// A workspace binary built next to the test executables (`cargo test --workspace` builds
 /// `mode-node` and `modectl` because their packages have integration tests).
@@ -293,6 +294,20 @@ impl TestCluster {
         self.nodes
             .values()
             .map(|n| format!("---- node {} ----\n{}", n.id, n.logs()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The last `lines` lines of every node's log, for failure messages of long tests.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .values()
+            .map(|n| {
+                let log = n.logs();
+                let all: Vec<&str> = log.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("---- node {} (last {lines} log lines) ----\n{tail}", n.id)
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
