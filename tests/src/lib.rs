@@ -14,6 +14,7 @@ use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
+pub mod chaos;
 pub mod netns;
 pub mod probe;
 

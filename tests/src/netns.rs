@@ -125,7 +125,12 @@ fn kill_namespace_processes(ns: &str) {
         if pids.is_empty() || Instant::now() > deadline {
             return;
         }
-        let _ = Command::new("kill").arg("-9").args(&pids).status();
+        // Some may have exited since they were listed.
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(&pids)
+            .stderr(std::process::Stdio::null())
+            .status();
         std::thread::sleep(Duration::from_millis(20));
     }
 }
