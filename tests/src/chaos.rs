@@ -73,12 +73,20 @@ pub struct ChaosReport {
     pub lost: Vec<String>,
     /// Pairs of singleton copies that ran at once (per probe, summed).
     pub overlaps: u64,
+    /// Of those, the pairs where neither copy outlived its node (so not caused by orphans).
+    pub overlaps_without_orphans: u64,
+    pub worst_overlap_without_orphans_ms: u64,
     pub worst_overlap_ms: u64,
     /// The worst overlaps, described.
     pub overlap_examples: Vec<String>,
     /// Probe processes running at the end, and how many should (one per probe).
     pub probe_processes: u64,
     pub probe_processes_expected: u64,
+    /// Probe processes at the end whose node is gone (their parent is not a `mode-node`).
+    pub orphans: u64,
+    /// Seconds from the last fault's end until every node agreed on the leader and applied
+    /// index (the Raft part of converging); None if they never did.
+    pub raft_converge_s: Option<f64>,
     /// Seconds from the last fault's end (everything healed) until every node agreed on the
     /// leader and applied index and every probe ran exactly once; None if it never did.
     pub converge_s: Option<f64>,
@@ -106,6 +114,10 @@ impl ChaosReport {
             "failed_writes_present_after_heal": self.failed_writes_present,
             "singleton_overlaps": self.overlaps,
             "worst_overlap_ms": self.worst_overlap_ms,
+            "singleton_overlaps_without_orphans": self.overlaps_without_orphans,
+            "worst_overlap_without_orphans_ms": self.worst_overlap_without_orphans_ms,
+            "orphaned_probe_processes": self.orphans,
+            "raft_converge_s": self.raft_converge_s,
             "overlap_examples": self.overlap_examples,
             "probe_processes_at_end": self.probe_processes,
             "probe_processes_expected": self.probe_processes_expected,
@@ -153,6 +165,14 @@ impl ChaosReport {
                 target(self.overlaps == 0, "0"),
             ),
             (
+                "  of which no copy outlived its node".to_string(),
+                format!(
+                    "{} (worst {} ms)",
+                    self.overlaps_without_orphans, self.worst_overlap_without_orphans_ms
+                ),
+                String::new(),
+            ),
+            (
                 "probe processes at the end".to_string(),
                 format!(
                     "{} for {} probes ({} duplicates)",
@@ -161,6 +181,19 @@ impl ChaosReport {
                     self.duplicates()
                 ),
                 target(self.duplicates() == 0, "0 duplicates"),
+            ),
+            (
+                "  of which outlived their node".to_string(),
+                self.orphans.to_string(),
+                String::new(),
+            ),
+            (
+                "seconds until one leader and applied index".to_string(),
+                match self.raft_converge_s {
+                    Some(s) => format!("{s:.1}"),
+                    None => "never (within the timeout)".to_string(),
+                },
+                String::new(),
             ),
             (
                 "seconds to converge after the last fault".to_string(),
@@ -507,12 +540,8 @@ impl Run<'_> {
     }
 }
 
-/// Whether the cluster has settled: one leader and one applied index on every node, and every
-/// probe running exactly once.
-async fn converged(
-    addresses: &BTreeMap<u64, String>,
-    probe_files: &[PathBuf],
-) -> Result<(), String> {
+/// Whether every node agrees on one leader and one applied index.
+async fn raft_converged(addresses: &BTreeMap<u64, String>) -> Result<(), String> {
     let views = views(addresses, Duration::from_secs(1)).await;
     let mut seen = BTreeSet::new();
     for (id, v) in &views {
@@ -529,6 +558,20 @@ async fn converged(
             "nodes disagree on (leader, applied index): {seen:?}"
         ));
     }
+    Ok(())
+}
+
+/// Whether the cluster has settled: one leader and one applied index on every node (when that
+/// first held is noted in `raft_at`, seconds since `since`), and every probe running exactly
+/// once.
+async fn converged(
+    addresses: &BTreeMap<u64, String>,
+    probe_files: &[PathBuf],
+    raft_at: &mut Option<f64>,
+    since: Instant,
+) -> Result<(), String> {
+    raft_converged(addresses).await?;
+    raft_at.get_or_insert(since.elapsed().as_secs_f64());
     for f in probe_files {
         let live = probe::live(f);
         if live.len() != 1 {
@@ -612,7 +655,14 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     stop.store(true, Ordering::Relaxed);
     let mut last_problem = String::new();
     while healed.elapsed() < cfg.converge_timeout {
-        match converged(&addresses, &probe_files).await {
+        match converged(
+            &addresses,
+            &probe_files,
+            &mut report.raft_converge_s,
+            healed,
+        )
+        .await
+        {
             Ok(()) => {
                 report.converge_s = Some(healed.elapsed().as_secs_f64());
                 break;
@@ -654,6 +704,7 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     }
 
     let mut all = Vec::new();
+    let mut orphans = BTreeSet::new();
     for f in &probe_files {
         let runs = probe::runs(f);
         all.extend(
@@ -661,8 +712,18 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
                 .into_iter()
                 .map(|o| (f.clone(), o)),
         );
-        report.probe_processes += probe::live(f).len() as u64;
+        let live = probe::live(f);
+        report.probe_processes += live.len() as u64;
+        orphans.extend(live.into_iter().filter(|p| !probe::parent_is_a_node(*p)));
     }
+    report.orphans = orphans.len() as u64;
+    let clean: Vec<u64> = all
+        .iter()
+        .filter(|(_, o)| !orphans.contains(&o.a.pid) && !orphans.contains(&o.b.pid))
+        .map(|(_, o)| o.ms)
+        .collect();
+    report.overlaps_without_orphans = clean.len() as u64;
+    report.worst_overlap_without_orphans_ms = clean.iter().copied().max().unwrap_or(0);
     all.sort_by_key(|(_, o)| std::cmp::Reverse(o.ms));
     report.overlaps = all.len() as u64;
     report.worst_overlap_ms = all.first().map_or(0, |(_, o)| o.ms);

@@ -154,6 +154,18 @@ pub fn live(file: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Whether process `pid`'s parent is a `mode-node` (its command line has `--peers`): false
+/// for a process that outlived the node that started it.
+pub fn parent_is_a_node(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().nth(1))
+        .unwrap_or("0");
+    std::fs::read(format!("/proc/{ppid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--peers"))
+}
+
 /// The runs, one per line, for failure messages.
 pub fn describe(runs: &[Run]) -> String {
     runs.iter()
