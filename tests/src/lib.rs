@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests: real `mode-node` processes on loopback with free ports and
-//! temporary data directories, always cleaned up.
+//! temporary data directories, always cleaned up; [`netns`] runs them in network namespaces
+//! whose links the test can cut.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,6 +13,10 @@ use std::time::{Duration, Instant};
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
+
+pub mod chaos;
+pub mod netns;
+pub mod probe;
 
 /// A workspace binary built next to the test executables (`cargo test --workspace` builds
 /// `mode-node` and `modectl` because their packages have integration tests).
@@ -84,6 +89,8 @@ impl Launcher {
 /// One `mode-node` process (restartable).
 pub struct NodeProc {
     pub id: u64,
+    /// The IP address it listens on (127.0.0.1, or its network namespace's address).
+    pub host: String,
     pub port: u16,
     /// Its HTTP side port, if it serves one.
     pub http: Option<u16>,
@@ -96,7 +103,7 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// Start (or restart) the process with its arguments; output goes to its log file.
@@ -172,12 +179,17 @@ impl Drop for NodeProc {
 /// Cluster tests share two cores: run them one at a time so elections are not starved.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Wait for the other cluster tests of this test binary to finish.
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Several `mode-node` processes forming (or joining) one cluster.
 pub struct TestCluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     pub scratch: Scratch,
-    peers: String,
-    launcher: Launcher,
+    pub(crate) peers: String,
+    pub(crate) launcher: Launcher,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -197,22 +209,26 @@ impl TestCluster {
         TestCluster::launch(launcher, n, extra, false)
     }
 
+    /// No nodes yet (the caller adds them), holding the lock that runs cluster tests one at
+    /// a time.
+    pub(crate) fn empty(launcher: Launcher, peers: String) -> TestCluster {
+        TestCluster {
+            nodes: BTreeMap::new(),
+            scratch: Scratch::new("cluster"),
+            peers,
+            launcher,
+            _serial: serial(),
+        }
+    }
+
     fn launch(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
-        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let scratch = Scratch::new("cluster");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = (1..=n)
             .zip(&ports)
             .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut c = TestCluster {
-            nodes: BTreeMap::new(),
-            scratch,
-            peers: peers.clone(),
-            launcher,
-            _serial: serial,
-        };
+        let mut c = TestCluster::empty(launcher, peers.clone());
         for (id, port) in (1..=n).zip(ports) {
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(extra.iter().map(|s| s.to_string()));
@@ -230,12 +246,25 @@ impl TestCluster {
 
     /// Register a node process (not started) with `args` after the common ones.
     pub fn add_node(&mut self, id: u64, port: u16, args: Vec<String>) -> &mut NodeProc {
+        let launcher = self.launcher.clone();
+        self.add_node_at(id, "127.0.0.1", port, launcher, args)
+    }
+
+    /// [`TestCluster::add_node`] listening on `host`, started by `launcher`.
+    pub(crate) fn add_node_at(
+        &mut self,
+        id: u64,
+        host: &str,
+        port: u16,
+        launcher: Launcher,
+        args: Vec<String>,
+    ) -> &mut NodeProc {
         let data_dir = self.scratch.0.join(format!("node-{id}"));
         let mut all = vec![
             "--id".to_string(),
             id.to_string(),
             "--listen".to_string(),
-            format!("127.0.0.1:{port}"),
+            format!("{host}:{port}"),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
         ];
@@ -248,11 +277,12 @@ impl TestCluster {
             id,
             NodeProc {
                 id,
+                host: host.to_string(),
                 port,
                 http: None,
                 data_dir,
                 log,
-                launcher: self.launcher.clone(),
+                launcher,
                 args: all,
                 child: None,
             },
@@ -273,6 +303,20 @@ impl TestCluster {
         self.nodes
             .values()
             .map(|n| format!("---- node {} ----\n{}", n.id, n.logs()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The last `lines` lines of every node's log, for failure messages of long tests.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .values()
+            .map(|n| {
+                let log = n.logs();
+                let all: Vec<&str> = log.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("---- node {} (last {lines} log lines) ----\n{tail}", n.id)
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }

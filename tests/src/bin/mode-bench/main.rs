@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p mode-tests --bin mode-bench -- <services|timers|restart|all> [--json]
+//! mode-bench chaos --minutes 3 [--nodes 5] [--seed 1] [--verbose] --json   # as root
 //! ```
 //!
 //! With `--json` the last line of stdout is one JSON object with the suite's figures; the
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+mod chaos;
 mod cluster;
 mod graph;
 mod schedule;
@@ -124,6 +126,22 @@ enum Suite {
         #[arg(long, default_value_t = 30)]
         samples: usize,
     },
+    /// Random faults (kill -9, partitions, SIGSTOP) on nodes in network namespaces, against
+    /// acknowledged writes and singleton probes: writes lost, singleton overlaps, duplicate
+    /// processes, time to converge. Needs root.
+    Chaos {
+        /// Minutes of faults.
+        #[arg(long, default_value_t = 3.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 5)]
+        nodes: u64,
+        /// Seed of the fault schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print each fault as it is injected.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
     ServicesChild { shape: Shape, n: usize },
@@ -175,6 +193,14 @@ fn main() -> anyhow::Result<()> {
         Suite::Graph { instances, samples } => {
             timed("graph", || graph::graph_suite(*instances, *samples))?
         }
+        Suite::Chaos {
+            minutes,
+            nodes,
+            seed,
+            verbose,
+        } => timed("chaos", || {
+            chaos::chaos_suite(*minutes, *nodes, *seed, *verbose)
+        })?,
         Suite::All => {
             let services = timed("services", || services_suite(&cli))?;
             let timers = timed("timers", || timers_suite(&cli))?;
