@@ -319,6 +319,7 @@ async fn writer(
         });
         let mut req = tonic::Request::new(pb::WriteRequest {
             command_json: command.to_string(),
+            ..Default::default()
         });
         req.set_timeout(Duration::from_secs(3));
         let acked = match c.write(req).await {
