@@ -317,7 +317,10 @@ async fn restarting_a_dependency_does_not_stop_its_running_dependents() {
     let (c, leader) = cluster(3).await;
     let scratch = Scratch::new("deps");
     let web_pids = scratch.0.join("web");
-    let mut specs = String::from("- name: db\n  kind: ticker\n");
+    // db takes its whole 2 s grace to stop: a restart leaves it not running for a while.
+    let mut specs = String::from(
+        "- name: db\n  kind: exec\n  stop_grace_s: 2\n  config:\n    command: /bin/sh\n    args: [\"-c\", \"trap '' TERM; while true; do sleep 1; done\"]\n",
+    );
     specs.push_str("- ");
     specs.push_str(
         &pid_spec("web", &web_pids, true, "depends_on: [db]\nreplicas: 2\n").replace('\n', "\n  "),
@@ -336,7 +339,7 @@ async fn restarting_a_dependency_does_not_stop_its_running_dependents() {
     assert!(out.status.success(), "{}", stderr(&out));
     // Watch web through db's restart: it never stops.
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(3) {
+    while t0.elapsed() < Duration::from_secs(4) {
         let web: BTreeMap<u64, Value> = c.instances(leader, "web").await;
         assert!(all_running(&web, 2), "web stopped with db: {web:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
