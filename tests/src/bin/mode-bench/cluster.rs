@@ -152,7 +152,9 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
 /// its report is committed).
 pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
-    let cluster = bench_cluster(&[])?;
+    // Room for every instance.
+    let capacity = (count / 2 + 100).to_string();
+    let cluster = bench_cluster(&["--capacity", &capacity])?;
     let out = rt.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await;
         cluster.wait_registered(3).await;
