@@ -69,6 +69,8 @@ pub struct ChaosReport {
     pub writes_acknowledged: u64,
     /// Writes that failed (error or timeout) but are in the state after heal.
     pub failed_writes_present: u64,
+    /// Of those, writes whose error said they were not made: a broken promise.
+    pub not_made_but_present: u64,
     /// Acknowledged writes missing from a linearizable read after heal.
     pub lost: Vec<String>,
     /// Pairs of singleton copies that ran at once (per probe, summed).
@@ -112,6 +114,7 @@ impl ChaosReport {
             "acknowledged_writes_lost": self.lost.len(),
             "lost_examples": self.lost.iter().take(20).collect::<Vec<_>>(),
             "failed_writes_present_after_heal": self.failed_writes_present,
+            "not_made_writes_present_after_heal": self.not_made_but_present,
             "singleton_overlaps": self.overlaps,
             "worst_overlap_ms": self.worst_overlap_ms,
             "singleton_overlaps_without_orphans": self.overlaps_without_orphans,
@@ -157,7 +160,12 @@ impl ChaosReport {
             (
                 "failed writes present after heal".to_string(),
                 self.failed_writes_present.to_string(),
-                "(must have said: outcome unknown)".to_string(),
+                "(their outcome was unknown: a client timeout or `outcome unknown`)".to_string(),
+            ),
+            (
+                "  of which said `the write was not made`".to_string(),
+                self.not_made_but_present.to_string(),
+                target(self.not_made_but_present == 0, "0"),
             ),
             (
                 "overlapping singleton runs".to_string(),
@@ -297,6 +305,8 @@ struct Writes {
     attempted: u64,
     acknowledged: Vec<String>,
     failed: Vec<String>,
+    /// Failed writes whose error said the write was not made.
+    not_made: Vec<String>,
 }
 
 /// Write `put_spec`s of unique names (replicas 0: they schedule nothing) through every node
@@ -322,10 +332,13 @@ async fn writer(
             ..Default::default()
         });
         req.set_timeout(Duration::from_secs(3));
-        let acked = match c.write(req).await {
-            Ok(r) => serde_json::from_str::<Value>(&r.into_inner().response_json)
-                .is_ok_and(|v| v["ok"] == true),
-            Err(_) => false,
+        let (acked, not_made) = match c.write(req).await {
+            Ok(r) => (
+                serde_json::from_str::<Value>(&r.into_inner().response_json)
+                    .is_ok_and(|v| v["ok"] == true),
+                false,
+            ),
+            Err(e) => (false, e.message().contains("was not made")),
         };
         {
             let mut w = writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -333,6 +346,9 @@ async fn writer(
             if acked {
                 w.acknowledged.push(name);
             } else {
+                if not_made {
+                    w.not_made.push(name.clone());
+                }
                 w.failed.push(name);
             }
         }
@@ -695,6 +711,8 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
                 .collect();
             report.failed_writes_present =
                 writes.failed.iter().filter(|n| stored.contains(*n)).count() as u64;
+            report.not_made_but_present =
+                writes.not_made.iter().filter(|n| stored.contains(*n)).count() as u64;
         }
         None => {
             report

@@ -25,6 +25,12 @@ async fn chaos_one_minute() {
     let problems: Vec<String> = [
         (!report.lost.is_empty())
             .then(|| format!("{} acknowledged writes lost", report.lost.len())),
+        (report.not_made_but_present > 0).then(|| {
+            format!(
+                "{} writes said `not made` were applied",
+                report.not_made_but_present
+            )
+        }),
         (report.overlaps > 0).then(|| {
             format!(
                 "{} overlapping singleton runs (worst {} ms)",
