@@ -152,9 +152,7 @@ impl Service for Exec {
             )
         });
         let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) else {
-            if let Ok(keeper) = keeper {
-                keeper.kill_and_reap();
-            }
+            drop(keeper);
             return Err(format!("`{}` started without a usable pid", config.command).into());
         };
         tracing::info!("[{}] started `{}` as pid {pid}", self.label, config.command);
@@ -318,9 +316,8 @@ impl ProcessGroup {
     /// forget the group.
     fn kill_rest(&mut self) {
         self.signal(libc::SIGKILL);
-        if let Some(keeper) = self.keeper.take() {
-            keeper.kill_and_reap();
-        }
+        // With the group gone, the keeper is killed (if it was not in the group) and reaped.
+        drop(self.keeper.take());
         if let Some((ledger, record)) = self.recorded.take() {
             ledger.reaped(&record);
         }

@@ -8,18 +8,26 @@
 //! would be killed long before its node stops. So every fork happens on one plain thread that
 //! is never asked to stop and lives as long as the process. It only forks: the child is
 //! registered with the caller's runtime (its handle is entered while spawning), which waits for
-//! it and reads its output as before.
+//! it and reads its output as before. The thread blocks every signal, so that the keeper starts
+//! with them blocked; the programs it executes start with none blocked.
 //!
 //! **A keeper per group.** The parent-death signal reaches only the direct child; what a shell
-//! forks stays in its group and would be re-parented to init. The keeper is forked from the
-//! spawner thread too, joins the group, blocks every signal and waits. Its own parent-death
-//! signal wakes it, and once its parent is no longer the node it SIGKILLs the group, itself
-//! included. While it lives the group id cannot be reused (a group id is not reused while a
-//! member lives), so signalling the group never reaches a stranger, even after the leader is
-//! reaped. It is a forked copy of the node that never executes a program, so between fork and
-//! exit it calls only async-signal-safe functions and allocates nothing; it closes every file
-//! descriptor first (it must not hold the node's sockets or files). `ps -o comm` shows it as
-//! `mode-keeper`.
+//! forks stays in its group and would be re-parented to init. The keeper is a second child,
+//! made on the spawner thread too and put in the group. It waits with every signal blocked;
+//! its own parent-death signal wakes it, and once its parent is no longer the node it SIGKILLs
+//! the group, itself included. While it lives the group id cannot be reused (a group id is not
+//! reused while a member lives), so signalling the group never reaches a stranger, even after
+//! the leader is reaped.
+//!
+//! The keeper is cloned with `CLONE_VM`: it shares the node's memory instead of copying it (a
+//! forked copy would keep, page by page, every page the node writes afterwards: a copy of the
+//! node's heap per instance). So it runs on a small stack of its own, touches no memory but
+//! that stack, and makes only raw system calls: libc's wrappers would write `errno`, which
+//! lives in the spawner thread's thread-local storage that the keeper shares. It closes every
+//! file descriptor first (it must not keep the node's sockets and files open). It costs a
+//! 64 KiB stack and a task; `ps` shows it as `mode-keeper` (comm) with the node's command line
+//! and memory (the same memory, not a copy). Keepers exist on Linux x86_64 and aarch64; elsewhere
+//! a group's grandchildren survive a killed node until its next start (see `ledger`).
 
 use std::io;
 use std::sync::mpsc;
@@ -35,27 +43,47 @@ pub(super) struct Spawned {
     pub(super) keeper: io::Result<Keeper>,
 }
 
-/// The keeper of one process group: a child of this process that nothing else reaps.
+/// The keeper of one process group: a child of this process that nothing else reaps. Dropping
+/// it SIGKILLs and reaps it.
 #[derive(Debug)]
 pub(super) struct Keeper {
     pid: libc::pid_t,
+    /// Its stack (mmap'ed), unmapped once it is reaped.
+    stack: Stack,
 }
 
 impl Keeper {
     pub(super) fn pid(&self) -> libc::pid_t {
         self.pid
     }
+}
 
-    /// SIGKILL and reap it. Blocks only while a SIGKILLed process dies (the keeper does
-    /// nothing but wait for signals, so that is immediate).
-    pub(super) fn kill_and_reap(self) {
+impl Drop for Keeper {
+    /// Blocks only while a SIGKILLed process dies (the keeper only waits for signals, so that
+    /// is immediate).
+    fn drop(&mut self) {
         // SAFETY: plain syscalls on our own unreaped child: its pid cannot belong to another
         // process until the waitpid below.
-        unsafe {
+        let reaped = unsafe {
             libc::kill(self.pid, libc::SIGKILL);
-            while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0
-                && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-            {}
+            loop {
+                if libc::waitpid(self.pid, std::ptr::null_mut(), 0) == self.pid {
+                    break true;
+                }
+                if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break false;
+                }
+            }
+        };
+        if reaped {
+            self.stack.unmap();
+        } else {
+            // Never free a stack a keeper may still run on: leak the 64 KiB instead.
+            tracing::warn!(
+                "cannot reap the keeper pid {}: {}",
+                self.pid,
+                io::Error::last_os_error()
+            );
         }
     }
 }
@@ -79,6 +107,7 @@ fn submit(job: Job) -> io::Result<()> {
     std::thread::Builder::new()
         .name("mode-spawner".into())
         .spawn(move || {
+            block_every_signal();
             while let Ok(job) = rx.recv() {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             }
@@ -90,15 +119,34 @@ fn submit(job: Job) -> io::Result<()> {
     Ok(())
 }
 
+fn block_every_signal() {
+    // SAFETY: sigfillset and pthread_sigmask on a local set.
+    unsafe {
+        let mut every: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut every);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &every, std::ptr::null_mut());
+    }
+}
+
 /// Spawn `command` (which must put the process in a group of its own, `process_group(0)`) from
 /// the spawner thread, with a parent-death signal, and give its group a keeper.
 pub(super) async fn spawn(mut command: Command) -> io::Result<Spawned> {
     let node = std::process::id();
-    // SAFETY: the hook runs in the child between fork and exec, and only calls prctl and
-    // getppid, which are async-signal-safe, and builds an io::Error from an errno, which does
-    // not allocate.
+    // SAFETY: sigemptyset on a local set.
+    let no_signal = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    };
+    // SAFETY: the hook runs in the child between fork and exec, and only calls sigprocmask,
+    // prctl and getppid, which are async-signal-safe, and builds an io::Error from an errno,
+    // which does not allocate.
     unsafe {
         command.pre_exec(move || {
+            // The program starts with no signal blocked (the spawner thread blocks them all).
+            if libc::sigprocmask(libc::SIG_SETMASK, &no_signal, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             set_parent_death_signal(libc::SIGKILL)?;
             // The node may have died before the signal was set up: then nobody sends it.
             if libc::getppid() as u32 != node {
@@ -114,7 +162,7 @@ pub(super) async fn spawn(mut command: Command) -> io::Result<Spawned> {
         let _entered = runtime.enter();
         let spawned = command.spawn().map(|child| {
             let keeper = match child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-                Some(pgid) => fork_keeper(pgid),
+                Some(pgid) => start_keeper(pgid),
                 None => Err(io::Error::other("the process has no pid")),
             };
             Spawned { child, keeper }
@@ -141,70 +189,204 @@ fn set_parent_death_signal(_signal: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// Fork the keeper of group `pgid` (see the module docs). Runs on the spawner thread, so that
-/// the keeper's parent-death signal, too, fires only when the node dies.
-#[cfg(target_os = "linux")]
-fn fork_keeper(pgid: libc::pid_t) -> io::Result<Keeper> {
-    // Everything the keeper uses is prepared before the fork: after it, it may not allocate.
-    // SAFETY: getpid, sigfillset on a local set and fork take no memory of ours but the set.
-    let node = unsafe { libc::getpid() };
-    let mut every_signal: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::sigfillset(&mut every_signal) };
-    // SAFETY: the child runs only `keep`, which calls async-signal-safe functions and exits.
-    match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error()),
-        0 => unsafe { keep(pgid, node, &every_signal) },
-        pid => {
-            // Also from here, so that the keeper is in the group when this returns, whichever
-            // of the two runs first (the shells' way).
-            // SAFETY: plain syscalls on our own child, which never executes a program.
-            if unsafe { libc::setpgid(pid, pgid) } != 0 {
-                let e = io::Error::last_os_error();
-                Keeper { pid }.kill_and_reap();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot put the keeper in process group {pgid}: {e}"),
-                ));
-            }
-            Ok(Keeper { pid })
+/// The keeper's stack.
+#[derive(Debug)]
+struct Stack {
+    base: *mut libc::c_void,
+    size: usize,
+}
+
+// SAFETY: the mapping is only ever unmapped, by its one owner.
+unsafe impl Send for Stack {}
+// SAFETY: as above; nothing reads through the pointer.
+unsafe impl Sync for Stack {}
+
+const KEEPER_STACK: usize = 64 * 1024;
+
+impl Stack {
+    fn map() -> io::Result<Stack> {
+        // SAFETY: a fresh anonymous mapping, owned by the returned value.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                KEEPER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Stack {
+            base,
+            size: KEEPER_STACK,
+        })
+    }
+
+    fn unmap(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: our own mapping, no longer used by anyone.
+            unsafe { libc::munmap(self.base, self.size) };
+            self.base = std::ptr::null_mut();
         }
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn fork_keeper(_pgid: libc::pid_t) -> io::Result<Keeper> {
+/// Start the keeper of group `pgid` (see the module docs). Runs on the spawner thread, so that
+/// the keeper's parent-death signal, too, fires only when the node dies.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+fn start_keeper(pgid: libc::pid_t) -> io::Result<Keeper> {
+    let mut stack = Stack::map()?;
+    // Both pids travel in the argument itself, so that the keeper reads no memory of ours.
+    let node = std::process::id() as u64;
+    let arg = ((node << 32) | u64::from(pgid as u32)) as usize as *mut libc::c_void;
+    // SAFETY: the keeper runs `keep` on its own stack and only makes raw system calls (see the
+    // module docs); the stack stays mapped until it is reaped (Keeper's drop).
+    let pid = unsafe {
+        let top = (stack.base as *mut u8).add(stack.size) as *mut libc::c_void;
+        libc::clone(keep, top, libc::CLONE_VM | libc::SIGCHLD, arg)
+    };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        stack.unmap();
+        return Err(e);
+    }
+    let keeper = Keeper { pid, stack };
+    // SAFETY: plain syscall on our own child, which never executes a program.
+    if unsafe { libc::setpgid(pid, pgid) } != 0 {
+        let e = io::Error::last_os_error();
+        drop(keeper);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot put the keeper in process group {pgid}: {e}"),
+        ));
+    }
+    Ok(keeper)
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+fn start_keeper(_pgid: libc::pid_t) -> io::Result<Keeper> {
     Err(io::Error::other(
-        "process group keepers need Linux (a parent-death signal)",
+        "process group keepers exist on Linux x86_64 and aarch64 only",
     ))
 }
 
-/// The keeper's whole life, in the forked child.
-///
-/// # Safety
-///
-/// Only in a child just forked from the spawner thread; never returns.
-#[cfg(target_os = "linux")]
-unsafe fn keep(pgid: libc::pid_t, node: libc::pid_t, every_signal: &libc::sigset_t) -> ! {
-    // SAFETY (the whole function): async-signal-safe syscalls on plain integers and on the set
-    // prepared before the fork; no allocation, no lock, no unwinding.
+/// The keeper's whole life (see the module docs): only raw system calls, only its own stack.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+extern "C" fn keep(arg: *mut libc::c_void) -> libc::c_int {
+    let packed = arg as usize as u64;
+    let pgid = (packed & 0xffff_ffff) as u32 as libc::pid_t as usize;
+    let node = (packed >> 32) as u32 as usize;
+    let every_signal: u64 = !0;
+    let signals = &every_signal as *const u64 as usize;
+    let sigset_size = std::mem::size_of::<u64>();
+    // SAFETY: raw system calls on integers and on `every_signal` (on this stack).
     unsafe {
-        // A group stop (SIGTERM) must not end the keeper before the group is gone: every
-        // signal is blocked and merely wakes the wait below. SIGKILL still ends it.
-        libc::sigprocmask(libc::SIG_SETMASK, every_signal, std::ptr::null_mut());
-        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
-            for fd in 0..1024 {
-                libc::close(fd);
+        raw::syscall(
+            libc::SYS_rt_sigprocmask,
+            [libc::SIG_SETMASK as usize, signals, 0, sigset_size],
+        );
+        if raw::syscall(libc::SYS_close_range, [0, u32::MAX as usize, 0, 0]) != 0 {
+            // Before Linux 5.9.
+            for fd in 0..65_536 {
+                raw::syscall(libc::SYS_close, [fd, 0, 0, 0]);
             }
         }
-        libc::setpgid(0, pgid);
-        libc::prctl(libc::PR_SET_NAME, c"mode-keeper".as_ptr() as libc::c_ulong);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
+        raw::syscall(
+            libc::SYS_prctl,
+            [
+                libc::PR_SET_NAME as usize,
+                c"mode-keeper".as_ptr() as usize,
+                0,
+                0,
+            ],
+        );
+        raw::syscall(
+            libc::SYS_prctl,
+            [libc::PR_SET_PDEATHSIG as usize, libc::SIGHUP as usize, 0, 0],
+        );
         // Checked after setting the signal: the node may already be gone. Any other signal
-        // (a group stop, something in the group signalling its group) leaves it waiting.
-        while libc::getppid() == node {
-            libc::sigwaitinfo(every_signal, std::ptr::null_mut());
+        // (a group stop, something signalling its own group) leaves it waiting.
+        while raw::syscall(libc::SYS_getppid, [0; 4]) as usize == node {
+            raw::syscall(libc::SYS_rt_sigtimedwait, [signals, 0, 0, sigset_size]);
         }
-        libc::kill(-pgid, libc::SIGKILL);
-        libc::_exit(0)
+        raw::syscall(
+            libc::SYS_kill,
+            [
+                (pgid as libc::pid_t).wrapping_neg() as usize,
+                libc::SIGKILL as usize,
+                0,
+                0,
+            ],
+        );
+        loop {
+            raw::syscall(libc::SYS_exit, [0; 4]);
+        }
+    }
+}
+
+/// System calls without libc: no `errno` (see the module docs).
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod raw {
+    /// The kernel's return value (a negative errno on failure).
+    ///
+    /// # Safety
+    ///
+    /// As for the system call `number` with these arguments.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn syscall(number: libc::c_long, args: [usize; 4]) -> isize {
+        let ret: isize;
+        // SAFETY: the Linux x86_64 system call convention; rcx and r11 are clobbered.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") number as isize => ret,
+                in("rdi") args[0],
+                in("rsi") args[1],
+                in("rdx") args[2],
+                in("r10") args[3],
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    /// See the x86_64 version.
+    ///
+    /// # Safety
+    ///
+    /// As for the system call `number` with these arguments.
+    #[cfg(target_arch = "aarch64")]
+    pub(super) unsafe fn syscall(number: libc::c_long, args: [usize; 4]) -> isize {
+        let ret: isize;
+        // SAFETY: the Linux aarch64 system call convention.
+        unsafe {
+            std::arch::asm!(
+                "svc 0",
+                in("x8") number,
+                inlateout("x0") args[0] as isize => ret,
+                in("x1") args[1],
+                in("x2") args[2],
+                in("x3") args[3],
+                options(nostack),
+            );
+        }
+        ret
     }
 }

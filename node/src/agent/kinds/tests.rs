@@ -621,6 +621,15 @@ async fn exec_group_has_a_keeper_and_is_in_the_ledger_until_reaped() {
         (ppid, name.as_str()),
         (std::process::id() as i32, "mode-keeper")
     );
+    // It holds none of the node's files or sockets open, and shares the node's memory instead
+    // of copying it.
+    let fds = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 0);
+    let maps = |pid: String| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // (Read twice, and other threads may map memory in between: a few tries.)
+    assert!((0..20).any(|_| maps(keeper.to_string()) == maps("self".to_string())));
     let ledger = std::fs::read_to_string(dir.path("processes.jsonl")).unwrap();
     assert!(
         ledger.contains(r#""event":"started""#)
@@ -683,7 +692,7 @@ fn exec_processes_outlive_the_thread_that_asked_for_them() {
         let keeper = spawned.keeper.unwrap();
         // SAFETY: plain syscall on the group of the test's own child.
         unsafe { libc::kill(-pids.0[0], libc::SIGKILL) };
-        keeper.kill_and_reap();
+        drop(keeper);
         let _ = spawned.child.wait().await;
     });
 }
