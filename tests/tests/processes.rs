@@ -117,9 +117,10 @@ struct OwnGroup {
 }
 
 impl OwnGroup {
-    fn start(script: &str) -> OwnGroup {
+    fn start(script: &str, env: &[(&str, &str)]) -> OwnGroup {
         let mut child = Command::new("/bin/sh")
             .args(["-c", script])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -237,20 +238,21 @@ async fn a_killed_nodes_processes_and_their_children_die_with_it() {
 
 /// Append "started" lines for these groups to a node's process ledger, in the format a
 /// previous run writes.
-fn record_in_ledger(data_dir: &Path, groups: &[(&str, u32, u64)]) {
+fn record_in_ledger(data_dir: &Path, groups: &[(&str, u32, u64, Option<&str>)]) {
     let path = data_dir.join("processes.jsonl");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .expect("open the ledger");
-    for (label, pid, start_time) in groups {
+    for (label, pid, start_time, run_id) in groups {
         let line = serde_json::json!({
             "event": "started",
             "label": label,
             "pgid": pid,
             "leader": {"pid": pid, "start_time": start_time},
             "keeper": null,
+            "run_id": run_id,
         });
         writeln!(file, "{line}").expect("append to the ledger");
     }
@@ -268,28 +270,40 @@ async fn a_restarted_node_kills_what_its_previous_run_left_before_it_starts_anyt
     wait_lines(&instances, 1, &c).await;
     c.node(1).kill9();
 
-    // What the previous run left behind and no parent-death signal caught (a program that
-    // cleared its own, with its keeper killed by the OOM killer): a group with a grandchild,
-    // started as the node starts one. And a process whose pid the ledger has, but that started
-    // at another time: a stranger that reused the pid, never to be touched.
-    let leftover = OwnGroup::start("sleep 1000 & echo $$ $!; wait");
-    let stranger = OwnGroup::start("echo $$; exec sleep 1000");
+    // What the previous run left behind and neither parent-death signal nor keeper caught,
+    // started as the node starts groups: one whose leader still runs (a program that cleared
+    // its parent-death signal, its keeper killed by the OOM killer), and the grandchild of a
+    // shell that already exited, re-parented and carrying its run's MODE_RUN_ID. And a
+    // process whose pid the ledger has, but that started at another time: a stranger that
+    // reused the pid, never to be touched.
+    let leftover = OwnGroup::start("sleep 1000 & echo $$ $!; wait", &[]);
+    let run_id = format!("test-{}", std::process::id());
+    let mut orphaned = OwnGroup::start("sleep 1000 & echo $$ $!", &[("MODE_RUN_ID", &run_id)]);
+    let stranger = OwnGroup::start("echo $$; exec sleep 1000", &[]);
     let start_of = |pid: u32| stat(pid).map(|(.., start)| start).unwrap_or(0);
-    let (l, s) = (leftover.pgid(), stranger.pgid());
+    let (l, o, s) = (leftover.pgid(), orphaned.pgid(), stranger.pgid());
+    // (A zombie until waited for: its start time is still there.)
+    let orphan_start = start_of(o);
+    let _ = orphaned.child.wait();
+    let grandchild = orphaned.pids[1];
     let data_dir: PathBuf = c.nodes[&1].data_dir.clone();
     record_in_ledger(
         &data_dir,
-        &[("web#7", l, start_of(l)), ("web#8", s, start_of(s) + 1)],
+        &[
+            ("web#7", l, start_of(l), None),
+            ("web#9", o, orphan_start, Some(&run_id)),
+            ("web#8", s, start_of(s) + 1, None),
+        ],
     );
-    assert!(leftover.pids.iter().all(|&p| alive(p)));
+    assert!(leftover.pids.iter().all(|&p| alive(p)) && alive(grandchild));
+    assert_ne!(stat(grandchild).map(|(_, ppid, ..)| ppid), Some(o));
 
     let logged_before = c.nodes[&1].logs().len();
     c.node(1).start();
-    if let Err(left) = wait_gone(&leftover.pids, Duration::from_secs(20)).await {
-        panic!(
-            "the leftover group {l} survived the restart: {left:?}\n{}",
-            c.logs()
-        );
+    let mut leftovers = leftover.pids.clone();
+    leftovers.push(grandchild);
+    if let Err(left) = wait_gone(&leftovers, Duration::from_secs(20)).await {
+        panic!("leftovers survived the restart: {left:?}\n{}", c.logs());
     }
     c.wait_instances(1, "web", SETTLE, |i| all_running(i, 1))
         .await;
@@ -299,12 +313,14 @@ async fn a_restarted_node_kills_what_its_previous_run_left_before_it_starts_anyt
 
     let log = c.nodes[&1].logs();
     let log = log.get(logged_before..).unwrap_or_default();
-    let killed = log.find(&format!("killed process group {l} of web#7"));
     let started = log.find("starting web#0");
-    assert!(
-        matches!((killed, started), (Some(k), Some(st)) if k < st),
-        "the leftover must be killed (and say so) before the instance starts: {killed:?} {started:?}\n{log}"
-    );
+    for (pgid, label) in [(l, "web#7"), (o, "web#9")] {
+        let killed = log.find(&format!("killed process group {pgid} of {label}"));
+        assert!(
+            matches!((killed, started), (Some(k), Some(st)) if k < st),
+            "{label} must be killed (and say so) before the instance starts: {killed:?} {started:?}\n{log}"
+        );
+    }
     assert!(!log.contains(&format!("killed process group {s}")), "{log}");
 }
 

@@ -9,7 +9,9 @@
 //! The group never outlives its node: the process is forked with a parent-death signal and the
 //! group has a keeper that kills it when the node dies (see [`super::spawner`]), and the group
 //! is in the node's [`ProcessLedger`] until it is reaped, so that a node restarted after
-//! `kill -9` kills whatever escaped both.
+//! `kill -9` kills whatever escaped both. Each run gets a fresh `MODE_RUN_ID` in its
+//! environment, which what it starts inherits: that is how the restarted node recognises a
+//! re-parented grandchild as its own.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -23,7 +25,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::ledger::{GroupRecord, ProcessId, ProcessLedger};
+use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
 use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
 use crate::service::{Context, Result, Service, ServiceHandle};
@@ -126,10 +128,12 @@ struct Exec {
 impl Service for Exec {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let config = &self.config;
+        let run_id = ledger::new_run_id();
         let mut command = Command::new(&config.command);
         command
             .args(&config.args)
             .envs(&config.env)
+            .env(ledger::RUN_ID_VAR, &run_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -161,7 +165,7 @@ impl Service for Exec {
             keeper: keeper.ok(),
             recorded: None,
         };
-        group.record(&self.label, &self.ledger);
+        group.record(&self.label, run_id, &self.ledger);
         let stdout = child.stdout.take().map(OutputLines::new);
         let stderr = child.stderr.take().map(OutputLines::new);
         let process = Process {
@@ -294,7 +298,7 @@ impl ProcessGroup {
 impl ProcessGroup {
     /// Put the group in the ledger. Called before anything can reap the leader, so that its
     /// pid (and the keeper's) are still theirs when their start times are read.
-    fn record(&mut self, label: &str, ledger: &ProcessLedger) {
+    fn record(&mut self, label: &str, run_id: String, ledger: &ProcessLedger) {
         let leader = ProcessId::of(self.pgid);
         let keeper = self.keeper.as_ref().and_then(|k| ProcessId::of(k.pid()));
         let Some(leader) = leader else {
@@ -307,6 +311,7 @@ impl ProcessGroup {
             pgid: self.pgid,
             leader,
             keeper,
+            run_id: Some(run_id),
         };
         ledger.started(&record);
         self.recorded = Some((ledger.clone(), record));

@@ -53,6 +53,24 @@ pub(crate) struct GroupRecord {
     pub(crate) leader: ProcessId,
     /// The group's keeper (see `spawner`), if it has one.
     pub(crate) keeper: Option<ProcessId>,
+    /// The value of [`RUN_ID_VAR`] in the environment of the leader, inherited by what it
+    /// starts: proves a process is this group's even once leader and keeper are gone.
+    #[serde(default)]
+    pub(crate) run_id: Option<String>,
+}
+
+/// The environment variable that marks every process of one run of an `exec` instance.
+pub(crate) const RUN_ID_VAR: &str = "MODE_RUN_ID";
+
+/// A new run id: `<node pid>-<nanoseconds since the epoch>-<sequence>`, unique on this machine.
+pub(crate) fn new_run_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
 }
 
 impl GroupRecord {
@@ -291,8 +309,9 @@ pub(crate) enum Leftover {
     },
     /// Gone, or its pids now belong to other processes: nothing to do.
     Gone { record: GroupRecord },
-    /// Neither its leader nor its keeper is left, yet processes are in a group of that id:
-    /// they may be its grandchildren or a stranger that reused the id, so they are left alone.
+    /// Neither its leader nor its keeper is left, nor a process with its run id, yet processes
+    /// are in a group of that id: they may be its grandchildren or a stranger that reused the
+    /// id, so they are left alone.
     Unproven {
         record: GroupRecord,
         members: Vec<Member>,
@@ -316,7 +335,7 @@ impl Leftover {
                 record.label
             ),
             Leftover::Unproven { record, members } => tracing::warn!(
-                "process group {} of {} was left unreaped by this node's previous run, and a group of that id still has {}, but neither its leader (pid {}) nor its keeper is left to prove it is the same group: not killed. If they are leftovers, kill them with `kill -KILL -- -{}`",
+                "process group {} of {} was left unreaped by this node's previous run, and a group of that id still has {}, but neither its leader (pid {}) nor its keeper is left to prove it is the same group, nor do they carry its {RUN_ID_VAR}: not killed. If they are leftovers, kill them with `kill -KILL -- -{}`",
                 record.pgid,
                 record.label,
                 Members(members),
@@ -358,7 +377,14 @@ impl fmt::Display for Members<'_> {
 
 /// Check and kill the recorded groups (see [`ProcessLedger::open`]); waits up to
 /// [`KILL_WAIT`] for the killed processes to be gone.
+///
+/// A process is proven to be a group's when it is the recorded leader or keeper (same pid and
+/// start time), when it is in the group while one of those still is (a group id is not reused
+/// while a member lives), or when its environment carries the group's run id (a shell's
+/// grandchild re-parented to init, even one that left the group). Anything else is left alone.
 fn reap(records: impl IntoIterator<Item = GroupRecord>) -> Vec<Leftover> {
+    let records: Vec<GroupRecord> = records.into_iter().collect();
+    let mut tagged = processes_by_run_id(records.iter().filter_map(|r| r.run_id.as_deref()));
     let mut out = Vec::new();
     let mut killed: Vec<libc::pid_t> = Vec::new();
     for record in records {
@@ -371,41 +397,50 @@ fn reap(records: impl IntoIterator<Item = GroupRecord>) -> Vec<Leftover> {
                     .map(|s| (p, s))
             })
             .collect();
-        let members = members_of(record.pgid);
-        if witnesses.is_empty() {
-            out.push(if members.is_empty() {
+        let carrying = record
+            .run_id
+            .as_ref()
+            .and_then(|id| tagged.remove(id))
+            .unwrap_or_default();
+        let in_group = members_of(record.pgid);
+        let group_proven = witnesses.iter().any(|(_, s)| s.pgid == record.pgid);
+        if !group_proven && witnesses.is_empty() && carrying.is_empty() {
+            out.push(if in_group.is_empty() {
                 Leftover::Gone { record }
             } else {
-                Leftover::Unproven { record, members }
+                Leftover::Unproven {
+                    record,
+                    members: in_group,
+                }
             });
             continue;
         }
-        // A recorded process still in the group proves the group is the recorded one: a group
-        // id is not reused while a member lives.
+        let mut members: Vec<Member> = if group_proven { in_group } else { Vec::new() };
         let mut errors = Vec::new();
-        if witnesses.iter().any(|(_, s)| s.pgid == record.pgid) {
+        if group_proven {
             if let Err(e) = kill(-record.pgid) {
                 errors.push(format!("group {}: {e}", record.pgid));
             }
         }
-        // One that left the group goes on its own.
-        for (p, _) in witnesses.iter().filter(|(_, s)| s.pgid != record.pgid) {
-            if let Err(e) = kill(p.pid) {
-                errors.push(format!("pid {}: {e}", p.pid));
+        // The proven ones outside the group (or all of them, without a proven group) one by one.
+        let singles = witnesses
+            .iter()
+            .map(|(p, s)| (p.pid, s.name.clone(), s.pgid))
+            .chain(carrying.into_iter().map(|(m, pgid)| (m.pid, m.name, pgid)));
+        for (pid, name, pgid) in singles {
+            if members.iter().any(|m| m.pid == pid) {
+                continue;
             }
-        }
-        killed.extend(members.iter().map(|m| m.pid));
-        killed.extend(witnesses.iter().map(|(p, _)| p.pid));
-        out.push(if errors.is_empty() {
-            let mut members = members;
-            for (p, _) in &witnesses {
-                if !members.iter().any(|m| m.pid == p.pid) {
-                    members.push(Member {
-                        pid: p.pid,
-                        name: ProcStat::read(p.pid).map(|s| s.name).unwrap_or_default(),
-                    });
+            if !(group_proven && pgid == record.pgid) {
+                if let Err(e) = kill(pid) {
+                    errors.push(format!("pid {pid}: {e}"));
                 }
             }
+            members.push(Member { pid, name });
+        }
+        members.sort_by_key(|m| m.pid);
+        killed.extend(members.iter().map(|m| m.pid));
+        out.push(if errors.is_empty() {
             Leftover::Killed { record, members }
         } else {
             Leftover::Failed {
@@ -419,6 +454,52 @@ fn reap(records: impl IntoIterator<Item = GroupRecord>) -> Vec<Leftover> {
         std::thread::sleep(Duration::from_millis(10));
     }
     out
+}
+
+/// The live processes whose environment has [`RUN_ID_VAR`] set to one of `ids`, by id, with
+/// their process group.
+fn processes_by_run_id<'a>(
+    ids: impl Iterator<Item = &'a str>,
+) -> BTreeMap<String, Vec<(Member, libc::pid_t)>> {
+    let wanted: std::collections::BTreeSet<String> =
+        ids.map(|id| format!("{RUN_ID_VAR}={id}")).collect();
+    let mut found: BTreeMap<String, Vec<(Member, libc::pid_t)>> = BTreeMap::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    for pid in all_pids() {
+        // Another user's process cannot be read, and is not ours anyway.
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(entry) = environ
+            .split(|&b| b == 0)
+            .filter_map(|e| std::str::from_utf8(e).ok())
+            .find(|e| wanted.contains(*e))
+        else {
+            continue;
+        };
+        if let Some(stat) = ProcStat::read(pid) {
+            let id = entry[RUN_ID_VAR.len() + 1..].to_string();
+            found.entry(id).or_default().push((
+                Member {
+                    pid,
+                    name: stat.name,
+                },
+                stat.pgid,
+            ));
+        }
+    }
+    found
+}
+
+fn all_pids() -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .collect()
 }
 
 fn kill(target: libc::pid_t) -> std::io::Result<()> {
@@ -441,11 +522,8 @@ fn kill(target: libc::pid_t) -> std::io::Result<()> {
 
 /// The live (not zombie) processes whose process group is `pgid`.
 fn members_of(pgid: libc::pid_t) -> Vec<Member> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut members: Vec<Member> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+    let mut members: Vec<Member> = all_pids()
+        .into_iter()
         .filter_map(|pid| {
             let stat = ProcStat::read(pid)?;
             (stat.pgid == pgid).then_some(Member {

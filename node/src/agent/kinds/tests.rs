@@ -638,6 +638,17 @@ async fn exec_group_has_a_keeper_and_is_in_the_ledger_until_reaped() {
         "{ledger}"
     );
 
+    // The shell's child carries the run id the ledger recorded.
+    let environ = std::fs::read(format!("/proc/{sleep}/environ")).unwrap();
+    let run_id = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|e| e.strip_prefix("MODE_RUN_ID=").map(str::to_string))
+        .unwrap();
+    assert!(
+        ledger.contains(&format!(r#""run_id":"{run_id}""#)),
+        "{ledger}"
+    );
+
     svc.stop().await;
     for pid in [shell, sleep] {
         assert!(gone(pid).await, "pid {pid} survived the stop");

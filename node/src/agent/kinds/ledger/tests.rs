@@ -67,6 +67,7 @@ impl Group {
             pgid: self.pgid,
             leader,
             keeper: None,
+            run_id: None,
         }
     }
 }
@@ -78,6 +79,18 @@ impl Drop for Group {
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process of the test that left its group: SIGKILLed on drop while it is still a `sleep`.
+struct Stray(libc::pid_t);
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        if ProcStat::read(self.0).is_some_and(|s| s.name == "sleep") {
+            // SAFETY: plain syscall on the test's own grandchild.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
     }
 }
 
@@ -105,6 +118,7 @@ fn record(pid: libc::pid_t, start_time: u64) -> GroupRecord {
             pid: pid + 1,
             start_time: start_time + 1,
         }),
+        run_id: Some(format!("test-{pid}")),
     }
 }
 
@@ -249,6 +263,50 @@ fn the_rest_of_a_group_whose_leader_is_gone_is_left_alone() {
     assert!(wait_gone(pids[1]));
     let found = reap([record(pids[0], 1)]);
     assert!(matches!(&found[..], [Leftover::Gone { .. }]), "{found:?}");
+}
+
+#[test]
+fn a_process_carrying_the_run_id_is_killed_after_leader_and_keeper_are_gone() {
+    let run_id = new_run_id();
+    // The shell exits at once: its sleep is re-parented, and a second one even left the group.
+    let script = format!(
+        "{RUN_ID_VAR}={run_id} sleep 1000 & a=$!; {RUN_ID_VAR}={run_id} setsid sleep 1000 & b=$!; sleep 1000 & echo $$ $a $b $!"
+    );
+    let (mut group, pids) = Group::start(&script);
+    // The shell may have exited already: a zombie until it is waited for, with its start time.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).unwrap();
+    let leader = ProcessId {
+        pid: pids[0],
+        start_time: stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap(),
+    };
+    let _ = group.child.wait();
+    let (in_group, left_group, untagged) = (pids[1], pids[2], pids[3]);
+    let _stray = Stray(left_group);
+    // `setsid` runs in its own group.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ProcStat::read(left_group).is_none_or(|s| s.pgid == group.pgid || s.name != "sleep") {
+        assert!(Instant::now() < deadline, "setsid never ran sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut record = group.record(leader);
+    record.run_id = Some(run_id);
+    let found = reap([record]);
+    let [Leftover::Killed { members, .. }] = &found[..] else {
+        panic!("not killed: {found:?}");
+    };
+    let killed: Vec<libc::pid_t> = members.iter().map(|m| m.pid).collect();
+    assert_eq!(killed, [in_group, left_group], "{members:?}");
+    assert!(wait_gone(in_group) && wait_gone(left_group));
+    // Without the run id, nothing proves the last one is the group's.
+    assert!(alive(untagged));
 }
 
 #[test]
