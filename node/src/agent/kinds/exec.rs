@@ -297,13 +297,18 @@ impl ProcessGroup {
 
 impl ProcessGroup {
     /// Put the group in the ledger. Called before anything can reap the leader, so that its
-    /// pid (and the keeper's) are still theirs when their start times are read.
+    /// pid (and the keeper's) are still theirs when their start times are read, even if it
+    /// exited already (what it started may still run).
     fn record(&mut self, label: &str, run_id: String, ledger: &ProcessLedger) {
-        let leader = ProcessId::of(self.pgid);
-        let keeper = self.keeper.as_ref().and_then(|k| ProcessId::of(k.pid()));
-        let Some(leader) = leader else {
-            // Already exited (a zombie has no start time worth recording): nothing to reap
-            // after a restart.
+        let keeper = self
+            .keeper
+            .as_ref()
+            .and_then(|k| ProcessId::of_unreaped_child(k.pid()));
+        let Some(leader) = ProcessId::of_unreaped_child(self.pgid) else {
+            tracing::warn!(
+                "[{label}] cannot read the start time of pid {} from /proc: its group is not recorded, so a restart after a kill -9 of this node cannot check for its leftovers",
+                self.pgid
+            );
             return;
         };
         let record = GroupRecord {

@@ -33,9 +33,11 @@ pub(crate) struct ProcessId {
 }
 
 impl ProcessId {
-    /// The process `pid` is now, if it exists and is not a zombie.
-    pub(crate) fn of(pid: libc::pid_t) -> Option<ProcessId> {
-        let stat = ProcStat::read(pid)?;
+    /// A child of this process not reaped yet, even one that exited already (its pid is its
+    /// own until it is reaped).
+    pub(crate) fn of_unreaped_child(pid: libc::pid_t) -> Option<ProcessId> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, stat) = ProcStat::parse_any(&text)?;
         Some(ProcessId {
             pid,
             start_time: stat.start_time,
@@ -559,19 +561,25 @@ impl ProcStat {
     /// stime cutime cstime priority nice threads itrealvalue starttime ...`; the name may hold
     /// spaces and parentheses, so the fields are counted from the last `)`.
     fn parse(text: &str) -> Option<ProcStat> {
+        match ProcStat::parse_any(text)? {
+            ("Z" | "X", _) => None,
+            (_, stat) => Some(stat),
+        }
+    }
+
+    /// The state (`R`, `S`, `Z`, ...) and the rest, zombie or not.
+    fn parse_any(text: &str) -> Option<(&str, ProcStat)> {
         let open = text.find('(')?;
         let close = text.rfind(')')?;
         let name = text.get(open + 1..close)?.to_string();
         let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
         // fields[0] is field 3 (state).
-        if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
-            return None;
-        }
-        Some(ProcStat {
+        let stat = ProcStat {
             name,
             pgid: fields.get(2)?.parse().ok()?,
             start_time: fields.get(19)?.parse().ok()?,
-        })
+        };
+        Some((fields.first()?, stat))
     }
 }
 

@@ -94,6 +94,15 @@ impl Drop for Stray {
     }
 }
 
+/// The process `pid` is now, if it exists and is not a zombie.
+fn id_of(pid: libc::pid_t) -> Option<ProcessId> {
+    let stat = ProcStat::read(pid)?;
+    Some(ProcessId {
+        pid,
+        start_time: stat.start_time,
+    })
+}
+
 fn alive(pid: libc::pid_t) -> bool {
     ProcStat::read(pid).is_some()
 }
@@ -198,7 +207,7 @@ fn a_recorded_group_still_running_is_killed_with_its_grandchildren() {
     let (group, pids) = Group::start("sleep 1000 & echo $$ $!; wait");
     let (leader, grandchild) = (pids[0], pids[1]);
     assert_eq!(leader, group.pgid);
-    let record = group.record(ProcessId::of(leader).unwrap());
+    let record = group.record(id_of(leader).unwrap());
     let found = reap([record.clone()]);
     let [Leftover::Killed { members, .. }] = &found[..] else {
         panic!("not killed: {found:?}");
@@ -214,9 +223,9 @@ fn a_group_is_also_proven_by_its_keeper() {
     let (leader, grandchild) = (pids[0], pids[1]);
     // The leader's pid now belongs to "another process" (a wrong start time), the second
     // member stands for the keeper.
-    let mut record = group.record(ProcessId::of(leader).unwrap());
+    let mut record = group.record(id_of(leader).unwrap());
     record.leader.start_time += 1;
-    record.keeper = ProcessId::of(grandchild);
+    record.keeper = id_of(grandchild);
     let found = reap([record]);
     assert!(matches!(&found[..], [Leftover::Killed { .. }]), "{found:?}");
     assert!(wait_gone(leader) && wait_gone(grandchild));
@@ -225,7 +234,7 @@ fn a_group_is_also_proven_by_its_keeper() {
 #[test]
 fn a_pid_with_another_start_time_is_never_killed() {
     let (group, pids) = Group::start("sleep 1000 & echo $$ $!; wait");
-    let leader = ProcessId::of(pids[0]).unwrap();
+    let leader = id_of(pids[0]).unwrap();
     // The same pid, started at another time: a stranger that reused it.
     for start_time in [leader.start_time - 1, leader.start_time + 1] {
         let mut record = group.record(leader);
@@ -274,19 +283,7 @@ fn a_process_carrying_the_run_id_is_killed_after_leader_and_keeper_are_gone() {
     );
     let (mut group, pids) = Group::start(&script);
     // The shell may have exited already: a zombie until it is waited for, with its start time.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).unwrap();
-    let leader = ProcessId {
-        pid: pids[0],
-        start_time: stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .nth(19)
-            .unwrap()
-            .parse()
-            .unwrap(),
-    };
+    let leader = ProcessId::of_unreaped_child(pids[0]).unwrap();
     let _ = group.child.wait();
     let (in_group, left_group, untagged) = (pids[1], pids[2], pids[3]);
     let _stray = Stray(left_group);
@@ -314,8 +311,8 @@ fn opening_kills_the_leftovers_and_starts_a_fresh_ledger() {
     let dir = TempDir::new();
     let (group, pids) = Group::start("sleep 1000 & echo $$ $!; wait");
     let (stranger, stranger_pids) = Group::start("echo $$; exec sleep 1000");
-    let leftover = group.record(ProcessId::of(pids[0]).unwrap());
-    let mut reused = stranger.record(ProcessId::of(stranger_pids[0]).unwrap());
+    let leftover = group.record(id_of(pids[0]).unwrap());
+    let mut reused = stranger.record(id_of(stranger_pids[0]).unwrap());
     reused.leader.start_time += 3;
     let previous = ProcessLedger::default();
     previous.open(&dir.0);
