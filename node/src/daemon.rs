@@ -347,6 +347,8 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         node.config().advertise,
         data_dir.display()
     );
+    // Before anything runs: what a killed previous run left behind goes first.
+    kinds.open_process_ledger(&data_dir);
     let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
     let raft = ServiceHandle::builder(RaftService { node: node.clone() })
         .label("Raft")

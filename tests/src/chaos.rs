@@ -711,8 +711,11 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
                 .collect();
             report.failed_writes_present =
                 writes.failed.iter().filter(|n| stored.contains(*n)).count() as u64;
-            report.not_made_but_present =
-                writes.not_made.iter().filter(|n| stored.contains(*n)).count() as u64;
+            report.not_made_but_present = writes
+                .not_made
+                .iter()
+                .filter(|n| stored.contains(*n))
+                .count() as u64;
         }
         None => {
             report

@@ -15,11 +15,14 @@
 
 mod demo;
 mod exec;
+mod ledger;
+mod spawner;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,6 +198,8 @@ where
 #[derive(Clone, Default)]
 pub struct KindRegistry {
     kinds: BTreeMap<String, Arc<dyn Kind>>,
+    /// Where the stock `exec` kind records its process groups (shared by the clones).
+    processes: ledger::ProcessLedger,
 }
 
 impl KindRegistry {
@@ -207,13 +212,22 @@ impl KindRegistry {
     /// [module docs](self)).
     pub fn stock() -> Self {
         let mut kinds = Self::new();
+        let ledger = kinds.processes.clone();
         kinds
-            .register("exec", exec::ExecKind)
+            .register("exec", exec::ExecKind { ledger })
             .register("ticker", demo::TickerKind)
             .register("counter", demo::CounterKind)
             .register("crasher", demo::CrasherKind)
             .register("webapp", demo::WebappKind);
         kinds
+    }
+
+    /// Before the node runs anything: kill the processes the previous run of the node with data
+    /// directory `data_dir` left behind (if it was killed), and record the processes the
+    /// stock `exec` kind starts from now on in that directory (see `ledger`). Never fails: what
+    /// it cannot check or record, it logs as a warning.
+    pub(crate) fn open_process_ledger(&self, data_dir: &Path) {
+        self.processes.open(data_dir);
     }
 
     /// Add `kind` as `name`, replacing a kind of that name.

@@ -27,4 +27,5 @@ pub use node::{
 };
 pub use reconciler::{run as run_control_loop, Liveness};
 pub use store::DataDirError;
+pub(crate) use store::PROCESS_LEDGER_FILE;
 pub use types::TypeConfig;

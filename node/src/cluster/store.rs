@@ -31,6 +31,9 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const IDENTITY_FILE: &str = "mode-node.json";
 const DATABASE_FILE: &str = "raft.redb";
+/// The agent's record of the process groups this node started (see `agent::kinds::ledger`);
+/// it may outlive the two files above (a wiped Raft state with processes still recorded).
+pub(crate) const PROCESS_LEDGER_FILE: &str = "processes.jsonl";
 const FORMAT: u32 = 1;
 
 /// What is wrong with a data directory. Nothing is written to a directory that fails to open.
@@ -142,6 +145,7 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
             .map_err(io)?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !is_process_ledger(name))
             .collect();
         if !found.is_empty() {
             found.sort();
@@ -208,6 +212,12 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
     recovered.incarnation = incarnation;
     recovered.fresh = fresh;
     Ok((Arc::new(db), recovered))
+}
+
+/// The process ledger and its temporary copy are mode's own, in a fresh directory too.
+fn is_process_ledger(name: &str) -> bool {
+    name.strip_prefix(PROCESS_LEDGER_FILE)
+        .is_some_and(|rest| rest.is_empty() || rest == ".tmp")
 }
 
 fn recover(db: &Database) -> Result<Recovered, String> {
@@ -744,5 +754,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_data_directory_may_hold_the_process_ledger_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("mode-store-ledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(PROCESS_LEDGER_FILE), "").unwrap();
+        std::fs::write(dir.join(format!("{PROCESS_LEDGER_FILE}.tmp")), "").unwrap();
+        std::fs::write(dir.join(format!("{PROCESS_LEDGER_FILE}.bak")), "").unwrap();
+        let refused = open(&dir, 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("it contains processes.jsonl.bak)"),
+            "{refused}"
+        );
+        std::fs::remove_file(dir.join(format!("{PROCESS_LEDGER_FILE}.bak"))).unwrap();
+        let opened = open(&dir, 1).map(|_| ());
+        let _ = std::fs::remove_dir_all(&dir);
+        opened.unwrap();
     }
 }

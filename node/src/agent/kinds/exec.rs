@@ -5,6 +5,13 @@
 //! what it forks (a shell's children) stops with it. The signals are sent by the task that
 //! owns the [`Child`], and only until that task has reaped it: a reaped pid may already belong
 //! to another process.
+//!
+//! The group never outlives its node: the process is forked with a parent-death signal and the
+//! group has a keeper that kills it when the node dies (see [`super::spawner`]), and the group
+//! is in the node's [`ProcessLedger`] until it is reaped, so that a node restarted after
+//! `kill -9` kills whatever escaped both. Each run gets a fresh `MODE_RUN_ID` in its
+//! environment, which what it starts inherits: that is how the restarted node recognises a
+//! re-parented grandchild as its own.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -18,6 +25,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
+use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
 use crate::service::{Context, Result, Service, ServiceHandle};
 
@@ -35,8 +44,10 @@ const MAX_LINE: usize = 16 * 1024;
 /// How much of the last stderr line goes into a crash reason.
 const REASON_LINE: usize = 200;
 
-/// The `exec` kind (see the module docs).
-pub(crate) struct ExecKind;
+/// The `exec` kind (see the module docs), recording its process groups in `ledger`.
+pub(crate) struct ExecKind {
+    pub(crate) ledger: ProcessLedger,
+}
 
 /// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +115,7 @@ impl Kind for ExecKind {
                 ("MODE_NODE_ID", instance.node.to_string()),
             ],
             kill: instance.kill.clone(),
+            ledger: self.ledger.clone(),
         };
         Ok(ServiceHandle::builder(service)
             .label(label)
@@ -120,16 +132,19 @@ struct Exec {
     /// What the process learns of its instance (`MODE_FENCING_TOKEN`, ...).
     env: Vec<(&'static str, String)>,
     kill: super::KillSwitch,
+    ledger: ProcessLedger,
 }
 
 impl Service for Exec {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let config = &self.config;
+        let run_id = ledger::new_run_id();
         let mut command = Command::new(&config.command);
         command
             .args(&config.args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .envs(&config.env)
+            .env(ledger::RUN_ID_VAR, &run_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -138,16 +153,30 @@ impl Service for Exec {
         if let Some(cwd) = &config.cwd {
             command.current_dir(cwd);
         }
-        let mut child = command.spawn().map_err(|e| match &config.cwd {
-            Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),
-            None => format!("cannot run `{}`: {e}", config.command),
-        })?;
-        let pid = child
-            .id()
-            .and_then(|pid| libc::pid_t::try_from(pid).ok())
-            .ok_or_else(|| format!("`{}` started without a usable pid", config.command))?;
+        let spawned = spawner::spawn(command)
+            .await
+            .map_err(|e| match &config.cwd {
+                Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),
+                None => format!("cannot run `{}`: {e}", config.command),
+            })?;
+        let mut child = spawned.child;
+        let keeper = spawned.keeper.map_err(|e| {
+            tracing::warn!(
+                "[{}] `{}` runs without a keeper for its process group ({e}): what it forks survives a kill -9 of this node until the node's next start",
+                self.label, config.command
+            )
+        });
+        let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) else {
+            drop(keeper);
+            return Err(format!("`{}` started without a usable pid", config.command).into());
+        };
         tracing::info!("[{}] started `{}` as pid {pid}", self.label, config.command);
-        let group = ProcessGroup { pgid: pid };
+        let mut group = ProcessGroup {
+            pgid: pid,
+            keeper: keeper.ok(),
+            recorded: None,
+        };
+        group.record(&self.label, run_id, &self.ledger);
         let stdout = child.stdout.take().map(OutputLines::new);
         let stderr = child.stderr.take().map(OutputLines::new);
         let process = Process {
@@ -271,6 +300,10 @@ impl Process {
 /// The process group of one run, led by the process itself.
 struct ProcessGroup {
     pgid: libc::pid_t,
+    /// Keeps the group alive (and its id ours) until the group is killed.
+    keeper: Option<Keeper>,
+    /// Where the group is recorded until it is gone.
+    recorded: Option<(ProcessLedger, GroupRecord)>,
 }
 
 impl ProcessGroup {
@@ -286,9 +319,41 @@ impl ProcessGroup {
 }
 
 impl ProcessGroup {
-    /// SIGKILL what is left of the group once its leader is reaped, then forget the group.
+    /// Put the group in the ledger. Called before anything can reap the leader, so that its
+    /// pid (and the keeper's) are still theirs when their start times are read, even if it
+    /// exited already (what it started may still run).
+    fn record(&mut self, label: &str, run_id: String, ledger: &ProcessLedger) {
+        let keeper = self
+            .keeper
+            .as_ref()
+            .and_then(|k| ProcessId::of_unreaped_child(k.pid()));
+        let Some(leader) = ProcessId::of_unreaped_child(self.pgid) else {
+            tracing::warn!(
+                "[{label}] cannot read the start time of pid {} from /proc: its group is not recorded, so a restart after a kill -9 of this node cannot check for its leftovers",
+                self.pgid
+            );
+            return;
+        };
+        let record = GroupRecord {
+            label: label.to_string(),
+            pgid: self.pgid,
+            leader,
+            keeper,
+            run_id: Some(run_id),
+        };
+        ledger.started(&record);
+        self.recorded = Some((ledger.clone(), record));
+    }
+
+    /// SIGKILL what is left of the group once its leader is reaped (the keeper too), then
+    /// forget the group.
     fn kill_rest(&mut self) {
         self.signal(libc::SIGKILL);
+        // With the group gone, the keeper is killed (if it was not in the group) and reaped.
+        drop(self.keeper.take());
+        if let Some((ledger, record)) = self.recorded.take() {
+            ledger.reaped(&record);
+        }
         self.pgid = 0;
     }
 }
@@ -297,7 +362,7 @@ impl Drop for ProcessGroup {
     /// The task was aborted (or the runtime is going away) before the group was stopped:
     /// kill it rather than leave it running (the `Child` kills the leader on drop as well).
     fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
+        self.kill_rest();
     }
 }
 

@@ -574,6 +574,142 @@ fn exec_process_does_not_outlive_its_runtime() {
     }
 }
 
+/// `(ppid, pgid, name)` of a process, from `/proc/<pid>/stat`, if it exists (zombie or not).
+fn stat(pid: i32) -> Option<(i32, i32, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = text.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((fields[1].parse().ok()?, fields[2].parse().ok()?, name))
+}
+
+/// The pids in process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| stat(pid).is_some_and(|(_, g, _)| g == pgid))
+        .collect();
+    pids.sort();
+    pids
+}
+
+#[tokio::test]
+async fn exec_group_has_a_keeper_and_is_in_the_ledger_until_reaped() {
+    let dir = TempDir::new();
+    let kinds = KindRegistry::stock();
+    kinds.open_process_ledger(&dir.0);
+    let config = json!({
+        "command": "/bin/sh",
+        "args": ["-c", r#"sleep 1000 & echo $$ $! > "$PIDFILE"; wait"#],
+        "env": {"PIDFILE": dir.path("pid")},
+    });
+    let svc = kinds
+        .create("exec", &spec(config, Duration::from_secs(2)))
+        .unwrap();
+    svc.start().await.unwrap();
+    let mut pids = Pids::read(&dir.path("pid")).await;
+    let (shell, sleep) = (pids.0[0], pids.0[1]);
+    let members = group_members(shell);
+    let keeper = members
+        .iter()
+        .copied()
+        .find(|p| !pids.0.contains(p))
+        .unwrap_or_else(|| panic!("no keeper in group {shell}: {members:?}"));
+    pids.0.push(keeper);
+    assert_eq!(members.len(), 3, "{members:?}");
+    let (ppid, _, name) = stat(keeper).unwrap();
+    assert_eq!(
+        (ppid, name.as_str()),
+        (std::process::id() as i32, "mode-keeper")
+    );
+    // It holds none of the node's files or sockets open, and shares the node's memory instead
+    // of copying it.
+    let fds = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 0);
+    let maps = |pid: String| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // (Read twice, and other threads may map memory in between: a few tries.)
+    assert!((0..20).any(|_| maps(keeper.to_string()) == maps("self".to_string())));
+    let ledger = std::fs::read_to_string(dir.path("processes.jsonl")).unwrap();
+    assert!(
+        ledger.contains(r#""event":"started""#)
+            && ledger.contains(&format!(r#""pgid":{shell}"#))
+            && ledger.contains(&format!(r#""pid":{keeper},"#)),
+        "{ledger}"
+    );
+
+    // The shell's child carries the run id the ledger recorded.
+    let environ = std::fs::read(format!("/proc/{sleep}/environ")).unwrap();
+    let run_id = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|e| e.strip_prefix("MODE_RUN_ID=").map(str::to_string))
+        .unwrap();
+    assert!(
+        ledger.contains(&format!(r#""run_id":"{run_id}""#)),
+        "{ledger}"
+    );
+
+    svc.stop().await;
+    for pid in [shell, sleep] {
+        assert!(gone(pid).await, "pid {pid} survived the stop");
+    }
+    // Reaped: not even a zombie is left of the keeper.
+    assert_eq!(stat(keeper), None);
+    let ledger = std::fs::read_to_string(dir.path("processes.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 2, "{ledger}");
+    assert!(ledger
+        .lines()
+        .nth(1)
+        .unwrap()
+        .contains(r#""event":"reaped""#));
+}
+
+#[test]
+fn exec_processes_outlive_the_thread_that_asked_for_them() {
+    // The parent-death signal fires when the thread that forked exits: a short-lived blocking
+    // thread asks for the process here, and the process must not die with it.
+    let dir = TempDir::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_keep_alive(Duration::from_millis(20))
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let handle = tokio::runtime::Handle::current();
+        let pidfile = dir.path("pid");
+        let child = tokio::task::spawn_blocking(move || {
+            handle.block_on(async {
+                let mut command = tokio::process::Command::new("/bin/sh");
+                command
+                    .args(["-c", r#"echo $$ > "$PIDFILE"; exec sleep 1000"#])
+                    .env("PIDFILE", &pidfile)
+                    .process_group(0)
+                    .kill_on_drop(true);
+                super::spawner::spawn(command).await.unwrap()
+            })
+        })
+        .await
+        .unwrap();
+        let mut spawned = child;
+        let pids = Pids::read(&dir.path("pid")).await;
+        // Well past the blocking thread's keep-alive: it has exited.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            alive(pids.0[0]),
+            "the process died with the thread that asked for it"
+        );
+        assert!(spawned.child.try_wait().unwrap().is_none());
+        let keeper = spawned.keeper.unwrap();
+        // SAFETY: plain syscall on the group of the test's own child.
+        unsafe { libc::kill(-pids.0[0], libc::SIGKILL) };
+        drop(keeper);
+        let _ = spawned.child.wait().await;
+    });
+}
+
 // ---- demo kinds --------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
