@@ -459,3 +459,65 @@ async fn a_node_whose_disk_fills_up_stops_its_instances_and_exits() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nodes_singleton_dies_with_its_lease_before_it_runs_elsewhere() {
+    let (mut c, leader) = cluster(3).await;
+    let scratch = Scratch::new("frozen");
+    let pid_file = scratch.0.join("pids");
+    c.apply(
+        leader,
+        &pid_spec("single", &pid_file, true, "singleton: true\n"),
+    )
+    .await
+    .unwrap();
+    let inst = c
+        .wait_instances(leader, "single", Duration::from_secs(20), |i| {
+            all_running(i, 1)
+        })
+        .await;
+    let host = inst[&0]["node"].as_u64().unwrap();
+    let first = wait_pid(&pid_file).await;
+    // Freeze the host: its agent cannot act, but its keeper sees the lease run out.
+    c.node(host).signal("STOP");
+    let t0 = Instant::now();
+    let mut died_at = None;
+    let mut replaced_while_alive = false;
+    while t0.elapsed() < Duration::from_secs(8) {
+        let alive_now = alive(first);
+        if !alive_now && died_at.is_none() {
+            died_at = Some(t0.elapsed());
+        }
+        let replaced = pids_in(&pid_file).len() > 1;
+        if replaced && alive(first) {
+            replaced_while_alive = true;
+        }
+        if replaced && died_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.node(host).signal("CONT");
+    let died_at = died_at.unwrap_or_else(|| {
+        panic!(
+            "the frozen node's singleton kept running for 8 s\n{}",
+            c.logs()
+        )
+    });
+    assert!(!replaced_while_alive, "the singleton ran twice");
+    assert!(
+        died_at < Duration::from_secs(3),
+        "died {died_at:?} after the freeze"
+    );
+    // It runs elsewhere, once.
+    let other = (1..=3).find(|id| *id != host).unwrap();
+    c.wait_instances(other, "single", Duration::from_secs(20), |i| {
+        all_running(i, 1) && i[&0]["node"] != host
+    })
+    .await;
+    let live: Vec<u32> = pids_in(&pid_file)
+        .into_iter()
+        .filter(|p| alive(*p))
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 
-use super::kinds::{InstanceSpec, KillSwitch, KindRegistry};
+use super::kinds::{InstanceSpec, KillSwitch, KindRegistry, LeaseDeadline};
 use crate::cluster::spec::ServiceSpec;
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::{ClusterError, ClusterNode};
@@ -50,6 +50,9 @@ pub(crate) struct Leases {
     grants: Mutex<VecDeque<(Instant, u64)>>,
     /// The leader's commit index in the first heartbeat answer (`u64::MAX` before one).
     catch_up_to: AtomicU64,
+    /// When the lease that covers this node ends, for the watchers of singleton processes
+    /// outside this process (they kill them even if this node is frozen).
+    deadline: LeaseDeadline,
 }
 
 impl Default for Leases {
@@ -57,6 +60,7 @@ impl Default for Leases {
         Leases {
             grants: Mutex::new(VecDeque::new()),
             catch_up_to: AtomicU64::new(u64::MAX),
+            deadline: LeaseDeadline::default(),
         }
     }
 }
@@ -82,7 +86,13 @@ impl Leases {
         let now = Instant::now();
         let mut grants = lock(&self.grants);
         grants.retain(|(until, _)| *until > now);
-        grants.iter().any(|(_, index)| *index <= applied)
+        let until = grants
+            .iter()
+            .filter(|(_, index)| *index <= applied)
+            .map(|(until, _)| *until)
+            .max();
+        self.deadline.set(until);
+        until.is_some()
     }
 
     /// Whether the replica has applied what the leader had committed when it first answered
@@ -540,6 +550,7 @@ async fn pass(
             grace: spec.stop_grace(),
             fencing_token: d.epoch,
             kill: kill.clone(),
+            lease: spec.singleton.then(|| leases.deadline.clone()),
         };
         let inner = match kinds.create(&spec.kind, &instance) {
             Ok(h) => h,

@@ -52,6 +52,53 @@ pub struct InstanceSpec {
     /// Fired when the instance must die at once, not gracefully (a singleton whose node lost
     /// its lease): a kind that runs OS processes kills them with SIGKILL.
     pub kill: KillSwitch,
+    /// For a singleton: when its node's lease ends. A kind that runs OS processes hands it to
+    /// something outside the node's process (the `exec` kind: its process group's keeper),
+    /// which kills them when it passes even while the node is frozen (SIGSTOP, a stalled VM).
+    pub lease: Option<LeaseDeadline>,
+}
+
+/// When a node's singleton lease ends, on the system's monotonic clock (`CLOCK_MONOTONIC`, in
+/// nanoseconds), shared with the processes that watch it; 0 until the node first sets it, and
+/// in the past once it holds no lease.
+#[derive(Clone, Default, Debug)]
+pub struct LeaseDeadline(Arc<std::sync::atomic::AtomicU64>);
+
+impl LeaseDeadline {
+    /// Set the end: `until` (an instant), or `None` for "no lease" (already over).
+    pub fn set(&self, until: Option<std::time::Instant>) {
+        let ns = match until {
+            Some(t) => {
+                let left = t.saturating_duration_since(std::time::Instant::now());
+                monotonic_ns().saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64)
+            }
+            None => 1,
+        };
+        self.0.store(ns.max(1), Ordering::Release);
+    }
+
+    /// The end in monotonic nanoseconds (0: never set).
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The shared cell itself (for a watcher that shares this process's memory).
+    pub(crate) fn cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.0.clone()
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// A one-shot signal that an instance must die at once (see [`InstanceSpec::kill`]).
@@ -122,6 +169,7 @@ impl InstanceSpec {
     ///     grace: std::time::Duration::from_secs(5),
     ///     fencing_token: 7,
     ///     kill: Default::default(),
+    ///     lease: None,
     /// };
     /// assert_eq!(spec.label(), "web#2");
     /// ```

@@ -5,4 +5,4 @@ mod instances;
 pub mod kinds;
 
 pub use instances::{run, AgentTimings};
-pub use kinds::{InstanceSpec, Kind, KindRegistry};
+pub use kinds::{InstanceSpec, KillSwitch, Kind, KindRegistry, LeaseDeadline};

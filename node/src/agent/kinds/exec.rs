@@ -115,6 +115,7 @@ impl Kind for ExecKind {
                 ("MODE_NODE_ID", instance.node.to_string()),
             ],
             kill: instance.kill.clone(),
+            lease: instance.lease.clone(),
             ledger: self.ledger.clone(),
         };
         Ok(ServiceHandle::builder(service)
@@ -132,12 +133,26 @@ struct Exec {
     /// What the process learns of its instance (`MODE_FENCING_TOKEN`, ...).
     env: Vec<(&'static str, String)>,
     kill: super::KillSwitch,
+    lease: Option<super::LeaseDeadline>,
     ledger: ProcessLedger,
 }
 
 impl Service for Exec {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let config = &self.config;
+        // A singleton whose node lost its lease is not started again (by its supervisor,
+        // say), not even for the moment before it would be killed.
+        let lease_over = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.get() != 0 && l.get() <= super::monotonic_ns());
+        if self.kill.is_fired() || lease_over {
+            return Err(format!(
+                "not started: this node holds no lease for the singleton `{}`",
+                self.label
+            )
+            .into());
+        }
         let run_id = ledger::new_run_id();
         let mut command = Command::new(&config.command);
         command
@@ -153,7 +168,7 @@ impl Service for Exec {
         if let Some(cwd) = &config.cwd {
             command.current_dir(cwd);
         }
-        let spawned = spawner::spawn(command)
+        let spawned = spawner::spawn(command, self.lease.as_ref().map(|l| l.cell()))
             .await
             .map_err(|e| match &config.cwd {
                 Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),

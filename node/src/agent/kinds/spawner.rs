@@ -50,6 +50,27 @@ pub(super) struct Keeper {
     pid: libc::pid_t,
     /// Its stack (mmap'ed), unmapped once it is reaped.
     stack: Stack,
+    /// What it reads (its arguments, and the lease deadline they point to), freed once it
+    /// is reaped.
+    args: Option<Box<KeeperArgs>>,
+    _lease: Option<Lease>,
+}
+
+type Lease = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+// SAFETY: the pointer is only read (by the keeper) while the Keeper that owns the cell lives.
+unsafe impl Send for KeeperArgs {}
+// SAFETY: as above; the cell is atomic.
+unsafe impl Sync for KeeperArgs {}
+
+/// The keeper's arguments: the only memory of the node it reads, besides the lease cell.
+#[derive(Debug)]
+#[repr(C)]
+struct KeeperArgs {
+    node: u32,
+    pgid: i32,
+    /// The group's singleton lease deadline (monotonic ns), or null for none.
+    lease: *const std::sync::atomic::AtomicU64,
 }
 
 impl Keeper {
@@ -77,7 +98,10 @@ impl Drop for Keeper {
         };
         if reaped {
             self.stack.unmap();
+            drop(self.args.take());
         } else {
+            // Its arguments must outlive it, too.
+            std::mem::forget(self.args.take());
             // Never free a stack a keeper may still run on: leak the 64 KiB instead.
             tracing::warn!(
                 "cannot reap the keeper pid {}: {}",
@@ -130,7 +154,9 @@ fn block_every_signal() {
 
 /// Spawn `command` (which must put the process in a group of its own, `process_group(0)`) from
 /// the spawner thread, with a parent-death signal, and give its group a keeper.
-pub(super) async fn spawn(mut command: Command) -> io::Result<Spawned> {
+/// With `lease`, the keeper also kills the group once that deadline has passed (a singleton
+/// whose node holds no lease any more), whatever the node is doing.
+pub(super) async fn spawn(mut command: Command, lease: Option<Lease>) -> io::Result<Spawned> {
     let node = std::process::id();
     // SAFETY: sigemptyset on a local set.
     let no_signal = unsafe {
@@ -162,7 +188,7 @@ pub(super) async fn spawn(mut command: Command) -> io::Result<Spawned> {
         let _entered = runtime.enter();
         let spawned = command.spawn().map(|child| {
             let keeper = match child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-                Some(pgid) => start_keeper(pgid),
+                Some(pgid) => start_keeper(pgid, lease),
                 None => Err(io::Error::other("the process has no pid")),
             };
             Spawned { child, keeper }
@@ -240,11 +266,16 @@ impl Stack {
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
-fn start_keeper(pgid: libc::pid_t) -> io::Result<Keeper> {
+fn start_keeper(pgid: libc::pid_t, lease: Option<Lease>) -> io::Result<Keeper> {
     let mut stack = Stack::map()?;
-    // Both pids travel in the argument itself, so that the keeper reads no memory of ours.
-    let node = std::process::id() as u64;
-    let arg = ((node << 32) | u64::from(pgid as u32)) as usize as *mut libc::c_void;
+    let args = Box::new(KeeperArgs {
+        node: std::process::id(),
+        pgid,
+        lease: lease
+            .as_ref()
+            .map_or(std::ptr::null(), std::sync::Arc::as_ptr),
+    });
+    let arg = &*args as *const KeeperArgs as *mut libc::c_void;
     // SAFETY: the keeper runs `keep` on its own stack and only makes raw system calls (see the
     // module docs); the stack stays mapped until it is reaped (Keeper's drop).
     let pid = unsafe {
@@ -256,7 +287,12 @@ fn start_keeper(pgid: libc::pid_t) -> io::Result<Keeper> {
         stack.unmap();
         return Err(e);
     }
-    let keeper = Keeper { pid, stack };
+    let keeper = Keeper {
+        pid,
+        stack,
+        args: Some(args),
+        _lease: lease,
+    };
     // SAFETY: plain syscall on our own child, which never executes a program.
     if unsafe { libc::setpgid(pid, pgid) } != 0 {
         let e = io::Error::last_os_error();
@@ -273,7 +309,7 @@ fn start_keeper(pgid: libc::pid_t) -> io::Result<Keeper> {
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 )))]
-fn start_keeper(_pgid: libc::pid_t) -> io::Result<Keeper> {
+fn start_keeper(_pgid: libc::pid_t, _lease: Option<Lease>) -> io::Result<Keeper> {
     Err(io::Error::other(
         "process group keepers exist on Linux x86_64 and aarch64 only",
     ))
@@ -285,9 +321,14 @@ fn start_keeper(_pgid: libc::pid_t) -> io::Result<Keeper> {
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
 extern "C" fn keep(arg: *mut libc::c_void) -> libc::c_int {
-    let packed = arg as usize as u64;
-    let pgid = (packed & 0xffff_ffff) as u32 as libc::pid_t as usize;
-    let node = (packed >> 32) as u32 as usize;
+    // SAFETY: `arg` is the KeeperArgs the node keeps until this keeper is reaped; the lease
+    // cell, too (Keeper holds both).
+    let (pgid, node, lease) = unsafe {
+        let args = &*(arg as *const KeeperArgs);
+        (args.pgid as usize, args.node as usize, args.lease.as_ref())
+    };
+    // How often a lease is looked at.
+    const LEASE_CHECK_NS: i64 = 10_000_000;
     let every_signal: u64 = !0;
     let signals = &every_signal as *const u64 as usize;
     let sigset_size = std::mem::size_of::<u64>();
@@ -319,7 +360,45 @@ extern "C" fn keep(arg: *mut libc::c_void) -> libc::c_int {
         // Checked after setting the signal: the node may already be gone. Any other signal
         // (a group stop, something signalling its own group) leaves it waiting.
         while raw::syscall(libc::SYS_getppid, [0; 4]) as usize == node {
-            raw::syscall(libc::SYS_rt_sigtimedwait, [signals, 0, 0, sigset_size]);
+            let Some(lease) = lease else {
+                raw::syscall(libc::SYS_rt_sigtimedwait, [signals, 0, 0, sigset_size]);
+                continue;
+            };
+            // A singleton's group: also dies once the node's lease has passed, even if the
+            // node cannot act (frozen by SIGSTOP, a stalled VM).
+            let deadline = lease.load(std::sync::atomic::Ordering::Acquire);
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            raw::syscall(
+                libc::SYS_clock_gettime,
+                [
+                    libc::CLOCK_MONOTONIC as usize,
+                    &mut now as *mut libc::timespec as usize,
+                    0,
+                    0,
+                ],
+            );
+            let now_ns = (now.tv_sec as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(now.tv_nsec as u64);
+            if deadline != 0 && now_ns > deadline {
+                break;
+            }
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: LEASE_CHECK_NS,
+            };
+            raw::syscall(
+                libc::SYS_rt_sigtimedwait,
+                [
+                    signals,
+                    0,
+                    &pause as *const libc::timespec as usize,
+                    sigset_size,
+                ],
+            );
         }
         raw::syscall(
             libc::SYS_kill,

@@ -25,6 +25,7 @@ fn spec(config: Value, grace: Duration) -> InstanceSpec {
         grace,
         fencing_token: 1,
         kill: Default::default(),
+        lease: None,
     }
 }
 
@@ -688,7 +689,7 @@ fn exec_processes_outlive_the_thread_that_asked_for_them() {
                     .env("PIDFILE", &pidfile)
                     .process_group(0)
                     .kill_on_drop(true);
-                super::spawner::spawn(command).await.unwrap()
+                super::spawner::spawn(command, None).await.unwrap()
             })
         })
         .await
