@@ -373,6 +373,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         capacity: args.capacity,
         kinds,
         instances: instances.clone(),
+        heartbeat_grace: args.heartbeat_grace,
     })
     .label("Agent")
     .build();
@@ -555,6 +556,7 @@ struct Agent {
     capacity: u64,
     kinds: KindRegistry,
     instances: ServiceHandle,
+    heartbeat_grace: Duration,
 }
 
 impl Service for Agent {
@@ -568,6 +570,7 @@ impl Service for Agent {
             capacity: self.capacity,
             kinds: self.kinds.names(),
             incarnation: node.incarnation(),
+            heartbeat_grace_ms: self.heartbeat_grace.as_millis() as u64,
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
         let timings = AgentTimings::default();

@@ -411,6 +411,7 @@ mod tests {
             capacity: u64::MAX,
             kinds: vec![],
             incarnation: 1,
+            heartbeat_grace_ms: 0,
         };
         assert_eq!(
             check_command(&register).unwrap_err().to_string(),

@@ -180,6 +180,9 @@ pub enum Command {
         /// Its data directory's incarnation (0: unknown).
         #[serde(default)]
         incarnation: u64,
+        /// Its `--heartbeat-grace` in ms (0: unknown): every node must use the cluster's.
+        #[serde(default)]
+        heartbeat_grace_ms: u64,
     },
     /// Change a node's status.
     SetNodeStatus {
@@ -366,6 +369,10 @@ pub struct ClusterState {
     /// directory may not register again (a new one, joining afresh, may).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub removed: BTreeMap<u64, u64>,
+    /// The heartbeat grace every node uses (ms; set by the first node that registers): the
+    /// singleton lease arithmetic holds only if all nodes agree on it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub heartbeat_grace_ms: u64,
 }
 
 /// How many request ids the state remembers (a retry older than that many writes applies
@@ -448,6 +455,7 @@ impl ClusterState {
             traces: self.traces.clone(),
             requests: RequestLog::default(),
             removed: self.removed.clone(),
+            heartbeat_grace_ms: self.heartbeat_grace_ms,
         }
     }
 
@@ -489,7 +497,20 @@ impl ClusterState {
                 capacity,
                 kinds,
                 incarnation,
+                heartbeat_grace_ms,
             } => {
+                if *heartbeat_grace_ms != 0
+                    && self.heartbeat_grace_ms != 0
+                    && *heartbeat_grace_ms != self.heartbeat_grace_ms
+                {
+                    return CommandResult::refused(format!(
+                        "node {id} runs with --heartbeat-grace {heartbeat_grace_ms}ms, but this cluster uses {}ms: singleton leases are safe only if every node uses the same; start it with --heartbeat-grace {}ms",
+                        self.heartbeat_grace_ms, self.heartbeat_grace_ms
+                    ));
+                }
+                if self.heartbeat_grace_ms == 0 {
+                    self.heartbeat_grace_ms = *heartbeat_grace_ms;
+                }
                 if self.removed.get(id).is_some_and(|r| *r == *incarnation) {
                     return CommandResult::refused(format!(
                         "node {id} was removed from the cluster: it must not come back with the same data. Move its data directory away and start it with --join"
@@ -1027,6 +1048,7 @@ mod tests {
             capacity: 10,
             kinds: vec![],
             incarnation: 7,
+            heartbeat_grace_ms: 1500,
         };
         assert!(s.apply(&p(reg.clone())).ok);
         assert!(
@@ -1143,6 +1165,114 @@ mod tests {
         // An untraced change forgets the old context.
         s.apply(&p(Command::PutSpec { spec: spec("a") }));
         assert!(!s.traces.contains_key("a"));
+    }
+
+    #[test]
+    fn every_node_must_use_the_clusters_heartbeat_grace() {
+        let mut s = ClusterState::default();
+        let reg = |id, grace| Command::RegisterNode {
+            id,
+            address: format!("127.0.0.1:{id}"),
+            labels: BTreeMap::new(),
+            capacity: 10,
+            kinds: vec![],
+            incarnation: id,
+            heartbeat_grace_ms: grace,
+        };
+        assert!(s.apply(&p(reg(1, 1500))).ok);
+        assert_eq!(s.heartbeat_grace_ms, 1500);
+        let refused = s.apply(&p(reg(2, 3000)));
+        assert!(!refused.ok);
+        assert!(
+            refused.message.contains("--heartbeat-grace 1500ms"),
+            "{}",
+            refused.message
+        );
+        assert!(!s.nodes.contains_key(&2));
+        assert!(s.apply(&p(reg(2, 1500))).ok);
+    }
+
+    #[test]
+    fn a_wiped_or_removed_data_directory_cannot_register_as_the_member_it_was() {
+        let mut s = ClusterState::default();
+        let reg = |incarnation| Command::RegisterNode {
+            id: 3,
+            address: "127.0.0.1:3".into(),
+            labels: BTreeMap::new(),
+            capacity: 10,
+            kinds: vec![],
+            incarnation,
+            heartbeat_grace_ms: 0,
+        };
+        assert!(s.apply(&p(reg(11))).ok);
+        let wiped = s.apply(&p(reg(12)));
+        assert!(
+            !wiped.ok && wiped.message.contains("--rejoin"),
+            "{}",
+            wiped.message
+        );
+        assert!(s.apply(&p(Command::RemoveNode { id: 3 })).ok);
+        let back = s.apply(&p(reg(11)));
+        assert!(
+            !back.ok && back.message.contains("was removed"),
+            "{}",
+            back.message
+        );
+        // A new data directory joining afresh may.
+        assert!(s.apply(&p(reg(13))).ok);
+    }
+
+    #[test]
+    fn a_request_id_applies_once_and_answers_its_first_outcome() {
+        let mut s = ClusterState::default();
+        let mut put = p(Command::PutSpec { spec: spec("a") });
+        put.request_id = Some("r1".into());
+        let first = s.apply(&put);
+        let again = s.apply(&put);
+        assert_eq!(first.generation, Some(1));
+        assert_eq!(again.generation, Some(1));
+        assert!(again.duplicate && !first.duplicate);
+        assert_eq!(s.specs["a"].generation, 1);
+        assert!(
+            s.without_events().requests.is_empty(),
+            "not copied to the agent"
+        );
+    }
+
+    #[test]
+    fn reports_about_an_older_assignment_are_discarded() {
+        let mut s = ClusterState::default();
+        s.apply(&p(Command::PutSpec { spec: spec("a") }));
+        let place = |node| Command::Place {
+            assign: vec![SlotAssignment {
+                service: "a".into(),
+                slot: 0,
+                node,
+                moving_from: None,
+            }],
+            unassign: vec![],
+        };
+        s.apply_at(&p(place(1)), 10);
+        assert_eq!(s.placements["a"][&0].epoch, 10);
+        s.apply_at(&p(place(1)), 20);
+        let report = |epoch| Command::ReportInstance {
+            service: "a".into(),
+            slot: 0,
+            node: 1,
+            state: "running".into(),
+            restart_count: 0,
+            last_crash: None,
+            epoch,
+        };
+        let stale = s.apply(&p(report(10)));
+        assert!(
+            !stale.ok && stale.message.contains("stale report"),
+            "{}",
+            stale.message
+        );
+        assert_eq!(s.placements["a"][&0].state, "pending");
+        assert!(s.apply(&p(report(20))).ok);
+        assert_eq!(s.placements["a"][&0].state, "running");
     }
 
     #[test]
