@@ -33,6 +33,8 @@ mod beacon;
 mod context;
 mod cron;
 mod error;
+mod events;
+mod guarded;
 mod handle;
 mod signal;
 mod state;
@@ -43,7 +45,7 @@ mod timer;
 mod traits;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub(crate) use beacon::dot_escape;
 pub use beacon::{state_color, BeaconNode, NodeKind};
@@ -51,8 +53,10 @@ pub use context::{Context, TimerSpec};
 pub(crate) use cron::format_utc_ms;
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
+pub use events::{LifecycleEvent, LifecycleEventKind, EVENTS_CAPACITY, TREE_EVENTS_CAPACITY};
+pub(crate) use guarded::polling_threads;
 pub(crate) use handle::lock;
-pub use handle::{ServiceBuilder, ServiceHandle, DEFAULT_GRACE_PERIOD};
+pub use handle::{ServiceBuilder, ServiceHandle, StopOnDrop, DEFAULT_GRACE_PERIOD};
 pub use signal::{BoundSignal, Connection, Signal};
 pub use state::ServiceState;
 pub use supervisor::{Backoff, RestartIntensity, Strategy, Supervisor};
