@@ -194,7 +194,9 @@ async fn exceeding_the_intensity_reports_the_escalation_then_the_supervisors_cra
     flaky.crash("one");
     flaky.wait_for_state(crate::ServiceState::Running).await;
     flaky.crash("two");
-    sup.wait_until_stopped().await;
+    tokio::time::timeout(Duration::from_secs(60), sup.wait_until_stopped())
+        .await
+        .unwrap();
     let sup_events = of(&drain(&mut rx), "Outer/Sup");
     let escalated = sup_events
         .iter()

@@ -178,7 +178,9 @@ async fn a_child_panicking_in_on_start_counts_against_its_supervisors_restart_in
         .build();
     outer.start().await.unwrap();
     flaky.crash("first crash");
-    inner.wait_until_stopped().await;
+    tokio::time::timeout(Duration::from_secs(60), inner.wait_until_stopped())
+        .await
+        .expect("the supervisor gave up on the child");
     let reason = inner.last_crash_reason().unwrap().to_string();
     assert!(
         reason.starts_with("restart intensity exceeded: child 'Panicky'"),
