@@ -54,7 +54,7 @@ pub(crate) use cron::format_utc_ms;
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
 pub use events::{LifecycleEvent, LifecycleEventKind, EVENTS_CAPACITY, TREE_EVENTS_CAPACITY};
-pub(crate) use guarded::polling_threads;
+pub(crate) use guarded::{polling_threads, watch_polls, WatchGuard};
 pub(crate) use handle::lock;
 pub use handle::{ServiceBuilder, ServiceHandle, StopOnDrop, DEFAULT_GRACE_PERIOD};
 pub use signal::{BoundSignal, Connection, Signal};

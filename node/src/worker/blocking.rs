@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::service::{lock, polling_threads, ServiceHandle};
+use crate::service::{lock, polling_threads, watch_polls, ServiceHandle, WatchGuard};
 
 /// mode's default `blocking_timeout`.
 pub const DEFAULT_BLOCKING_THRESHOLD: Duration = Duration::from_secs(10);
@@ -18,10 +18,14 @@ pub const DEFAULT_BLOCKING_THRESHOLD: Duration = Duration::from_secs(10);
 /// and when the runtime it was started on has not polled its probe for that long (every
 /// worker thread blocked, possibly by code outside the services). Stops when dropped.
 ///
-/// A poll that blocks on purpose (`tokio::task::block_in_place`) is reported too.
+/// Threads record what they poll only while a detector runs (otherwise a hook's or task's
+/// poll costs one relaxed load more than a plain one), so a poll already running when the
+/// detector starts is not named. A poll that blocks on purpose
+/// (`tokio::task::block_in_place`) is reported too.
 pub struct BlockingDetector {
     shared: Arc<Shared>,
     probe: tokio::task::JoinHandle<()>,
+    _watching: WatchGuard,
 }
 
 struct Shared {
@@ -48,6 +52,7 @@ impl BlockingDetector {
         threshold: Duration,
         scope: Option<ServiceHandle>,
     ) -> BlockingDetector {
+        let watching = watch_polls();
         let shared = Arc::new(Shared {
             base: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
@@ -74,7 +79,11 @@ impl BlockingDetector {
         if let Err(e) = spawned {
             tracing::warn!("blocking detector disabled: cannot start its thread: {e}");
         }
-        BlockingDetector { shared, probe }
+        BlockingDetector {
+            shared,
+            probe,
+            _watching: watching,
+        }
     }
 
     /// How many blocked episodes were reported so far.
