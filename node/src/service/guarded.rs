@@ -122,12 +122,50 @@ impl Drop for WatchGuard {
 /// runs, recorded in its thread's slot.
 pub(crate) struct Guarded<'a, T> {
     fut: BoxFuture<'a, T>,
-    site: Site,
+    site: SiteOf<'a>,
+}
+
+/// A task's site, or what a hook's is built from on its first recorded poll (most hooks are
+/// never recorded, and building one costs a reference count).
+enum SiteOf<'a> {
+    Task(Site),
+    Hook {
+        service: &'a ServiceHandle,
+        hook: Hook,
+        built: Option<Site>,
+    },
+}
+
+impl SiteOf<'_> {
+    fn get(&mut self) -> &Site {
+        match self {
+            SiteOf::Task(site) => site,
+            SiteOf::Hook {
+                service,
+                hook,
+                built,
+            } => built.get_or_insert_with(|| Site::Hook((*service).clone(), *hook)),
+        }
+    }
 }
 
 impl<'a, T> Guarded<'a, T> {
-    pub(crate) fn new(site: Site, fut: BoxFuture<'a, T>) -> Self {
-        Guarded { fut, site }
+    pub(crate) fn task(site: Site, fut: BoxFuture<'a, T>) -> Self {
+        Guarded {
+            fut,
+            site: SiteOf::Task(site),
+        }
+    }
+
+    pub(crate) fn hook(service: &'a ServiceHandle, hook: Hook, fut: BoxFuture<'a, T>) -> Self {
+        Guarded {
+            fut,
+            site: SiteOf::Hook {
+                service,
+                hook,
+                built: None,
+            },
+        }
     }
 }
 
@@ -137,12 +175,12 @@ impl<T> Future for Guarded<'_, T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let site: *const Site = &this.site;
         let fut = &mut this.fut;
         let mut poll_inner = || catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
         let outcome = if WATCHERS.load(Ordering::Relaxed) == 0 {
             poll_inner()
         } else {
+            let site: *const Site = this.site.get();
             SLOT.try_with(|slot| {
                 slot.polls.fetch_add(1, Ordering::Release);
                 // Nested polls (a hook run by a supervisor's task) restore the outer site.

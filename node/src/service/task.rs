@@ -156,7 +156,7 @@ pub(crate) fn spawn_owned(
     owner.cell.live_tasks.fetch_add(1, Ordering::AcqRel);
     let guard = LiveGuard(owner.clone());
     let task_info = info.clone();
-    let guarded = Guarded::new(Site::Task(owner.clone(), info.clone()), fut);
+    let guarded = Guarded::task(Site::Task(owner.clone(), info.clone()), fut);
     let body = owner.scope(async move {
         let outcome = guarded.await;
         let me = &guard.0;
