@@ -125,44 +125,53 @@ pub(crate) struct Guarded<'a, T> {
     site: SiteOf<'a>,
 }
 
-/// A task's site, or what a hook's is built from on its first recorded poll (most hooks are
-/// never recorded, and building one costs a reference count).
-enum SiteOf<'a> {
-    Task(Site),
-    Hook {
-        service: &'a ServiceHandle,
-        hook: Hook,
-        built: Option<Site>,
-    },
+/// What a site is built from on the first recorded poll: most polls are never recorded, and
+/// a task's future lives as long as the task, so it stays small.
+struct SiteOf<'a> {
+    service: &'a ServiceHandle,
+    what: What<'a>,
+    built: Option<Box<Site>>,
+}
+
+enum What<'a> {
+    Hook(Hook),
+    Task(&'a Arc<TaskInfo>),
 }
 
 impl SiteOf<'_> {
     fn get(&mut self) -> &Site {
-        match self {
-            SiteOf::Task(site) => site,
-            SiteOf::Hook {
-                service,
-                hook,
-                built,
-            } => built.get_or_insert_with(|| Site::Hook((*service).clone(), *hook)),
-        }
+        let (service, what) = (self.service, &self.what);
+        self.built.get_or_insert_with(|| {
+            Box::new(match what {
+                What::Hook(hook) => Site::Hook(service.clone(), *hook),
+                What::Task(task) => Site::Task(service.clone(), Arc::clone(task)),
+            })
+        })
     }
 }
 
 impl<'a, T> Guarded<'a, T> {
-    pub(crate) fn task(site: Site, fut: BoxFuture<'a, T>) -> Self {
+    pub(crate) fn task(
+        service: &'a ServiceHandle,
+        task: &'a Arc<TaskInfo>,
+        fut: BoxFuture<'a, T>,
+    ) -> Self {
         Guarded {
             fut,
-            site: SiteOf::Task(site),
+            site: SiteOf {
+                service,
+                what: What::Task(task),
+                built: None,
+            },
         }
     }
 
     pub(crate) fn hook(service: &'a ServiceHandle, hook: Hook, fut: BoxFuture<'a, T>) -> Self {
         Guarded {
             fut,
-            site: SiteOf::Hook {
+            site: SiteOf {
                 service,
-                hook,
+                what: What::Hook(hook),
                 built: None,
             },
         }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::guarded::{Guarded, Site};
+use super::guarded::Guarded;
 use super::handle::lock;
 use super::{Result, ServiceHandle};
 
@@ -156,9 +156,8 @@ pub(crate) fn spawn_owned(
     owner.cell.live_tasks.fetch_add(1, Ordering::AcqRel);
     let guard = LiveGuard(owner.clone());
     let task_info = info.clone();
-    let guarded = Guarded::task(Site::Task(owner.clone(), info.clone()), fut);
     let body = owner.scope(async move {
-        let outcome = guarded.await;
+        let outcome = Guarded::task(&guard.0, &task_info, fut).await;
         let me = &guard.0;
         let what = kind.noun();
         match outcome {
