@@ -160,12 +160,16 @@ impl ServiceHandle {
         })
     }
 
-    /// Send `kind` to this service's subscribers and to the subtree subscribers of it and its
-    /// ancestors.
-    pub(crate) fn emit(&self, kind: LifecycleEventKind) {
-        if !ANY_SUBSCRIBER.load(Ordering::Relaxed) {
-            return;
+    /// Send the event `kind()` to this service's subscribers and to the subtree subscribers of
+    /// it and its ancestors; while nothing subscribed, one relaxed load and nothing built.
+    #[inline]
+    pub(crate) fn emit(&self, kind: impl FnOnce() -> LifecycleEventKind) {
+        if ANY_SUBSCRIBER.load(Ordering::Relaxed) {
+            self.send_event(kind());
         }
+    }
+
+    fn send_event(&self, kind: LifecycleEventKind) {
         let mut event: Option<LifecycleEvent> = None;
         let mut make = |kind: &LifecycleEventKind| {
             event

@@ -524,7 +524,7 @@ impl ServiceHandle {
                         self.log_prefix(),
                         self.restart_count()
                     );
-                    self.emit(LifecycleEventKind::Crashed {
+                    self.emit(|| LifecycleEventKind::Crashed {
                         reason: reason.clone(),
                     });
                     // A crash during start is reported by `start`'s result, not escalated.
@@ -688,7 +688,7 @@ impl ServiceHandle {
             info.started_at = Some(Instant::now());
         }
         self.set_state(ServiceState::Starting);
-        self.emit(LifecycleEventKind::Starting);
+        self.emit(|| LifecycleEventKind::Starting);
         self.log_lifecycle("Starting...");
         let ctx = self.context();
 
@@ -773,7 +773,7 @@ impl ServiceHandle {
             .is_ok();
         if promoted {
             cell.state_changed.notify_waiters();
-            self.emit(LifecycleEventKind::Started);
+            self.emit(|| LifecycleEventKind::Started);
             Ok(())
         } else {
             let r = self.interrupted().unwrap_or(Ok(()));
@@ -831,7 +831,7 @@ impl ServiceHandle {
             self.cell.stop.set();
             tracing::error!("[{}]: Failed to start: {reason}", self.log_prefix());
             if !already_crashed {
-                self.emit(LifecycleEventKind::Crashed {
+                self.emit(|| LifecycleEventKind::Crashed {
                     reason: reason.clone(),
                 });
             }
@@ -849,12 +849,12 @@ impl ServiceHandle {
         if !cell.active.load(Ordering::Acquire) {
             if self.state() == ServiceState::Init {
                 self.set_state(ServiceState::Shutdown);
-                self.emit(LifecycleEventKind::Stopped);
+                self.emit(|| LifecycleEventKind::Stopped);
             }
             return;
         }
         self.set_state(ServiceState::Stopping);
-        self.emit(LifecycleEventKind::Stopping);
+        self.emit(|| LifecycleEventKind::Stopping);
         self.log_lifecycle("Stopping...");
         let grace = cell.grace;
         let deadline = Instant::now() + grace;
@@ -888,7 +888,7 @@ impl ServiceHandle {
             ServiceState::Shutdown
         };
         self.set_state(final_state);
-        self.emit(LifecycleEventKind::Stopped);
+        self.emit(|| LifecycleEventKind::Stopped);
         if self.was_forced() {
             self.log_lifecycle(&format!(
                 "-Stopped! (forced after the {grace:?} grace period)"
@@ -907,7 +907,7 @@ impl ServiceHandle {
             HookFailure::Panicked(_) | HookFailure::TimedOut(_) => {
                 self.cell.forced.store(true, Ordering::Relaxed);
                 tracing::error!("[{}]: {what}; the stop goes on", self.log_prefix());
-                self.emit(LifecycleEventKind::ForcedStop { reason: what });
+                self.emit(|| LifecycleEventKind::ForcedStop { reason: what });
             }
         }
     }
@@ -940,7 +940,7 @@ impl ServiceHandle {
             };
             tracing::warn!("[{}]: {what}", self.log_prefix());
             cell.forced.store(true, Ordering::Relaxed);
-            self.emit(LifecycleEventKind::ForcedStop { reason: what });
+            self.emit(|| LifecycleEventKind::ForcedStop { reason: what });
             let aborted =
                 tokio::time::timeout(Duration::from_secs(1), wait_until(&cell.tasks_done, done))
                     .await;

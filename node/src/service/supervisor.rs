@@ -365,7 +365,7 @@ impl Supervision {
                 within,
             );
             let reason = CrashReason::new(reason);
-            self.ctx.handle().emit(LifecycleEventKind::Escalated {
+            self.ctx.handle().emit(|| LifecycleEventKind::Escalated {
                 reason: reason.clone(),
             });
             self.ctx.crash(reason);
@@ -394,7 +394,7 @@ impl Supervision {
         if self.pending.iter().any(|(_, c)| c.same(&child)) {
             return Decision::Wait;
         }
-        child.emit(LifecycleEventKind::Restarting {
+        child.emit(|| LifecycleEventKind::Restarting {
             attempt: count,
             backoff: delay,
         });
