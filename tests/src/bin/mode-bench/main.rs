@@ -16,7 +16,8 @@
 //!   `__services <shape> <n>` subcommand) so that the RSS growth is clean; timings are the
 //!   median of `--reps` runs (default 3), `bytes_per_service` too. Then the same for flat
 //!   services that each run one 100 ms timer, or one task sleeping until the stop
-//!   (`--work-sizes`, default 10,000): stopping them means waking and joining every task.
+//!   (`--work-sizes`, default 10,000), stopped 300 ms after the start so that every task runs:
+//!   stopping them means waking and joining every task.
 //! * `timers`: 10,000 services, each with one 100 ms timer started in `on_start`; after a 1 s
 //!   warm-up, every fire during a 5 s window records its interval-based lateness
 //!   ((now − previous fire of the same timer) − 100 ms, signed).
@@ -334,6 +335,11 @@ fn services_child(shape: Shape, n: usize, work: Work) -> anyhow::Result<Services
         let rss_after = rss_bytes()?;
         if root.state() != ServiceState::Running {
             bail!("root is {} after start", root.state());
+        }
+        if work != Work::None {
+            // Let every task or timer get its first poll: the stop should measure stopping
+            // running work, not the tail of the start.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         let t2 = Instant::now();
         root.stop().await;
