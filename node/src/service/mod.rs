@@ -10,6 +10,13 @@
 //!   restart intensity and exponential backoff; escalates like OTP.
 //! * [`Signal`]: typed observers.
 //! * [`BeaconNode`]: the tree of everything running, as text, JSON or Graphviz dot.
+//! * [`LifecycleEvent`]: what happens to a service or a subtree, as a typed, timestamped
+//!   stream ([`ServiceHandle::subscribe`], [`ServiceHandle::subscribe_tree`]).
+//!
+//! A panic in a hook is caught like a panic in a task: a start hook's fails the start and
+//! leaves the service `crashed` (the reason names the hook); a stop hook's is a forced stop
+//! that still ends in `shutdown`. Dropping every handle leaves a service running, detached;
+//! [`ServiceHandle::stop_on_drop`] stops it with its guard.
 //!
 //! # Where this differs from Python mode, and why
 //!
