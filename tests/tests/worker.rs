@@ -119,15 +119,72 @@ fn a_failed_start_exits_1_naming_the_service() {
 }
 
 #[test]
-fn a_shutdown_past_its_timeout_exits_2() {
+fn a_shutdown_past_its_timeout_exits_2_naming_the_hook_it_waits_for() {
     let p = start(&["--hang-on-stop", "--shutdown-timeout-ms", "300"]);
     signal(&p, "TERM");
     let (code, err) = finish(p, Duration::from_secs(10));
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("did not stop within the 300ms shutdown timeout"),
+        err.contains("did not stop within the 300ms shutdown timeout; still stopping:\n  Worker/Fixture: in on_stop (grace period 60s)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_shutdown_past_its_timeout_names_the_tasks_it_waits_for() {
+    let p = start(&["--hang-task", "--shutdown-timeout-ms", "300"]);
+    signal(&p, "TERM");
+    let (code, err) = finish(p, Duration::from_secs(10));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("Worker/Fixture: waiting for its tasks 'work' (grace period 60s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_panic_in_on_start_exits_1_not_101_and_names_the_hook() {
+    let mut child = Command::new(FIXTURE)
+        .args(["--panic-in", "on_start"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: service 'Worker' failed to start: dependency 'Fixture' failed to start: on_start panicked: simulated panic in on_start"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_panic_in_on_stop_still_stops_everything_and_exits_0() {
+    let p = start(&["--panic-in", "on_stop"]);
+    signal(&p, "TERM");
+    let (code, err) = finish(p, Duration::from_secs(10));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("[^-Fixture]: on_stop panicked: simulated panic in on_stop; the stop goes on"),
+        "{err}"
+    );
+    assert!(err.contains("[^Worker]: -Stopped!"), "{err}");
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let p = start(&["--crash-after-ms", "100"]);
+    let (code, err) = finish(p, Duration::from_secs(10));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Crashed"), "{err}");
+    assert!(!err.contains('\x1b'), "stderr is a pipe: {err:?}");
 }
 
 #[test]
@@ -174,6 +231,28 @@ fn a_blocked_runtime_is_reported() {
     let (code, err) = finish(p, Duration::from_secs(10));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("Blocking detected"), "{err}");
+    assert!(err.contains("task 'work' of service 'Fixture'"), "{err}");
+}
+
+#[test]
+fn one_blocked_worker_thread_among_healthy_ones_is_reported_by_name() {
+    let p = start(&[
+        "--block-ms",
+        "1500",
+        "--blocking-threshold-ms",
+        "300",
+        "--worker-threads",
+        "2",
+    ]);
+    std::thread::sleep(Duration::from_millis(2200));
+    signal(&p, "TERM");
+    let (code, err) = finish(p, Duration::from_secs(10));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Blocking detected: thread '"), "{err}");
+    assert!(
+        err.contains("in one poll of task 'work' of service 'Fixture'"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -131,10 +131,49 @@ impl ServiceHandle {
             crash_reason: self.crash_reason().map(|r| r.to_string()),
             last_crash_reason: self.last_crash_reason().map(|r| r.to_string()),
             uptime_s: self.uptime().map(millis),
-            detail: self
-                .was_forced()
-                .then(|| "last stop was forced".to_string()),
+            detail: self.detail(),
             children,
+        }
+    }
+}
+
+impl ServiceHandle {
+    /// What a service is busy with (while starting or stopping) and whether its last stop was
+    /// forced.
+    fn detail(&self) -> Option<String> {
+        let forced = self.was_forced().then_some("last stop was forced");
+        match (self.waiting_for(), forced) {
+            (Some(busy), Some(forced)) => Some(format!("{busy}; {forced}")),
+            (Some(busy), None) => Some(busy),
+            (None, forced) => forced.map(str::to_string),
+        }
+    }
+
+    /// Every service in this subtree (this one included) that is still stopping and busy with
+    /// a hook or its tasks, with what it waits for, e.g. `Worker/Db: in on_stop`.
+    pub(crate) fn stuck_stopping(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.collect_stuck(&mut out);
+        out
+    }
+
+    fn collect_stuck(&self, out: &mut Vec<String>) {
+        if self.state() == super::ServiceState::Stopping {
+            if let Some(busy) = self.waiting_for() {
+                if !matches!(
+                    self.activity(),
+                    super::handle::Activity::StoppingDependencies
+                ) {
+                    out.push(format!(
+                        "{}: {busy} (grace period {:?})",
+                        self.path(),
+                        self.grace_period()
+                    ));
+                }
+            }
+        }
+        for dep in self.dependencies().iter().chain(self.mirrored().iter()) {
+            dep.collect_stuck(out);
         }
     }
 }

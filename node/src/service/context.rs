@@ -176,15 +176,23 @@ impl Context {
         Ok(())
     }
 
-    /// Add `child` as a dependency of this run and start it now if the service is starting or
-    /// running. It is stopped with the service and not re-added by a restart (unlike mode,
+    /// Add `child` as a dependency of this run and start it now (the service is starting or
+    /// running). It is stopped with the service and not re-added by a restart (unlike mode,
     /// where each restart added one more copy).
+    ///
+    /// Fails with [`ServiceError::NotRunning`] once this run is stopping, crashed or over
+    /// (the child is then neither added nor started), and like [`ServiceHandle::start`] when
+    /// the child fails to start.
     pub async fn add_runtime_dependency(
         &self,
         child: ServiceHandle,
     ) -> std::result::Result<ServiceHandle, ServiceError> {
         if self.should_stop() {
-            return Ok(child);
+            return Err(ServiceError::NotRunning {
+                service: self.label().to_string(),
+                child: child.label().to_string(),
+                state: self.handle.state(),
+            });
         }
         self.handle.add_runtime(&child);
         child.maybe_start().await?;

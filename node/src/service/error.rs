@@ -73,6 +73,28 @@ pub enum ServiceError {
         /// Why, including the dependency that failed if it was one.
         reason: CrashReason,
     },
+    /// A stop cut the start short (nothing failed); that stop takes the service to `shutdown`.
+    #[error(
+        "service '{service}' was stopped before its start finished; restart() starts it again"
+    )]
+    StartCancelled {
+        /// The service's label.
+        service: String,
+    },
+    /// A runtime dependency was offered to a service whose run is over or ending.
+    #[error(
+        "cannot add runtime dependency '{child}' to service '{service}' ({state}): its run has \
+         ended or is ending; add runtime dependencies from its hooks or tasks while it runs, \
+         or use add_dependency to start one with its next start"
+    )]
+    NotRunning {
+        /// The service that would have been the parent.
+        service: String,
+        /// The dependency's label.
+        child: String,
+        /// The state the service was in.
+        state: super::ServiceState,
+    },
 }
 
 impl ServiceError {
@@ -80,7 +102,9 @@ impl ServiceError {
     pub fn reason(&self) -> Option<&CrashReason> {
         match self {
             ServiceError::StartFailed { reason, .. } => Some(reason),
-            ServiceError::NotStartable { .. } => None,
+            ServiceError::NotStartable { .. }
+            | ServiceError::StartCancelled { .. }
+            | ServiceError::NotRunning { .. } => None,
         }
     }
 }

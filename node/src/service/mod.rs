@@ -10,6 +10,13 @@
 //!   restart intensity and exponential backoff; escalates like OTP.
 //! * [`Signal`]: typed observers.
 //! * [`BeaconNode`]: the tree of everything running, as text, JSON or Graphviz dot.
+//! * [`LifecycleEvent`]: what happens to a service or a subtree, as a typed, timestamped
+//!   stream ([`ServiceHandle::subscribe`], [`ServiceHandle::subscribe_tree`]).
+//!
+//! A panic in a hook is caught like a panic in a task: a start hook's fails the start and
+//! leaves the service `crashed` (the reason names the hook); a stop hook's is a forced stop
+//! that still ends in `shutdown`. Dropping every handle leaves a service running, detached;
+//! [`ServiceHandle::stop_on_drop`] stops it with its guard.
 //!
 //! # Where this differs from Python mode, and why
 //!
@@ -33,6 +40,8 @@ mod beacon;
 mod context;
 mod cron;
 mod error;
+mod events;
+mod guarded;
 mod handle;
 mod signal;
 mod state;
@@ -43,7 +52,7 @@ mod timer;
 mod traits;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub(crate) use beacon::dot_escape;
 pub use beacon::{state_color, BeaconNode, NodeKind};
@@ -51,8 +60,10 @@ pub use context::{Context, TimerSpec};
 pub(crate) use cron::format_utc_ms;
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
+pub use events::{LifecycleEvent, LifecycleEventKind, EVENTS_CAPACITY, TREE_EVENTS_CAPACITY};
+pub(crate) use guarded::{polling_threads, watch_polls, WatchGuard};
 pub(crate) use handle::lock;
-pub use handle::{ServiceBuilder, ServiceHandle, DEFAULT_GRACE_PERIOD};
+pub use handle::{ServiceBuilder, ServiceHandle, StopOnDrop, DEFAULT_GRACE_PERIOD};
 pub use signal::{BoundSignal, Connection, Signal};
 pub use state::ServiceState;
 pub use supervisor::{Backoff, RestartIntensity, Strategy, Supervisor};

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use super::beacon::NodeKind;
-use super::{Context, Result, Service, ServiceHandle};
+use super::{Context, CrashReason, LifecycleEventKind, Result, Service, ServiceHandle};
 
 /// Which children a supervisor restarts when one crashes (OTP's restart strategies, plus
 /// mode's forfeit variants that give up instead).
@@ -364,6 +364,10 @@ impl Supervision {
                 self.restarts.len(),
                 within,
             );
+            let reason = CrashReason::new(reason);
+            self.ctx.handle().emit(|| LifecycleEventKind::Escalated {
+                reason: reason.clone(),
+            });
             self.ctx.crash(reason);
             return Decision::GiveUp;
         }
@@ -390,6 +394,10 @@ impl Supervision {
         if self.pending.iter().any(|(_, c)| c.same(&child)) {
             return Decision::Wait;
         }
+        child.emit(|| LifecycleEventKind::Restarting {
+            attempt: count,
+            backoff: delay,
+        });
         if delay.is_zero() {
             return Decision::RestartNow(child);
         }

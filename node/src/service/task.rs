@@ -1,19 +1,17 @@
 //! Background work owned by a service: tasks, futures, timers and cron jobs, tracked so that a
 //! stop can wait for them, abort the ones that overrun, and show them in the beacon.
 
-use std::any::Any;
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskCx, Poll};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::guarded::Guarded;
 use super::handle::lock;
 use super::{Result, ServiceHandle};
 
@@ -29,6 +27,18 @@ pub enum TaskKind {
     Timer,
     /// A cron-scheduled job (mode's `@Service.crontab`).
     Cron,
+}
+
+impl TaskKind {
+    /// The word used in crash reasons and logs (`task`, `timer`, ...).
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            TaskKind::Task => "task",
+            TaskKind::Future => "future",
+            TaskKind::Timer => "timer",
+            TaskKind::Cron => "cron job",
+        }
+    }
 }
 
 /// Where a task is.
@@ -147,14 +157,9 @@ pub(crate) fn spawn_owned(
     let guard = LiveGuard(owner.clone());
     let task_info = info.clone();
     let body = owner.scope(async move {
-        let outcome = CatchUnwind(fut).await;
+        let outcome = Guarded::task(&guard.0, &task_info, fut).await;
         let me = &guard.0;
-        let what = match kind {
-            TaskKind::Task => "task",
-            TaskKind::Future => "future",
-            TaskKind::Timer => "timer",
-            TaskKind::Cron => "cron job",
-        };
+        let what = kind.noun();
         match outcome {
             Ok(Ok(())) => task_info.set_state(TaskState::Done),
             Ok(Err(e)) => {
@@ -173,29 +178,4 @@ pub(crate) fn spawn_owned(
         info,
         abort: join.abort_handle(),
     });
-}
-
-/// Turns a panic inside a poll into an error carrying the panic message.
-struct CatchUnwind(Pin<Box<dyn Future<Output = Result<()>> + Send>>);
-
-impl Future for CatchUnwind {
-    type Output = std::result::Result<Result<()>, String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Self::Output> {
-        match catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(r)) => Poll::Ready(Ok(r)),
-            Err(payload) => Poll::Ready(Err(panic_message(payload))),
-        }
-    }
-}
-
-pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
 }

@@ -4,6 +4,7 @@
 use tokio::sync::oneshot;
 
 use super::beacon::NodeKind;
+use super::guarded::panic_message;
 use super::{Context, CrashReason, Result, Service, ServiceHandle};
 
 /// Runs `inner` on its own thread. Build it with [`ServiceHandle::on_own_thread`].
@@ -90,16 +91,38 @@ impl Service for ThreadService {
         match started_rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => Err(format!("on its thread: {reason}").into()),
-            Err(_) => Err(format!("the thread of '{}' exited during start", ctx.label()).into()),
+            Err(_) => {
+                let why = match self.running.take() {
+                    Some(t) => join(t.thread).await.err(),
+                    None => None,
+                };
+                Err(format!(
+                    "the thread of '{}' exited during start{}",
+                    ctx.label(),
+                    why.map(|w| format!(": {w}")).unwrap_or_default()
+                )
+                .into())
+            }
         }
     }
 
-    async fn on_stop(&mut self, _ctx: &Context) -> Result<()> {
+    async fn on_stop(&mut self, ctx: &Context) -> Result<()> {
         if let Some(t) = self.running.take() {
             let _ = t.stop.send(());
             let _ = t.done.await;
-            let _ = tokio::task::spawn_blocking(move || t.thread.join()).await;
+            if let Err(why) = join(t.thread).await {
+                return Err(format!("the thread of '{}' {why}", ctx.label()).into());
+            }
         }
         Ok(())
+    }
+}
+
+/// Join the service's thread without blocking the runtime; `Err` says how it ended badly.
+async fn join(thread: std::thread::JoinHandle<()>) -> std::result::Result<(), String> {
+    match tokio::task::spawn_blocking(move || thread.join()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(panic)) => Err(format!("panicked: {}", panic_message(panic))),
+        Err(e) => Err(format!("could not be joined: {e}")),
     }
 }

@@ -1,5 +1,8 @@
-//! The worker's tracing subscriber: level or filter, text or JSON, stderr or a file.
+//! The worker's tracing subscriber: level or filter, text or JSON, stderr or a file; colour
+//! only on a terminal.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -95,9 +98,17 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
             .expect("a valid directive"),
     );
     let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let ansi = colour_wanted(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match (&config.file, config.format) {
-        (None, LogFormat::Text) => fmt.with_writer(std::io::stderr).boxed(),
-        (None, LogFormat::Json) => fmt.json().with_writer(std::io::stderr).boxed(),
+        (None, LogFormat::Text) => fmt.with_ansi(ansi).with_writer(std::io::stderr).boxed(),
+        (None, LogFormat::Json) => fmt
+            .json()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
         (Some(path), format) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -110,7 +121,7 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
             let writer = std::sync::Mutex::new(file);
             match format {
                 LogFormat::Text => fmt.with_ansi(false).with_writer(writer).boxed(),
-                LogFormat::Json => fmt.json().with_writer(writer).boxed(),
+                LogFormat::Json => fmt.json().with_ansi(false).with_writer(writer).boxed(),
             }
         }
     };
@@ -130,6 +141,12 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
     // An already installed subscriber is not an error.
     let _ = result;
     Ok(())
+}
+
+/// Colour escapes only on a terminal, and never when `NO_COLOR` is set to anything but the
+/// empty string (<https://no-color.org>): a pipe or a file gets plain text.
+pub(crate) fn colour_wanted(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 fn program_name() -> String {

@@ -37,10 +37,12 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// * `Worker` is the root of the beacon, so logs read `[^Worker]`, `[^-App]`, `[^--Child]`.
 /// * SIGINT or SIGTERM stops the tree gracefully within the shutdown timeout; a second
 ///   signal exits at once. SIGUSR1 logs the beacon tree with every task's state.
-/// * A blocking detector warns when the runtime has not polled its probe for longer than the
-///   threshold (default 10 s, as in mode).
-/// * Exit status (see [`WorkerExit::code`]): 0 on a clean stop, 1 when a service crashed or
-///   failed to start (the reason is printed), 2 when the shutdown timed out, 130 on a second
+/// * A blocking detector warns when one poll of a service's hook or task has blocked its
+///   thread for longer than the threshold (default 10 s, as in mode), naming the service and
+///   the hook or task, and when the whole runtime has stopped polling.
+/// * Exit status (see [`WorkerExit::code`]): 0 on a clean stop, 1 when a service crashed,
+///   failed to start or panicked in a hook (the reason is printed), 2 when the shutdown timed
+///   out (every service still stopping is named, with what it waits for), 130 on a second
 ///   signal.
 pub struct Worker {
     root: ServiceHandle,
@@ -159,8 +161,9 @@ impl Worker {
 
     /// Runtime worker threads for [`Worker::run`] (default: one per core).
     ///
-    /// The blocking detector notices a blocked runtime when its probe cannot run; with several
-    /// worker threads, one blocked thread among healthy ones usually goes unnoticed.
+    /// The blocking detector notices one blocked thread among healthy ones when the blocking
+    /// code runs in a service's hook, task or timer; other code is noticed when it blocks
+    /// every worker thread.
     pub fn worker_threads(mut self, threads: usize) -> Self {
         self.worker_threads = Some(threads.max(1));
         self
@@ -215,11 +218,19 @@ impl Worker {
                 None
             }
         };
-        if let Some(Err(e)) = started {
-            eprintln!("error: {e}");
-            root.stop().await;
-            return WorkerExit::StartFailed(e);
-        }
+        let started = match started {
+            // Something stopped the worker while it started: a stop like any other.
+            Some(Err(ServiceError::StartCancelled { .. })) => {
+                tracing::info!("[{prefix}]: Stopped while starting...");
+                None
+            }
+            Some(Err(e)) => {
+                eprintln!("error: {e}");
+                root.stop().await;
+                return WorkerExit::StartFailed(e);
+            }
+            started => started,
+        };
         if started.is_some() {
             loop {
                 tokio::select! {
@@ -236,6 +247,8 @@ impl Worker {
         }
 
         let stopped = tokio::select! {
+            // The stop runs as a task of its own: when the timeout fires, it is still going,
+            // and whatever it waits for can be named.
             r = tokio::time::timeout(self.shutdown_timeout, root.stop()) => r.is_ok(),
             sig = signals.stop_requested() => {
                 eprintln!("{sig} received again while stopping: exiting now");
@@ -250,14 +263,37 @@ impl Worker {
             return WorkerExit::Crashed(reason);
         }
         if !stopped {
-            eprintln!(
-                "error: services did not stop within the {:?} shutdown timeout",
-                self.shutdown_timeout
-            );
+            eprintln!("{}", timeout_report(&root, self.shutdown_timeout));
             return WorkerExit::ShutdownTimedOut(self.shutdown_timeout);
         }
         WorkerExit::Stopped
     }
+}
+
+/// Most services a timed-out shutdown names one by one.
+const MAX_NAMED: usize = 20;
+
+/// What a shutdown that timed out still waits for: every service still stopping with the hook
+/// or tasks it waits for, e.g. `Worker/Db: in on_stop (grace period 1m)`.
+fn timeout_report(root: &ServiceHandle, timeout: Duration) -> String {
+    let stuck = root.stuck_stopping();
+    let mut out = format!("error: services did not stop within the {timeout:?} shutdown timeout");
+    if stuck.is_empty() {
+        out.push_str(" (none is in a stop hook or waiting for its tasks any more)");
+        return out;
+    }
+    out.push_str("; still stopping:");
+    for line in stuck.iter().take(MAX_NAMED) {
+        out.push_str("\n  ");
+        out.push_str(line);
+    }
+    if stuck.len() > MAX_NAMED {
+        out.push_str(&format!("\n  ... and {} more", stuck.len() - MAX_NAMED));
+    }
+    out.push_str(
+        "\nraise the shutdown timeout, or shorten the grace periods of the services named",
+    );
+    out
 }
 
 /// SIGINT and SIGTERM; each is optional so that a failure to install one does not prevent

@@ -1,5 +1,5 @@
 //! A small program run by the worker process tests: one service whose behaviour flags choose
-//! (crash, hang on stop, block the runtime, fail to start).
+//! (crash, panic in a hook, hang on stop, block the runtime, fail to start).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,6 +17,12 @@ struct Args {
     /// Never finish on_stop.
     #[arg(long)]
     hang_on_stop: bool,
+    /// The task ignores the stop.
+    #[arg(long)]
+    hang_task: bool,
+    /// Panic in this hook (on_start or on_stop).
+    #[arg(long)]
+    panic_in: Option<String>,
     /// Block the runtime thread this long, 200 ms after start.
     #[arg(long)]
     block_ms: Option<u64>,
@@ -40,6 +46,9 @@ impl Service for Fixture {
         if self.0.fail_start {
             return Err("port 80 is already in use".into());
         }
+        if self.0.panic_in.as_deref() == Some("on_start") {
+            panic!("simulated panic in on_start");
+        }
         let args = self.0.clone();
         ctx.timer("heartbeat", Duration::from_millis(100), || async { Ok(()) });
         let c = ctx.clone();
@@ -53,6 +62,9 @@ impl Service for Fixture {
                 return Err("simulated failure".into());
             }
             c.stopped().await;
+            if args.hang_task {
+                std::future::pending::<()>().await;
+            }
             Ok(())
         });
         println!("READY");
@@ -60,6 +72,9 @@ impl Service for Fixture {
     }
 
     async fn on_stop(&mut self, _ctx: &Context) -> Result<()> {
+        if self.0.panic_in.as_deref() == Some("on_stop") {
+            panic!("simulated panic in on_stop");
+        }
         if self.0.hang_on_stop {
             std::future::pending::<()>().await;
         }

@@ -432,8 +432,156 @@ async fn a_stop_during_a_slow_start_interrupts_it() {
     settle().await;
     assert_eq!(s.state(), ServiceState::Starting);
     s.stop().await;
-    assert!(starting.await.unwrap().is_ok());
+    let cut_short = starting.await.unwrap();
+    assert_eq!(
+        cut_short,
+        Err(ServiceError::StartCancelled {
+            service: "SlowStart".to_string()
+        }),
+        "a start cut short is not reported as a success"
+    );
     assert_eq!(s.state(), ServiceState::Shutdown);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_dependency_offered_to_a_stopped_service_is_an_error_and_not_started() {
+    let kept: Arc<std::sync::Mutex<Option<Context>>> = Arc::default();
+    let k = kept.clone();
+    let parent = ServiceHandle::new(OnStart("Parent", move |ctx: &Context| {
+        *k.lock().unwrap() = Some(ctx.clone());
+        Ok(())
+    }));
+    parent.start().await.unwrap();
+    parent.stop().await;
+    let ctx = kept.lock().unwrap().clone().unwrap();
+    let trace = Trace::default();
+    let child = Recorder::handle("Late", &trace, vec![]);
+    let err = ctx.add_runtime_dependency(child.clone()).await.unwrap_err();
+    assert_eq!(
+        err,
+        ServiceError::NotRunning {
+            service: "Parent".to_string(),
+            child: "Late".to_string(),
+            state: ServiceState::Shutdown,
+        }
+    );
+    assert!(
+        err.to_string().contains("its run has ended or is ending"),
+        "{err}"
+    );
+    assert_eq!(child.state(), ServiceState::Init, "not started");
+    assert!(parent.dependencies().is_empty(), "not added");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_leaves_a_running_service_running_detached() {
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let t = ticks.clone();
+    let s = ServiceHandle::new(OnStart("Detached", move |ctx: &Context| {
+        let t = t.clone();
+        ctx.timer("tick", Duration::from_secs(1), move || {
+            t.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        });
+        Ok(())
+    }));
+    s.start().await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        ticks.load(Ordering::SeqCst),
+        3,
+        "still running, as documented"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_on_drop_guard_stops_its_service_when_dropped() {
+    let trace = Trace::default();
+    let s = Recorder::handle("Scoped", &trace, vec![]);
+    let observer = s.clone();
+    {
+        let guard = s.stop_on_drop();
+        guard.start().await.unwrap();
+        assert_eq!(guard.state(), ServiceState::Running);
+    }
+    tokio::time::timeout(Duration::from_secs(1), observer.wait_until_stopped())
+        .await
+        .unwrap();
+    assert_eq!(observer.state(), ServiceState::Shutdown);
+    assert_eq!(trace.count("Scoped.on_stop"), 1);
+    assert_eq!(trace.count("Scoped.on_shutdown"), 1);
+
+    let kept = Recorder::handle("Kept", &trace, vec![]).stop_on_drop();
+    kept.start().await.unwrap();
+    let handle = kept.disarm();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.state(), ServiceState::Running, "disarmed");
+}
+
+struct SlowStop(Duration);
+impl Service for SlowStop {
+    async fn on_stop(&mut self, _ctx: &Context) -> Result<()> {
+        tokio::time::sleep(self.0).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_called_outside_any_task_runs_to_its_end_when_the_caller_stops_waiting() {
+    // The test's body runs in `block_on`, outside any task.
+    let s = ServiceHandle::new(SlowStop(Duration::from_secs(5)));
+    s.start().await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), s.stop()).await;
+    assert!(gave_up.is_err());
+    assert_eq!(s.state(), ServiceState::Stopping);
+    tokio::time::timeout(Duration::from_secs(60), s.wait_until_stopped())
+        .await
+        .expect("the stop went on without its caller");
+    assert_eq!(s.state(), ServiceState::Shutdown);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_stuck_stopping_says_what_it_waits_for() {
+    let hung = ServiceHandle::builder(HungStop)
+        .label("Hung")
+        .grace_period(Duration::from_secs(10))
+        .build();
+    let stubborn = ServiceHandle::builder(OnStart("Stubborn", |ctx: &Context| {
+        ctx.spawn("ignores-stop", async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        Ok(())
+    }))
+    .grace_period(Duration::from_secs(10))
+    .build();
+    let trace = Trace::default();
+    let root = Recorder::handle("Root", &trace, vec![stubborn.clone(), hung.clone()]);
+    root.start().await.unwrap();
+    let r = root.clone();
+    let stopping = tokio::spawn(async move { r.stop().await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        root.stuck_stopping(),
+        ["Root/Hung: in on_stop (grace period 10s)"]
+    );
+    assert_eq!(
+        root.beacon().find("Hung").unwrap().detail.as_deref(),
+        Some("in on_stop")
+    );
+    // Hung's on_stop is cut off at 10 s; then Stubborn waits for its task.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        root.stuck_stopping(),
+        ["Root/Stubborn: waiting for its tasks 'ignores-stop' (grace period 10s)"]
+    );
+    stopping.await.unwrap();
+    assert!(root.stuck_stopping().is_empty());
+    assert_eq!(
+        root.beacon().find("Hung").unwrap().detail.as_deref(),
+        Some("last stop was forced")
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,7 +1,9 @@
 //! Unit tests of the framework, deterministic on paused tokio time.
 
 mod beacon;
+mod events;
 mod lifecycle;
+mod panics;
 mod signals;
 mod supervisors;
 mod tasks;

@@ -15,7 +15,10 @@
 //!   evenly over the inner nodes, where k = ⌊∛N⌋ (so every level fans out by about ∛N).
 //!   Every measurement runs in a fresh child process (this binary re-executed with the hidden
 //!   `__services <shape> <n>` subcommand) so that the RSS growth is clean; timings are the
-//!   median of `--reps` runs (default 3), `bytes_per_service` too.
+//!   median of `--reps` runs (default 3), `bytes_per_service` too. Then the same for flat
+//!   services that each run one 100 ms timer, or one task sleeping until the stop
+//!   (`--work-sizes`, default 10,000), stopped 300 ms after the start so that every task runs:
+//!   stopping them means waking and joining every task.
 //! * `timers`: 10,000 services, each with one 100 ms timer started in `on_start`; after a 1 s
 //!   warm-up, every fire during a 5 s window records its interval-based lateness
 //!   ((now − previous fire of the same timer) − 100 ms, signed).
@@ -48,6 +51,9 @@ const TARGET_SPEEDUP: f64 = 50.0;
 const TARGET_BYTES_PER_SERVICE: f64 = 1024.0;
 const TARGET_LATE_P99_MS: f64 = 2.0;
 const TARGET_RESTART_MEDIAN_US: f64 = 20.0;
+/// Target: stop 10,000 services with a timer (or a task) each in under 20 ms (mode-ng's
+/// `root.stop()` with 10,000 timers did not finish within 30 s).
+const TARGET_STOP_WORK_MS: f64 = 20.0;
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +77,14 @@ struct Cli {
         default_values_t = [100usize, 1000, 10000, 100000]
     )]
     sizes: Vec<usize>,
+    /// Service counts of the `services` suite's points with a timer or a task per service.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_values_t = [10000usize]
+    )]
+    work_sizes: Vec<usize>,
     /// Number of timer services of the `timers` suite.
     #[arg(long, global = true, default_value_t = 10_000)]
     timer_services: usize,
@@ -144,7 +158,33 @@ enum Suite {
     },
     /// One `services` measurement in this (fresh) process; prints one JSON line.
     #[command(name = "__services", hide = true)]
-    ServicesChild { shape: Shape, n: usize },
+    ServicesChild {
+        shape: Shape,
+        n: usize,
+        #[arg(long, value_enum, default_value_t = Work::None)]
+        work: Work,
+    },
+}
+
+/// What each service of a `services` point runs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Work {
+    /// Nothing (no hooks).
+    None,
+    /// One 100 ms timer.
+    Timer,
+    /// One task that sleeps until the service stops.
+    Task,
+}
+
+impl Work {
+    fn name(self) -> &'static str {
+        match self {
+            Work::None => "none",
+            Work::Timer => "timer",
+            Work::Task => "task",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,8 +213,8 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = Cli::parse();
     let json = match &cli.suite {
-        Suite::ServicesChild { shape, n } => {
-            let point = services_child(*shape, *n)?;
+        Suite::ServicesChild { shape, n, work } => {
+            let point = services_child(*shape, *n, *work)?;
             println!("{}", serde_json::to_string(&point)?);
             return Ok(());
         }
@@ -248,13 +288,42 @@ struct ServicesPoint {
     bytes_per_service: f64,
 }
 
+/// A service running one timer or one task (or nothing).
+struct Busy(Work);
+
+impl Service for Busy {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        match self.0 {
+            Work::None => {}
+            Work::Timer => ctx.timer("tick", TICK, || std::future::ready(Ok(()))),
+            Work::Task => {
+                let c = ctx.clone();
+                ctx.spawn("wait", async move {
+                    while !c.should_stop() {
+                        c.sleep(Duration::from_secs(3600)).await;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn leaf(work: Work) -> ServiceHandle {
+    match work {
+        Work::None => ServiceHandle::new(Noop),
+        _ => ServiceHandle::new(Busy(work)),
+    }
+}
+
 /// Build `n` children under one root (flat), or exactly `n` services as a 4-level tree.
-fn build(shape: Shape, n: usize) -> (ServiceHandle, usize) {
+fn build(shape: Shape, n: usize, work: Work) -> (ServiceHandle, usize) {
     let root = ServiceHandle::new(Noop);
     match shape {
         Shape::Flat => {
             for _ in 0..n {
-                root.add_dependency(ServiceHandle::new(Noop));
+                root.add_dependency(leaf(work));
             }
             (root, n + 1)
         }
@@ -281,7 +350,7 @@ fn build(shape: Shape, n: usize) -> (ServiceHandle, usize) {
             let (each, extra) = (leaves / inner.len(), leaves % inner.len());
             for (i, parent) in inner.iter().enumerate() {
                 for _ in 0..each + usize::from(i < extra) {
-                    parent.add_dependency(ServiceHandle::new(Noop));
+                    parent.add_dependency(leaf(work));
                     count += 1;
                 }
             }
@@ -290,14 +359,14 @@ fn build(shape: Shape, n: usize) -> (ServiceHandle, usize) {
     }
 }
 
-fn services_child(shape: Shape, n: usize) -> anyhow::Result<ServicesPoint> {
+fn services_child(shape: Shape, n: usize, work: Work) -> anyhow::Result<ServicesPoint> {
     let rt = runtime()?;
     rt.block_on(async {
         // Let the worker threads settle before the baseline.
         tokio::task::yield_now().await;
         let rss_before = rss_bytes()?;
         let t0 = Instant::now();
-        let (root, services) = build(shape, n);
+        let (root, services) = build(shape, n, work);
         let construct = t0.elapsed();
         let t1 = Instant::now();
         root.start().await?;
@@ -305,6 +374,11 @@ fn services_child(shape: Shape, n: usize) -> anyhow::Result<ServicesPoint> {
         let rss_after = rss_bytes()?;
         if root.state() != ServiceState::Running {
             bail!("root is {} after start", root.state());
+        }
+        if work != Work::None {
+            // Let every task or timer get its first poll: the stop should measure stopping
+            // running work, not the tail of the start.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         let t2 = Instant::now();
         root.stop().await;
@@ -323,6 +397,51 @@ fn services_child(shape: Shape, n: usize) -> anyhow::Result<ServicesPoint> {
     })
 }
 
+/// One point of the `services` suite: the median of `reps` fresh child processes.
+fn services_point(
+    exe: &std::path::Path,
+    shape: Shape,
+    n: usize,
+    work: Work,
+    reps: usize,
+) -> anyhow::Result<ServicesPoint> {
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let o = Command::new(exe)
+            .args([
+                "__services",
+                shape.name(),
+                &n.to_string(),
+                "--work",
+                work.name(),
+            ])
+            .output()
+            .context("running the services child")?;
+        if !o.status.success() {
+            bail!(
+                "services child {} {n} --work {} failed ({}): {}",
+                shape.name(),
+                work.name(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        let p: ServicesPoint = serde_json::from_str(line)
+            .with_context(|| format!("parsing services child output {line:?}"))?;
+        runs.push(p);
+    }
+    let med = |f: fn(&ServicesPoint) -> f64| median(runs.iter().map(f).collect());
+    Ok(ServicesPoint {
+        services: runs[0].services,
+        construct_ms: med(|p| p.construct_ms),
+        start_ms: med(|p| p.start_ms),
+        stop_ms: med(|p| p.stop_ms),
+        bytes_per_service: med(|p| p.bytes_per_service),
+    })
+}
+
 fn services_suite(cli: &Cli) -> anyhow::Result<Value> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let reps = cli.reps.max(1);
@@ -336,34 +455,7 @@ fn services_suite(cli: &Cli) -> anyhow::Result<Value> {
     for shape in [Shape::Flat, Shape::Tree] {
         let mut per_n = Map::new();
         for &n in &cli.sizes {
-            let mut runs = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                let o = Command::new(&exe)
-                    .args(["__services", shape.name(), &n.to_string()])
-                    .output()
-                    .context("running the services child")?;
-                if !o.status.success() {
-                    bail!(
-                        "services child {} {n} failed ({}): {}",
-                        shape.name(),
-                        o.status,
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                }
-                let stdout = String::from_utf8_lossy(&o.stdout);
-                let line = stdout.lines().last().unwrap_or_default();
-                let p: ServicesPoint = serde_json::from_str(line)
-                    .with_context(|| format!("parsing services child output {line:?}"))?;
-                runs.push(p);
-            }
-            let med = |f: fn(&ServicesPoint) -> f64| median(runs.iter().map(f).collect());
-            let p = ServicesPoint {
-                services: runs[0].services,
-                construct_ms: med(|p| p.construct_ms),
-                start_ms: med(|p| p.start_ms),
-                stop_ms: med(|p| p.stop_ms),
-                bytes_per_service: med(|p| p.bytes_per_service),
-            };
+            let p = services_point(&exe, shape, n, Work::None, reps)?;
             let total = p.start_ms + p.stop_ms;
             let target = if shape == Shape::Flat && n == 10_000 {
                 format!(
@@ -400,6 +492,37 @@ fn services_suite(cli: &Cli) -> anyhow::Result<Value> {
         "  bytes/svc = VmRSS growth over construct+start / services; at small N it is dominated \
          by fixed, page-granular process costs"
     );
+    println!();
+    println!("services with work: flat, each service runs one 100 ms timer or one task");
+    println!(
+        "  {:<5} {:>7} {:>9} {:>9} {:>10} {:>18}",
+        "work", "N", "start", "stop", "bytes/svc", "target"
+    );
+    for work in [Work::Timer, Work::Task] {
+        let mut per_n = Map::new();
+        for &n in &cli.work_sizes {
+            let p = services_point(&exe, Shape::Flat, n, work, reps)?;
+            let target = if n == 10_000 {
+                format!(
+                    "stop < {TARGET_STOP_WORK_MS:.0}ms {}",
+                    ok(p.stop_ms < TARGET_STOP_WORK_MS)
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "  {:<5} {:>7} {:>7.2}ms {:>7.2}ms {:>10.0} {:>18}",
+                work.name(),
+                n,
+                p.start_ms,
+                p.stop_ms,
+                p.bytes_per_service,
+                target
+            );
+            per_n.insert(n.to_string(), serde_json::to_value(p)?);
+        }
+        out.insert(format!("flat_with_{}", work.name()), Value::Object(per_n));
+    }
     Ok(Value::Object(out))
 }
 
@@ -540,7 +663,14 @@ fn timers_suite(cli: &Cli) -> anyhow::Result<Value> {
         row(
             "start / stop ms",
             format!("{start_ms:.1}/{stop_ms:.1}"),
-            String::new(),
+            if n == 10_000 {
+                format!(
+                    "stop < {TARGET_STOP_WORK_MS:.0} {}",
+                    ok(stop_ms < TARGET_STOP_WORK_MS)
+                )
+            } else {
+                String::new()
+            },
         );
         anyhow::Ok(json!({
             "services": n,
