@@ -225,6 +225,12 @@ impl Instances {
         let label = format!("{}#{}", key.0, key.1);
         let previous = self.stopping.remove(&key);
         let stop = tokio::spawn(async move {
+            if kill {
+                // Kinds that run processes have SIGKILLed them on the kill switch; give them
+                // a moment to do so, then abort whatever runs in-process (no grace period).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                l.wrapper.abort().await;
+            }
             if let Some(p) = previous {
                 let _ = p.await;
             }

@@ -55,6 +55,8 @@ pub(crate) struct Cell {
     generation: AtomicU64,
     restart_count: AtomicU32,
     forced: AtomicBool,
+    /// The next stop is an abort: no grace period (see [`ServiceHandle::abort`]).
+    aborting: AtomicBool,
     /// Set once the service started and not yet cleaned up by a stop.
     active: AtomicBool,
     /// What its start or stop is doing now (an [`Activity`]), for a stuck shutdown's report.
@@ -142,6 +144,7 @@ impl<S: Service> ServiceBuilder<S> {
                 generation: AtomicU64::new(0),
                 restart_count: AtomicU32::new(0),
                 forced: AtomicBool::new(false),
+                aborting: AtomicBool::new(false),
                 active: AtomicBool::new(false),
                 activity: AtomicU8::new(Activity::Idle.as_u8()),
                 events: OnceLock::new(),
@@ -409,6 +412,46 @@ impl ServiceHandle {
             ));
         }
         Box::pin(self.stop_now().instrument(span))
+    }
+
+    /// Stop at once, without a grace period: stop hooks are cut off and tasks aborted right
+    /// away, in this service and every service below it (the stop is reported as forced).
+    /// For what must not run a moment longer, e.g. a singleton whose node lost its lease.
+    ///
+    /// ```
+    /// # use mode::service::{Context, Result, Service, ServiceHandle, ServiceState};
+    /// # use std::time::Duration;
+    /// struct Stubborn;
+    /// impl Service for Stubborn {
+    ///     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+    ///         ctx.spawn("ignores-stop", async {
+    ///             loop {
+    ///                 tokio::time::sleep(Duration::from_secs(3600)).await;
+    ///             }
+    ///         });
+    ///         Ok(())
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let s = ServiceHandle::new(Stubborn);
+    /// s.start().await.unwrap();
+    /// let t0 = tokio::time::Instant::now();
+    /// s.abort().await; // not the 10 s grace period
+    /// assert!(t0.elapsed() < Duration::from_secs(1));
+    /// assert_eq!(s.state(), ServiceState::Shutdown);
+    /// assert!(s.was_forced());
+    /// # }
+    /// ```
+    pub fn abort(&self) -> BoxFuture<'_, ()> {
+        fn mark(h: &ServiceHandle) {
+            h.cell.aborting.store(true, Ordering::Release);
+            for child in h.dependencies() {
+                mark(&child);
+            }
+        }
+        mark(self);
+        self.stop()
     }
 
     async fn stop_now(&self) {
@@ -856,7 +899,12 @@ impl ServiceHandle {
         self.set_state(ServiceState::Stopping);
         self.emit(|| LifecycleEventKind::Stopping);
         self.log_lifecycle("Stopping...");
-        let grace = cell.grace;
+        let grace = if cell.aborting.swap(false, Ordering::AcqRel) {
+            cell.forced.store(true, Ordering::Relaxed);
+            Duration::ZERO
+        } else {
+            cell.grace
+        };
         let deadline = Instant::now() + grace;
         let ctx = self.context();
 

@@ -595,3 +595,46 @@ async fn log_prefix_has_one_dash_per_ancestor() {
     assert_eq!(app.log_prefix(), "^-AppService");
     assert_eq!(leaf.log_prefix(), "^--Webserver");
 }
+
+/// A service whose task ignores stop requests (it never checks `should_stop`).
+struct Stubborn;
+
+impl Service for Stubborn {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        ctx.spawn("ignores-stop", async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_stops_a_service_and_its_children_without_their_grace_period() {
+    let child = ServiceHandle::builder(Stubborn)
+        .label("child")
+        .grace_period(Duration::from_secs(30))
+        .build();
+    let parent = ServiceHandle::builder(Stubborn)
+        .label("parent")
+        .grace_period(Duration::from_secs(30))
+        .build();
+    parent.add_dependency(child.clone());
+    parent.start().await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    parent.abort().await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(parent.state(), ServiceState::Shutdown);
+    assert_eq!(child.state(), ServiceState::Shutdown);
+    assert!(parent.was_forced() && child.was_forced());
+    // The abort is one stop: the next run's stop has its grace period again.
+    parent.restart().await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    parent.stop().await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+}
