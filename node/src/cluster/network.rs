@@ -137,14 +137,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         PeerClient {
-            my_id: self.my_id,
-            incarnation: self.incarnation,
-            target,
-            address: node.addr.clone(),
-            channel: self.peers.channel(&node.addr),
-            peers: self.peers.clone(),
-            sm: self.sm.clone(),
-            refused: self.refused.clone(),
+            caller: self.caller_for(target, &node.addr),
             replication_timeout: self.replication_timeout,
             in_flight: None,
         }
@@ -161,14 +154,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// only what the follower does not have yet. Heartbeats (no entries) go at once, beside it, so
 /// the follower keeps hearing from its leader.
 pub(crate) struct PeerClient {
-    my_id: u64,
-    incarnation: u64,
-    target: u64,
-    address: String,
-    channel: Result<Channel, String>,
-    peers: Arc<Peers>,
-    sm: super::store::StateMachineStore,
-    refused: super::node::Refusal,
+    /// The peer, and what a call to it needs.
+    caller: Caller,
     replication_timeout: Duration,
     in_flight: Option<InFlight>,
 }
@@ -213,16 +200,7 @@ pub(crate) struct Caller {
 
 impl PeerClient {
     fn caller(&self) -> Caller {
-        Caller {
-            my_id: self.my_id,
-            incarnation: self.incarnation,
-            target: self.target,
-            address: self.address.clone(),
-            channel: self.channel.clone(),
-            peers: self.peers.clone(),
-            sm: self.sm.clone(),
-            refused: self.refused.clone(),
-        }
+        self.caller.clone()
     }
 
     async fn call<Req, Resp, E>(
@@ -280,7 +258,7 @@ impl PeerClient {
             Ok(Ok(AppendEntriesResponse::Conflict)) if trimmed => Err(RPCError::Network(
                 NetworkError::new(&TransportError(format!(
                     "node {} no longer has the entries it acknowledged; sending them again",
-                    self.target
+                    self.caller.target
                 ))),
             )),
             Ok(r) => r,

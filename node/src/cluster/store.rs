@@ -179,7 +179,12 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
     }
 
     let db = if fresh {
-        let db = Database::create(&db_path).map_err(|e| corrupt(e.to_string()))?;
+        Database::create(&db_path).map_err(|e| corrupt(e.to_string()))?
+    } else {
+        Database::open(&db_path).map_err(|e| corrupt(format!("{DATABASE_FILE}: {e}")))?
+    };
+    // A new directory, or one made by a version without incarnations, gets one now.
+    if incarnation == 0 {
         incarnation = random_u64();
         write_identity(
             dir,
@@ -190,24 +195,7 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
             },
         )
         .map_err(io)?;
-        db
-    } else {
-        let db = Database::open(&db_path).map_err(|e| corrupt(format!("{DATABASE_FILE}: {e}")))?;
-        if incarnation == 0 {
-            // Made by a version without incarnations: give it one now.
-            incarnation = random_u64();
-            write_identity(
-                dir,
-                &Identity {
-                    format: FORMAT,
-                    node_id,
-                    incarnation,
-                },
-            )
-            .map_err(io)?;
-        }
-        db
-    };
+    }
     let mut recovered = recover(&db).map_err(corrupt)?;
     recovered.incarnation = incarnation;
     recovered.fresh = fresh;
