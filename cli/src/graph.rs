@@ -164,7 +164,8 @@ pub(crate) async fn run(
         GraphFormat::Tree
     });
     let terminal = std::io::stdout().is_terminal();
-    let palette = if terminal && std::env::var_os("NO_COLOR").is_none() {
+    let palette = if mode::worker::colour_wanted(terminal, std::env::var_os("NO_COLOR").as_deref())
+    {
         Palette::Ansi
     } else {
         Palette::Plain

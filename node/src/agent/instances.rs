@@ -43,6 +43,12 @@ impl Default for AgentTimings {
 /// How often the lease watchdog looks.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 
+/// How often the agent looks at the replicated state (and its instances) without being woken.
+const PERIOD: Duration = Duration::from_millis(100);
+
+/// After an instance's lifecycle event, how long the agent waits for more before it looks.
+const EVENT_COALESCE: Duration = Duration::from_millis(10);
+
 /// The leases this node holds (each heartbeat answer may grant one), and whether its replica
 /// has caught up with the leader since it started.
 pub(crate) struct Leases {
@@ -382,9 +388,41 @@ pub async fn run(
     };
     let mut cached: Option<(u64, Arc<ClusterState>)> = None;
     let mut said_waiting_for_catch_up = false;
+    // The instances' lifecycle events (a start, a crash, a restart, a stop) wake the loop at
+    // once, so their reports go out without waiting for the next look at the state.
+    let mut events = Some(agent.supervisor.subscribe_tree());
     loop {
-        if !ctx.sleep(Duration::from_millis(100)).await {
-            break;
+        let next_event = async {
+            match events.as_mut() {
+                // An event, or some missed (lagged): look. Closed: stop listening.
+                Some(rx) => !matches!(
+                    rx.recv().await,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed)
+                ),
+                None => std::future::pending().await,
+            }
+        };
+        let woken = tokio::select! {
+            alive = ctx.sleep(PERIOD) => {
+                if !alive {
+                    break;
+                }
+                None
+            }
+            open = next_event => Some(open),
+        };
+        match woken {
+            Some(true) => {
+                // Whatever else happens meanwhile is seen by the same pass.
+                if !ctx.sleep(EVENT_COALESCE).await {
+                    break;
+                }
+                if let Some(rx) = events.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            Some(false) => events = None,
+            None => {}
         }
         agent.stopping.retain(|_, stop| !stop.is_finished());
         let applied = node.applied_index();

@@ -145,7 +145,7 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
 
 /// Colour escapes only on a terminal, and never when `NO_COLOR` is set to anything but the
 /// empty string (<https://no-color.org>): a pipe or a file gets plain text.
-pub(crate) fn colour_wanted(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+pub fn colour_wanted(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub use blocking::{BlockingDetector, DEFAULT_BLOCKING_THRESHOLD};
-pub use logging::{init_logging, LogConfig, LogFormat, LoggingError};
+pub use logging::{colour_wanted, init_logging, LogConfig, LogFormat, LoggingError};
 
 use crate::service::{
     BeaconNode, Context, CrashReason, NodeKind, Result, Service, ServiceError, ServiceHandle,
