@@ -88,6 +88,10 @@ impl PreVoter {
                 m.id, req.last_log_id
             ));
         }
+        // Give the candidate a whole election timeout to win before campaigning here too: two
+        // nodes that time out together would otherwise each grant the other, both campaign,
+        // and the loser's higher term would depose the winner (again and again).
+        self.contact.heard();
         PreVoteResponse {
             granted: true,
             reason: String::new(),
@@ -157,7 +161,9 @@ pub(crate) fn drive(
                     Err(_) => {}
                 }
             }
-            if granted * 2 > voters.len() {
+            // Heard from a leader meanwhile, or granted another candidate's pre-vote: let it be.
+            let still_leaderless = contact.since() >= timeout;
+            if granted * 2 > voters.len() && still_leaderless {
                 tracing::info!(
                     "no leader heard from for {} ms; {granted} of {} voters would vote for this node: campaigning",
                     timeout.as_millis(),
@@ -166,7 +172,7 @@ pub(crate) fn drive(
                 if raft.trigger().elect().await.is_err() {
                     return;
                 }
-            } else {
+            } else if still_leaderless {
                 tracing::debug!(
                     "pre-vote: {granted} of {} voters (not a majority): {}",
                     voters.len(),
