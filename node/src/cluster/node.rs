@@ -254,7 +254,6 @@ pub struct ClusterNode {
     heartbeats: super::reconciler::Heartbeats,
     counters: super::metrics::Counters,
     incarnation: u64,
-    fresh: bool,
     quorum: Arc<QuorumClock>,
     /// Why peers refuse to talk to this node as the member it claims to be (its data
     /// directory was wiped), once one has said so.
@@ -324,7 +323,7 @@ impl ClusterNode {
         let (db, recovered) = tokio::task::spawn_blocking(move || store::open(&dir, id))
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))??;
-        let (incarnation, fresh) = (recovered.incarnation, recovered.fresh);
+        let incarnation = recovered.incarnation;
         let (log, sm) = store::stores(db, recovered)?;
         let (emin, emax) = config.election_timeout;
         let raft_config = openraft::Config {
@@ -382,7 +381,6 @@ impl ClusterNode {
             peers,
             membership: tokio::sync::Mutex::new(()),
             incarnation,
-            fresh,
             quorum,
             refused,
             contact,
@@ -392,11 +390,6 @@ impl ClusterNode {
     /// This data directory's incarnation.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
-    }
-
-    /// Whether the data directory was created by this run.
-    pub fn is_fresh(&self) -> bool {
-        self.fresh
     }
 
     /// How long ago a quorum last acknowledged this node's leadership; `None` unless it
@@ -1117,18 +1110,7 @@ impl ClusterNode {
     /// The cluster's status. Unless `local`, a follower asks the leader (which knows every
     /// member's lag), falling back to its own view when the leader does not answer.
     pub async fn status(&self, local: bool, may_forward: bool) -> ClusterStatus {
-        let leader_addr = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            match m.current_leader {
-                Some(l) if l != self.config.id => m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone()),
-                _ => None,
-            }
-        };
+        let leader_addr = self.leader_with_address().map(|(_, addr)| addr);
         if !local && may_forward {
             if let Some(addr) = leader_addr {
                 match super::forward::status(&self.peers, &addr).await {
@@ -1205,16 +1187,6 @@ impl ClusterNode {
 
     // ---- membership ---------------------------------------------------------------------------
 
-    fn leader_address(&self) -> Option<String> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let leader = m.current_leader?;
-        m.membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
-    }
-
     pub(crate) fn heartbeats(&self) -> &super::reconciler::Heartbeats {
         &self.heartbeats
     }
@@ -1270,8 +1242,8 @@ impl ClusterNode {
         check_address("joining node's address", address)
             .map_err(|e| ClusterError::Invalid(e.to_string()))?;
         if !self.is_leader() {
-            return match (may_forward, self.leader_address()) {
-                (true, Some(addr)) => {
+            return match (may_forward, self.leader_with_address()) {
+                (true, Some((_, addr))) => {
                     super::forward::join(&self.peers, &addr, id, address, incarnation, rejoin).await
                 }
                 _ => Err(ClusterError::Unavailable(
@@ -1290,9 +1262,7 @@ impl ClusterNode {
             .get_node(&id)
             .map(|n| n.addr.clone());
         if let Some(addr) = existing_address.filter(|a| a != address && !rejoin) {
-            return Err(ClusterError::Conflict(format!(
-                "node id {id} is already a member at {addr}; start the new node with another --id (or remove node {id} first)"
-            )));
+            return Err(already_member_at(id, &addr));
         }
         let known = self.local_state(|s| s.nodes.get(&id).map_or(0, |n| n.incarnation));
         let same_directory = known == 0 || incarnation == 0 || known == incarnation;
@@ -1325,20 +1295,25 @@ impl ClusterNode {
             )
         };
         match &existing {
-            Some(addr) if addr != address => {
-                return Err(ClusterError::Conflict(format!(
-                    "node id {id} is already a member at {addr}; start the new node with another --id (or remove node {id} first)"
-                )))
+            Some(addr) if addr != address => return Err(already_member_at(id, addr)),
+            Some(_) if voters.contains(&id) => {
+                return Ok((true, format!("node {id} is already a voter")))
             }
-            Some(_) if voters.contains(&id) => return Ok((true, format!("node {id} is already a voter"))),
             Some(_) => {}
             None => {
                 self.raft
                     .add_learner(id, BasicNode::new(address), true)
                     .await
-                    .map_err(|e| ClusterError::Unavailable(format!("adding node {id} as a learner: {e}")))?;
+                    .map_err(|e| {
+                        ClusterError::Unavailable(format!("adding node {id} as a learner: {e}"))
+                    })?;
                 tracing::info!("node {id} at {address} joined as a learner");
-                self.record(format!("node {id} at {address} joined as a learner"), "node-joined", id).await;
+                self.record(
+                    format!("node {id} at {address} joined as a learner"),
+                    "node-joined",
+                    id,
+                )
+                .await;
             }
         }
         if voters.len() >= self.config.max_voters {
@@ -1376,8 +1351,8 @@ impl ClusterNode {
     /// Remove node `id` from the membership and the node table.
     pub async fn remove_member(&self, id: u64, may_forward: bool) -> Result<String, ClusterError> {
         if !self.is_leader() {
-            return match (may_forward, self.leader_address()) {
-                (true, Some(addr)) => super::forward::remove(&self.peers, &addr, id).await,
+            return match (may_forward, self.leader_with_address()) {
+                (true, Some((_, addr))) => super::forward::remove(&self.peers, &addr, id).await,
                 _ => Err(ClusterError::Unavailable(
                     "no leader to take the removal; retry".into(),
                 )),
@@ -1452,6 +1427,13 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         Ok((snap, m.purged.map(|p| p.index).unwrap_or(0)))
     }
+}
+
+/// A join under an id that another address holds.
+fn already_member_at(id: u64, addr: &str) -> ClusterError {
+    ClusterError::Conflict(format!(
+        "node id {id} is already a member at {addr}; start the new node with another --id (or remove node {id} first)"
+    ))
 }
 
 /// The message of a failed write: whether it may still be applied.

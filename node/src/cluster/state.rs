@@ -996,6 +996,32 @@ mod tests {
         }
     }
 
+    /// Node 1 reports `a#0` running, for the placement with fencing token `epoch`.
+    fn running_report(epoch: u64) -> Command {
+        Command::ReportInstance {
+            service: "a".into(),
+            slot: 0,
+            node: 1,
+            state: "running".into(),
+            restart_count: 0,
+            last_crash: None,
+            epoch,
+        }
+    }
+
+    /// Node `id` registers with data directory `incarnation` and heartbeat grace `grace_ms`.
+    fn register(id: u64, incarnation: u64, grace_ms: u64) -> Command {
+        Command::RegisterNode {
+            id,
+            address: format!("127.0.0.1:{id}"),
+            labels: BTreeMap::new(),
+            capacity: 10,
+            kinds: vec![],
+            incarnation,
+            heartbeat_grace_ms: grace_ms,
+        }
+    }
+
     fn spec(name: &str) -> ServiceSpec {
         let mut s = ServiceSpec::new(name, "ticker");
         s.config = serde_json::json!({"every_ms": 100});
@@ -1152,15 +1178,7 @@ mod tests {
         place.trace = Some(tp.clone());
         s.apply(&place);
         assert_eq!(s.placements["a"][&0].trace.as_deref(), Some(tp.as_str()));
-        s.apply(&p(Command::ReportInstance {
-            service: "a".into(),
-            slot: 0,
-            node: 1,
-            state: "running".into(),
-            restart_count: 0,
-            last_crash: None,
-            epoch: 0,
-        }));
+        s.apply(&p(running_report(0)));
         assert_eq!(s.placements["a"][&0].trace, None, "done once it runs");
         // An untraced change forgets the old context.
         s.apply(&p(Command::PutSpec { spec: spec("a") }));
@@ -1170,15 +1188,7 @@ mod tests {
     #[test]
     fn every_node_must_use_the_clusters_heartbeat_grace() {
         let mut s = ClusterState::default();
-        let reg = |id, grace| Command::RegisterNode {
-            id,
-            address: format!("127.0.0.1:{id}"),
-            labels: BTreeMap::new(),
-            capacity: 10,
-            kinds: vec![],
-            incarnation: id,
-            heartbeat_grace_ms: grace,
-        };
+        let reg = |id, grace| register(id, id, grace);
         assert!(s.apply(&p(reg(1, 1500))).ok);
         assert_eq!(s.heartbeat_grace_ms, 1500);
         let refused = s.apply(&p(reg(2, 3000)));
@@ -1195,15 +1205,7 @@ mod tests {
     #[test]
     fn a_wiped_or_removed_data_directory_cannot_register_as_the_member_it_was() {
         let mut s = ClusterState::default();
-        let reg = |incarnation| Command::RegisterNode {
-            id: 3,
-            address: "127.0.0.1:3".into(),
-            labels: BTreeMap::new(),
-            capacity: 10,
-            kinds: vec![],
-            incarnation,
-            heartbeat_grace_ms: 0,
-        };
+        let reg = |incarnation| register(3, incarnation, 0);
         assert!(s.apply(&p(reg(11))).ok);
         let wiped = s.apply(&p(reg(12)));
         assert!(
@@ -1255,23 +1257,14 @@ mod tests {
         s.apply_at(&p(place(1)), 10);
         assert_eq!(s.placements["a"][&0].epoch, 10);
         s.apply_at(&p(place(1)), 20);
-        let report = |epoch| Command::ReportInstance {
-            service: "a".into(),
-            slot: 0,
-            node: 1,
-            state: "running".into(),
-            restart_count: 0,
-            last_crash: None,
-            epoch,
-        };
-        let stale = s.apply(&p(report(10)));
+        let stale = s.apply(&p(running_report(10)));
         assert!(
             !stale.ok && stale.message.contains("stale report"),
             "{}",
             stale.message
         );
         assert_eq!(s.placements["a"][&0].state, "pending");
-        assert!(s.apply(&p(report(20))).ok);
+        assert!(s.apply(&p(running_report(20))).ok);
         assert_eq!(s.placements["a"][&0].state, "running");
     }
 

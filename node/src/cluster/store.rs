@@ -113,8 +113,6 @@ fn write_identity(dir: &Path, identity: &Identity) -> std::io::Result<()> {
 pub(crate) struct Recovered {
     /// The directory's incarnation.
     pub(crate) incarnation: u64,
-    /// Whether the directory was created just now (nothing of a previous run).
-    pub(crate) fresh: bool,
     vote: Option<Vote>,
     committed: Option<LogId>,
     purged: Option<LogId>,
@@ -198,7 +196,6 @@ pub(crate) fn open(dir: &Path, node_id: u64) -> Result<(Arc<Database>, Recovered
     }
     let mut recovered = recover(&db).map_err(corrupt)?;
     recovered.incarnation = incarnation;
-    recovered.fresh = fresh;
     Ok((Arc::new(db), recovered))
 }
 
@@ -212,7 +209,6 @@ fn recover(db: &Database) -> Result<Recovered, String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let mut r = Recovered {
         incarnation: 0,
-        fresh: false,
         vote: None,
         committed: None,
         purged: None,
