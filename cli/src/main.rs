@@ -401,7 +401,7 @@ pub(crate) fn with_request_id<T>(message: T) -> tonic::Request<T> {
     let id = format!("modectl-{nanos:x}-{:x}", h.finish());
     let mut req = tonic::Request::new(message);
     if let Ok(v) = id.parse() {
-        req.metadata_mut().insert(mode::cluster::REQUEST_ID, v);
+        req.metadata_mut().insert(mode::replication::REQUEST_ID, v);
     }
     req
 }

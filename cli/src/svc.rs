@@ -89,14 +89,14 @@ pub(crate) async fn run(
             let cannot_read =
                 |e: std::io::Error| fail(2, format!("cannot read {}: {e}", file.display()));
             let size = std::fs::metadata(file).map_err(cannot_read)?.len();
-            let limit = mode::cluster::limits::MAX_REQUEST_BYTES as u64;
+            let limit = mode::model::limits::MAX_REQUEST_BYTES as u64;
             if size > limit {
                 return Err(fail(
                     2,
                     format!(
                         "{}: the file is {size} bytes, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
                         file.display(),
-                        mode::cluster::limits::MAX_SPEC_BYTES
+                        mode::model::limits::MAX_SPEC_BYTES
                     ),
                 ));
             }

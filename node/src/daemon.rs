@@ -13,8 +13,9 @@ use clap::Parser;
 
 use crate::agent::{AgentTimings, Kind, KindRegistry};
 use crate::api::Inspector;
-use crate::cluster::state::Command;
-use crate::cluster::{ClusterConfig, ClusterError, ClusterNode, Liveness};
+use crate::control::Liveness;
+use crate::model::state::Command;
+use crate::replication::{ClusterConfig, ClusterError, ClusterNode};
 use crate::service::{Context, Result, Service, ServiceHandle, Strategy, Supervisor};
 use crate::worker::{init_logging, LogConfig, LogFormat, Worker, WorkerExit};
 
@@ -105,7 +106,7 @@ fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
     if id == 0 {
         return Err("node ids start at 1".into());
     }
-    crate::cluster::check_address(&format!("address of peer {id}"), addr.trim())
+    crate::replication::check_address(&format!("address of peer {id}"), addr.trim())
         .map_err(|e| e.to_string())?;
     Ok((id, addr.trim().to_string()))
 }
@@ -617,7 +618,7 @@ impl Service for ControlLoop {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let (node, liveness, c) = (self.node.clone(), self.liveness, ctx.clone());
         ctx.spawn("reconcile", async move {
-            crate::cluster::run_control_loop(node, liveness, async move { c.stopped().await })
+            crate::control::run_control_loop(node, liveness, async move { c.stopped().await })
                 .await;
             Ok(())
         });

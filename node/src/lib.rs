@@ -5,7 +5,9 @@
 //!
 //! * [`service`]: the framework (services, tasks, timers, supervisors, signals, beacon).
 //! * [`worker`]: run a root service as a program (logging, OS signals, exit codes).
-//! * [`cluster`]: the Raft-replicated control plane (openraft over gRPC, redb on disk).
+//! * [`model`]: the control plane's domain: specs, the replicated state, its commands and limits.
+//! * [`replication`]: Raft (openraft over gRPC, redb on disk), forwarding, leases.
+//! * [`control`]: the leader's control loop (failure detection, scheduling, drains).
 //! * [`api`]: the gRPC servers (Raft transport and control API) and the HTTP side port.
 //! * [`graph`]: the combined beacon graph of a cluster and its renderings.
 //! * [`telemetry`]: OpenTelemetry traces (OTLP) and trace-context propagation.
@@ -14,9 +16,11 @@
 
 pub mod agent;
 pub mod api;
-pub mod cluster;
+pub mod control;
 pub mod daemon;
 pub mod graph;
+pub mod model;
+pub mod replication;
 pub mod schedule;
 pub mod service;
 pub mod telemetry;

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use tracing::Instrument as _;
 
 use super::kinds::{InstanceSpec, KillSwitch, KindRegistry, LeaseDeadline};
-use crate::cluster::spec::ServiceSpec;
-use crate::cluster::state::{ClusterState, Command};
-use crate::cluster::{ClusterError, ClusterNode};
+use crate::model::spec::ServiceSpec;
+use crate::model::state::{ClusterState, Command};
+use crate::replication::{ClusterError, ClusterNode};
 use crate::service::{
     lock, Backoff, Context, RestartIntensity, ServiceHandle, ServiceState, Strategy, Supervisor,
 };

@@ -12,11 +12,11 @@ use tonic::{Request, Response, Status};
 
 use super::inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
 use crate::agent::KindRegistry;
-use crate::cluster::limits;
-use crate::cluster::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
-use crate::cluster::state::Command;
-use crate::cluster::{status_to_proto, to_status, ClusterNode, FORWARDED, REQUEST_ID};
 use crate::graph::GraphFilter;
+use crate::model::limits;
+use crate::model::spec::{parse_specs, validate_set, ServiceSpec, SpecError};
+use crate::model::state::Command;
+use crate::replication::{status_to_proto, to_status, ClusterNode, FORWARDED, REQUEST_ID};
 
 /// The control API of one node.
 pub struct ControlService {

@@ -56,7 +56,7 @@ fn filter_from_query(query: Option<&str>) -> Result<GraphFilter, String> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "service" if value.is_empty() => {}
-            "service" if crate::cluster::spec::is_valid_name(value) => {
+            "service" if crate::model::spec::is_valid_name(value) => {
                 filter.service = Some(value.to_string())
             }
             "service" => return Err(format!("'{value}' is not a service name")),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 
-use crate::cluster::ClusterNode;
 use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport, TreeForm};
+use crate::replication::ClusterNode;
 use crate::service::{BeaconNode, NodeKind, ServiceHandle};
 
 /// How long the fan-out waits for a node unless told otherwise.
@@ -193,7 +193,7 @@ impl Inspector {
 }
 
 async fn ask_node<T: TreeForm>(
-    peers: &crate::cluster::Peers,
+    peers: &crate::replication::Peers,
     id: u64,
     address: &str,
     request: pb::NodeBeaconRequest,
@@ -211,7 +211,7 @@ async fn ask_node<T: TreeForm>(
     let reply = client
         .node_beacon(req)
         .await
-        .map_err(|s| crate::cluster::describe_status(address, &s))?
+        .map_err(|s| crate::replication::describe_status(address, &s))?
         .into_inner();
     if reply.node != id {
         return Err(format!(

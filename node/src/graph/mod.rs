@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::state::{ClusterState, NodeStatus};
+use crate::model::state::{ClusterState, NodeStatus};
 use crate::service::BeaconNode;
 
 mod render;

@@ -1,8 +1,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::cluster::spec::ServiceSpec;
-use crate::cluster::state::{NodeInfo, Placement};
+use crate::model::spec::ServiceSpec;
+use crate::model::state::{NodeInfo, Placement};
 use crate::service::NodeKind;
 
 fn beacon(label: &str, state: &str, children: Vec<BeaconNode>) -> BeaconNode {

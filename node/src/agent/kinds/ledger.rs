@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::PROCESS_LEDGER_FILE;
+use crate::replication::PROCESS_LEDGER_FILE;
 use crate::service::lock;
 
 /// A process as the ledger knows it: a pid is only that process while its start time matches.

@@ -21,8 +21,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::state::{ClusterState, CommandResult};
 use super::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::model::state::{ClusterState, CommandResult};
 use crate::service::lock;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");

@@ -10,7 +10,7 @@
 //! | `stop_grace_s` | 1..=[`MAX_STOP_GRACE_S`] (3,600 s) | apply, validation; clamped where used |
 //! | `restart.max_restarts` / `within_s` / `backoff_*_ms` | [`MAX_RESTARTS`], [`MAX_RESTART_WINDOW_S`], [`MAX_BACKOFF_MS`] | apply, validation; clamped where used |
 //! | `cost` per instance / node `capacity` | [`MAX_COST`] / [`MAX_CAPACITY`] | apply, validation |
-//! | a service name | 63 bytes ([`super::spec::MAX_NAME_LEN`]) | apply, validation |
+//! | a service name | 63 bytes ([`crate::model::spec::MAX_NAME_LEN`]) | apply, validation |
 //! | a spec's `config`, JSON | [`MAX_CONFIG_BYTES`] (64 KiB) | apply, validation |
 //! | a whole spec, JSON | [`MAX_SPEC_BYTES`] (256 KiB) | apply, validation |
 //! | list fields (constraints, `in`, anti-affinity, dependencies, labels, kinds) | [`MAX_LIST_LEN`] (64) entries | apply, validation |
@@ -32,8 +32,8 @@
 
 use std::fmt;
 
-use super::spec::{ServiceSpec, MAX_NAME_LEN, MAX_STOP_GRACE_S};
-use super::state::Command;
+use crate::model::spec::{ServiceSpec, MAX_NAME_LEN, MAX_STOP_GRACE_S};
+use crate::model::state::Command;
 
 /// Most instances of one service.
 pub const MAX_REPLICAS: u32 = 50_000;
@@ -342,7 +342,7 @@ pub fn bounded_message(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::state::SlotAssignment;
+    use crate::model::state::SlotAssignment;
 
     fn spec() -> ServiceSpec {
         ServiceSpec::new("web", "exec")

@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use super::limits::{APPEND_TARGET_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use super::types::TypeConfig;
+use crate::model::limits::{APPEND_TARGET_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use crate::service::lock;
 
 /// How long to wait for a TCP connection to a peer.

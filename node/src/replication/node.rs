@@ -16,9 +16,9 @@ use tracing::Instrument as _;
 
 use super::network::{describe_status, Network, Peers};
 use super::proposer::{Proposer, Rejected};
-use super::state::{Command, CommandResult, Proposal, QueryError};
 use super::store::{self, DataDirError, LogStore, StateMachineStore};
 use super::types::Raft;
+use crate::model::state::{Command, CommandResult, Proposal, QueryError};
 
 /// How long a write waits for a leader before reporting the cluster unavailable.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,7 +251,7 @@ pub struct ClusterNode {
     peers: Arc<Peers>,
     proposer: Proposer,
     membership: tokio::sync::Mutex<()>,
-    heartbeats: super::reconciler::Heartbeats,
+    heartbeats: super::heartbeats::Heartbeats,
     counters: super::metrics::Counters,
     incarnation: u64,
     quorum: Arc<QuorumClock>,
@@ -1101,7 +1101,7 @@ impl ClusterNode {
     }
 
     /// Read the local replicated state directly (no Raft round trip).
-    pub fn local_state<T>(&self, f: impl FnOnce(&super::state::ClusterState) -> T) -> T {
+    pub fn local_state<T>(&self, f: impl FnOnce(&crate::model::state::ClusterState) -> T) -> T {
         self.sm.read(|a| f(&a.state))
     }
 
@@ -1187,7 +1187,7 @@ impl ClusterNode {
 
     // ---- membership ---------------------------------------------------------------------------
 
-    pub(crate) fn heartbeats(&self) -> &super::reconciler::Heartbeats {
+    pub(crate) fn heartbeats(&self) -> &super::heartbeats::Heartbeats {
         &self.heartbeats
     }
 

@@ -58,7 +58,7 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-pub use super::spec::ServiceSpec;
+pub use crate::model::spec::ServiceSpec;
 
 /// Where an instance runs and how it is doing, as last reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -486,7 +486,7 @@ impl ClusterState {
         let at = proposal.at_ms;
         // Here, not only at the edge: a command already in a log or snapshot must never crash
         // a replica.
-        if let Err(e) = super::limits::check_command(&proposal.command) {
+        if let Err(e) = crate::model::limits::check_command(&proposal.command) {
             return self.refuse_over_limit(at, proposal.command.op(), e);
         }
         match &proposal.command {
@@ -578,7 +578,9 @@ impl ClusterState {
                 None => CommandResult::refused(format!("no node {id}")),
             },
             Command::PutSpec { spec } => {
-                if let Err(e) = super::limits::check_total_instances(spec, self.specs.values()) {
+                if let Err(e) =
+                    crate::model::limits::check_total_instances(spec, self.specs.values())
+                {
                     return self.refuse_over_limit(at, "put_spec", e);
                 }
                 // Applying a spec again cancels a pending removal.
@@ -684,7 +686,7 @@ impl ClusterState {
                     p.trace = None;
                 }
                 if let Some(why) = last_crash {
-                    p.last_crash = Some(super::limits::bounded_message(why).into_owned());
+                    p.last_crash = Some(crate::model::limits::bounded_message(why).into_owned());
                 }
                 if state == "failed" && !p.avoid.contains(node) {
                     p.avoid.push(*node);
@@ -828,7 +830,7 @@ impl ClusterState {
         &mut self,
         at: u64,
         op: &str,
-        e: super::limits::LimitError,
+        e: crate::model::limits::LimitError,
     ) -> CommandResult {
         let msg = format!("refused {op}: {e}");
         self.event(at, "command-refused", &msg, None, None);
@@ -847,7 +849,7 @@ impl ClusterState {
             seq: self.next_event_seq,
             time_ms: at,
             kind: kind.to_string(),
-            message: super::limits::bounded_message(message).into_owned(),
+            message: crate::model::limits::bounded_message(message).into_owned(),
             service,
             node,
         });
@@ -1288,7 +1290,7 @@ mod tests {
 
     #[test]
     fn over_limit_commands_are_refused_on_apply_and_recorded() {
-        use crate::cluster::limits::{MAX_MESSAGE_BYTES, MAX_REPLICAS};
+        use crate::model::limits::{MAX_MESSAGE_BYTES, MAX_REPLICAS};
         let mut s = ClusterState::default();
         // As it would arrive from a log written by an older version or the raw `Write` RPC.
         let huge: Command = serde_json::from_value(serde_json::json!({
@@ -1342,7 +1344,7 @@ mod tests {
         bad.replicas = u32::MAX;
         bad.stop_grace_s = u64::MAX;
         bad.restart.within_s = u64::MAX;
-        assert_eq!(bad.to_view().replicas, crate::cluster::limits::MAX_REPLICAS);
+        assert_eq!(bad.to_view().replicas, crate::model::limits::MAX_REPLICAS);
         assert_eq!(bad.stop_grace(), std::time::Duration::from_secs(3600));
         let _ = std::time::Instant::now() + bad.stop_grace() + bad.restart.within();
     }

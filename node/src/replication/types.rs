@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use super::state::{Batch, CommandResult};
+use crate::model::state::{Batch, CommandResult};
 
 openraft::declare_raft_types!(
     /// mode's Raft types: batches of proposals in, their results out, u64 node ids, address-only nodes.

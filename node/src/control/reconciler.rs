@@ -5,13 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::limits::PLACE_CHUNK;
-use super::node::ClusterNode;
-use super::state::{ClusterState, Command, NodeStatus, SlotAssignment};
+use crate::model::limits::PLACE_CHUNK;
+use crate::model::state::{ClusterState, Command, NodeStatus, SlotAssignment};
+use crate::replication::ClusterNode;
 use crate::schedule::{plan_avoiding, Assignment, Avoid};
-use crate::service::lock;
 
 /// How often the leader reconciles.
 const PERIOD: Duration = Duration::from_millis(100);
@@ -32,45 +31,6 @@ impl Default for Liveness {
             grace: Duration::from_millis(1500),
             reschedule_backoff: Duration::from_millis(500),
         }
-    }
-}
-
-/// When each node last heartbeated, as seen by this node while it leads.
-#[derive(Default)]
-pub(crate) struct Heartbeats {
-    seen: std::sync::Mutex<HashMap<u64, Instant>>,
-}
-
-impl Heartbeats {
-    pub(crate) fn record(&self, node: u64) {
-        lock(&self.seen).insert(node, Instant::now());
-    }
-
-    /// Time since `node` was last heard; a node never heard of (just registered) starts its
-    /// grace period now.
-    fn age(&self, node: u64) -> Duration {
-        lock(&self.seen)
-            .entry(node)
-            .or_insert_with(Instant::now)
-            .elapsed()
-    }
-
-    /// Time since each node's last heartbeat.
-    pub(crate) fn ages(&self) -> Vec<(u64, Duration)> {
-        let mut v: Vec<(u64, Duration)> = lock(&self.seen)
-            .iter()
-            .map(|(n, t)| (*n, t.elapsed()))
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// A new leader gives every node a full grace period.
-    fn reset(&self, nodes: impl Iterator<Item = u64>) {
-        let now = Instant::now();
-        let mut seen = lock(&self.seen);
-        seen.clear();
-        seen.extend(nodes.map(|n| (n, now)));
     }
 }
 
@@ -129,7 +89,7 @@ pub async fn run(
             };
         }
         let commands = decide(&node, &state, liveness, &mut memory);
-        let commands = split_traced(commands, &state, super::node::now_ms());
+        let commands = split_traced(commands, &state, crate::replication::now_ms());
         commit_traced(&node, commands).await;
     }
 }
@@ -207,7 +167,11 @@ fn split_traced(
 async fn commit_traced(node: &ClusterNode, commands: Vec<(Command, Option<String>)>) {
     use tracing::Instrument as _;
     type Write<'a> = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(), super::node::ClusterError>> + Send + 'a>,
+        Box<
+            dyn std::future::Future<Output = Result<(), crate::replication::ClusterError>>
+                + Send
+                + 'a,
+        >,
     >;
     let mut writes: Vec<Write<'_>> = Vec::with_capacity(commands.len());
     for (command, trace) in commands {
@@ -362,7 +326,7 @@ fn decide(
     let mut avoid = Avoid::new();
     let mut current = Vec::new();
     let mut failed_now = BTreeSet::new();
-    let now_ms = super::node::now_ms();
+    let now_ms = crate::replication::now_ms();
     memory.backing_off = false;
     for (service, slots) in &state.placements {
         if state.deleting.contains(service) {
@@ -641,7 +605,8 @@ fn event(kind: &str, message: String, service: Option<String>, node: Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::state::TraceMark;
+    use crate::model::state::TraceMark;
+    use crate::service::lock;
 
     fn slot(service: &str, slot: u32) -> SlotAssignment {
         SlotAssignment {
@@ -697,7 +662,7 @@ mod tests {
     #[test]
     fn unplaced_instances_are_one_summary_per_service() {
         let mut state = ClusterState::default();
-        let mut web = crate::cluster::spec::ServiceSpec::new("web", "exec");
+        let mut web = crate::model::spec::ServiceSpec::new("web", "exec");
         web.replicas = 20_000;
         state.specs.insert("web".into(), web);
         let u = |service: &str, slot, reason: &str| crate::schedule::Unplaced {
@@ -730,9 +695,9 @@ mod tests {
         let chunks = place_in_chunks(many(12_000), many(3));
         assert_eq!(chunks.len(), 3);
         for c in &chunks {
-            assert_eq!(crate::cluster::limits::check_command(c), Ok(()));
-            let bytes = crate::cluster::limits::json_len(c);
-            assert!(bytes < crate::cluster::limits::MAX_WRITE_BYTES, "{bytes}");
+            assert_eq!(crate::model::limits::check_command(c), Ok(()));
+            let bytes = crate::model::limits::json_len(c);
+            assert!(bytes < crate::model::limits::MAX_WRITE_BYTES, "{bytes}");
         }
         let Command::Place { assign, unassign } = &chunks[2] else {
             panic!("placements")

@@ -146,20 +146,29 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
-    /// The restart window (at most [`MAX_RESTART_WINDOW_S`](super::limits::MAX_RESTART_WINDOW_S)
+    /// The restart window (at most [`MAX_RESTART_WINDOW_S`](crate::model::limits::MAX_RESTART_WINDOW_S)
     /// whatever is stored, like the other accessors).
     pub fn within(&self) -> Duration {
-        Duration::from_secs(self.within_s.min(super::limits::MAX_RESTART_WINDOW_S))
+        Duration::from_secs(
+            self.within_s
+                .min(crate::model::limits::MAX_RESTART_WINDOW_S),
+        )
     }
 
     /// The first backoff.
     pub fn backoff_initial(&self) -> Duration {
-        Duration::from_millis(self.backoff_initial_ms.min(super::limits::MAX_BACKOFF_MS))
+        Duration::from_millis(
+            self.backoff_initial_ms
+                .min(crate::model::limits::MAX_BACKOFF_MS),
+        )
     }
 
     /// The longest backoff.
     pub fn backoff_max(&self) -> Duration {
-        Duration::from_millis(self.backoff_max_ms.min(super::limits::MAX_BACKOFF_MS))
+        Duration::from_millis(
+            self.backoff_max_ms
+                .min(crate::model::limits::MAX_BACKOFF_MS),
+        )
     }
 }
 
@@ -261,13 +270,13 @@ impl ServiceSpec {
     }
 
     /// Instances wanted (1 for a singleton), never more than
-    /// [`MAX_REPLICAS`](super::limits::MAX_REPLICAS) (a spec stored before the limit existed
+    /// [`MAX_REPLICAS`](crate::model::limits::MAX_REPLICAS) (a spec stored before the limit existed
     /// must not make a node allocate billions of slots).
     pub fn instances(&self) -> u32 {
         if self.singleton {
             1
         } else {
-            self.replicas.min(super::limits::MAX_REPLICAS)
+            self.replicas.min(crate::model::limits::MAX_REPLICAS)
         }
     }
 
@@ -403,7 +412,7 @@ impl ServiceSpec {
             ));
         }
         // Sizes, counts and durations (the state machine checks the same on apply).
-        super::limits::check_spec(self).map_err(|e| {
+        crate::model::limits::check_spec(self).map_err(|e| {
             let field = match e.what.as_str() {
                 "spec" => None,
                 f => Some(f.to_string()),

@@ -8,12 +8,12 @@ use mode_proto::v1::control_client::ControlClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use super::limits;
 use super::network::{describe_status, Peers};
 use super::node::{
     ClusterError, ClusterStatus, LeaseGrant, MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID,
 };
-use super::state::Proposal;
+use crate::model::limits;
+use crate::model::state::Proposal;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,16 +1,16 @@
 //! Batching of client writes on the leader: concurrent writes are committed together as one
 //! Raft entry (one fsync per node covers them all), with a few batches in flight at once, each
 //! entry at most [`MAX_ENTRY_BYTES`] and each write at most
-//! [`MAX_WRITE_BYTES`](super::limits::MAX_WRITE_BYTES).
+//! [`MAX_WRITE_BYTES`](crate::model::limits::MAX_WRITE_BYTES).
 
 use std::sync::Arc;
 
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::limits::{check_write_bytes, json_len, MAX_ENTRY_BYTES};
-use super::state::{Batch, CommandResult, Proposal};
 use super::types::Raft;
+use crate::model::limits::{check_write_bytes, json_len, MAX_ENTRY_BYTES};
+use crate::model::state::{Batch, CommandResult, Proposal};
 
 /// Raft entries being committed at once; further writes queue up and form the next batch.
 /// Measured on 2 cores: 1-2 in flight commit ~13k writes/s at 128 concurrent clients, 4 about
@@ -54,14 +54,14 @@ impl Proposer {
 
     /// Commit `proposal` (batched with whatever else is waiting). Proposals queued one after
     /// the other are committed in that order. One over
-    /// [`MAX_WRITE_BYTES`](super::limits::MAX_WRITE_BYTES) is refused here,
+    /// [`MAX_WRITE_BYTES`](crate::model::limits::MAX_WRITE_BYTES) is refused here,
     /// before it costs anything.
     pub(crate) async fn propose(&self, proposal: Proposal) -> Committed {
         let bytes = json_len(&proposal);
         check_write_bytes(bytes).map_err(|e| {
             Rejected::Invalid(format!(
                 "{e}: send less in one write (a spec's config is at most {} KiB)",
-                super::limits::MAX_CONFIG_BYTES >> 10
+                crate::model::limits::MAX_CONFIG_BYTES >> 10
             ))
         })?;
         let (done, wait) = oneshot::channel();
@@ -164,8 +164,8 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Waiter>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::limits::MAX_WRITE_BYTES;
-    use crate::cluster::state::Command;
+    use crate::model::limits::MAX_WRITE_BYTES;
+    use crate::model::state::Command;
 
     #[tokio::test]
     async fn a_write_over_the_limit_is_refused_before_it_is_queued() {
