@@ -196,9 +196,16 @@ pub fn server_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span
     let traced = cx.span().span_context().is_valid();
     // Calls that run all the time start no trace of their own: the Raft transport, agents'
     // heartbeats, and the graph fan-out of the web view.
-    let background = path.starts_with("/mode.v1.Raft/")
-        || path == "/mode.v1.Control/Heartbeat"
-        || (path == "/mode.v1.Control/NodeBeacon" && !traced);
+    let background = matches!(
+        path,
+        "/mode.v1.Peer/Vote"
+            | "/mode.v1.Peer/PreVote"
+            | "/mode.v1.Peer/AppendEntries"
+            | "/mode.v1.Peer/InstallSnapshot"
+            | "/mode.v1.Peer/Heartbeat"
+            | "/mode.v1.Peer/ReportInstances"
+            | "/mode.v1.Peer/WatchPlacements"
+    ) || (path == "/mode.v1.Peer/NodeBeacon" && !traced);
     let span = if background {
         tracing::debug_span!(target: TARGET, "grpc", otel.name = %path, otel.kind = "server", rpc.system = "grpc", rpc.method = %path)
     } else {

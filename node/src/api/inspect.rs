@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mode_proto::v1 as pb;
-use mode_proto::v1::control_client::ControlClient;
+use mode_proto::v1::peer_client::PeerClient;
 
 use crate::graph::{skeleton, ClusterGraph, GraphFilter, LocalInstance, NodeReport, TreeForm};
 use crate::replication::ClusterNode;
@@ -202,7 +202,7 @@ async fn ask_node<T: TreeForm>(
     // Not Raft's connection: megabytes of trees must not queue up behind (or ahead of) its
     // heartbeats.
     let channel = peers.side_channel(address)?;
-    let mut client = ControlClient::new(channel).max_decoding_message_size(MAX_GRAPH_BYTES);
+    let mut client = PeerClient::new(channel).max_decoding_message_size(MAX_GRAPH_BYTES);
     let mut req = tonic::Request::new(request);
     // The node may give up when the caller will; the caller's own timer (with the clearer
     // message) fires first.

@@ -1,10 +1,9 @@
-//! Forwarding to the leader over the control API, and the conversions between the control
-//! API's messages and the cluster's domain types (used by the API server too).
+//! Forwarding to the leader (and other calls between servers) over the peer API.
 
 use std::time::Duration;
 
 use mode_proto::v1 as pb;
-use mode_proto::v1::control_client::ControlClient;
+use mode_proto::v1::peer_client::PeerClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
@@ -20,14 +19,14 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answers larger than this are decoded on a blocking thread.
 const BIG_ANSWER_BYTES: usize = 256 << 10;
 
-fn client(peers: &Peers, address: &str) -> Result<ControlClient<Channel>, ClusterError> {
+fn client(peers: &Peers, address: &str) -> Result<PeerClient<Channel>, ClusterError> {
     let channel = peers.channel(address).map_err(ClusterError::Config)?;
-    Ok(sized(ControlClient::new(channel)))
+    Ok(sized(PeerClient::new(channel)))
 }
 
 /// The limits every node's server applies, on the forwarding side too: whatever the leader may
 /// answer, the follower accepts (gRPC's default of 4 MiB failed reads of larger states).
-fn sized(client: ControlClient<Channel>) -> ControlClient<Channel> {
+fn sized(client: PeerClient<Channel>) -> PeerClient<Channel> {
     client
         .max_decoding_message_size(limits::MAX_ANSWER_BYTES)
         .max_encoding_message_size(limits::MAX_REQUEST_BYTES)
@@ -83,7 +82,7 @@ pub(crate) async fn write(
 ) -> Result<WriteOutcome, Forwarded> {
     let command_json = serde_json::to_string(&proposal.command)
         .map_err(|e| Forwarded::Answer(ClusterError::Invalid(e.to_string())))?;
-    let mut req = forwarded(pb::WriteRequest {
+    let mut req = forwarded(pb::ProposeRequest {
         command_json,
         request_id: proposal.request_id.clone().unwrap_or_default(),
     });
@@ -96,7 +95,7 @@ pub(crate) async fn write(
     }
     let reply = client(peers, address)
         .map_err(|e| Forwarded::NotSent(e.to_string()))?
-        .write(req)
+        .propose(req)
         .await
         .map_err(|s| match s.code() {
             tonic::Code::Unavailable if super::network::never_connected(&s) => {
@@ -125,8 +124,8 @@ pub(crate) async fn read(
 ) -> Result<(serde_json::Value, u64), ClusterError> {
     // Megabytes of state must not queue up behind (or ahead of) Raft's heartbeats.
     let channel = peers.side_channel(address).map_err(ClusterError::Config)?;
-    let reply = sized(ControlClient::new(channel))
-        .read(forwarded(pb::ReadRequest {
+    let reply = sized(PeerClient::new(channel))
+        .query(forwarded(pb::QueryRequest {
             query: query.to_string(),
             stale: false,
         }))
@@ -151,7 +150,7 @@ pub(crate) async fn read(
 
 pub(crate) async fn status(peers: &Peers, address: &str) -> Result<ClusterStatus, ClusterError> {
     let reply = client(peers, address)?
-        .cluster_status(forwarded(pb::ClusterStatusRequest { local: true }))
+        .member_status(forwarded(pb::ClusterStatusRequest { local: true }))
         .await
         .map_err(|s| from_status(address, &s))?
         .into_inner();
@@ -181,7 +180,7 @@ pub(crate) async fn join(
 
 pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<String, ClusterError> {
     let reply = client(peers, address)?
-        .remove_node(forwarded(pb::RemoveNodeRequest { id }))
+        .remove_member(forwarded(pb::RemoveNodeRequest { id }))
         .await
         .map_err(|s| from_status(address, &s))?
         .into_inner();
@@ -193,7 +192,10 @@ pub(crate) async fn heartbeat(
     address: &str,
     node: u64,
 ) -> Result<LeaseGrant, ClusterError> {
-    let mut req = forwarded(pb::HeartbeatRequest { node });
+    let mut req = forwarded(pb::HeartbeatRequest {
+        node,
+        incarnation: 0,
+    });
     req.set_timeout(std::time::Duration::from_secs(1));
     let reply = client(peers, address)?
         .heartbeat(req)
@@ -219,6 +221,7 @@ pub(crate) fn status_to_proto(s: &ClusterStatus) -> pb::ClusterStatusReply {
         last_log_index: s.last_log_index,
         snapshot_index: s.snapshot_index,
         purged_index: s.purged_index,
+        agents: 0,
         members: s
             .members
             .iter()

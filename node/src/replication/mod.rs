@@ -25,6 +25,7 @@ pub use node::{
     check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,
     WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,
 };
+pub use raft_server::RaftService;
 pub use store::DataDirError;
 pub(crate) use store::PROCESS_LEDGER_FILE;
 pub use types::TypeConfig;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mode_proto::v1::raft_client::RaftClient;
+use mode_proto::v1::peer_client::PeerClient as PeerRpc;
 use mode_proto::v1::{RaftReply, RaftRequest};
 use mode_proto::PROTOCOL_VERSION;
 use openraft::error::{
@@ -379,7 +379,7 @@ impl Caller {
             to: self.target,
             to_incarnation,
         };
-        let mut client = RaftClient::new(channel)
+        let mut client = PeerRpc::new(channel)
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         let call = async {

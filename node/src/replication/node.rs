@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mode_proto::v1::control_client::ControlClient;
+use mode_proto::v1::peer_client::PeerClient;
 use mode_proto::v1::{ClusterStatusRequest, JoinRequest};
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
@@ -665,10 +665,10 @@ impl ClusterNode {
             let Ok(channel) = self.peers.channel(addr) else {
                 continue;
             };
-            let mut client = ControlClient::new(channel);
+            let mut client = PeerClient::new(channel);
             let req = ClusterStatusRequest { local: true };
             if let Ok(Ok(reply)) =
-                tokio::time::timeout(Duration::from_secs(1), client.cluster_status(req)).await
+                tokio::time::timeout(Duration::from_secs(1), client.member_status(req)).await
             {
                 if !reply.into_inner().members.is_empty() {
                     return true;
@@ -683,7 +683,7 @@ impl ClusterNode {
         let mut delay = Duration::from_millis(100);
         loop {
             let channel = self.peers.channel(via).map_err(ClusterError::Config)?;
-            let mut client = ControlClient::new(channel);
+            let mut client = PeerClient::new(channel);
             let req = JoinRequest {
                 id: self.config.id,
                 address: self.config.advertise.clone(),

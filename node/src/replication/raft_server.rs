@@ -1,6 +1,6 @@
-//! The gRPC side of the Raft transport: decode, check the protocol version, hand to openraft.
+//! The receiving side of the Raft transport (served by the peer API): decode, check the
+//! protocol version and who is speaking, hand to openraft.
 
-use mode_proto::v1::raft_server::Raft as RaftRpc;
 use mode_proto::v1::{RaftReply, RaftRequest};
 use mode_proto::PROTOCOL_VERSION;
 use serde::de::DeserializeOwned;
@@ -11,7 +11,8 @@ use super::node::Refusal;
 use super::store::StateMachineStore;
 use super::types::Raft;
 
-pub(crate) struct RaftService {
+/// Answers Raft RPCs for one server.
+pub struct RaftService {
     pub(crate) raft: Raft,
     pub(crate) me: u64,
     pub(crate) incarnation: u64,
@@ -117,21 +118,26 @@ fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<Ra
     Ok(Response::new(RaftReply { payload, is_error }))
 }
 
-#[tonic::async_trait]
-impl RaftRpc for RaftService {
-    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+impl RaftService {
+    /// A vote request.
+    pub async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), true)?;
         let rpc = decode(request.get_ref())?;
         reply(self.raft.vote(rpc).await)
     }
 
-    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    /// A pre-vote: would this node vote for the sender now?
+    pub async fn pre_vote(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), true)?;
         let req: super::election::PreVoteRequest = decode(request.get_ref())?;
         reply::<_, openraft::error::Infallible>(Ok(self.pre_voter.answer(&req)))
     }
 
-    async fn append_entries(
+    /// Entries (or a heartbeat) from the leader.
+    pub async fn append_entries(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
@@ -145,7 +151,8 @@ impl RaftRpc for RaftService {
         reply(result)
     }
 
-    async fn install_snapshot(
+    /// A snapshot from the leader.
+    pub async fn install_snapshot(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
