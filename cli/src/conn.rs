@@ -76,15 +76,18 @@ pub(crate) fn endpoint_url(endpoint: &str) -> String {
 }
 
 impl Conn {
-    /// Clients for a comma-separated endpoint list; requests give up after `timeout`.
-    pub(crate) fn new(list: &str, timeout: Duration) -> Result<Conn, Failure> {
+    /// Clients for a comma-separated endpoint list; requests give up after `timeout` (`None`:
+    /// the server bounds the call).
+    pub(crate) fn new(list: &str, timeout: Option<Duration>) -> Result<Conn, Failure> {
         let mut targets = Vec::new();
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let url = endpoint_url(part);
-            let endpoint = Endpoint::from_shared(url.clone())
+            let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|e| Failure::new(2, format!("invalid --endpoint '{part}': {e}")))?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(timeout);
+                .connect_timeout(Duration::from_secs(3));
+            if let Some(t) = timeout {
+                endpoint = endpoint.timeout(t);
+            }
             let client = ControlClient::with_interceptor(endpoint.connect_lazy(), TracePropagation)
                 .max_decoding_message_size(mode::api::MAX_GRAPH_BYTES);
             targets.push(Target { url, client });
@@ -179,7 +182,8 @@ fn classify(status: &tonic::Status) -> Outcome {
         tonic::Code::Unavailable if is_connect_error(status) => Outcome::NotReached,
         tonic::Code::Unavailable if status.message().contains("unknown") => Outcome::Unknown,
         tonic::Code::Unavailable => Outcome::NotDone,
-        tonic::Code::DeadlineExceeded => Outcome::Unknown,
+        // The server's own deadline (a rolling restart that did not finish): its answer.
+        tonic::Code::DeadlineExceeded => Outcome::Answered,
         tonic::Code::Cancelled if is_timeout(status) => Outcome::Unknown,
         _ => Outcome::Answered,
     }
@@ -266,7 +270,7 @@ mod tests {
             })
             .collect();
         let list = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
-        let mut conn = Conn::new(&list, Duration::from_secs(2)).unwrap();
+        let mut conn = Conn::new(&list, Some(Duration::from_secs(2))).unwrap();
         let mut tried = 0;
         let err = conn
             .call(Call::Read, |mut c| {
@@ -285,7 +289,9 @@ mod tests {
 
     #[test]
     fn an_empty_endpoint_list_is_a_usage_error() {
-        let err = Conn::new(" , ", Duration::from_secs(1)).err().unwrap();
+        let err = Conn::new(" , ", Some(Duration::from_secs(1)))
+            .err()
+            .unwrap();
         assert_eq!(err.code, 2);
     }
 }

@@ -1,109 +1,13 @@
-//! Between the typed API's messages and what modectl works with: specs parsed from a file,
-//! JSON configs (`google.protobuf.Struct`), and the graph the renderers draw.
-//!
-//! The server converts the same way in the other direction (node/src/api); this is the
-//! client's small copy, so that modectl depends on the messages, not on server internals.
+//! Between the typed API's messages and what modectl works with. Specs and configs convert
+//! with the server's own functions ([`mode::api::convert`]); here is what only a client
+//! needs: the graph back into the domain type the renderers draw, and readable times.
 
 use std::collections::BTreeMap;
 
+pub(crate) use mode::api::convert::{spec_to_proto, struct_to_json};
 use mode::graph as domain;
-use mode::model::spec::ServiceSpec;
-use mode_proto::prost_types::{self, value::Kind};
 use mode_proto::v1 as pb;
 use serde_json::Value;
-
-/// A JSON value as a protobuf `Value` (numbers become doubles, as JSON's are).
-pub(crate) fn to_proto_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(to_proto_value).collect(),
-        }),
-        Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o
-                .iter()
-                .map(|(k, v)| (k.clone(), to_proto_value(v)))
-                .collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-/// A config as a `Struct`: a JSON object's fields (`null` or absent: none).
-pub(crate) fn to_struct(v: &Value) -> Option<prost_types::Struct> {
-    match v {
-        Value::Object(o) => Some(prost_types::Struct {
-            fields: o
-                .iter()
-                .map(|(k, v)| (k.clone(), to_proto_value(v)))
-                .collect(),
-        }),
-        _ => None,
-    }
-}
-
-/// A protobuf `Value` as JSON; whole numbers print as integers.
-pub(crate) fn from_proto_value(v: &prost_types::Value) -> Value {
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
-                Value::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
-            }
-        }
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(from_proto_value).collect()),
-        Some(Kind::StructValue(s)) => from_struct(s),
-    }
-}
-
-/// A `Struct` as a JSON object.
-pub(crate) fn from_struct(s: &prost_types::Struct) -> Value {
-    Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), from_proto_value(v)))
-            .collect(),
-    )
-}
-
-/// A spec parsed from a file, as the API takes it.
-pub(crate) fn spec_to_proto(s: &ServiceSpec) -> pb::ServiceSpec {
-    pb::ServiceSpec {
-        name: s.name.clone(),
-        kind: s.kind.clone(),
-        config: to_struct(&s.config),
-        replicas: Some(s.replicas),
-        singleton: s.singleton,
-        constraints: s
-            .constraints
-            .iter()
-            .map(|c| pb::Constraint {
-                label: c.label.clone(),
-                equals: c.equals.clone(),
-                r#in: c.in_.clone().unwrap_or_default(),
-            })
-            .collect(),
-        spread: s.spread.clone().unwrap_or_default(),
-        anti_affinity: s.anti_affinity.clone(),
-        cost: Some(s.cost),
-        depends_on: s.depends_on.clone(),
-        restart: Some(pb::RestartPolicy {
-            max_restarts: Some(s.restart.max_restarts),
-            within_s: Some(s.restart.within_s),
-            backoff_initial_ms: Some(s.restart.backoff_initial_ms),
-            backoff_max_ms: Some(s.restart.backoff_max_ms),
-        }),
-        stop_grace_s: Some(s.stop_grace_s),
-        generation: 0,
-    }
-}
 
 /// How many instances a spec wants (a singleton: one; replicas default to one).
 pub(crate) fn wanted(spec: &pb::ServiceSpec) -> u32 {
@@ -229,17 +133,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_config_survives_the_round_trip_through_a_struct() {
-        let config = serde_json::json!({
-            "command": "/bin/sh", "args": ["-c", "true"], "every_ms": 200,
-            "ratio": 0.5, "on": true, "none": null, "nested": {"k": [1, {"x": "y"}]}
-        });
-        let s = to_struct(&config).unwrap();
-        assert_eq!(from_struct(&s), config);
-        assert!(to_struct(&Value::Null).is_none());
-    }
-
-    #[test]
     fn a_parsed_spec_keeps_every_field() {
         let specs = mode::model::spec::parse_specs(
             "t.yaml",
@@ -256,7 +149,7 @@ mod tests {
             vec!["a".to_string(), "b".to_string()]
         );
         assert_eq!(
-            from_struct(p.config.as_ref().unwrap()),
+            struct_to_json(p.config.as_ref().unwrap()),
             serde_json::json!({"every_ms": 5})
         );
         assert_eq!(wanted(&p), 3);

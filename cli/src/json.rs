@@ -5,13 +5,13 @@
 use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
-use crate::convert::{format_utc_ms, from_struct};
+use crate::convert::{format_utc_ms, struct_to_json};
 
 pub(crate) fn spec(s: &pb::ServiceSpec) -> Value {
     json!({
         "name": s.name,
         "kind": s.kind,
-        "config": s.config.as_ref().map(from_struct),
+        "config": s.config.as_ref().map(struct_to_json),
         "replicas": s.replicas,
         "singleton": s.singleton,
         "constraints": s.constraints.iter().map(|c| json!({

@@ -209,7 +209,14 @@ impl Failure {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let mut conn = Conn::new(&cli.endpoint, Duration::from_secs(cli.timeout))?;
+    // A rolling restart answers once every instance runs again: the server bounds each
+    // instance's wait (RESTART_WAIT), not --timeout.
+    let rolling = matches!(
+        &cli.command,
+        Cmd::Svc(svc::SvcCmd::Restart { slot: None, .. })
+    );
+    let timeout = (!rolling).then(|| Duration::from_secs(cli.timeout));
+    let mut conn = Conn::new(&cli.endpoint, timeout)?;
     let json = cli.output == Format::Json;
     match &cli.command {
         Cmd::Cluster(ClusterCmd::Status { local }) => {

@@ -672,17 +672,11 @@ pub async fn propose(
 /// A small spec named `name` (kind ticker, one replica, its config padded to about 256 bytes,
 /// like the etcd bench), typed.
 pub fn small_spec(name: &str) -> pb::ServiceSpec {
-    use mode_proto::prost_types::{value::Kind, Struct, Value};
-    let pad = Value {
-        kind: Some(Kind::StringValue("x".repeat(200))),
-    };
     pb::ServiceSpec {
         name: name.to_string(),
         kind: "ticker".to_string(),
         replicas: Some(1),
-        config: Some(Struct {
-            fields: [("pad".to_string(), pad)].into_iter().collect(),
-        }),
+        config: mode::api::convert::json_to_struct(&serde_json::json!({"pad": "x".repeat(200)})),
         ..Default::default()
     }
 }
