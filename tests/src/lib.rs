@@ -669,14 +669,16 @@ pub async fn propose(
     Ok((result, reply))
 }
 
-/// A small spec named `name` (kind ticker, one replica, its config padded to about 256 bytes,
-/// like the etcd bench), typed.
+/// A small spec named `name` (kind ticker, one replica, its config padded to about 256 bytes
+/// with the ticker's `message`, like the etcd bench), typed.
 pub fn small_spec(name: &str) -> pb::ServiceSpec {
     pb::ServiceSpec {
         name: name.to_string(),
         kind: "ticker".to_string(),
         replicas: Some(1),
-        config: mode::api::convert::json_to_struct(&serde_json::json!({"pad": "x".repeat(200)})),
+        config: mode::api::convert::json_to_struct(
+            &serde_json::json!({"message": "x".repeat(200)}),
+        ),
         ..Default::default()
     }
 }
@@ -699,7 +701,7 @@ pub async fn put_spec(
 pub fn put_spec_command(name: &str) -> String {
     serde_json::json!({
         "op": "put_spec",
-        "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"pad": "x".repeat(200)}}
+        "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"message": "x".repeat(200)}}
     })
     .to_string()
 }
