@@ -281,7 +281,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &request_id,
                 )
             )
-            .await?;
+            .await
+            .map_err(|mut f| {
+                // The server says what to do in its API's words; name the flag.
+                if f.grpc == Some(tonic::Code::FailedPrecondition) && !f.message.contains("--force")
+                {
+                    f.message = format!(
+                        "{} (with modectl: `modectl node drain {id} --force`)",
+                        f.message.trim_end()
+                    );
+                }
+                f
+            })?;
             if json {
                 println!(
                     "{}",

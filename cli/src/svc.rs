@@ -302,7 +302,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                     reply.generation
                 );
             } else {
-                println!("{} ({replicas} replicas)", reply.message);
+                println!("{}", reply.message);
             }
         }
         SvcCmd::Restart { name, slot } => restart(conn, name, *slot, json).await?,
@@ -339,8 +339,13 @@ fn print_changes(reply: &pb::ApplyServicesReply) {
     for c in &reply.changes {
         let line = if c.message.is_empty() {
             let verb = if reply.dry_run { "would be" } else { "was" };
+            let changed = if c.changed_fields.is_empty() {
+                String::new()
+            } else {
+                format!("; changed: {}", c.changed_fields.join(", "))
+            };
             format!(
-                "service '{}' {verb} {} (generation {})",
+                "service '{}' {verb} {} (generation {}){changed}",
                 c.name, c.action, c.generation
             )
         } else {
@@ -349,11 +354,7 @@ fn print_changes(reply: &pb::ApplyServicesReply) {
         if reply.dry_run && !c.message.starts_with("dry run") {
             print!("dry run: ");
         }
-        if c.changed_fields.is_empty() {
-            println!("{line}");
-        } else {
-            println!("{line}; changed: {}", c.changed_fields.join(", "));
-        }
+        println!("{line}");
     }
     if reply.dry_run {
         println!("dry run: nothing was stored");
@@ -464,9 +465,6 @@ async fn restart(
     )
     .await?;
     let asked: BTreeSet<u32> = reply.slots.iter().copied().collect();
-    if !json && !reply.message.is_empty() {
-        println!("{}", reply.message);
-    }
     let mut announced = BTreeSet::new();
     let mut restarted = BTreeSet::new();
     let deadline = Instant::now() + SERVICE_WAIT * (asked.len().max(1) as u32);
@@ -553,10 +551,8 @@ async fn wait_running(
     json: bool,
 ) -> Result<(), Failure> {
     let deadline = Instant::now() + timeout;
-    let mut progress: BTreeMap<String, String> = names
-        .iter()
-        .map(|n| (n.clone(), format!("{n} 0/? running")))
-        .collect();
+    // Each service's progress once it has been seen.
+    let mut progress: BTreeMap<String, String> = BTreeMap::new();
     let mut last_line = String::new();
     for name in names {
         let short = Arc::new(AtomicBool::new(false));
