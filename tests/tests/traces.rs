@@ -194,7 +194,7 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
     // The node the CLI called: its server span is a child of the CLI's span.
     let called = trace
         .iter()
-        .find(|s| s.name == "/mode.v1.Control/ApplySpecs" && s.node.as_deref() == Some(&via_s))
+        .find(|s| s.name == "/mode.v1.Control/ApplyServices" && s.node.as_deref() == Some(&via_s))
         .expect("the called node's server span");
     assert_eq!(called.parent, root.id);
     assert_eq!(
@@ -204,7 +204,7 @@ async fn one_svc_apply_is_one_trace_across_cli_leader_and_agent() {
     // The leader: the forwarded write, a child of the called node's proposal.
     let forwarded = trace
         .iter()
-        .find(|s| s.name == "/mode.v1.Control/Write" && s.node.as_deref() == Some(&leader_s))
+        .find(|s| s.name == "/mode.v1.Peer/Propose" && s.node.as_deref() == Some(&leader_s))
         .expect("the leader's server span for the forwarded write");
     let proposer = parent_of(forwarded);
     assert_eq!(
