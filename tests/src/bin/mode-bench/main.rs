@@ -94,7 +94,8 @@ struct Cli {
     /// Measurement window of the `timers` suite, in seconds.
     #[arg(long, global = true, default_value_t = 5.0)]
     window_s: f64,
-    /// `raft`: load this existing cluster's leader (HOST:PORT) instead of starting three nodes.
+    /// `raft`: load this existing cluster's leader (its peer API, HOST:PORT) instead of
+    /// starting three nodes.
     #[arg(long, global = true)]
     endpoint: Option<String>,
     /// Measured crashes per point of the `restart` suite.
