@@ -317,7 +317,7 @@ async fn writer(
     stop: Arc<AtomicBool>,
     writes: Arc<Mutex<Writes>>,
 ) {
-    let clients: Vec<_> = addresses.iter().map(|a| crate::client(a)).collect();
+    let clients: Vec<_> = addresses.iter().map(|a| crate::peer_client(a)).collect();
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let name = format!("w{w}-{i}");
@@ -327,12 +327,12 @@ async fn writer(
             "op": "put_spec",
             "spec": {"name": name, "kind": "ticker", "replicas": 0},
         });
-        let mut req = tonic::Request::new(pb::WriteRequest {
+        let mut req = tonic::Request::new(pb::ProposeRequest {
             command_json: command.to_string(),
             ..Default::default()
         });
         req.set_timeout(Duration::from_secs(3));
-        let (acked, not_made) = match c.write(req).await {
+        let (acked, not_made) = match c.propose(req).await {
             Ok(r) => (
                 serde_json::from_str::<Value>(&r.into_inner().response_json)
                     .is_ok_and(|v| v["ok"] == true),
@@ -357,20 +357,17 @@ async fn writer(
 }
 
 /// Names of every spec in the state, read linearizably through the leader.
-async fn stored_names(
-    c: &NetCluster,
-    addresses: &BTreeMap<u64, String>,
-) -> Option<BTreeSet<String>> {
+async fn stored_names(addresses: &BTreeMap<u64, String>) -> Option<BTreeSet<String>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some(leader) = leader_guess(addresses).await {
-            let mut client = c.client(leader).await;
-            let mut req = tonic::Request::new(pb::ReadRequest {
+            let mut client = crate::peer_client(&addresses[&leader]);
+            let mut req = tonic::Request::new(pb::QueryRequest {
                 query: "specs".into(),
                 stale: false,
             });
             req.set_timeout(Duration::from_secs(10));
-            if let Ok(r) = client.read(req).await {
+            if let Ok(r) = client.query(req).await {
                 if let Ok(Value::Array(specs)) = serde_json::from_str(&r.into_inner().result_json) {
                     return Some(
                         specs
@@ -389,13 +386,13 @@ async fn stored_names(
 /// The nodes the probes are placed on, as the first node that answers sees them.
 async fn probe_hosts(addresses: &BTreeMap<u64, String>, probes: usize) -> Vec<u64> {
     for address in addresses.values() {
-        let mut c = crate::client(address);
-        let mut req = tonic::Request::new(pb::ReadRequest {
+        let mut c = crate::peer_client(address);
+        let mut req = tonic::Request::new(pb::QueryRequest {
             query: "placements".into(),
             stale: true,
         });
         req.set_timeout(Duration::from_millis(700));
-        let Ok(r) = c.read(req).await else {
+        let Ok(r) = c.query(req).await else {
             continue;
         };
         let Ok(p) = serde_json::from_str::<Value>(&r.into_inner().result_json) else {
@@ -701,7 +698,7 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     let writes = std::mem::take(&mut *writes.lock().unwrap_or_else(|p| p.into_inner()));
     report.writes_attempted = writes.attempted;
     report.writes_acknowledged = writes.acknowledged.len() as u64;
-    match stored_names(&c, &addresses).await {
+    match stored_names(&addresses).await {
         Some(stored) => {
             report.lost = writes
                 .acknowledged

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
+use mode_proto::v1::peer_client::PeerClient;
 use tonic::transport::Channel;
 
 pub mod chaos;
@@ -394,10 +395,10 @@ impl TestCluster {
 
     /// Store a spec named `name` through node `via`, retrying for up to 10 s while the cluster
     /// is unavailable (an election under load).
-    pub async fn put_spec(&self, via: u64, name: &str) -> Result<pb::WriteReply, tonic::Status> {
+    pub async fn put_spec(&self, via: u64, name: &str) -> Result<pb::ProposeReply, tonic::Status> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match put_spec(&mut self.client(via).await, name).await {
+            match put_spec(&mut peer_client(&self.nodes[&via].address()), name).await {
                 Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -412,12 +413,15 @@ impl TestCluster {
         via: u64,
         command: &str,
     ) -> Result<serde_json::Value, tonic::Status> {
-        let mut req = tonic::Request::new(pb::WriteRequest {
+        let mut req = tonic::Request::new(pb::ProposeRequest {
             command_json: command.to_string(),
             ..Default::default()
         });
         req.set_timeout(Duration::from_secs(10));
-        let reply = self.client(via).await.write(req).await?.into_inner();
+        let reply = peer_client(&self.nodes[&via].address())
+            .propose(req)
+            .await?
+            .into_inner();
         serde_json::from_str(&reply.response_json)
             .map_err(|e| tonic::Status::internal(format!("undecodable result: {e}")))
     }
@@ -432,12 +436,12 @@ impl TestCluster {
     ) -> Result<serde_json::Value, tonic::Status> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let mut c = self.client(via).await;
-            let request = pb::ReadRequest {
+            let mut c = peer_client(&self.nodes[&via].address());
+            let request = pb::QueryRequest {
                 query: query.to_string(),
                 stale,
             };
-            match c.read(request).await {
+            match c.query(request).await {
                 Ok(r) => {
                     return Ok(serde_json::from_str(&r.into_inner().result_json).expect("json"))
                 }
@@ -470,12 +474,19 @@ impl TestCluster {
     /// Apply a spec file's text through node `via`.
     pub async fn apply(&self, via: u64, text: &str) -> Result<Vec<String>, tonic::Status> {
         let mut c = self.client(via).await;
-        c.apply_specs(pb::ApplySpecsRequest {
+        c.apply_services(pb::ApplyServicesRequest {
             text: text.to_string(),
             file: "test.yaml".to_string(),
+            ..Default::default()
         })
         .await
-        .map(|r| r.into_inner().results)
+        .map(|r| {
+            r.into_inner()
+                .changes
+                .into_iter()
+                .map(|c| c.message)
+                .collect()
+        })
     }
 
     /// The instances of `service`: slot → placement JSON.
@@ -561,17 +572,27 @@ pub fn client(address: &str) -> ControlClient<Channel> {
     ControlClient::new(channel).max_decoding_message_size(256 << 20)
 }
 
+/// A peer API client for `address` (lazy connection): raw commands and queries, as other
+/// servers send them (the peer API is served on the same port as the public one for now).
+pub fn peer_client(address: &str) -> PeerClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    PeerClient::new(channel).max_decoding_message_size(256 << 20)
+}
+
 /// Store a small spec named `name` (its config padded to about 256 bytes, like the etcd bench).
 pub async fn put_spec(
-    client: &mut ControlClient<Channel>,
+    client: &mut PeerClient<Channel>,
     name: &str,
-) -> Result<pb::WriteReply, tonic::Status> {
+) -> Result<pb::ProposeReply, tonic::Status> {
     let command = serde_json::json!({
         "op": "put_spec",
         "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"pad": "x".repeat(200)}}
     });
     client
-        .write(pb::WriteRequest {
+        .propose(pb::ProposeRequest {
             command_json: command.to_string(),
             ..Default::default()
         })

@@ -44,8 +44,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One Raft write that schedules nothing: a ~256-byte event (the control loop plans only when
 /// specs, nodes or placements change, and events change none of them).
-fn event_write(writer: usize, i: usize) -> pb::WriteRequest {
-    pb::WriteRequest {
+fn event_write(writer: usize, i: usize) -> pb::ProposeRequest {
+    pb::ProposeRequest {
         command_json: json!({
             "op": "record_event",
             "kind": "bench",
@@ -58,7 +58,7 @@ fn event_write(writer: usize, i: usize) -> pb::WriteRequest {
 
 /// Run `inflight` concurrent writers of [`event_write`]s against `address` for `window`.
 async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Result<Value> {
-    let client = mode_tests::client(address);
+    let client = mode_tests::peer_client(address);
     let deadline = Instant::now() + window;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -69,7 +69,7 @@ async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Resul
             let mut i = 0usize;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                c.write(event_write(w, i)).await?;
+                c.propose(event_write(w, i)).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 i += 1;
             }
@@ -165,7 +165,7 @@ pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Valu
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut writers = Vec::new();
         for _ in 0..inflight {
-            let (mut c, sent, next) = (mode_tests::client(&address), sent.clone(), next.clone());
+            let (mut c, sent, next) = (mode_tests::peer_client(&address), sent.clone(), next.clone());
             writers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -173,7 +173,7 @@ pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Valu
                         return Ok::<_, tonic::Status>(());
                     }
                     let at = t0.elapsed();
-                    c.write(pb::WriteRequest {
+                    c.propose(pb::ProposeRequest {
                         command_json: json!({"op": "put_spec", "spec": {"name": format!("o{i}"), "kind": "ticker", "config": {"every_ms": 60000}}}).to_string(),
                         ..Default::default()
                     })
@@ -249,18 +249,18 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 if let Ok(d) = rx.try_recv() {
                     break d;
                 }
-                let mut c = mode_tests::client(&survivors[i % survivors.len()]);
+                let mut c = mode_tests::peer_client(&survivors[i % survivors.len()]);
                 let tx = tx.clone();
                 let name = format!("failover-{rep}-{i}");
                 probes.push(tokio::spawn(async move {
-                    let mut req = tonic::Request::new(pb::WriteRequest {
+                    let mut req = tonic::Request::new(pb::ProposeRequest {
                         command_json:
                             json!({"op": "put_spec", "spec": {"name": name, "kind": "ticker"}})
                                 .to_string(),
                         ..Default::default()
                     });
                     req.set_timeout(Duration::from_secs(3));
-                    if c.write(req).await.is_ok() {
+                    if c.propose(req).await.is_ok() {
                         let _ = tx.send(t0.elapsed());
                     }
                 }));
@@ -299,7 +299,7 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let _ = put_spec(
-                &mut mode_tests::client(&cluster.nodes[&leader].address()),
+                &mut mode_tests::peer_client(&cluster.nodes[&leader].address()),
                 "settle",
             )
             .await;
@@ -355,9 +355,9 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
             println!("  rep {}: killed node {victim} hosting {hosted} instances; all 300 running elsewhere after {took:.2} s", rep + 1);
             samples.push(took);
             cluster.node(victim).start();
-            let mut c = cluster.client(leader).await;
+            let mut c = mode_tests::peer_client(&cluster.nodes[&leader].address());
             let _ = c
-                .write(pb::WriteRequest {
+                .propose(pb::ProposeRequest {
                     command_json: json!({"op": "delete_spec", "name": name}).to_string(),
                     ..Default::default()
                 })

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use mode_proto::v1 as pb;
+use prost::Message as _;
 use serde_json::{json, Value};
 
 use super::cluster::{bench_cluster, median, percentile};
@@ -68,11 +69,11 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
             .graph(pb::GraphRequest::default())
             .await?
             .into_inner()
-            .graph_json
-            .len();
+            .encoded_len();
         let mut reports = 0;
         for id in 1..=3 {
-            let mut c = cluster.client(id).await.max_decoding_message_size(1 << 30);
+            let mut c = mode_tests::peer_client(&cluster.nodes[&id].address())
+                .max_decoding_message_size(1 << 30);
             reports += c
                 .node_beacon(pb::NodeBeaconRequest::default())
                 .await?
@@ -83,6 +84,8 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
         // Where the time goes: the Graph call alone (fan-out, merge, JSON), and one node's
         // own report.
         let mut c = cluster.client(1).await.max_decoding_message_size(1 << 30);
+        let mut peer =
+            mode_tests::peer_client(&cluster.nodes[&1].address()).max_decoding_message_size(1 << 30);
         let mut rpc = Vec::new();
         let mut beacon = Vec::new();
         for _ in 0..samples.min(20) {
@@ -90,7 +93,7 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
             c.graph(pb::GraphRequest::default()).await?;
             rpc.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            c.node_beacon(pb::NodeBeaconRequest::default()).await?;
+            peer.node_beacon(pb::NodeBeaconRequest::default()).await?;
             beacon.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         Ok::<_, anyhow::Error>((graph, reports, median(&rpc), median(&beacon)))
