@@ -633,3 +633,229 @@ async fn the_public_listener_serves_health_and_reflection_of_the_public_api_only
     assert_eq!(status.answered_by, 2);
     assert!(status.has_leader);
 }
+
+/// Health status `service` on `channel` says.
+async fn health_of(channel: &Channel, service: &str) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    });
+    req.set_timeout(Duration::from_secs(2));
+    match health.check(req).await {
+        Ok(r) => r.into_inner().status,
+        Err(_) => -1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_readiness() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // Two nodes; only node 2 runs at first: it is no member of a cluster yet (node 1
+    // bootstraps it), so not ready.
+    let mut c = TestCluster::start(0, &[]);
+    let (p1, p2) = (mode_tests::free_port(), mode_tests::free_port());
+    let peers = format!("1=127.0.0.1:{p1},2=127.0.0.1:{p2}");
+    for (id, port) in [(1, p1), (2, p2)] {
+        c.add_node(id, port, vec!["--peers".into(), peers.clone()]);
+    }
+    c.node(2).start();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[&2].address()))
+            .unwrap()
+            .connect_lazy();
+    let until = |want: ServingStatus, what: &'static str| {
+        let channel = channel.clone();
+        bounded(what, 40, async move {
+            while health_of(&channel, "mode.v1.Control").await != want as i32
+                || health_of(&channel, "").await != want as i32
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    until(
+        ServingStatus::NotServing,
+        "NOT_SERVING before the cluster forms",
+    )
+    .await;
+    c.node(1).start();
+    until(
+        ServingStatus::Serving,
+        "SERVING once it is a member with a leader",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_undrain_and_remove_nodes() {
+    let c = cluster(3).await;
+    let mut c1 = c.client(1).await;
+    c1.apply_services(apply(vec![ticker("web", 2, &[])]))
+        .await
+        .unwrap();
+    let web = watch_until(&mut c1, "web", |s| s.running == 2).await;
+    let busy = web.instances[0].node;
+    let drained = c
+        .client(2)
+        .await
+        .drain_node(pb::DrainNodeRequest {
+            id: busy,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.stranded.is_empty(), "{drained:?}");
+    assert!(drained.message.contains("draining"), "{drained:?}");
+    // Its instances move elsewhere.
+    watch_until(&mut c1, "web", |s| {
+        s.running == 2
+            && s.instances
+                .iter()
+                .all(|i| i.node != busy && i.moving_from == 0)
+    })
+    .await;
+    let nodes = c1
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let node = nodes.iter().find(|n| n.id == busy).unwrap();
+    assert!(node.draining && node.status == "draining", "{node:?}");
+    assert_eq!(node.instances, 0);
+    c1.undrain_node(pb::UndrainNodeRequest {
+        id: busy,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nodes = c1
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.iter().find(|n| n.id == busy).unwrap().status, "up");
+
+    for id in [9, 0] {
+        let e = c1
+            .drain_node(pb::DrainNodeRequest {
+                id,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let e = c1
+            .remove_node(pb::RemoveNodeRequest { id })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains(&format!("no node {id}")), "{e:?}");
+    }
+    // A Raft member leaves the voters and the node table.
+    let removed = c1
+        .remove_node(pb::RemoveNodeRequest { id: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(removed.message.contains("node 3 removed"), "{removed:?}");
+    let status = c1
+        .cluster_status(pb::ClusterStatusRequest { local: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.members.iter().all(|m| m.id != 3), "{status:?}");
+    let nodes = c1
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert!(nodes.iter().all(|n| n.id != 3), "{nodes:?}");
+}
+
+/// Commit about `rounds` x 1,000 events: 1,000 stopped specs, updated `rounds` times (one
+/// event each per apply, while the state stays the same size).
+async fn churn(c: &mut ControlClient<Channel>, rounds: u64) {
+    for round in 0..=rounds {
+        let specs = (0..1000)
+            .map(|i| {
+                let mut s = ticker(&format!("filler-{i}"), 0, &[]);
+                s.config = json_to_struct(&serde_json::json!({"every_ms": 100 + round}));
+                s
+            })
+            .collect();
+        c.apply_services(apply(specs)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_are_told_about_events_the_bounded_log_dropped() {
+    let c = cluster(3).await;
+    let mut c1 = c.client(1).await;
+    c1.apply_services(apply(vec![ticker("early", 0, &[])]))
+        .await
+        .unwrap();
+    let early = c1
+        .list_events(pb::ListEventsRequest {
+            service: "early".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events[0]
+        .seq;
+
+    // A watcher that stops reading, while more events than the log keeps are committed.
+    // (A small HTTP/2 window, so that the transport does not buffer megabytes for it.)
+    let small_window =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[&2].address()))
+            .unwrap()
+            .initial_stream_window_size(Some(16 << 10))
+            .connect_lazy();
+    let mut slow = ControlClient::new(small_window)
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    slow.message().await.unwrap().unwrap();
+    // More than the log keeps plus what the transport buffers for the stream.
+    churn(&mut c1, 30).await;
+
+    // Its stream ends, saying where to go on.
+    let ended = bounded("the slow watcher to be cut off", 60, async {
+        loop {
+            match slow.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("after_seq"), "{ended:?}");
+
+    // A watch from before the oldest kept event starts with `gap`.
+    let mut late = c
+        .client(3)
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            after_seq: early,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bounded("the first event", 30, late.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.gap, "{first:?}");
+    assert!(first.seq > early + 1);
+    let second = late.message().await.unwrap().unwrap();
+    assert!(!second.gap && second.seq == first.seq + 1, "{second:?}");
+}
