@@ -178,6 +178,43 @@ async fn typed_apply_get_list_scale_restart_and_delete() {
         .into_inner();
     assert_eq!((status.members.len(), status.agents), (3, 0));
 
+    // The merged graph: every node answers, each instance with its service tree.
+    let graph = c3
+        .graph(pb::GraphRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(graph.nodes.len(), 3);
+    assert!(graph.nodes.iter().all(|n| n.reachable), "{graph:?}");
+    let trees: Vec<&pb::BeaconNode> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| &n.instances)
+        .filter_map(|i| i.tree.as_ref())
+        .collect();
+    assert_eq!(trees.len(), 3, "{graph:?}");
+    assert!(trees
+        .iter()
+        .all(|t| t.label.starts_with("web#") && !t.kind.is_empty()));
+    assert_eq!(graph.services[0].running, 3);
+    let e = c3
+        .graph(pb::GraphRequest {
+            service: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let compacted = c1
+        .compact(pb::CompactRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(compacted.snapshot_index > 0, "{compacted:?}");
+
     // A rolling restart restarts every instance, and they all run again.
     let before: Vec<u64> = web.instances.iter().map(|i| i.epoch).collect();
     let restarted = bounded(
@@ -787,7 +824,24 @@ async fn churn(c: &mut ControlClient<Channel>, rounds: u64) {
                 s
             })
             .collect();
-        c.apply_services(apply(specs)).await.unwrap();
+        let request = pb::ApplyServicesRequest {
+            request_id: format!("churn-{round}"),
+            ..apply(specs)
+        };
+        // Two cores under a burst of large writes: the leader may lose its quorum for a
+        // moment. A retry with the same request id applies once.
+        bounded("a churn write", 60, async {
+            loop {
+                match c.apply_services(request.clone()).await {
+                    Ok(_) => return,
+                    Err(e) if e.code() == Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        })
+        .await;
     }
 }
 
