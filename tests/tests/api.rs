@@ -317,7 +317,32 @@ async fn applies_are_atomic_compare_and_set_and_dry_runs_store_nothing() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("depends_on[0]"), "{e:?}");
+    // A config the kind refuses (checked by the server that takes the request).
+    let mut odd = ticker("odd", 1, &[]);
+    odd.config = json_to_struct(&serde_json::json!({"bogus": 1}));
+    let e = c1.apply_services(apply(vec![odd])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("spec 'odd'") && e.message().contains("field 'config'"),
+        "{e:?}"
+    );
     assert!(names(&mut c1).await.is_empty(), "nothing stored");
+    let e = c1
+        .scale_service(pb::ScaleServiceRequest {
+            name: "ghost".into(),
+            replicas: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c1
+        .watch_service(pb::WatchServiceRequest {
+            name: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
 
     // A dry run says what would change and stores nothing.
     let dry = c1
