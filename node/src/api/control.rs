@@ -683,7 +683,9 @@ async fn follow_events(
     service: Option<String>,
     tx: mpsc::Sender<Result<pb::Event, Status>>,
 ) {
+    // Nothing read from the log yet; a gap found then is flagged on the first event sent.
     let mut first = true;
+    let mut pending_gap = false;
     loop {
         applied.borrow_and_update();
         loop {
@@ -710,7 +712,10 @@ async fn follow_events(
                     .await;
                 return;
             }
-            let mut mark_gap = gap;
+            if gap {
+                pending_gap = true;
+            }
+            first = false;
             let empty = batch.is_empty();
             for e in batch {
                 from = e.seq + 1;
@@ -721,15 +726,10 @@ async fn follow_events(
                     continue;
                 }
                 let mut event = convert::event_to_proto(&e);
-                event.gap = std::mem::take(&mut mark_gap);
-                first = false;
+                event.gap = std::mem::take(&mut pending_gap);
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
-            }
-            if gap {
-                // Only the first event after the watch began carries the gap flag.
-                first = false;
             }
             if empty || from >= next {
                 break;

@@ -507,6 +507,10 @@ pub struct ClusterState {
 /// again; clients retry within seconds).
 pub const MAX_REMEMBERED_REQUESTS: usize = 10_000;
 
+/// The most per-service changes an apply's remembered outcome keeps (a retry of a larger apply
+/// answers with its summary only).
+pub const MAX_REMEMBERED_CHANGES: usize = 100;
+
 /// The outcomes of recent requests, oldest first, bounded by [`MAX_REMEMBERED_REQUESTS`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RequestLog {
@@ -525,11 +529,15 @@ impl RequestLog {
     }
 
     fn remember(&mut self, id: &str, outcome: &CommandResult) {
-        if self
-            .outcomes
-            .insert(id.to_string(), outcome.clone())
-            .is_none()
-        {
+        let mut outcome = outcome.clone();
+        if outcome.changes.len() > MAX_REMEMBERED_CHANGES {
+            // Ten thousand remembered applies of a thousand specs each would weigh gigabytes.
+            outcome.changes.clear();
+            outcome.message.push_str(
+                " (the per-service changes of a large apply are not kept for its retries)",
+            );
+        }
+        if self.outcomes.insert(id.to_string(), outcome).is_none() {
             self.order.push_back(id.to_string());
         }
         while self.order.len() > MAX_REMEMBERED_REQUESTS {
