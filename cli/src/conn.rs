@@ -15,6 +15,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::Failure;
 
+/// `say!("...", args)`: a line on stdout (see [`crate::output::say`]).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::say(format_args!($($arg)*))
+    };
+}
+
 /// `rpc!(conn, Call::Read, method, request)`: [`Conn::call`] of one Control RPC, the request
 /// built anew for each endpoint tried.
 macro_rules! rpc {
@@ -185,6 +192,8 @@ fn classify(status: &tonic::Status) -> Outcome {
         // The server's own deadline (a rolling restart that did not finish): its answer.
         tonic::Code::DeadlineExceeded => Outcome::Answered,
         tonic::Code::Cancelled if is_timeout(status) => Outcome::Unknown,
+        // The connection broke while the call was in flight (the node died).
+        tonic::Code::Unknown if status.message().contains("transport error") => Outcome::Unknown,
         _ => Outcome::Answered,
     }
 }
@@ -254,6 +263,8 @@ mod tests {
         assert_eq!(classify(&unknown), Outcome::Unknown);
         let no_leader = tonic::Status::unavailable("no leader yet");
         assert_eq!(classify(&no_leader), Outcome::NotDone);
+        let reset = tonic::Status::unknown("transport error");
+        assert_eq!(classify(&reset), Outcome::Unknown);
         let missing = tonic::Status::not_found("no service named 'x'");
         assert_eq!(classify(&missing), Outcome::Answered);
     }

@@ -54,8 +54,11 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
     } else {
         print_events(&kept, false);
     }
-    let mut last = kept.last().map_or(0, |e| e.seq);
+    // The last sequence number printed (None: none yet; `after_seq` 0 then replays all).
+    let mut last: Option<u64> = kept.last().map(|e| e.seq);
+    let shown = |last: Option<u64>| last.map_or("none".to_string(), |l| l.to_string());
     let mut backoff = Duration::from_millis(200);
+    // Why the last stream broke, or the last attempt failed (said once one works again).
     let mut broken: Option<String> = None;
     loop {
         let opened = rpc!(
@@ -63,7 +66,7 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
             Call::Read,
             watch_events,
             pb::WatchEventsRequest {
-                after_seq: last,
+                after_seq: last.unwrap_or(0),
                 service: args.service.clone(),
                 only_new: false,
             }
@@ -75,9 +78,11 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
             Err(f) if f.code == 3 || f.code == 2 => return Err(f),
             Err(f) => {
                 eprintln!(
-                    "modectl: cannot follow events ({}); retrying in {backoff:?}",
+                    "modectl: cannot follow events through {} ({}); retrying in {backoff:?}",
+                    conn.endpoint(),
                     f.message
                 );
+                broken.get_or_insert(f.message);
                 conn.rotate();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -86,8 +91,9 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
         };
         if let Some(why) = broken.take() {
             eprintln!(
-                "modectl: reconnected to {} after the event stream broke ({why}); resuming after event {last}",
-                conn.endpoint()
+                "modectl: reconnected to {} after the event stream broke ({why}); resuming after event {}",
+                conn.endpoint(),
+                shown(last)
             );
         }
         backoff = Duration::from_millis(200);
@@ -96,14 +102,15 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
                 Ok(Some(e)) => {
                     if e.gap {
                         eprintln!(
-                            "modectl: events after {last} up to {} were dropped from the bounded log before they could be shown",
+                            "modectl: events after {} up to {} were dropped from the bounded log before they could be shown",
+                            shown(last),
                             e.seq
                         );
                     }
-                    // A server that replays from further back than asked must not print twice.
-                    if e.seq > last {
+                    // `after_seq` 0 replays from the start: never print an event twice.
+                    if last.is_none_or(|l| e.seq > l) {
                         print_event_line(&e, json);
-                        last = e.seq;
+                        last = Some(e.seq);
                     }
                 }
                 Ok(None) => {

@@ -122,5 +122,5 @@ pub(crate) fn kinds(r: &pb::ListKindsReply) -> Value {
 
 /// Pretty JSON on stdout.
 pub(crate) fn print(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }

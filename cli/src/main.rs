@@ -233,14 +233,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Cluster(ClusterCmd::Compact) => {
             let r = rpc!(conn, Call::WriteOnce, compact, pb::CompactRequest {}).await?;
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index})
                 );
             } else {
-                println!(
+                say!(
                     "snapshot at index {}, log purged up to {}",
-                    r.snapshot_index, r.purged_index
+                    r.snapshot_index,
+                    r.purged_index
                 );
             }
         }
@@ -260,9 +261,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             )
             .await?;
             if json {
-                println!("{}", json!({"removed": id, "message": r.message}));
+                say!("{}", json!({"removed": id, "message": r.message}));
             } else {
-                println!("{}", r.message);
+                say!("{}", r.message);
             }
         }
         Cmd::Node(NodeCmd::Drain { id, force }) => {
@@ -294,17 +295,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 f
             })?;
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"node": id, "draining": true, "message": r.message, "stranded": r.stranded})
                 );
             } else if !r.stranded.is_empty() {
-                println!(
+                say!(
                     "node {id} is draining: its instances start elsewhere, then stop here; these stay on node {id} until they can move: {}",
                     r.stranded.join("; ")
                 );
             } else {
-                println!("node {id} is draining: its instances start elsewhere, then stop here");
+                say!("node {id} is draining: its instances start elsewhere, then stop here");
             }
         }
         Cmd::Node(NodeCmd::Undrain { id }) => {
@@ -324,12 +325,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             )
             .await?;
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"node": id, "draining": false, "message": r.message})
                 );
             } else {
-                println!("node {id} is back in service");
+                say!("node {id} is back in service");
             }
         }
         Cmd::Events {

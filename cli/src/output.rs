@@ -6,6 +6,20 @@ use serde_json::{json, Value};
 use crate::convert::format_utc_ms;
 use crate::json as js;
 
+/// Print one line on stdout. When the reader has gone (`modectl ... | head`), stop quietly,
+/// as a program killed by SIGPIPE would (Rust ignores the signal, so `println!` would panic).
+pub(crate) fn say(line: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Print rows as left-aligned columns under a header.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -20,7 +34,7 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        say!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -62,17 +76,21 @@ pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
             "agents": s.agents,
             "members": members,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
     match leader {
-        Some(l) => println!(
+        Some(l) => say!(
             "leader: node {l}   term: {}   commit: {}   applied: {}   (answered by node {})",
-            s.term, s.commit_index, s.applied_index, s.answered_by
+            s.term,
+            s.commit_index,
+            s.applied_index,
+            s.answered_by
         ),
-        None => println!(
+        None => say!(
             "leader: none (no quorum yet?)   term: {}   (answered by node {})",
-            s.term, s.answered_by
+            s.term,
+            s.answered_by
         ),
     }
     let rows: Vec<Vec<String>> = s
@@ -139,9 +157,9 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
 /// One event as a line (`--follow`): no header; a JSON object per line with `-o json`.
 pub(crate) fn print_event_line(e: &pb::Event, as_json: bool) {
     if as_json {
-        println!("{}", js::event(e));
+        say!("{}", js::event(e));
     } else {
-        println!(
+        say!(
             "{}  {}  {}  {}",
             e.seq,
             format_utc_ms(e.time_ms),

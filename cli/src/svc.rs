@@ -231,7 +231,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 return Ok(());
             }
             let spec = service.spec.clone().unwrap_or_default();
-            println!(
+            say!(
                 "service {name}: kind {}, generation {}{}",
                 spec.kind,
                 spec.generation,
@@ -292,17 +292,17 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 }
             })?;
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"service": name, "replicas": replicas, "generation": reply.generation, "message": reply.message})
                 );
             } else if reply.message.is_empty() {
-                println!(
+                say!(
                     "service '{name}' scaled to {replicas} replicas (generation {})",
                     reply.generation
                 );
             } else {
-                println!("{}", reply.message);
+                say!("{}", reply.message);
             }
         }
         SvcCmd::Restart { name, slot } => restart(conn, name, *slot, json).await?,
@@ -326,9 +326,9 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 wait_gone(conn, name).await?;
             }
             if json {
-                println!("{}", json!({"removed": name, "message": reply.message}));
+                say!("{}", json!({"removed": name, "message": reply.message}));
             } else {
-                println!("{}", reply.message);
+                say!("{}", reply.message);
             }
         }
     }
@@ -351,13 +351,15 @@ fn print_changes(reply: &pb::ApplyServicesReply) {
         } else {
             c.message.clone()
         };
-        if reply.dry_run && !c.message.starts_with("dry run") {
-            print!("dry run: ");
-        }
-        println!("{line}");
+        let prefix = if reply.dry_run && !c.message.starts_with("dry run") {
+            "dry run: "
+        } else {
+            ""
+        };
+        say!("{prefix}{line}");
     }
     if reply.dry_run {
-        println!("dry run: nothing was stored");
+        say!("dry run: nothing was stored");
     }
 }
 
@@ -475,7 +477,7 @@ async fn restart(
             }
             let newer = before.get(&i.slot).is_none_or(|e| i.epoch > *e);
             if newer && announced.insert(i.slot) && !json {
-                println!("restarting {name}#{}...", i.slot);
+                say!("restarting {name}#{}...", i.slot);
             }
             if newer && i.state == "running" {
                 restarted.insert(i.slot);
@@ -517,9 +519,9 @@ async fn restart(
         return Err(fail(3, format!("'{name}' was removed during its restart")));
     }
     if json {
-        println!("{}", json!({"service": name, "restarted": reply.slots}));
+        say!("{}", json!({"service": name, "restarted": reply.slots}));
     } else {
-        println!("{name} restarted");
+        say!("{name} restarted");
     }
     Ok(())
 }
@@ -581,7 +583,7 @@ async fn wait_running(
             progress.insert(name.clone(), format!("{name} {running}/{wanted} running"));
             let line = progress.values().cloned().collect::<Vec<_>>().join(", ");
             if line != last_line && !json {
-                println!("{line}");
+                say!("{line}");
             }
             last_line = line;
             Ok(running >= wanted)

@@ -200,15 +200,17 @@ impl Follower {
         }
     }
 
-    /// Wait (up to `timeout`) for an event whose message is `message`.
+    /// Wait (up to `timeout`) for an event whose message starts with `message`.
     fn wait_for(&mut self, message: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if self
-                .seen
-                .iter()
-                .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["message"] == message))
-            {
+            if self.seen.iter().any(|l| {
+                serde_json::from_str::<Value>(l).is_ok_and(|v| {
+                    v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(message))
+                })
+            }) {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -269,6 +271,8 @@ async fn events_follow_prints_ndjson_and_resumes_after_its_node_restarts_without
         c.nodes[&other].address()
     );
     let mut f = Follower::start(&list);
+    // The kept events first (node-registered...), then what comes while it follows.
+    f.wait_for("node 1 registered", Duration::from_secs(20));
     record(&c, leader, "probe-1").await;
     f.wait_for("probe-1", Duration::from_secs(20));
 
