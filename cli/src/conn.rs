@@ -140,15 +140,11 @@ impl Conn {
                     return Ok(reply.into_inner());
                 }
                 Err(status) => {
-                    let next = match classify(&status) {
-                        Outcome::NotReached => {
-                            unreached.push(target.url.clone());
-                            true
-                        }
-                        Outcome::NotDone => kind == Call::Read || kind == Call::Write,
-                        Outcome::Unknown => kind == Call::Write,
-                        Outcome::Answered => false,
-                    };
+                    let outcome = classify(&status);
+                    if outcome == Outcome::NotReached {
+                        unreached.push(target.url.clone());
+                    }
+                    let next = moves_on(kind, &outcome);
                     let url = target.url.clone();
                     if !next || step + 1 == n {
                         if unreached.len() == n {
@@ -182,6 +178,20 @@ enum Outcome {
     Unknown,
     /// A definite answer (not found, invalid, refused): the same anywhere.
     Answered,
+}
+
+/// Whether a call of `kind` that failed so may be tried on the next endpoint.
+fn moves_on(kind: Call, outcome: &Outcome) -> bool {
+    match outcome {
+        // Nothing was done anywhere.
+        Outcome::NotReached => true,
+        // Refused, not done: a read or an idempotent (request id) write may ask another.
+        Outcome::NotDone => kind != Call::WriteOnce,
+        // Perhaps done: only a write the cluster deduplicates may be sent again; a read may
+        // always be asked again.
+        Outcome::Unknown => kind != Call::WriteOnce,
+        Outcome::Answered => false,
+    }
 }
 
 fn classify(status: &tonic::Status) -> Outcome {
@@ -267,6 +277,18 @@ mod tests {
         assert_eq!(classify(&reset), Outcome::Unknown);
         let missing = tonic::Status::not_found("no service named 'x'");
         assert_eq!(classify(&missing), Outcome::Answered);
+    }
+
+    #[test]
+    fn a_write_of_unknown_outcome_moves_on_only_with_its_request_id() {
+        assert!(moves_on(Call::WriteOnce, &Outcome::NotReached));
+        assert!(!moves_on(Call::WriteOnce, &Outcome::Unknown));
+        assert!(!moves_on(Call::WriteOnce, &Outcome::NotDone));
+        assert!(moves_on(Call::Write, &Outcome::Unknown));
+        assert!(moves_on(Call::Read, &Outcome::NotDone));
+        for kind in [Call::Read, Call::Write, Call::WriteOnce] {
+            assert!(!moves_on(kind, &Outcome::Answered), "{kind:?}");
+        }
     }
 
     #[tokio::test]
