@@ -176,8 +176,8 @@ impl Control for ControlService {
     }
 }
 
-/// Serve the public API and the peer API of the node `inspector` looks at on `listener`
-/// until `shutdown` (one listener for both until the peer API gets its own).
+/// Serve the public API of the node `inspector` looks at on `listener` until `shutdown` (the
+/// peer API has its own listener: [`super::peer::serve_peer`]).
 pub async fn serve(
     inspector: Arc<Inspector>,
     kinds: KindRegistry,
@@ -187,7 +187,6 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
-        .add_service(super::peer::PeerService::new(inspector.clone()).into_server())
         .add_service(ControlService::new(inspector, kinds).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

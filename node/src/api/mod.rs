@@ -9,4 +9,4 @@ mod peer;
 pub use control::{serve, ControlService};
 pub use http::serve_http;
 pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
-pub use peer::PeerService;
+pub use peer::{serve_peer, AgentBeacon, PeerService};

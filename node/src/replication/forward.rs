@@ -191,11 +191,9 @@ pub(crate) async fn heartbeat(
     peers: &Peers,
     address: &str,
     node: u64,
+    incarnation: u64,
 ) -> Result<LeaseGrant, ClusterError> {
-    let mut req = forwarded(pb::HeartbeatRequest {
-        node,
-        incarnation: 0,
-    });
+    let mut req = forwarded(pb::HeartbeatRequest { node, incarnation });
     req.set_timeout(std::time::Duration::from_secs(1));
     let reply = client(peers, address)?
         .heartbeat(req)

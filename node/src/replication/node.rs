@@ -364,6 +364,14 @@ impl ClusterNode {
         let quorum = Arc::new(QuorumClock::default());
         quorum.clone().watch(raft.clone());
         let contact = super::election::LeaderContact::default();
+        {
+            let reader = sm.clone();
+            tokio::spawn(
+                sm.views
+                    .clone()
+                    .run_sender(move |f| reader.read(|a| f(&a.state))),
+            );
+        }
         super::election::drive(
             raft.clone(),
             network_for_elections,
@@ -1191,14 +1199,75 @@ impl ClusterNode {
         &self.heartbeats
     }
 
-    /// Record a heartbeat from `node` on the leader (forwarded there from a follower), and
-    /// grant it a singleton lease if this leader heard from a quorum recently enough and has
-    /// committed in its term (so its commit index covers every committed placement).
+    /// Watch the placements view of `node` kept by this replica (see
+    /// [`super::views::Views::watch`]); `after`: the index of a view the watcher has. Returns
+    /// the receiver and whether its first value is unchanged since `after`.
+    pub fn watch_placements(
+        &self,
+        node: u64,
+        after: u64,
+    ) -> (
+        tokio::sync::watch::Receiver<Arc<super::views::NodeView>>,
+        bool,
+    ) {
+        self.sm.read(|a| self.sm.views.watch(&a.state, node, after))
+    }
+
+    /// How many nodes watch their placements on this server.
+    pub fn placement_watchers(&self) -> usize {
+        self.sm.views.watchers()
+    }
+
+    /// A heartbeat from the agent of `node` (this server's own, or an agent-only node that
+    /// watches its placements here): [`ClusterNode::heartbeat`] through the leader, with the
+    /// grant's index translated into the index of the view this server publishes to `node`
+    /// (an error when this replica has not caught up with the grant within a second).
+    pub async fn agent_heartbeat(
+        &self,
+        node: u64,
+        incarnation: u64,
+    ) -> Result<LeaseGrant, ClusterError> {
+        let mut grant = self.heartbeat(node, incarnation, true).await?;
+        match self
+            .sm
+            .views
+            .wait_view_index(node, grant.index, Duration::from_secs(1))
+            .await
+        {
+            Some(index) => grant.index = index,
+            None => {
+                return Err(ClusterError::Unavailable(format!(
+                    "server {}'s replica has not caught up with the leader's commit index {} within a second: try another server",
+                    self.config.id, grant.index
+                )))
+            }
+        }
+        Ok(grant)
+    }
+
+    /// Refuse a heartbeat or report of `node` from another incarnation than the node table's
+    /// (a duplicate id, or a node whose data directory was wiped).
+    pub fn check_incarnation(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
+        let known = self.local_state(|s| s.nodes.get(&node).map(|n| n.incarnation));
+        match known {
+            Some(k) if k != 0 && incarnation != 0 && k != incarnation => Err(ClusterError::Conflict(format!(
+                "node {node} is registered with data-directory incarnation {k:016x}, but this comes from {incarnation:016x}: another node uses id {node}, or its data directory was wiped (give it a new --id, or remove the old node with `modectl node rm {node}`)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Record a heartbeat from `node` (data directory `incarnation`, 0: unknown) on the leader
+    /// (forwarded there from a follower), and grant it a singleton lease if this leader heard
+    /// from a quorum recently enough and has committed in its term (so its commit index covers
+    /// every committed placement).
     pub async fn heartbeat(
         &self,
         node: u64,
+        incarnation: u64,
         may_forward: bool,
     ) -> Result<LeaseGrant, ClusterError> {
+        self.check_incarnation(node, incarnation)?;
         if self.is_leader() {
             self.heartbeats.record(node);
             let term = self.raft.metrics().borrow().current_term;
@@ -1216,7 +1285,9 @@ impl ClusterNode {
             });
         }
         match (may_forward, self.leader_with_address()) {
-            (true, Some((_, addr))) => super::forward::heartbeat(&self.peers, &addr, node).await,
+            (true, Some((_, addr))) => {
+                super::forward::heartbeat(&self.peers, &addr, node, incarnation).await
+            }
             _ => Err(ClusterError::Unavailable(
                 "no leader to take the heartbeat".into(),
             )),

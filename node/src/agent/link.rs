@@ -1,0 +1,397 @@
+//! How an agent reaches the control plane: through the local [`ClusterNode`] on a server, or
+//! through the peer API of any server on an agent-only node (failing over to another when the
+//! one it uses stops answering). Either way it gets the same three things: its placements view,
+//! heartbeats with singleton leases, and batched instance reports.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mode_proto::v1 as pb;
+use mode_proto::v1::peer_client::PeerClient;
+use tonic::transport::Channel;
+
+use super::wire;
+use crate::model::state::{Command, InstanceReport, NodeRole};
+use crate::replication::{ClusterNode, LeaseGrant, NodeView, ViewService};
+
+/// Where the agent's placements come from and its heartbeats and reports go.
+#[derive(Clone)]
+pub(crate) enum Link {
+    /// This server's own replica.
+    Local(Arc<ClusterNode>),
+    /// The servers of an agent-only node.
+    Remote(Arc<Servers>),
+}
+
+impl Link {
+    /// The node's placements view, kept current.
+    pub(crate) fn views(
+        &self,
+        me: u64,
+        incarnation: u64,
+    ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
+        match self {
+            Link::Local(node) => node.watch_placements(me, 0).0,
+            Link::Remote(servers) => servers.clone().watch(me, incarnation),
+        }
+    }
+
+    /// Heartbeat; the answer carries the lease, its index translated into the view's.
+    pub(crate) async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+        match self {
+            Link::Local(node) => node
+                .agent_heartbeat(me, incarnation)
+                .await
+                .map_err(|e| e.to_string()),
+            Link::Remote(servers) => servers.heartbeat(me, incarnation).await,
+        }
+    }
+
+    /// Send a batch of reports (one command).
+    pub(crate) async fn report(
+        &self,
+        me: u64,
+        incarnation: u64,
+        reports: Vec<InstanceReport>,
+    ) -> Result<(), String> {
+        match self {
+            Link::Local(node) => {
+                let command = Command::ReportInstances {
+                    node: me,
+                    incarnation,
+                    reports,
+                };
+                match node.write(command, true).await {
+                    Ok(out) if out.result.ok => Ok(()),
+                    Ok(out) => Err(out.result.message),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Link::Remote(servers) => servers.report(me, incarnation, reports).await,
+        }
+    }
+}
+
+/// Heartbeats that may fail in a row before the agent moves to another server.
+const FAILOVER_AFTER: u64 = 2;
+
+/// The servers an agent-only node talks to (their peer addresses), and the one in use.
+pub struct Servers {
+    addresses: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+    /// Bumped on each failover: the watch stream reconnects.
+    generation: tokio::sync::watch::Sender<u64>,
+    failures: AtomicU64,
+}
+
+impl Servers {
+    /// Reach the cluster through these servers' peer addresses (HOST:PORT), the first first.
+    pub fn new(addresses: Vec<String>) -> Result<Arc<Servers>, String> {
+        if addresses.is_empty() {
+            return Err("an agent needs --servers: the peer addresses of the cluster's servers (HOST:PORT, comma-separated)".into());
+        }
+        let mut channels = Vec::new();
+        for a in &addresses {
+            crate::replication::check_address("--servers address", a).map_err(|e| e.to_string())?;
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .map_err(|e| format!("--servers address '{a}': {e}"))?
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2))
+                .keep_alive_while_idle(true);
+            channels.push(endpoint.connect_lazy());
+        }
+        Ok(Arc::new(Servers {
+            addresses,
+            channels,
+            current: AtomicUsize::new(0),
+            generation: tokio::sync::watch::channel(0).0,
+            failures: AtomicU64::new(0),
+        }))
+    }
+
+    fn client(&self) -> (usize, PeerClient<Channel>) {
+        let i = self.current.load(Ordering::Acquire) % self.channels.len();
+        (
+            i,
+            PeerClient::new(self.channels[i].clone())
+                .max_decoding_message_size(crate::model::limits::MAX_ANSWER_BYTES),
+        )
+    }
+
+    /// The server in use did not answer: move to the next one (once per failure of `from`).
+    fn fail_over(&self, from: usize, why: &str) {
+        let next = (from + 1) % self.channels.len();
+        if self
+            .current
+            .compare_exchange(from, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                "server {} does not answer ({why}): moving to {}",
+                self.addresses[from],
+                self.addresses[next]
+            );
+            self.failures.store(0, Ordering::Release);
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The address in use now.
+    pub fn current(&self) -> &str {
+        &self.addresses[self.current.load(Ordering::Acquire) % self.addresses.len()]
+    }
+
+    /// Register the node through any server, retrying (and moving on) until one accepts, or
+    /// until a server refuses it for good (e.g. another --heartbeat-grace).
+    pub(crate) async fn register(&self, request: pb::RegisterRequest) -> Result<String, String> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let (i, mut client) = self.client();
+            let mut req = tonic::Request::new(request.clone());
+            req.set_timeout(Duration::from_secs(3));
+            match client.register(req).await {
+                Ok(reply) => return Ok(reply.into_inner().message),
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        || s.code() == tonic::Code::InvalidArgument =>
+                {
+                    return Err(s.message().to_string())
+                }
+                Err(s) => {
+                    let why = crate::replication::describe_status(&self.addresses[i], &s);
+                    tracing::warn!("registering this node: {why}; retrying");
+                    self.fail_over(i, &why);
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+        let (i, mut client) = self.client();
+        let mut req = tonic::Request::new(pb::HeartbeatRequest {
+            node: me,
+            incarnation,
+        });
+        req.set_timeout(Duration::from_millis(1500));
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                self.failures.store(0, Ordering::Release);
+                let r = r.into_inner();
+                Ok(LeaseGrant {
+                    leader: r.leader,
+                    lease: Duration::from_millis(r.lease_ms),
+                    index: r.lease_index,
+                })
+            }
+            // A refusal of this node is not the server's fault.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(s.message().to_string()),
+            Err(s) => {
+                let why = crate::replication::describe_status(&self.addresses[i], &s);
+                if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER {
+                    self.fail_over(i, &why);
+                }
+                Err(why)
+            }
+        }
+    }
+
+    async fn report(
+        &self,
+        me: u64,
+        incarnation: u64,
+        reports: Vec<InstanceReport>,
+    ) -> Result<(), String> {
+        let (i, mut client) = self.client();
+        let request = pb::ReportInstancesRequest {
+            node: me,
+            incarnation,
+            reports: reports.iter().map(report_to_proto).collect(),
+        };
+        client
+            .report_instances(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| crate::replication::describe_status(&self.addresses[i], &s))
+    }
+
+    /// Keep a view from the server in use, resuming after a failover from the last index.
+    fn watch(
+        self: Arc<Self>,
+        me: u64,
+        incarnation: u64,
+    ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(NodeView::default()));
+        tokio::spawn(async move {
+            let mut generation = self.generation.subscribe();
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let after = tx.borrow().index;
+                let (i, mut client) = self.client();
+                generation.borrow_and_update();
+                let request = pb::WatchPlacementsRequest {
+                    node: me,
+                    incarnation,
+                    after_index: after,
+                };
+                let why = match client.watch_placements(request).await {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        loop {
+                            tokio::select! {
+                                _ = generation.changed() => break "moved to another server".to_string(),
+                                _ = tx.closed() => return,
+                                m = stream.message() => match m {
+                                    Ok(Some(update)) => {
+                                        tx.send_replace(Arc::new(view_from_proto(&update)));
+                                    }
+                                    Ok(None) => break "the stream ended".to_string(),
+                                    Err(s) => break crate::replication::describe_status(&self.addresses[i], &s),
+                                },
+                            }
+                        }
+                    }
+                    Err(s) => crate::replication::describe_status(&self.addresses[i], &s),
+                };
+                tracing::debug!("watching placements on {}: {why}", self.addresses[i]);
+                if self.current.load(Ordering::Acquire) % self.channels.len() == i {
+                    self.fail_over(i, &why);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        rx
+    }
+}
+
+/// The RegisterRequest of an agent-only node.
+pub(crate) fn register_request(
+    me: u64,
+    address: String,
+    labels: BTreeMap<String, String>,
+    capacity: u64,
+    kinds: Vec<String>,
+    incarnation: u64,
+    heartbeat_grace: Duration,
+) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node: me,
+        address,
+        api_address: String::new(),
+        labels: labels.into_iter().collect(),
+        capacity,
+        kinds,
+        incarnation,
+        heartbeat_grace_ms: heartbeat_grace.as_millis() as u64,
+        role: NodeRole::Agent.as_str().to_string(),
+    }
+}
+
+pub(crate) fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
+    pb::InstanceReport {
+        service: r.service.clone(),
+        slot: r.slot,
+        state: r.state.clone(),
+        restart_count: r.restart_count,
+        last_crash: r.last_crash.clone().unwrap_or_default(),
+        epoch: r.epoch,
+        r#move: r.move_.clone(),
+    }
+}
+
+pub(crate) fn report_from_proto(r: &pb::InstanceReport) -> InstanceReport {
+    InstanceReport {
+        service: r.service.clone(),
+        slot: r.slot,
+        state: r.state.clone(),
+        restart_count: r.restart_count,
+        last_crash: (!r.last_crash.is_empty()).then(|| r.last_crash.clone()),
+        epoch: r.epoch,
+        move_: r.r#move.clone(),
+    }
+}
+
+/// A view as a server sends it.
+pub(crate) fn view_to_proto(v: &NodeView, server: u64) -> pb::PlacementsUpdate {
+    pb::PlacementsUpdate {
+        index: v.index,
+        server,
+        services: v
+            .services
+            .iter()
+            .map(|(name, s)| pb::AgentService {
+                spec: Some(wire::spec_to_proto(&s.spec)),
+                deleting: s.deleting,
+                here: s
+                    .here
+                    .iter()
+                    .map(|(slot, p)| wire::instance_to_proto(name, *slot, p))
+                    .collect(),
+                running: u32::from(s.running),
+            })
+            .collect(),
+    }
+}
+
+fn view_from_proto(u: &pb::PlacementsUpdate) -> NodeView {
+    NodeView {
+        index: u.index,
+        services: u
+            .services
+            .iter()
+            .filter_map(|s| {
+                let spec = wire::spec_from_proto(s.spec.as_ref()?);
+                let here = s
+                    .here
+                    .iter()
+                    .map(|i| (i.slot, wire::instance_from_proto(i)))
+                    .collect();
+                Some((
+                    spec.name.clone(),
+                    ViewService {
+                        spec,
+                        deleting: s.deleting,
+                        here,
+                        running: s.running > 0,
+                    },
+                ))
+            })
+            .collect(),
+    }
+}
+
+/// The incarnation of an agent-only node's data directory (made at random the first time): a
+/// wiped agent is a new incarnation of its node, and its heartbeats are refused.
+pub fn agent_incarnation(dir: &std::path::Path, id: u64) -> Result<u64, String> {
+    let path = dir.join("agent.json");
+    let problem =
+        |e: &dyn std::fmt::Display| format!("agent data directory {}: {e}", dir.display());
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| problem(&e))?;
+        let owner = v["node_id"].as_u64().unwrap_or(0);
+        if owner != id {
+            return Err(problem(&format!(
+                "it belongs to node {owner}, not {id}: give each node its own --data-dir"
+            )));
+        }
+        return v["incarnation"]
+            .as_u64()
+            .filter(|i| *i != 0)
+            .ok_or_else(|| problem(&"agent.json has no incarnation: move the directory away"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| problem(&e))?;
+    let incarnation = crate::replication::random_u64();
+    let text = serde_json::json!({"node_id": id, "incarnation": incarnation}).to_string();
+    let tmp = dir.join("agent.json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| problem(&e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| problem(&e))?;
+    Ok(incarnation)
+}
