@@ -10,7 +10,8 @@ use mode_proto::v1 as pb;
 
 use tracing::Instrument as _;
 
-use crate::{Client, Failure};
+use crate::conn::{Call, Conn};
+use crate::{convert, Failure};
 
 #[derive(Args)]
 pub(crate) struct GraphArgs {
@@ -49,54 +50,21 @@ pub(crate) enum GraphFormat {
     Svg,
 }
 
-/// The graph's JSON as the node sent it.
-async fn fetch_json(
-    client: &mut Client,
-    endpoint: &str,
-    args: &GraphArgs,
-) -> Result<Vec<u8>, Failure> {
-    let reply = client
-        .graph(pb::GraphRequest {
+/// The merged graph, as the renderers take it.
+async fn fetch(conn: &mut Conn, args: &GraphArgs) -> Result<ClusterGraph, Failure> {
+    let reply = rpc!(
+        conn,
+        Call::Read,
+        graph,
+        pb::GraphRequest {
             service: args.service.clone().unwrap_or_default(),
             node: args.node.unwrap_or(0),
             deadline_ms: args.deadline_ms,
             daemon: args.daemon,
-        })
-        .await
-        .map_err(|s| Failure::from_status(endpoint, &s))?
-        .into_inner();
-    Ok(reply.graph_json)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(endpoint: &str, json: &[u8]) -> Result<T, Failure> {
-    serde_json::from_slice(json).map_err(|e| Failure {
-        code: 1,
-        message: format!("undecodable graph from {endpoint}: {e}"),
-    })
-}
-
-async fn fetch(
-    client: &mut Client,
-    endpoint: &str,
-    args: &GraphArgs,
-) -> Result<ClusterGraph, Failure> {
-    let json = fetch_json(client, endpoint, args).await?;
-    decode(endpoint, &json)
-}
-
-/// What the unreachable-node warnings need of a graph (the rest is skipped, not built).
-#[derive(serde::Deserialize)]
-struct Reachability {
-    nodes: Vec<NodeReachability>,
-}
-
-#[derive(serde::Deserialize)]
-struct NodeReachability {
-    id: u64,
-    address: String,
-    reachable: bool,
-    #[serde(default)]
-    error: Option<String>,
+        }
+    )
+    .await?;
+    Ok(convert::graph(&reply))
 }
 
 fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
@@ -112,8 +80,8 @@ fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
     }
 }
 
-fn warn_unreachable(nodes: &[NodeReachability]) {
-    for n in nodes.iter().filter(|n| !n.reachable) {
+fn warn_unreachable(graph: &ClusterGraph) {
+    for n in graph.nodes.iter().filter(|n| !n.reachable) {
         eprintln!(
             "warning: node {} ({}) did not answer: {}",
             n.id,
@@ -133,10 +101,7 @@ fn emit(parts: &[&[u8]]) -> Result<bool, Failure> {
     match written {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(Failure {
-            code: 1,
-            message: format!("writing the graph: {e}"),
-        }),
+        Err(e) => Err(Failure::new(1, format!("writing the graph: {e}"))),
     }
 }
 
@@ -152,12 +117,7 @@ impl GraphArgs {
     }
 }
 
-pub(crate) async fn run(
-    args: &GraphArgs,
-    client: &mut Client,
-    endpoint: &str,
-    json: bool,
-) -> Result<(), Failure> {
+pub(crate) async fn run(args: &GraphArgs, conn: &mut Conn, json: bool) -> Result<(), Failure> {
     let format = args.format.unwrap_or(if json {
         GraphFormat::Json
     } else {
@@ -171,26 +131,9 @@ pub(crate) async fn run(
         Palette::Plain
     };
     if !args.watch {
-        let json = fetch_json(client, endpoint, args).await?;
-        let nodes = if format == GraphFormat::Json {
-            // As the node sent it (compact): 10k instances are megabytes, not worth rebuilding.
-            emit(&[&json, b"\n"])?;
-            decode::<Reachability>(endpoint, &json)?.nodes
-        } else {
-            let graph: ClusterGraph = decode(endpoint, &json)?;
-            emit(&[draw(&graph, format, palette).as_bytes()])?;
-            graph
-                .nodes
-                .into_iter()
-                .map(|n| NodeReachability {
-                    id: n.id,
-                    address: n.address,
-                    reachable: n.reachable,
-                    error: n.error,
-                })
-                .collect()
-        };
-        warn_unreachable(&nodes);
+        let graph = fetch(conn, args).await?;
+        emit(&[draw(&graph, format, palette).as_bytes()])?;
+        warn_unreachable(&graph);
         return Ok(());
     }
     let mut shown: Option<String> = None;
@@ -204,7 +147,7 @@ pub(crate) async fn run(
             otel.name = "modectl graph --watch",
             otel.kind = "client",
         );
-        match fetch(client, endpoint, args).instrument(look).await {
+        match fetch(conn, args).instrument(look).await {
             Ok(graph) => {
                 let signature = graph.signature();
                 if shown.as_ref() != Some(&signature) || failing {

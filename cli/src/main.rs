@@ -1,29 +1,43 @@
-//! `modectl`: the command-line client of a mode cluster. Any node can be the endpoint; writes
-//! are forwarded to the leader.
+//! `modectl`: the command-line client of a mode cluster, on the typed `mode.v1.Control` API.
+//! Any server can be the endpoint; writes are forwarded to the leader. `--endpoint a,b,c`
+//! names several: a call that reaches none of them moves on to the next (see [`conn`]).
 //!
-//! Exit status: 0 success, 1 other error, 2 usage error, 3 not found, 4 cluster unavailable.
+//! Exit status: 0 success, 1 other error, 2 usage error (or an invalid spec), 3 not found,
+//! 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (`--expect-generation`
+//! did not match the stored generation; nothing was changed).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use mode_proto::v1 as pb;
-use mode_proto::v1::control_client::ControlClient;
-use serde_json::Value;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use serde_json::json;
 use tracing::Instrument as _;
 
+#[macro_use]
+mod conn;
+mod convert;
+mod events;
 mod graph;
+mod json;
 mod output;
 mod svc;
 
-use output::{print_events, print_nodes, print_status};
+use conn::{new_request_id, with_request_id, Call, Conn};
+use output::{print_nodes, print_status};
 
 #[derive(Parser)]
-#[command(name = "modectl", version, about = "Control a mode cluster")]
+#[command(
+    name = "modectl",
+    version,
+    about = "Control a mode cluster",
+    after_help = "Exit status: 0 success, 1 error, 2 usage error or invalid spec, 3 not found, \
+4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (--expect-generation \
+did not match; nothing was changed)."
+)]
 struct Cli {
-    /// A node of the cluster (HOST:PORT or http://HOST:PORT).
+    /// Servers of the cluster, comma-separated (HOST:PORT or http://HOST:PORT): a call that
+    /// cannot reach one tries the next.
     #[arg(
         long,
         global = true,
@@ -66,9 +80,13 @@ enum Cmd {
         /// Read from the answering node without asking the leader.
         #[arg(long)]
         stale: bool,
-        /// Keep printing new events as they come.
+        /// Keep printing new events as they come (reconnecting when the stream breaks;
+        /// NDJSON with `-o json`).
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N events (0: every event kept).
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
     },
     /// The service kinds the nodes offer.
     Kinds,
@@ -118,136 +136,99 @@ enum NodeCmd {
     },
 }
 
-/// The control API client; every call carries the current trace context.
-pub(crate) type Client = ControlClient<InterceptedService<Channel, TracePropagation>>;
-
-/// Puts the W3C trace context of the current span into each request's metadata.
-#[derive(Clone, Copy)]
-pub(crate) struct TracePropagation;
-
-impl tonic::service::Interceptor for TracePropagation {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        mode::telemetry::inject(req.metadata_mut());
-        Ok(req)
-    }
-}
-
 /// A failure, with the exit status it maps to.
+#[derive(Debug)]
 pub(crate) struct Failure {
     pub(crate) code: u8,
     pub(crate) message: String,
+    /// The gRPC status code it came from, if any.
+    pub(crate) grpc: Option<tonic::Code>,
 }
 
 impl Failure {
+    pub(crate) fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            grpc: None,
+        }
+    }
+
     pub(crate) fn from_status(endpoint: &str, status: &tonic::Status) -> Failure {
-        let timed_out =
-            status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired");
+        let timed_out = conn::is_timeout(status);
         let code = match status.code() {
             _ if timed_out => 4,
             tonic::Code::NotFound => 3,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 4,
-            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => 1,
+            tonic::Code::Aborted => 5,
             _ => 1,
         };
         let message = match status.code() {
-            tonic::Code::Unavailable if is_connect_error(status) => format!(
+            tonic::Code::Unavailable if conn::is_connect_error(status) => format!(
                 "no mode node answers at {endpoint} ({}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at a running node",
-                root_cause(status)
+                conn::root_cause(status)
             ),
-            tonic::Code::Unimplemented => format!("{endpoint} is not a mode node of this version (it does not serve mode.v1.Control)"),
+            tonic::Code::Unimplemented => format!(
+                "{endpoint} does not serve this call ({}): is it a mode server of this version?",
+                status.message()
+            ),
             tonic::Code::DeadlineExceeded => format!("{endpoint} did not answer in time"),
+            tonic::Code::Aborted => format!(
+                "{} (compare-and-set conflict: nothing was changed; read the current generation with `modectl svc get`)",
+                status.message()
+            ),
             _ if timed_out => format!(
                 "{endpoint} did not answer within --timeout: if this was a change, its outcome is unknown (check with `modectl svc get` or `events`)"
             ),
             _ => status.message().to_string(),
         };
-        Failure { code, message }
+        Failure {
+            code,
+            message,
+            grpc: Some(status.code()),
+        }
     }
-}
 
-fn is_connect_error(status: &tonic::Status) -> bool {
-    let m = root_cause(status).to_lowercase();
-    status.message().contains("transport error")
-        || m.contains("connect")
-        || m.contains("refused")
-        || m.contains("dns")
-        || m.contains("resolve")
-}
-
-fn root_cause(status: &tonic::Status) -> String {
-    let mut err: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    let mut last = status.message().to_string();
-    while let Some(e) = err {
-        last = e.to_string();
-        err = e.source();
+    /// None of `endpoints` could be reached.
+    pub(crate) fn unreachable(endpoints: &[String], last: &tonic::Status) -> Failure {
+        let message = if endpoints.len() == 1 {
+            return Failure::from_status(&endpoints[0], last);
+        } else {
+            format!(
+                "no mode node answers at any of {} (last: {}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at running nodes",
+                endpoints.join(", "),
+                conn::root_cause(last)
+            )
+        };
+        Failure {
+            code: 4,
+            message,
+            grpc: Some(tonic::Code::Unavailable),
+        }
     }
-    last
-}
-
-fn endpoint_url(endpoint: &str) -> String {
-    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    }
-}
-
-async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    let url = endpoint_url(&cli.endpoint);
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| Failure {
-            code: 2,
-            message: format!("invalid --endpoint '{}': {e}", cli.endpoint),
-        })?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(cli.timeout));
-    Ok(
-        ControlClient::with_interceptor(endpoint.connect_lazy(), TracePropagation)
-            .max_decoding_message_size(mode::api::MAX_GRAPH_BYTES),
-    )
-}
-
-pub(crate) async fn read(
-    client: &mut Client,
-    endpoint: &str,
-    query: &str,
-    stale: bool,
-) -> Result<Value, Failure> {
-    let reply = client
-        .read(pb::ReadRequest {
-            query: query.to_string(),
-            stale,
-        })
-        .await
-        .map_err(|s| Failure::from_status(endpoint, &s))?
-        .into_inner();
-    decode(endpoint, &reply.result_json)
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let endpoint = endpoint_url(&cli.endpoint);
-    let mut client = connect(&cli).await?;
+    let mut conn = Conn::new(&cli.endpoint, Duration::from_secs(cli.timeout))?;
     let json = cli.output == Format::Json;
-    let fail = |s: tonic::Status| Failure::from_status(&endpoint, &s);
     match &cli.command {
         Cmd::Cluster(ClusterCmd::Status { local }) => {
-            let reply = client
-                .cluster_status(pb::ClusterStatusRequest { local: *local })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let local = *local;
+            let reply = rpc!(
+                conn,
+                Call::Read,
+                cluster_status,
+                pb::ClusterStatusRequest { local }
+            )
+            .await?;
             print_status(&reply, json);
         }
         Cmd::Cluster(ClusterCmd::Compact) => {
-            let r = client
-                .compact(pb::CompactRequest {})
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let r = rpc!(conn, Call::WriteOnce, compact, pb::CompactRequest {}).await?;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index})
+                    json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index})
                 );
             } else {
                 println!(
@@ -257,73 +238,78 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Node(NodeCmd::Ls { stale }) => {
-            let nodes = read(&mut client, &endpoint, "nodes", *stale).await?;
-            print_nodes(&nodes, json);
+            let stale = *stale;
+            let reply = rpc!(conn, Call::Read, list_nodes, pb::ListNodesRequest { stale }).await?;
+            print_nodes(&reply, json);
         }
         Cmd::Node(NodeCmd::Rm { id }) => {
-            let r = client
-                .remove_node(pb::RemoveNodeRequest { id: *id })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let id = *id;
+            let request_id = new_request_id();
+            let r = rpc!(
+                conn,
+                Call::WriteOnce,
+                remove_node,
+                with_request_id(pb::RemoveNodeRequest { id }, &request_id)
+            )
+            .await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"removed": id, "message": r.message})
-                );
+                println!("{}", json!({"removed": id, "message": r.message}));
             } else {
                 println!("{}", r.message);
             }
         }
-        Cmd::Node(NodeCmd::Drain { id, .. }) | Cmd::Node(NodeCmd::Undrain { id }) => {
-            let (draining, force) = match &cli.command {
-                Cmd::Node(NodeCmd::Drain { force, .. }) => (true, *force),
-                _ => (false, false),
-            };
-            let mut stuck = Vec::new();
-            if draining {
-                let blockers = read(&mut client, &endpoint, &format!("drain:{id}"), false).await?;
-                stuck = blockers
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|b| {
-                        format!(
-                            "{} ({})",
-                            b["instance"].as_str().unwrap_or("?"),
-                            b["reason"].as_str().unwrap_or("no eligible node")
-                        )
-                    })
-                    .collect();
-                if !stuck.is_empty() && !force {
-                    return Err(Failure {
-                        code: 1,
-                        message: format!(
-                            "node {id} was not drained: {} could run nowhere else: {}. Add capacity or nodes, or drain with --force (they then stay on node {id} until they can move)",
-                            if stuck.len() == 1 { "1 instance" } else { "some instances" },
-                            stuck.join("; ")
-                        ),
-                    });
-                }
-            }
-            let status = if draining { "draining" } else { "up" };
-            let command = serde_json::json!({"op": "set_node_status", "id": id, "status": status});
-            let r = write(&mut client, &endpoint, command).await?;
-            if r["ok"] != true {
-                return Err(Failure {
-                    code: 3,
-                    message: r["message"].as_str().unwrap_or("refused").to_string(),
-                });
-            }
+        Cmd::Node(NodeCmd::Drain { id, force }) => {
+            let (id, force) = (*id, *force);
+            let request_id = new_request_id();
+            let r = rpc!(
+                conn,
+                Call::Write,
+                drain_node,
+                with_request_id(
+                    pb::DrainNodeRequest {
+                        id,
+                        force,
+                        request_id: request_id.clone(),
+                    },
+                    &request_id,
+                )
+            )
+            .await?;
             if json {
-                println!("{r}");
-            } else if draining && !stuck.is_empty() {
+                println!(
+                    "{}",
+                    json!({"node": id, "draining": true, "message": r.message, "stranded": r.stranded})
+                );
+            } else if !r.stranded.is_empty() {
                 println!(
                     "node {id} is draining: its instances start elsewhere, then stop here; these stay on node {id} until they can move: {}",
-                    stuck.join("; ")
+                    r.stranded.join("; ")
                 );
-            } else if draining {
+            } else {
                 println!("node {id} is draining: its instances start elsewhere, then stop here");
+            }
+        }
+        Cmd::Node(NodeCmd::Undrain { id }) => {
+            let id = *id;
+            let request_id = new_request_id();
+            let r = rpc!(
+                conn,
+                Call::Write,
+                undrain_node,
+                with_request_id(
+                    pb::UndrainNodeRequest {
+                        id,
+                        request_id: request_id.clone(),
+                    },
+                    &request_id,
+                )
+            )
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"node": id, "draining": false, "message": r.message})
+                );
             } else {
                 println!("node {id} is back in service");
             }
@@ -332,86 +318,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             service,
             stale,
             follow,
+            tail,
         } => {
-            let events = read(&mut client, &endpoint, "events", *stale).await?;
-            print_events(&events, service.as_deref(), json);
+            let args = events::EventsArgs {
+                service: service.clone().unwrap_or_default(),
+                stale: *stale,
+                tail: *tail,
+            };
             if *follow {
-                let mut last = last_seq(&events);
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let events = read(&mut client, &endpoint, "events", *stale).await?;
-                    let fresh: Vec<Value> = events
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|e| last.is_none_or(|l| e["seq"].as_u64().is_some_and(|s| s > l)))
-                        .cloned()
-                        .collect();
-                    if !fresh.is_empty() {
-                        last = last_seq(&Value::Array(fresh.clone()));
-                        output::print_event_lines(&Value::Array(fresh), service.as_deref(), json);
-                    }
-                }
+                events::follow(&mut conn, &args, json).await?;
+            } else {
+                events::list(&mut conn, &args, json).await?;
             }
         }
         Cmd::Kinds => {
-            let kinds = read(&mut client, &endpoint, "kinds", false).await?;
-            output::print_kinds(&kinds, json);
+            let reply = rpc!(conn, Call::Read, list_kinds, pb::ListKindsRequest {}).await?;
+            output::print_kinds(&reply, json);
         }
-        Cmd::Svc(cmd) => svc::run(cmd, &mut client, &endpoint, json).await?,
-        Cmd::Graph(args) => graph::run(args, &mut client, &endpoint, json).await?,
+        Cmd::Svc(cmd) => svc::run(cmd, &mut conn, json).await?,
+        Cmd::Graph(args) => graph::run(args, &mut conn, json).await?,
     }
     Ok(())
-}
-
-fn last_seq(events: &Value) -> Option<u64> {
-    events
-        .as_array()
-        .and_then(|a| a.iter().filter_map(|e| e["seq"].as_u64()).max())
-}
-
-/// Commit a state-machine command; returns its result (`ok`, `message`).
-pub(crate) async fn write(
-    client: &mut Client,
-    endpoint: &str,
-    command: Value,
-) -> Result<Value, Failure> {
-    let reply = client
-        .write(with_request_id(pb::WriteRequest {
-            command_json: command.to_string(),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|s| Failure::from_status(endpoint, &s))?
-        .into_inner();
-    decode(endpoint, &reply.response_json)
-}
-
-/// A request carrying a fresh request id (`x-mode-request-id`): the cluster applies a write
-/// once, however often a node forwards or retries it.
-pub(crate) fn with_request_id<T>(message: T) -> tonic::Request<T> {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    let id = format!("modectl-{nanos:x}-{:x}", h.finish());
-    let mut req = tonic::Request::new(message);
-    if let Ok(v) = id.parse() {
-        req.metadata_mut().insert(mode::replication::REQUEST_ID, v);
-    }
-    req
-}
-
-/// Parse a JSON answer from `endpoint`.
-fn decode(endpoint: &str, text: &str) -> Result<Value, Failure> {
-    serde_json::from_str(text).map_err(|e| Failure {
-        code: 1,
-        message: format!("undecodable answer from {endpoint}: {e}"),
-    })
 }
 
 fn main() -> ExitCode {

@@ -3,6 +3,9 @@
 use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
+use crate::convert::format_utc_ms;
+use crate::json as js;
+
 /// Print rows as left-aligned columns under a header.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -56,6 +59,7 @@ pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
             "last_log_index": s.last_log_index,
             "snapshot_index": s.snapshot_index,
             "purged_index": s.purged_index,
+            "agents": s.agents,
             "members": members,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -104,33 +108,27 @@ pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
     );
 }
 
-pub(crate) fn print_nodes(nodes: &Value, as_json: bool) {
+pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(nodes).unwrap_or_default()
-        );
+        js::print(&js::nodes(reply));
         return;
     }
-    let rows: Vec<Vec<String>> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = reply
+        .nodes
+        .iter()
         .map(|n| {
-            let labels = n["labels"]
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default();
+            let mut labels: Vec<(&String, &String)> = n.labels.iter().collect();
+            labels.sort();
+            let labels = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
             vec![
-                n["id"].to_string(),
-                n["address"].as_str().unwrap_or("").to_string(),
-                n["status"].as_str().unwrap_or("").to_string(),
-                n["capacity"].to_string(),
+                n.id.to_string(),
+                n.address.clone(),
+                n.status.clone(),
+                n.capacity.to_string(),
                 labels,
             ]
         })
@@ -138,73 +136,51 @@ pub(crate) fn print_nodes(nodes: &Value, as_json: bool) {
     table(&["ID", "ADDRESS", "STATUS", "CAPACITY", "LABELS"], &rows);
 }
 
-/// Events as they arrive (`--follow`): one line each, no header; JSON lines with `-o json`.
-pub(crate) fn print_event_lines(events: &Value, service: Option<&str>, as_json: bool) {
-    for e in events.as_array().into_iter().flatten() {
-        if service.is_some_and(|s| e["service"].as_str() != Some(s)) {
-            continue;
-        }
-        if as_json {
-            println!("{e}");
-        } else {
-            println!(
-                "{}  {}  {}  {}",
-                e["seq"],
-                e["time"].as_str().unwrap_or(""),
-                e["kind"].as_str().unwrap_or(""),
-                e["message"].as_str().unwrap_or("")
-            );
-        }
+/// One event as a line (`--follow`): no header; a JSON object per line with `-o json`.
+pub(crate) fn print_event_line(e: &pb::Event, as_json: bool) {
+    if as_json {
+        println!("{}", js::event(e));
+    } else {
+        println!(
+            "{}  {}  {}  {}",
+            e.seq,
+            format_utc_ms(e.time_ms),
+            e.kind,
+            e.message
+        );
     }
 }
 
-pub(crate) fn print_kinds(kinds: &Value, as_json: bool) {
+pub(crate) fn print_kinds(reply: &pb::ListKindsReply, as_json: bool) {
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(kinds).unwrap_or_default()
-        );
+        js::print(&js::kinds(reply));
         return;
     }
-    let rows: Vec<Vec<String>> = kinds
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, nodes)| {
-            let ids: Vec<String> = nodes
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|n| n.to_string())
-                .collect();
-            vec![k.clone(), ids.join(",")]
+    let rows: Vec<Vec<String>> = reply
+        .kinds
+        .iter()
+        .map(|k| {
+            let ids: Vec<String> = k.nodes.iter().map(|n| n.to_string()).collect();
+            vec![k.name.clone(), ids.join(",")]
         })
         .collect();
     table(&["KIND", "NODES"], &rows);
 }
 
-pub(crate) fn print_events(events: &Value, service: Option<&str>, as_json: bool) {
-    let selected: Vec<&Value> = events
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| service.is_none_or(|s| e["service"].as_str() == Some(s)))
-        .collect();
+/// The event log as a table (or a JSON list).
+pub(crate) fn print_events(events: &[pb::Event], as_json: bool) {
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&selected).unwrap_or_default()
-        );
+        js::print(&Value::Array(events.iter().map(js::event).collect()));
         return;
     }
-    let rows: Vec<Vec<String>> = selected
+    let rows: Vec<Vec<String>> = events
         .iter()
         .map(|e| {
             vec![
-                e["seq"].to_string(),
-                e["time"].as_str().unwrap_or("").to_string(),
-                e["kind"].as_str().unwrap_or("").to_string(),
-                e["message"].as_str().unwrap_or("").to_string(),
+                e.seq.to_string(),
+                format_utc_ms(e.time_ms),
+                e.kind.clone(),
+                e.message.clone(),
             ]
         })
         .collect();

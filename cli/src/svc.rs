@@ -1,22 +1,34 @@
 //! `modectl svc`: apply specs, list and inspect services, scale, rolling restart, remove.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use mode_proto::v1 as pb;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::conn::{new_request_id, with_request_id, Call, Conn};
+use crate::convert::{spec_to_proto, wanted};
 use crate::output::table;
-use crate::{read, with_request_id, write, Client, Failure};
+use crate::{json as js, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum SvcCmd {
-    /// Validate and store the specs in a YAML or JSON file (one spec, a list, or documents).
+    /// Validate and store the specs in a YAML or JSON file (one spec, a list, or documents),
+    /// all or none.
     Apply {
         /// The spec file.
         #[arg(short = 'f', long = "file")]
         file: std::path::PathBuf,
+        /// Validate against the cluster and print what would change, storing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Compare-and-set: store only if service NAME has generation GEN now (0: it must not
+        /// exist yet). Repeatable. A mismatch stores nothing and exits with status 5.
+        #[arg(long = "expect-generation", value_name = "NAME=GEN", value_parser = parse_expectation)]
+        expect_generation: Vec<(String, u64)>,
         /// Wait until every instance runs, showing progress, or fail clearly.
         #[arg(long)]
         wait: bool,
@@ -37,11 +49,19 @@ pub(crate) enum SvcCmd {
         name: String,
         /// Instances wanted.
         replicas: u32,
+        /// Compare-and-set: scale only if the service has this generation now (exit status 5
+        /// otherwise).
+        #[arg(long, value_name = "GEN")]
+        expect_generation: Option<u64>,
     },
-    /// Restart every instance, one at a time, each once the previous one runs again.
+    /// Restart every instance, one at a time, each once the previous one runs again (or only
+    /// one instance with --slot).
     Restart {
         /// Service name.
         name: String,
+        /// Only this instance.
+        #[arg(long)]
+        slot: Option<u32>,
     },
     /// Remove a service. Refused while other services depend on it, unless --force (they
     /// stop first).
@@ -57,32 +77,42 @@ pub(crate) enum SvcCmd {
     },
 }
 
+fn parse_expectation(s: &str) -> Result<(String, u64), String> {
+    let (name, generation) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': write NAME=GENERATION, e.g. web=3"))?;
+    let generation = generation
+        .parse()
+        .map_err(|_| format!("'{s}': the generation must be a whole number, e.g. web=3"))?;
+    Ok((name.to_string(), generation))
+}
+
 fn fail(code: u8, message: impl Into<String>) -> Failure {
-    Failure {
-        code,
-        message: message.into(),
-    }
+    Failure::new(code, message)
 }
 
-/// `(slot, placement)` pairs of one service.
-fn instances(placements: &Value, name: &str) -> Vec<(u64, Value)> {
-    placements[name]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(slot, p)| (slot.parse().unwrap_or(0), p.clone()))
-        .collect()
+/// How long to wait for a service (a rolling restart, a removal).
+const SERVICE_WAIT: Duration = Duration::from_secs(60);
+
+async fn get(conn: &mut Conn, name: &str) -> Result<pb::Service, Failure> {
+    rpc!(
+        conn,
+        Call::Read,
+        get_service,
+        pb::GetServiceRequest {
+            name: name.to_string(),
+            stale: false,
+        }
+    )
+    .await
 }
 
-pub(crate) async fn run(
-    cmd: &SvcCmd,
-    client: &mut Client,
-    endpoint: &str,
-    json: bool,
-) -> Result<(), Failure> {
+pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(), Failure> {
     match cmd {
         SvcCmd::Apply {
             file,
+            dry_run,
+            expect_generation,
             wait,
             wait_timeout,
         } => {
@@ -101,77 +131,92 @@ pub(crate) async fn run(
                 ));
             }
             let text = std::fs::read_to_string(file).map_err(cannot_read)?;
-            let reply = client
-                .apply_specs(with_request_id(pb::ApplySpecsRequest {
-                    text,
-                    file: file.display().to_string(),
-                }))
-                .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::InvalidArgument => fail(2, s.message()),
-                    _ => Failure::from_status(endpoint, &s),
-                })?
-                .into_inner();
-            for line in &reply.results {
-                if !json {
-                    println!("{line}");
+            let file_name = file.display().to_string();
+            let specs = mode::model::spec::parse_specs(&file_name, &text)
+                .map_err(|e| fail(2, e.to_string()))?;
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            let specs: Vec<pb::ServiceSpec> = specs.iter().map(spec_to_proto).collect();
+            let expected: std::collections::HashMap<String, u64> =
+                expect_generation.iter().cloned().collect();
+            // The last event now: waiting reports only what happened after the apply.
+            let since = if *wait && !dry_run {
+                last_event_seq(conn).await?
+            } else {
+                0
+            };
+            let request_id = new_request_id();
+            let reply = rpc!(
+                conn,
+                Call::Write,
+                apply_services,
+                with_request_id(
+                    pb::ApplyServicesRequest {
+                        specs: specs.clone(),
+                        file: file_name.clone(),
+                        expected_generations: expected.clone(),
+                        dry_run: *dry_run,
+                        request_id: request_id.clone(),
+                        ..Default::default()
+                    },
+                    &request_id,
+                )
+            )
+            .await
+            .map_err(|f| {
+                // An invalid file is the user's to fix, like a file that does not parse.
+                if f.grpc == Some(tonic::Code::InvalidArgument) {
+                    Failure { code: 2, ..f }
+                } else {
+                    f
                 }
+            })?;
+            if !json {
+                print_changes(&reply);
             }
-            let names: Vec<String> = reply
-                .results
-                .iter()
-                .filter_map(|r| r.split('\'').nth(1).map(str::to_string))
-                .collect();
-            if *wait {
+            if *wait && !dry_run {
+                let mut out = js::apply(&reply);
                 wait_running(
-                    client,
-                    endpoint,
+                    conn,
                     &names,
+                    since,
                     Duration::from_secs(*wait_timeout),
                     json,
                 )
                 .await?;
+                if json {
+                    out["running"] = json!(names);
+                    js::print(&out);
+                }
             } else if json {
-                println!("{}", json!({"applied": names, "results": reply.results}));
+                js::print(&js::apply(&reply));
             }
         }
         SvcCmd::Ls => {
-            let specs = read(client, endpoint, "specs", false).await?;
-            let placements = read(client, endpoint, "placements", false).await?;
+            let reply = rpc!(
+                conn,
+                Call::Read,
+                list_services,
+                pb::ListServicesRequest { stale: false }
+            )
+            .await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"specs": specs, "placements": placements})
-                    )
-                    .unwrap_or_default()
-                );
+                js::print(&js::services(&reply));
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = specs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| {
-                    let name = s["name"].as_str().unwrap_or("");
-                    let inst = instances(&placements, name);
-                    let running = inst.iter().filter(|(_, p)| p["state"] == "running").count();
-                    let wanted = if s["singleton"] == true {
-                        1
-                    } else {
-                        s["replicas"].as_u64().unwrap_or(0)
-                    };
-                    let restarts: u64 = inst
-                        .iter()
-                        .map(|(_, p)| p["restart_count"].as_u64().unwrap_or(0))
-                        .sum();
-                    vec![
-                        name.to_string(),
-                        s["kind"].as_str().unwrap_or("").to_string(),
-                        format!("{running}/{wanted}"),
+            let rows: Vec<Vec<String>> = reply
+                .services
+                .iter()
+                .filter_map(|s| {
+                    let spec = s.spec.as_ref()?;
+                    let restarts: u64 =
+                        s.instances.iter().map(|i| u64::from(i.restart_count)).sum();
+                    Some(vec![
+                        spec.name.clone(),
+                        spec.kind.clone(),
+                        format!("{}/{}", running(s), wanted(spec)),
                         restarts.to_string(),
-                        s["generation"].to_string(),
-                    ]
+                        spec.generation.to_string(),
+                    ])
                 })
                 .collect();
             table(
@@ -180,35 +225,32 @@ pub(crate) async fn run(
             );
         }
         SvcCmd::Get { name } => {
-            let spec = read(client, endpoint, &format!("spec:{name}"), false).await?;
-            let placements = read(client, endpoint, "placements", false).await?;
-            let inst = instances(&placements, name);
+            let service = get(conn, name).await?;
             if json {
-                let map: BTreeMap<String, Value> = inst
-                    .iter()
-                    .map(|(s, p)| (s.to_string(), p.clone()))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"spec": spec, "instances": map}))
-                        .unwrap_or_default()
-                );
+                js::print(&js::service(&service));
                 return Ok(());
             }
+            let spec = service.spec.clone().unwrap_or_default();
             println!(
-                "service {name}: kind {}, generation {}",
-                spec["kind"].as_str().unwrap_or(""),
-                spec["generation"]
+                "service {name}: kind {}, generation {}{}",
+                spec.kind,
+                spec.generation,
+                if service.deleting {
+                    " (being removed)"
+                } else {
+                    ""
+                }
             );
-            let rows: Vec<Vec<String>> = inst
+            let rows: Vec<Vec<String>> = service
+                .instances
                 .iter()
-                .map(|(slot, p)| {
+                .map(|i| {
                     vec![
-                        format!("{name}#{slot}"),
-                        p["node"].to_string(),
-                        p["state"].as_str().unwrap_or("").to_string(),
-                        p["restart_count"].to_string(),
-                        p["last_crash"].as_str().unwrap_or("").to_string(),
+                        format!("{name}#{}", i.slot),
+                        i.node.to_string(),
+                        i.state.clone(),
+                        i.restart_count.to_string(),
+                        i.last_crash.clone(),
                     ]
                 })
                 .collect();
@@ -217,195 +259,403 @@ pub(crate) async fn run(
                 &rows,
             );
         }
-        SvcCmd::Scale { name, replicas } => {
-            let mut spec = read(client, endpoint, &format!("spec:{name}"), false).await?;
-            if spec["singleton"] == true {
-                return Err(fail(
-                    2,
-                    format!("'{name}' is a singleton: it always has exactly one instance"),
-                ));
-            }
-            spec["replicas"] = json!(replicas);
-            let reply = client
-                .apply_specs(with_request_id(pb::ApplySpecsRequest {
-                    text: spec.to_string(),
-                    file: format!("scale {name}"),
-                }))
-                .await
-                .map_err(|s| Failure::from_status(endpoint, &s))?
-                .into_inner();
-            if json {
-                println!("{}", json!({"service": name, "replicas": replicas}));
-            } else {
-                println!("{} ({replicas} replicas)", reply.results.join("; "));
-            }
-        }
-        SvcCmd::Restart { name } => {
-            read(client, endpoint, &format!("spec:{name}"), false).await?;
-            let placements = read(client, endpoint, "placements", false).await?;
-            for (slot, _) in instances(&placements, name) {
-                write(
-                    client,
-                    endpoint,
-                    json!({"op": "restart_instance", "service": name, "slot": slot}),
+        SvcCmd::Scale {
+            name,
+            replicas,
+            expect_generation,
+        } => {
+            let request_id = new_request_id();
+            let reply = rpc!(
+                conn,
+                Call::Write,
+                scale_service,
+                with_request_id(
+                    pb::ScaleServiceRequest {
+                        name: name.clone(),
+                        replicas: *replicas,
+                        expected_generation: expect_generation.unwrap_or(0),
+                        request_id: request_id.clone(),
+                    },
+                    &request_id,
                 )
-                .await?;
-                if !json {
-                    println!("restarting {name}#{slot}...");
+            )
+            .await
+            .map_err(|f| {
+                // Scaling a singleton is asking for the impossible: a usage error.
+                if f.grpc == Some(tonic::Code::InvalidArgument)
+                    || f.grpc == Some(tonic::Code::FailedPrecondition)
+                        && f.message.contains("singleton")
+                {
+                    Failure { code: 2, ..f }
+                } else {
+                    f
                 }
-                // Give the node a moment to act, then wait until it runs again.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let p = read(client, endpoint, "placements", false).await?;
-                    if p[name][slot.to_string()]["state"] == "running" {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        return Err(fail(
-                            1,
-                            format!("{name}#{slot} did not run again within 60 s"),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-            if !json {
-                println!("{name} restarted");
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"service": name, "replicas": replicas, "generation": reply.generation, "message": reply.message})
+                );
+            } else if reply.message.is_empty() {
+                println!(
+                    "service '{name}' scaled to {replicas} replicas (generation {})",
+                    reply.generation
+                );
+            } else {
+                println!("{} ({replicas} replicas)", reply.message);
             }
         }
+        SvcCmd::Restart { name, slot } => restart(conn, name, *slot, json).await?,
         SvcCmd::Rm { name, wait, force } => {
-            let r = write(
-                client,
-                endpoint,
-                json!({"op": "delete_spec", "name": name, "force": force}),
+            let request_id = new_request_id();
+            let reply = rpc!(
+                conn,
+                Call::Write,
+                delete_service,
+                with_request_id(
+                    pb::DeleteServiceRequest {
+                        name: name.clone(),
+                        force: *force,
+                        request_id: request_id.clone(),
+                    },
+                    &request_id,
+                )
             )
             .await?;
-            if r["ok"] != true {
-                let message = r["message"].as_str().unwrap_or("");
-                return Err(fail(
-                    if message.contains("is needed by") {
-                        1
-                    } else {
-                        3
-                    },
-                    r["message"]
-                        .as_str()
-                        .unwrap_or("no such service")
-                        .to_string(),
-                ));
-            }
             if *wait {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let specs = read(client, endpoint, "specs", false).await?;
-                    if !specs
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|s| s["name"] == name.as_str())
-                    {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        return Err(fail(1, format!("'{name}' was not removed within 60 s")));
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                wait_gone(conn, name).await?;
             }
             if json {
-                println!("{}", json!({"removed": name}));
+                println!("{}", json!({"removed": name, "message": reply.message}));
             } else {
-                println!("{}", r["message"].as_str().unwrap_or(""));
+                println!("{}", reply.message);
             }
         }
     }
     Ok(())
 }
 
+fn print_changes(reply: &pb::ApplyServicesReply) {
+    for c in &reply.changes {
+        let line = if c.message.is_empty() {
+            let verb = if reply.dry_run { "would be" } else { "was" };
+            format!(
+                "service '{}' {verb} {} (generation {})",
+                c.name, c.action, c.generation
+            )
+        } else {
+            c.message.clone()
+        };
+        if reply.dry_run && !c.message.starts_with("dry run") {
+            print!("dry run: ");
+        }
+        if c.changed_fields.is_empty() {
+            println!("{line}");
+        } else {
+            println!("{line}; changed: {}", c.changed_fields.join(", "));
+        }
+    }
+    if reply.dry_run {
+        println!("dry run: nothing was stored");
+    }
+}
+
+/// Instances in state `running`.
+fn running(s: &pb::Service) -> u32 {
+    s.instances.iter().filter(|i| i.state == "running").count() as u32
+}
+
+/// The newest event's sequence number (0 for none).
+async fn last_event_seq(conn: &mut Conn) -> Result<u64, Failure> {
+    let reply = rpc!(
+        conn,
+        Call::Read,
+        list_events,
+        pb::ListEventsRequest {
+            tail: 1,
+            ..Default::default()
+        }
+    )
+    .await?;
+    Ok(reply.events.last().map_or(0, |e| e.seq))
+}
+
+/// Follow `name` (WatchService) until `done` holds for it; a broken stream is reopened (on the
+/// next endpoint if this one is gone). `None` when the service is gone.
+async fn follow_service(
+    conn: &mut Conn,
+    name: &str,
+    deadline: Instant,
+    mut done: impl FnMut(&pb::Service) -> Result<bool, Failure>,
+) -> Result<Option<pb::Service>, Failure> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let opened = tokio::time::timeout(
+            left,
+            rpc!(
+                conn,
+                Call::Read,
+                watch_service,
+                pb::WatchServiceRequest {
+                    name: name.to_string(),
+                }
+            ),
+        )
+        .await;
+        let mut stream = match opened {
+            Err(_) => return Err(fail(4, format!("gave up waiting for '{name}'"))),
+            Ok(Err(f)) if f.code == 3 => return Ok(None),
+            Ok(Err(f)) => return Err(f),
+            Ok(Ok(s)) => s,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, stream.message()).await {
+                Err(_) => return Err(fail(4, format!("gave up waiting for '{name}'"))),
+                Ok(Ok(Some(service))) => {
+                    if done(&service)? {
+                        return Ok(Some(service));
+                    }
+                }
+                // The service is gone.
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(None),
+                Ok(Err(s)) => {
+                    eprintln!(
+                        "warning: the watch of '{name}' broke ({}); reconnecting",
+                        s.message()
+                    );
+                    conn.rotate();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Rolling restart: ask, then follow the service until every slot asked has been restarted
+/// (a newer epoch) and runs again.
+async fn restart(
+    conn: &mut Conn,
+    name: &str,
+    slot: Option<u32>,
+    json: bool,
+) -> Result<(), Failure> {
+    let before: BTreeMap<u32, u64> = get(conn, name)
+        .await?
+        .instances
+        .iter()
+        .map(|i| (i.slot, i.epoch))
+        .collect();
+    let request_id = new_request_id();
+    let reply = rpc!(
+        conn,
+        Call::Write,
+        restart_service,
+        with_request_id(
+            pb::RestartServiceRequest {
+                name: name.to_string(),
+                slot,
+                request_id: request_id.clone(),
+            },
+            &request_id,
+        )
+    )
+    .await?;
+    let asked: BTreeSet<u32> = reply.slots.iter().copied().collect();
+    if !json && !reply.message.is_empty() {
+        println!("{}", reply.message);
+    }
+    let mut announced = BTreeSet::new();
+    let mut restarted = BTreeSet::new();
+    let deadline = Instant::now() + SERVICE_WAIT * (asked.len().max(1) as u32);
+    let finished = follow_service(conn, name, deadline, |s| {
+        for i in &s.instances {
+            if !asked.contains(&i.slot) {
+                continue;
+            }
+            let newer = before.get(&i.slot).is_none_or(|e| i.epoch > *e);
+            if newer && announced.insert(i.slot) && !json {
+                println!("restarting {name}#{}...", i.slot);
+            }
+            if newer && i.state == "running" {
+                restarted.insert(i.slot);
+            }
+            if i.state == "failed" {
+                return Err(fail(
+                    1,
+                    format!(
+                        "{name}#{} failed on node {} after its restart: {}",
+                        i.slot,
+                        i.node,
+                        if i.last_crash.is_empty() {
+                            "unknown reason"
+                        } else {
+                            &i.last_crash
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(restarted.len() == asked.len())
+    })
+    .await
+    .map_err(|f| {
+        if f.code == 4 {
+            fail(
+                1,
+                format!(
+                    "{name} was not restarted in time: {} of {} instances run again",
+                    restarted.len(),
+                    asked.len()
+                ),
+            )
+        } else {
+            f
+        }
+    })?;
+    if finished.is_none() {
+        return Err(fail(3, format!("'{name}' was removed during its restart")));
+    }
+    if json {
+        println!("{}", json!({"service": name, "restarted": reply.slots}));
+    } else {
+        println!("{name} restarted");
+    }
+    Ok(())
+}
+
+/// Wait until `name` no longer exists.
+async fn wait_gone(conn: &mut Conn, name: &str) -> Result<(), Failure> {
+    let deadline = Instant::now() + SERVICE_WAIT;
+    match follow_service(conn, name, deadline, |_| Ok(false)).await {
+        Ok(_) => Ok(()),
+        Err(f) if f.code == 4 => Err(fail(
+            1,
+            format!(
+                "'{name}' was not removed within {}s",
+                SERVICE_WAIT.as_secs()
+            ),
+        )),
+        Err(f) => Err(f),
+    }
+}
+
 /// Show progress until every instance of `names` runs; fail on an instance that exceeded its
-/// restart intensity or could not be placed.
+/// restart intensity or on an `unplaced` event (after event `since`) for a service short of
+/// instances.
 async fn wait_running(
-    client: &mut Client,
-    endpoint: &str,
+    conn: &mut Conn,
     names: &[String],
+    since: u64,
     timeout: Duration,
     json: bool,
 ) -> Result<(), Failure> {
     let deadline = Instant::now() + timeout;
+    let mut progress: BTreeMap<String, String> = names
+        .iter()
+        .map(|n| (n.clone(), format!("{n} 0/? running")))
+        .collect();
     let mut last_line = String::new();
-    loop {
-        let specs = read(client, endpoint, "specs", false).await?;
-        let placements = read(client, endpoint, "placements", false).await?;
-        let events = read(client, endpoint, "events", false).await?;
-        let mut done = true;
-        let mut parts = Vec::new();
-        for name in names {
-            let spec = specs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|s| s["name"] == name.as_str());
-            let wanted = spec
-                .map(|s| {
-                    if s["singleton"] == true {
-                        1
-                    } else {
-                        s["replicas"].as_u64().unwrap_or(0)
-                    }
-                })
-                .unwrap_or(0);
-            let inst = instances(&placements, name);
-            let running = inst.iter().filter(|(_, p)| p["state"] == "running").count() as u64;
-            if let Some((slot, p)) = inst.iter().find(|(_, p)| p["state"] == "failed") {
+    for name in names {
+        let short = Arc::new(AtomicBool::new(false));
+        let short_seen = short.clone();
+        // Whether placement failed is in the event log: watch it while instances are short.
+        let unplaced = watch_unplaced(conn.clone(), name, since, short);
+        let result = follow_service(conn, name, deadline, |s| {
+            let spec = s.spec.clone().unwrap_or_default();
+            let (running, wanted) = (running(s), wanted(&spec));
+            if let Some(i) = s.instances.iter().find(|i| i.state == "failed") {
                 return Err(fail(
                     1,
                     format!(
-                        "{name}#{slot} failed on node {}: {}",
-                        p["node"],
-                        p["last_crash"].as_str().unwrap_or("unknown reason")
+                        "{name}#{} failed on node {}: {}",
+                        i.slot,
+                        i.node,
+                        if i.last_crash.is_empty() {
+                            "unknown reason"
+                        } else {
+                            &i.last_crash
+                        }
                     ),
                 ));
             }
-            if running < wanted {
-                done = false;
-                if let Some(e) = events
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .rev()
-                    .find(|e| e["kind"] == "unplaced" && e["service"] == name.as_str())
-                {
-                    if inst.len() < wanted as usize {
-                        return Err(fail(
-                            1,
-                            e["message"]
-                                .as_str()
-                                .unwrap_or("could not be placed")
-                                .to_string(),
-                        ));
+            short_seen.store((s.instances.len() as u32) < wanted, Ordering::Relaxed);
+            progress.insert(name.clone(), format!("{name} {running}/{wanted} running"));
+            let line = progress.values().cloned().collect::<Vec<_>>().join(", ");
+            if line != last_line && !json {
+                println!("{line}");
+            }
+            last_line = line;
+            Ok(running >= wanted)
+        });
+        let result = tokio::select! {
+            r = result => r,
+            f = unplaced => Err(f),
+        };
+        match result {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(fail(
+                    3,
+                    format!("'{name}' was removed while waiting for it"),
+                ))
+            }
+            Err(f) if f.code == 4 && f.message.starts_with("gave up") => {
+                return Err(fail(
+                    4,
+                    format!("not every instance runs after {timeout:?}: {last_line}"),
+                ))
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves (as a failure) at the first `unplaced` event about `name` after event `since`
+/// that comes while `short` (fewer instances placed than wanted). Never resolves if the
+/// event stream cannot be had: the wait then ends on its own terms.
+async fn watch_unplaced(mut conn: Conn, name: &str, since: u64, short: Arc<AtomicBool>) -> Failure {
+    let mut after = since;
+    loop {
+        let opened = rpc!(
+            conn,
+            Call::Read,
+            watch_events,
+            pb::WatchEventsRequest {
+                after_seq: after,
+                service: name.to_string(),
+                only_new: false,
+            }
+        )
+        .await;
+        // The event and the service's update may come in either order: keep the event
+        // until the service is seen short of instances.
+        let mut unplaced: Option<String> = None;
+        if let Ok(mut stream) = opened {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(e)) => {
+                            after = after.max(e.seq);
+                            if e.kind == "unplaced" && e.service == name {
+                                unplaced = Some(e.message);
+                            }
+                        }
+                        _ => break,
+                    },
+                    _ = tick.tick() => {}
+                }
+                if let Some(m) = &unplaced {
+                    if short.load(Ordering::Relaxed) {
+                        return fail(1, m.clone());
                     }
                 }
             }
-            parts.push(format!("{name} {running}/{wanted} running"));
         }
-        let line = parts.join(", ");
-        if line != last_line && !json {
-            println!("{line}");
-            last_line = line;
-        }
-        if done {
-            if json {
-                println!("{}", json!({"running": names}));
-            }
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(fail(
-                4,
-                format!("not every instance runs after {timeout:?}: {last_line}"),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -317,7 +317,7 @@ async fn writer(
     stop: Arc<AtomicBool>,
     writes: Arc<Mutex<Writes>>,
 ) {
-    let clients: Vec<_> = addresses.iter().map(|a| crate::client(a)).collect();
+    let clients: Vec<_> = addresses.iter().map(|a| crate::peer_client(a)).collect();
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let name = format!("w{w}-{i}");
@@ -327,17 +327,15 @@ async fn writer(
             "op": "put_spec",
             "spec": {"name": name, "kind": "ticker", "replicas": 0},
         });
-        let mut req = tonic::Request::new(pb::WriteRequest {
-            command_json: command.to_string(),
-            ..Default::default()
-        });
-        req.set_timeout(Duration::from_secs(3));
-        let (acked, not_made) = match c.write(req).await {
-            Ok(r) => (
-                serde_json::from_str::<Value>(&r.into_inner().response_json)
-                    .is_ok_and(|v| v["ok"] == true),
-                false,
-            ),
+        let proposed = crate::propose(
+            &mut c,
+            &command.to_string(),
+            "",
+            Some(Duration::from_secs(3)),
+        )
+        .await;
+        let (acked, not_made) = match proposed {
+            Ok((result, _)) => (result["ok"] == true, false),
             Err(e) => (false, e.message().contains("was not made")),
         };
         {
@@ -364,13 +362,13 @@ async fn stored_names(
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some(leader) = leader_guess(addresses).await {
-            let mut client = c.client(leader).await;
-            let mut req = tonic::Request::new(pb::ReadRequest {
+            let mut client = c.peer_client(leader);
+            let mut req = tonic::Request::new(pb::QueryRequest {
                 query: "specs".into(),
                 stale: false,
             });
             req.set_timeout(Duration::from_secs(10));
-            if let Ok(r) = client.read(req).await {
+            if let Ok(r) = client.query(req).await {
                 if let Ok(Value::Array(specs)) = serde_json::from_str(&r.into_inner().result_json) {
                     return Some(
                         specs
@@ -386,16 +384,17 @@ async fn stored_names(
     None
 }
 
-/// The nodes the probes are placed on, as the first node that answers sees them.
-async fn probe_hosts(addresses: &BTreeMap<u64, String>, probes: usize) -> Vec<u64> {
-    for address in addresses.values() {
-        let mut c = crate::client(address);
-        let mut req = tonic::Request::new(pb::ReadRequest {
+/// The nodes the probes are placed on, as the first node that answers sees them (`peers`:
+/// the nodes' peer addresses).
+async fn probe_hosts(peers: &BTreeMap<u64, String>, probes: usize) -> Vec<u64> {
+    for address in peers.values() {
+        let mut c = crate::peer_client(address);
+        let mut req = tonic::Request::new(pb::QueryRequest {
             query: "placements".into(),
             stale: true,
         });
         req.set_timeout(Duration::from_millis(700));
-        let Ok(r) = c.read(req).await else {
+        let Ok(r) = c.query(req).await else {
             continue;
         };
         let Ok(p) = serde_json::from_str::<Value>(&r.into_inner().result_json) else {
@@ -414,6 +413,8 @@ async fn probe_hosts(addresses: &BTreeMap<u64, String>, probes: usize) -> Vec<u6
 struct Run<'a> {
     c: &'a mut NetCluster,
     addresses: BTreeMap<u64, String>,
+    /// The nodes' peer addresses (raw queries).
+    peers: BTreeMap<u64, String>,
     rng: Rng,
     t0: Instant,
     probes: usize,
@@ -440,7 +441,7 @@ impl Run<'_> {
 
     /// A node hosting a probe (or any node when none is known), half the time; else any node.
     async fn probe_host_or_any(&mut self) -> u64 {
-        let hosts = probe_hosts(&self.addresses, self.probes).await;
+        let hosts = probe_hosts(&self.peers, self.probes).await;
         if !hosts.is_empty() && self.rng.below(2) == 0 {
             hosts[self.rng.below(hosts.len() as u64) as usize]
         } else {
@@ -500,7 +501,7 @@ impl Run<'_> {
             3 => {
                 // The leader with a node running a probe (issue 9's defect 4).
                 let leader = leader_guess(&self.addresses).await;
-                let hosts = probe_hosts(&self.addresses, self.probes).await;
+                let hosts = probe_hosts(&self.peers, self.probes).await;
                 let mut first: Vec<u64> = leader.into_iter().collect();
                 if let Some(h) = hosts.iter().find(|h| Some(**h) != leader) {
                     first.push(*h);
@@ -638,12 +639,17 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     }
     let addresses: BTreeMap<u64, String> =
         c.ids().into_iter().map(|id| (id, c.address(id))).collect();
+    let peers: BTreeMap<u64, String> = c
+        .ids()
+        .into_iter()
+        .map(|id| (id, c.nodes[&id].peer_address()))
+        .collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(Mutex::new(Writes::default()));
     let mut writers = Vec::new();
     for w in 0..cfg.writers {
-        let mut order: Vec<String> = addresses.values().cloned().collect();
+        let mut order: Vec<String> = peers.values().cloned().collect();
         let by = w % order.len();
         order.rotate_left(by);
         writers.push(tokio::spawn(writer(w, order, stop.clone(), writes.clone())));
@@ -653,6 +659,7 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     let mut run = Run {
         c: &mut c,
         addresses: addresses.clone(),
+        peers: peers.clone(),
         rng: Rng(cfg.seed),
         t0,
         probes: cfg.probes,

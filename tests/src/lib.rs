@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
+use mode_proto::v1::peer_client::PeerClient;
 use tonic::transport::Channel;
 
 pub mod chaos;
@@ -102,8 +103,15 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// Its public API address (`mode.v1.Control`, what modectl calls).
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// Its peer API address (`mode.v1.Peer`: raw Propose/Query, Raft, agents). Every peer
+    /// call of the harness goes through here; for now the node serves both APIs on one port.
+    pub fn peer_address(&self) -> String {
+        self.address()
     }
 
     /// Start (or restart) the process with its arguments; output goes to its log file.
@@ -325,8 +333,17 @@ impl TestCluster {
     pub async fn wait_registered(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(v) = self.read(1, "kinds", false).await {
-                if v["ticker"].as_array().is_some_and(|a| a.len() == n) {
+            let kinds = self
+                .client(1)
+                .await
+                .list_kinds(pb::ListKindsRequest {})
+                .await;
+            if let Ok(k) = kinds {
+                let k = k.into_inner();
+                if k.kinds
+                    .iter()
+                    .any(|k| k.name == "ticker" && k.nodes.len() == n)
+                {
                     return;
                 }
             }
@@ -339,8 +356,14 @@ impl TestCluster {
         }
     }
 
+    /// A typed public API client for node `id`.
     pub async fn client(&self, id: u64) -> ControlClient<Channel> {
         client(&self.nodes[&id].address())
+    }
+
+    /// A peer API client for node `id` (raw state-machine commands and queries).
+    pub fn peer_client(&self, id: u64) -> PeerClient<Channel> {
+        peer_client(&self.nodes[&id].peer_address())
     }
 
     /// Wait until `id` reports a leader (its own view); returns it.
@@ -392,9 +415,13 @@ impl TestCluster {
         c.cluster_status(req).await.map(|r| r.into_inner())
     }
 
-    /// Store a spec named `name` through node `via`, retrying for up to 10 s while the cluster
-    /// is unavailable (an election under load).
-    pub async fn put_spec(&self, via: u64, name: &str) -> Result<pb::WriteReply, tonic::Status> {
+    /// Store a spec named `name` through node `via` (the typed ApplyServices), retrying for
+    /// up to 10 s while the cluster is unavailable (an election under load).
+    pub async fn put_spec(
+        &self,
+        via: u64,
+        name: &str,
+    ) -> Result<pb::ApplyServicesReply, tonic::Status> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match put_spec(&mut self.client(via).await, name).await {
@@ -406,24 +433,39 @@ impl TestCluster {
         }
     }
 
-    /// Commit a raw state-machine command (JSON) through node `via`; its result.
+    /// Commit a raw state-machine command (JSON) through node `via`'s peer API (`Propose`,
+    /// what servers forward to the leader); its result.
     pub async fn write_command(
         &self,
         via: u64,
         command: &str,
     ) -> Result<serde_json::Value, tonic::Status> {
-        let mut req = tonic::Request::new(pb::WriteRequest {
-            command_json: command.to_string(),
-            ..Default::default()
-        });
-        req.set_timeout(Duration::from_secs(10));
-        let reply = self.client(via).await.write(req).await?.into_inner();
-        serde_json::from_str(&reply.response_json)
-            .map_err(|e| tonic::Status::internal(format!("undecodable result: {e}")))
+        self.propose(via, command, "", Duration::from_secs(10))
+            .await
+            .map(|(result, _)| result)
     }
 
-    /// Read `query` on node `via`, retrying for up to 10 s while the cluster is unavailable
-    /// (an election under load).
+    /// [`TestCluster::write_command`] with a request id ("" for none) and a timeout: the
+    /// command's result and the whole reply.
+    pub async fn propose(
+        &self,
+        via: u64,
+        command: &str,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<(serde_json::Value, pb::ProposeReply), tonic::Status> {
+        propose(
+            &mut self.peer_client(via),
+            command,
+            request_id,
+            Some(timeout),
+        )
+        .await
+    }
+
+    /// Read `query` (nodes, specs, spec:NAME, placements, kinds, events, drain:ID, all) as raw
+    /// JSON through node `via`'s peer API (`Query`), retrying for up to 10 s while the
+    /// cluster is unavailable (an election under load).
     pub async fn read(
         &self,
         via: u64,
@@ -432,12 +474,12 @@ impl TestCluster {
     ) -> Result<serde_json::Value, tonic::Status> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let mut c = self.client(via).await;
-            let request = pb::ReadRequest {
+            let mut c = self.peer_client(via);
+            let request = pb::QueryRequest {
                 query: query.to_string(),
                 stale,
             };
-            match c.read(request).await {
+            match c.query(request).await {
                 Ok(r) => {
                     return Ok(serde_json::from_str(&r.into_inner().result_json).expect("json"))
                 }
@@ -449,12 +491,17 @@ impl TestCluster {
         }
     }
 
-    /// Wait until node `id`'s own state has `n` specs.
+    /// Wait until node `id`'s own state has `n` specs (ListServices from its replica).
     pub async fn wait_specs(&self, id: u64, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(v) = self.read(id, "specs", true).await {
-                if v.as_array().map(|a| a.len()) == Some(n) {
+            let listed = self
+                .client(id)
+                .await
+                .list_services(pb::ListServicesRequest { stale: true })
+                .await;
+            if let Ok(r) = listed {
+                if r.into_inner().services.len() == n {
                     return;
                 }
             }
@@ -467,25 +514,41 @@ impl TestCluster {
         }
     }
 
-    /// Apply a spec file's text through node `via`.
-    pub async fn apply(&self, via: u64, text: &str) -> Result<Vec<String>, tonic::Status> {
+    /// Apply a spec file's text through node `via` (ApplyServices with `text`: the server
+    /// parses it).
+    pub async fn apply(
+        &self,
+        via: u64,
+        text: &str,
+    ) -> Result<pb::ApplyServicesReply, tonic::Status> {
         let mut c = self.client(via).await;
-        c.apply_specs(pb::ApplySpecsRequest {
+        c.apply_services(pb::ApplyServicesRequest {
             text: text.to_string(),
             file: "test.yaml".to_string(),
+            ..Default::default()
         })
         .await
-        .map(|r| r.into_inner().results)
+        .map(|r| r.into_inner())
     }
 
-    /// The instances of `service`: slot → placement JSON.
+    /// The instances of `service` as node `via`'s replica has them (GetService): slot → the
+    /// instance as JSON (`node`, `state`, `restart_count`, `last_crash`, `moving_from` (null
+    /// when not moving), `reschedules`, `epoch`). Empty when the service does not exist.
     pub async fn instances(&self, via: u64, service: &str) -> BTreeMap<u64, serde_json::Value> {
-        match self.read(via, "placements", true).await {
-            Ok(v) => v[service]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, p)| (k.parse().unwrap_or(0), p.clone()))
+        let got = self
+            .client(via)
+            .await
+            .get_service(pb::GetServiceRequest {
+                name: service.to_string(),
+                stale: true,
+            })
+            .await;
+        match got {
+            Ok(s) => s
+                .into_inner()
+                .instances
+                .iter()
+                .map(|i| (u64::from(i.slot), instance_json(i)))
                 .collect(),
             Err(_) => BTreeMap::new(),
         }
@@ -523,13 +586,21 @@ impl TestCluster {
         }
     }
 
-    /// Events (JSON list) as node `via` sees them.
+    /// Events as node `via`'s replica has them (ListEvents), as JSON objects: `seq`,
+    /// `time_ms`, `kind`, `message`, and `service` / `node` when the event has them.
     pub async fn events(&self, via: u64) -> Vec<serde_json::Value> {
-        self.read(via, "events", true)
+        let listed = self
+            .client(via)
             .await
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
+            .list_events(pb::ListEventsRequest {
+                stale: true,
+                ..Default::default()
+            })
+            .await;
+        match listed {
+            Ok(r) => r.into_inner().events.iter().map(event_json).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Run modectl against node `via`.
@@ -552,31 +623,124 @@ impl TestCluster {
     }
 }
 
-/// A control API client for `address` (lazy connection).
-pub fn client(address: &str) -> ControlClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+fn lazy_channel(address: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(1))
-        .connect_lazy();
-    ControlClient::new(channel).max_decoding_message_size(256 << 20)
+        .connect_lazy()
 }
 
-/// Store a small spec named `name` (its config padded to about 256 bytes, like the etcd bench).
+/// A typed public API client for `address` (lazy connection).
+pub fn client(address: &str) -> ControlClient<Channel> {
+    ControlClient::new(lazy_channel(address)).max_decoding_message_size(256 << 20)
+}
+
+/// A peer API client for `address`, a node's [`NodeProc::peer_address`] (lazy connection).
+pub fn peer_client(address: &str) -> PeerClient<Channel> {
+    PeerClient::new(lazy_channel(address))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
+}
+
+/// Commit a raw state-machine command through a peer (`Propose`, what servers forward to the
+/// leader), with a request id ("" for none) carried in the request and its metadata: the
+/// command's result (decoded) and the reply.
+pub async fn propose(
+    client: &mut PeerClient<Channel>,
+    command: &str,
+    request_id: &str,
+    timeout: Option<Duration>,
+) -> Result<(serde_json::Value, pb::ProposeReply), tonic::Status> {
+    let mut req = tonic::Request::new(pb::ProposeRequest {
+        command_json: command.to_string(),
+        request_id: request_id.to_string(),
+    });
+    if !request_id.is_empty() {
+        if let Ok(v) = request_id.parse() {
+            req.metadata_mut().insert("x-mode-request-id", v);
+        }
+    }
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let reply = client.propose(req).await?.into_inner();
+    let result = serde_json::from_str(&reply.response_json)
+        .map_err(|e| tonic::Status::internal(format!("undecodable result: {e}")))?;
+    Ok((result, reply))
+}
+
+/// A small spec named `name` (kind ticker, one replica, its config padded to about 256 bytes,
+/// like the etcd bench), typed.
+pub fn small_spec(name: &str) -> pb::ServiceSpec {
+    use mode_proto::prost_types::{value::Kind, Struct, Value};
+    let pad = Value {
+        kind: Some(Kind::StringValue("x".repeat(200))),
+    };
+    pb::ServiceSpec {
+        name: name.to_string(),
+        kind: "ticker".to_string(),
+        replicas: Some(1),
+        config: Some(Struct {
+            fields: [("pad".to_string(), pad)].into_iter().collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Store [`small_spec`] `name` through the typed ApplyServices.
 pub async fn put_spec(
     client: &mut ControlClient<Channel>,
     name: &str,
-) -> Result<pb::WriteReply, tonic::Status> {
-    let command = serde_json::json!({
-        "op": "put_spec",
-        "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"pad": "x".repeat(200)}}
-    });
+) -> Result<pb::ApplyServicesReply, tonic::Status> {
     client
-        .write(pb::WriteRequest {
-            command_json: command.to_string(),
+        .apply_services(pb::ApplyServicesRequest {
+            specs: vec![small_spec(name)],
             ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
+}
+
+/// The raw `put_spec` command of [`small_spec`] `name` (for [`propose`]: raw replication).
+pub fn put_spec_command(name: &str) -> String {
+    serde_json::json!({
+        "op": "put_spec",
+        "spec": {"name": name, "kind": "ticker", "replicas": 1, "config": {"pad": "x".repeat(200)}}
+    })
+    .to_string()
+}
+
+/// An instance as JSON, named as the raw placements name them (`moving_from` null when 0).
+pub fn instance_json(i: &pb::Instance) -> serde_json::Value {
+    serde_json::json!({
+        "service": i.service,
+        "slot": i.slot,
+        "node": i.node,
+        "state": i.state,
+        "restart_count": i.restart_count,
+        "last_crash": (!i.last_crash.is_empty()).then_some(&i.last_crash),
+        "moving_from": (i.moving_from != 0).then_some(i.moving_from),
+        "reschedules": i.reschedules,
+        "epoch": i.epoch,
+    })
+}
+
+/// An event as JSON, named as the raw event log names them (no `service` / `node` when the
+/// event has none).
+pub fn event_json(e: &pb::Event) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "seq": e.seq,
+        "time_ms": e.time_ms,
+        "kind": e.kind,
+        "message": e.message,
+    });
+    if !e.service.is_empty() {
+        v["service"] = e.service.clone().into();
+    }
+    if e.node != 0 {
+        v["node"] = e.node.into();
+    }
+    v
 }
 
 /// `GET path` on `127.0.0.1:port`: (status code, body).

@@ -120,14 +120,10 @@ async fn a_retried_write_with_the_same_request_id_applies_once() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let command = r#"{"op":"record_event","kind":"probe","message":"once"}"#;
     for via in [follower, leader, follower] {
-        let mut req = tonic::Request::new(mode_proto::v1::WriteRequest {
-            command_json: command.to_string(),
-            ..Default::default()
-        });
-        req.metadata_mut()
-            .insert("x-mode-request-id", "test-retry-1".parse().unwrap());
-        let reply = c.client(via).await.write(req).await.unwrap().into_inner();
-        let result: Value = serde_json::from_str(&reply.response_json).unwrap();
+        let (result, _) = c
+            .propose(via, command, "test-retry-1", Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(result["ok"], true, "{result}");
     }
     let events = c.events(leader).await;

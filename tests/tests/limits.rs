@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use mode_proto::v1 as pb;
 use mode_tests::{Scratch, TestCluster};
 use serde_json::{json, Value};
 
@@ -18,16 +17,12 @@ async fn cluster(n: u64) -> (TestCluster, u64) {
     (c, leader)
 }
 
-/// A raw `Write` of `command` through node `via`: the command's result, or the error.
+/// A raw `Propose` of `command` through node `via`'s peer API: the command's result, or the
+/// error.
 async fn raw_write(c: &TestCluster, via: u64, command: &str) -> Result<Value, tonic::Status> {
-    let mut client = c.client(via).await;
-    let mut req = tonic::Request::new(pb::WriteRequest {
-        command_json: command.to_string(),
-        ..Default::default()
-    });
-    req.set_timeout(Duration::from_secs(20));
-    let reply = client.write(req).await?.into_inner();
-    Ok(serde_json::from_str(&reply.response_json).expect("a JSON result"))
+    c.propose(via, command, "", Duration::from_secs(20))
+        .await
+        .map(|(result, _)| result)
 }
 
 fn assert_all_running(c: &mut TestCluster) {
@@ -92,7 +87,8 @@ async fn over_limit_specs_are_refused_at_the_edge_and_by_the_state_machine_and_n
             started.elapsed()
         );
     }
-    // The raw `Write` RPC takes any command: the state machine refuses these on every replica.
+    // The peer API's raw `Propose` takes any command: the state machine refuses these on every
+    // replica.
     let smuggled = [
         (
             json!({"op": "put_spec", "spec": {"name": "big", "kind": "ticker", "replicas": 4294967295u64}}),
@@ -261,18 +257,17 @@ async fn large_answers_pass_through_followers_and_oversized_writes_fail_fast() {
     let started = Instant::now();
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..8 {
-        let mut client = c.client(leader).await;
+        let mut client = c.peer_client(leader);
         let command = json!({"op": "record_event", "kind": "x", "message": format!("{i}{}", "y".repeat(900_000))});
         writes.spawn(async move {
-            let mut req = tonic::Request::new(pb::WriteRequest {
-                command_json: command.to_string(),
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(30));
-            client
-                .write(req)
-                .await
-                .map(|r| r.into_inner().response_json)
+            mode_tests::propose(
+                &mut client,
+                &command.to_string(),
+                "",
+                Some(Duration::from_secs(30)),
+            )
+            .await
+            .map(|(_, reply)| reply.response_json)
         });
     }
     while let Some(done) = writes.join_next().await {

@@ -12,9 +12,9 @@ use mode_proto::v1 as pb;
 use mode_proto::v1::peer_client::PeerClient;
 use tonic::transport::Channel;
 
-use super::wire;
+use super::wire::{report_to_proto, view_from_proto};
 use crate::model::state::{Command, InstanceReport, NodeRole};
-use crate::replication::{ClusterNode, LeaseGrant, NodeView, ViewService};
+use crate::replication::{ClusterNode, LeaseGrant, NodeView};
 
 /// Where the agent's placements come from and its heartbeats and reports go.
 #[derive(Clone)]
@@ -292,79 +292,6 @@ pub(crate) fn register_request(
         incarnation,
         heartbeat_grace_ms: heartbeat_grace.as_millis() as u64,
         role: NodeRole::Agent.as_str().to_string(),
-    }
-}
-
-pub(crate) fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
-    pb::InstanceReport {
-        service: r.service.clone(),
-        slot: r.slot,
-        state: r.state.clone(),
-        restart_count: r.restart_count,
-        last_crash: r.last_crash.clone().unwrap_or_default(),
-        epoch: r.epoch,
-        r#move: r.move_.clone(),
-    }
-}
-
-pub(crate) fn report_from_proto(r: &pb::InstanceReport) -> InstanceReport {
-    InstanceReport {
-        service: r.service.clone(),
-        slot: r.slot,
-        state: r.state.clone(),
-        restart_count: r.restart_count,
-        last_crash: (!r.last_crash.is_empty()).then(|| r.last_crash.clone()),
-        epoch: r.epoch,
-        move_: r.r#move.clone(),
-    }
-}
-
-/// A view as a server sends it.
-pub(crate) fn view_to_proto(v: &NodeView, server: u64) -> pb::PlacementsUpdate {
-    pb::PlacementsUpdate {
-        index: v.index,
-        server,
-        services: v
-            .services
-            .iter()
-            .map(|(name, s)| pb::AgentService {
-                spec: Some(wire::spec_to_proto(&s.spec)),
-                deleting: s.deleting,
-                here: s
-                    .here
-                    .iter()
-                    .map(|(slot, p)| wire::instance_to_proto(name, *slot, p))
-                    .collect(),
-                running: u32::from(s.running),
-            })
-            .collect(),
-    }
-}
-
-fn view_from_proto(u: &pb::PlacementsUpdate) -> NodeView {
-    NodeView {
-        index: u.index,
-        services: u
-            .services
-            .iter()
-            .filter_map(|s| {
-                let spec = wire::spec_from_proto(s.spec.as_ref()?);
-                let here = s
-                    .here
-                    .iter()
-                    .map(|i| (i.slot, wire::instance_from_proto(i)))
-                    .collect();
-                Some((
-                    spec.name.clone(),
-                    ViewService {
-                        spec,
-                        deleting: s.deleting,
-                        here,
-                        running: s.running > 0,
-                    },
-                ))
-            })
-            .collect(),
     }
 }
 

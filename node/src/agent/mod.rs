@@ -5,10 +5,11 @@
 mod instances;
 pub mod kinds;
 mod link;
-pub(crate) mod wire;
+mod wire;
 
 pub(crate) use instances::run;
 pub use instances::AgentTimings;
 pub use kinds::{InstanceSpec, KillSwitch, Kind, KindRegistry, LeaseDeadline};
 pub use link::{agent_incarnation, Servers};
-pub(crate) use link::{register_request, report_from_proto, view_to_proto, Link};
+pub(crate) use link::{register_request, Link};
+pub(crate) use wire::{report_from_proto, view_to_proto};

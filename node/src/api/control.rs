@@ -1,24 +1,42 @@
 //! The public API server (`mode.v1.Control`): typed user operations, answered by any
-//! server; writes go to the leader. The protobuf <-> domain conversion happens here.
+//! server; writes go to the leader through Raft, reads are linearizable unless `stale`.
+//! Messages are converted to domain types in [`super::convert`]; every change is a typed
+//! state-machine command validated where it is applied, never a raw command from the client.
+//! Also: grpc.health.v1 and server reflection for the public listener ([`public_extras`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_server::{Control, ControlServer};
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::inspect::{Inspector, MAX_GRAPH_BYTES};
-use super::peer::may_forward;
+use super::convert;
+use super::inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
+use super::peer::{may_forward, request_id};
 use crate::agent::KindRegistry;
+use crate::graph::GraphFilter;
 use crate::model::limits;
-use crate::replication::{status_to_proto, to_status, ClusterNode};
+use crate::model::spec::{parse_specs, ServiceSpec, SpecError};
+use crate::model::state::{Command, CommandResult, NodeStatus, Refusal};
+use crate::replication::{status_to_proto, to_status, ClusterNode, WriteOutcome};
+
+/// How long a rolling restart waits for each restarted instance to run again.
+pub const RESTART_WAIT: Duration = Duration::from_secs(60);
+
+/// Events a `WatchEvents` stream holds for a client that reads slowly; beyond that the
+/// server waits for the client (events stay in the replicated log meanwhile).
+const WATCH_BUFFER: usize = 256;
+
+/// Events read from the log per pass (bounds how long the state lock is held).
+const WATCH_BATCH: usize = 512;
 
 /// The public API of one server.
 pub struct ControlService {
     node: Arc<ClusterNode>,
-    #[allow(dead_code)]
     inspector: Arc<Inspector>,
-    #[allow(dead_code)]
     kinds: KindRegistry,
 }
 
@@ -39,6 +57,160 @@ impl ControlService {
             .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_GRAPH_BYTES.max(limits::MAX_ANSWER_BYTES))
     }
+
+    /// Commit `command` (through the leader) and fail with the matching status when the state
+    /// machine refused it.
+    async fn commit(
+        &self,
+        command: Command,
+        request_id: Option<String>,
+    ) -> Result<WriteOutcome, Status> {
+        let out = self
+            .node
+            .write_request(command, true, request_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        if out.result.ok {
+            Ok(out)
+        } else {
+            Err(refusal_status(&out.result))
+        }
+    }
+
+    /// Wait until the local replica may answer a read: at once when `stale`, else once it
+    /// reflects every write committed before the request (linearizable).
+    async fn barrier(&self, stale: bool) -> Result<u64, Status> {
+        self.node
+            .read_barrier(stale)
+            .await
+            .map_err(|e| to_status(&e))
+    }
+
+    /// The specs of an apply request, parsed (from `text`) or converted, and checked against
+    /// the configuration rules of the kinds this node knows.
+    async fn request_specs(
+        &self,
+        r: &mut pb::ApplyServicesRequest,
+    ) -> Result<Vec<ServiceSpec>, Status> {
+        let file = (!r.file.is_empty()).then(|| r.file.clone());
+        let locate = |e: SpecError| match &file {
+            Some(f) if e.file.is_none() => e.with_file(f.clone()),
+            _ => e,
+        };
+        let specs =
+            match (r.specs.is_empty(), r.text.is_empty()) {
+                (false, false) => return Err(Status::invalid_argument(
+                    "send the specs either typed (`specs`) or as a file's text (`text`), not both",
+                )),
+                (true, true) => {
+                    return Err(Status::invalid_argument(
+                        "no specs: set `specs` or `text` (a YAML or JSON file's text)",
+                    ))
+                }
+                (true, false) => {
+                    let text = std::mem::take(&mut r.text);
+                    let name = file.clone().unwrap_or_else(|| "(text)".to_string());
+                    // A big file is CPU work: off the async threads.
+                    tokio::task::spawn_blocking(move || parse_specs(&name, &text))
+                        .await
+                        .map_err(|e| Status::internal(format!("parsing the specs failed: {e}")))?
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?
+                }
+                (false, true) => std::mem::take(&mut r.specs)
+                    .into_iter()
+                    .map(convert::spec_from_proto)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Status::invalid_argument(locate(e).to_string()))?,
+            };
+        for spec in &specs {
+            spec.validate()
+                .map_err(|e| Status::invalid_argument(locate(e).to_string()))?;
+            // Kind configs are node-local knowledge: checked here, before proposing.
+            if self.kinds.contains(&spec.kind) {
+                self.kinds.validate(&spec.kind, &spec.config).map_err(|e| {
+                    Status::invalid_argument(
+                        locate(
+                            SpecError::new(e)
+                                .with_spec(spec.name.clone())
+                                .with_field("config"),
+                        )
+                        .to_string(),
+                    )
+                })?;
+            }
+        }
+        Ok(specs)
+    }
+
+    /// The service's instances now: `(slot, state, epoch)`.
+    fn instances(&self, name: &str) -> Vec<(u32, String, u64)> {
+        self.node.local_state(|s| {
+            s.placements
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(|(slot, p)| (*slot, p.state.clone(), p.epoch))
+                .collect()
+        })
+    }
+
+    /// Wait until instance `name#slot` runs again after the restart committed at `index`.
+    async fn wait_running_again(&self, name: &str, slot: u32, index: u64) -> Result<(), Status> {
+        let mut applied = self.node.applied_changes();
+        let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+        loop {
+            let now = self.node.local_state(|s| {
+                s.placements
+                    .get(name)
+                    .and_then(|slots| slots.get(&slot))
+                    .map(|p| (p.state.clone(), p.epoch, p.last_crash.clone()))
+            });
+            match now {
+                // Gone (scaled down or deleted meanwhile): nothing to wait for.
+                None => return Ok(()),
+                Some((state, epoch, _)) if epoch >= index && state == "running" => return Ok(()),
+                Some((state, epoch, why)) if epoch >= index && state == "failed" => {
+                    return Err(Status::failed_precondition(format!(
+                        "{name}#{slot} failed after its restart ({}); the instances after it were not restarted",
+                        why.unwrap_or_else(|| "no reason reported".into())
+                    )))
+                }
+                Some(_) => {}
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("this server is shutting down")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "{name}#{slot} did not run again within {RESTART_WAIT:?}; the instances after it were not restarted (see `modectl svc get {name}` and its events)"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The status for a command the state machine refused.
+fn refusal_status(r: &CommandResult) -> Status {
+    let msg = r.message.clone();
+    match r.refusal {
+        Some(Refusal::Invalid) => Status::invalid_argument(msg),
+        Some(Refusal::NotFound) => Status::not_found(msg),
+        Some(Refusal::Conflict) => Status::aborted(msg),
+        Some(Refusal::OverLimit) => Status::resource_exhausted(msg),
+        Some(Refusal::Precondition) | None => Status::failed_precondition(msg),
+    }
+}
+
+/// The request id of a write: the request's field, else the metadata's.
+fn write_id<T>(request: &Request<T>, field: &str) -> Option<String> {
+    Some(field.to_string())
+        .filter(|id| !id.is_empty())
+        .or_else(|| request_id(request))
+}
+
+fn no_service(name: &str) -> Status {
+    Status::not_found(format!("no service named '{name}' (see `modectl svc ls`)"))
 }
 
 type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -51,7 +223,14 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let forward = may_forward(&request);
         let status = self.node.status(request.into_inner().local, forward).await;
-        Ok(Response::new(status_to_proto(&status)))
+        let mut reply = status_to_proto(&status);
+        reply.agents = self.node.local_state(|s| {
+            s.nodes
+                .keys()
+                .filter(|id| !status.members.iter().any(|m| m.id == **id))
+                .count() as u32
+        });
+        Ok(Response::new(reply))
     }
 
     async fn compact(
@@ -68,116 +247,580 @@ impl Control for ControlService {
 
     async fn apply_services(
         &self,
-        _request: Request<pb::ApplyServicesRequest>,
+        mut request: Request<pb::ApplyServicesRequest>,
     ) -> Result<Response<pb::ApplyServicesReply>, Status> {
-        Err(Status::unimplemented("apply_services: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let specs = self.request_specs(request.get_mut()).await?;
+        let r = request.into_inner();
+        let expected: BTreeMap<String, u64> = r.expected_generations.into_iter().collect();
+        let prefix = |s: Status| match r.file.is_empty() || s.code() == tonic::Code::Unavailable {
+            true => s,
+            false if s.message().starts_with(&r.file) => s,
+            false => Status::new(s.code(), format!("{}: {}", r.file, s.message())),
+        };
+        if r.dry_run {
+            self.barrier(false).await?;
+            let changes = self
+                .node
+                .local_state(|s| s.plan_apply(&specs, &expected))
+                .map_err(|refused| prefix(refusal_status(&refused)))?;
+            return Ok(Response::new(pb::ApplyServicesReply {
+                changes: changes.iter().map(convert::change_to_proto).collect(),
+                dry_run: true,
+                log_index: 0,
+            }));
+        }
+        let out = self
+            .commit(Command::ApplySpecs { specs, expected }, id)
+            .await
+            .map_err(prefix)?;
+        Ok(Response::new(pb::ApplyServicesReply {
+            changes: out
+                .result
+                .changes
+                .iter()
+                .map(convert::change_to_proto)
+                .collect(),
+            dry_run: false,
+            log_index: out.log_index,
+        }))
     }
 
     async fn get_service(
         &self,
-        _request: Request<pb::GetServiceRequest>,
+        request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::Service>, Status> {
-        Err(Status::unimplemented("get_service: not built yet"))
+        let r = request.into_inner();
+        let applied = self.barrier(r.stale).await?;
+        self.node
+            .local_state(|s| convert::service_to_proto(s, &r.name, applied))
+            .map(Response::new)
+            .ok_or_else(|| no_service(&r.name))
     }
 
     async fn list_services(
         &self,
-        _request: Request<pb::ListServicesRequest>,
+        request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesReply>, Status> {
-        Err(Status::unimplemented("list_services: not built yet"))
+        let applied = self.barrier(request.into_inner().stale).await?;
+        let services = self.node.local_state(|s| {
+            s.specs
+                .keys()
+                .filter_map(|name| convert::service_to_proto(s, name, applied))
+                .collect()
+        });
+        Ok(Response::new(pb::ListServicesReply {
+            services,
+            applied_index: applied,
+        }))
     }
 
     async fn scale_service(
         &self,
-        _request: Request<pb::ScaleServiceRequest>,
+        request: Request<pb::ScaleServiceRequest>,
     ) -> Result<Response<pb::ScaleServiceReply>, Status> {
-        Err(Status::unimplemented("scale_service: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let out = self
+            .commit(
+                Command::ScaleSpec {
+                    name: r.name,
+                    replicas: r.replicas,
+                    expected_generation: r.expected_generation,
+                },
+                id,
+            )
+            .await?;
+        Ok(Response::new(pb::ScaleServiceReply {
+            generation: out.result.generation.unwrap_or(0),
+            message: out.result.message,
+        }))
     }
 
+    /// One instance: asked to restart, answered at once. Every instance: one at a time, each
+    /// restarted only once the one before runs again (an instance that was not running is
+    /// restarted without waiting); fails when one does not run again within
+    /// [`RESTART_WAIT`], leaving the rest as they were.
     async fn restart_service(
         &self,
-        _request: Request<pb::RestartServiceRequest>,
+        request: Request<pb::RestartServiceRequest>,
     ) -> Result<Response<pb::RestartServiceReply>, Status> {
-        Err(Status::unimplemented("restart_service: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        self.barrier(false).await?;
+        if !self.node.local_state(|s| s.specs.contains_key(&r.name)) {
+            return Err(no_service(&r.name));
+        }
+        let instances = self.instances(&r.name);
+        let rolling = r.slot.is_none();
+        let targets: Vec<(u32, String, u64)> = match r.slot {
+            Some(slot) => match instances.into_iter().find(|(s, _, _)| *s == slot) {
+                Some(i) => vec![i],
+                None => {
+                    return Err(Status::not_found(format!(
+                        "service '{}' has no instance {slot} placed",
+                        r.name
+                    )))
+                }
+            },
+            None => instances,
+        };
+        let mut slots = Vec::new();
+        for (slot, state, _) in targets {
+            // One id per instance, so that a retried request restarts each once.
+            let id = id.as_ref().map(|id| format!("{id}/{slot}"));
+            let out = self
+                .commit(
+                    Command::RestartInstance {
+                        service: r.name.clone(),
+                        slot,
+                    },
+                    id,
+                )
+                .await?;
+            slots.push(slot);
+            if rolling && state == "running" {
+                self.wait_running_again(&r.name, slot, out.log_index)
+                    .await?;
+            }
+        }
+        let message = match (rolling, slots.len()) {
+            (_, 0) => format!("service '{}' has no instances to restart", r.name),
+            (false, _) => format!("{}#{} restart requested", r.name, slots[0]),
+            (true, n) => format!(
+                "service '{}' restarted ({n} instances, one at a time)",
+                r.name
+            ),
+        };
+        Ok(Response::new(pb::RestartServiceReply { slots, message }))
     }
 
     async fn delete_service(
         &self,
-        _request: Request<pb::DeleteServiceRequest>,
+        request: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::DeleteServiceReply>, Status> {
-        Err(Status::unimplemented("delete_service: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let out = self
+            .commit(
+                Command::DeleteSpec {
+                    name: r.name,
+                    force: r.force,
+                },
+                id,
+            )
+            .await?;
+        Ok(Response::new(pb::DeleteServiceReply {
+            message: out.result.message,
+        }))
     }
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesReply>, Status> {
-        Err(Status::unimplemented("list_nodes: not built yet"))
+        let applied = self.barrier(request.into_inner().stale).await?;
+        let members = self.node.graph_context().members;
+        let nodes = self.node.local_state(|s| {
+            let counts = convert::instances_per_node(s);
+            s.nodes
+                .values()
+                .map(|n| {
+                    convert::node_to_proto(n, &members, counts.get(&n.id).copied().unwrap_or(0))
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::ListNodesReply {
+            nodes,
+            applied_index: applied,
+        }))
     }
 
     async fn drain_node(
         &self,
-        _request: Request<pb::DrainNodeRequest>,
+        request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeReply>, Status> {
-        Err(Status::unimplemented("drain_node: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        self.barrier(false).await?;
+        let blockers = self
+            .node
+            .local_state(|s| s.drain_blockers(r.id))
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let stranded: Vec<String> = blockers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                format!(
+                    "{}: {}",
+                    b["instance"].as_str().unwrap_or("?"),
+                    b["reason"].as_str().unwrap_or("no eligible node")
+                )
+            })
+            .collect();
+        let node = r.id;
+        if !stranded.is_empty() && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "node {node} was not drained: {} could run nowhere else: {}. Add capacity or nodes, or drain with force (they then stay on node {node} until they can move)",
+                if stranded.len() == 1 { "1 instance" } else { "some instances" },
+                stranded.join("; ")
+            )));
+        }
+        self.commit(
+            Command::SetNodeStatus {
+                id: node,
+                status: NodeStatus::Draining,
+            },
+            id,
+        )
+        .await?;
+        let message = if stranded.is_empty() {
+            format!("node {node} is draining: its instances start elsewhere, then stop here")
+        } else {
+            format!(
+                "node {node} is draining: its instances start elsewhere, then stop here; these stay on node {node} until they can move: {}",
+                stranded.join("; ")
+            )
+        };
+        Ok(Response::new(pb::DrainNodeReply { message, stranded }))
     }
 
     async fn undrain_node(
         &self,
-        _request: Request<pb::UndrainNodeRequest>,
+        request: Request<pb::UndrainNodeRequest>,
     ) -> Result<Response<pb::UndrainNodeReply>, Status> {
-        Err(Status::unimplemented("undrain_node: not built yet"))
+        let id = write_id(&request, &request.get_ref().request_id);
+        let node = request.into_inner().id;
+        self.commit(
+            Command::SetNodeStatus {
+                id: node,
+                status: NodeStatus::Up,
+            },
+            id,
+        )
+        .await?;
+        Ok(Response::new(pb::UndrainNodeReply {
+            message: format!("node {node} is back in service"),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        let id = request.into_inner().id;
+        if self.node.graph_context().members.contains_key(&id) {
+            // A Raft member leaves the voters (or learners) and the node table.
+            let message = self
+                .node
+                .remove_member(id, true)
+                .await
+                .map_err(|e| to_status(&e))?;
+            return Ok(Response::new(pb::RemoveNodeReply { message }));
+        }
+        self.barrier(false).await?;
+        if !self.node.local_state(|s| s.nodes.contains_key(&id)) {
+            return Err(Status::not_found(format!(
+                "no node {id} in the cluster (see `modectl node ls`)"
+            )));
+        }
+        let out = self.commit(Command::RemoveNode { id }, None).await?;
+        Ok(Response::new(pb::RemoveNodeReply {
+            message: out.result.message,
+        }))
     }
 
     async fn list_events(
         &self,
-        _request: Request<pb::ListEventsRequest>,
+        request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsReply>, Status> {
-        Err(Status::unimplemented("list_events: not built yet"))
+        let r = request.into_inner();
+        let applied = self.barrier(r.stale).await?;
+        let events = self.node.local_state(|s| {
+            let service = (!r.service.is_empty()).then_some(r.service.as_str());
+            let mut events: Vec<pb::Event> = s
+                .events
+                .iter()
+                .filter(|e| service.is_none() || e.service.as_deref() == service)
+                .map(convert::event_to_proto)
+                .collect();
+            if let Some(name) = service {
+                if events.is_empty() && !s.specs.contains_key(name) {
+                    return Err(no_service(name));
+                }
+            }
+            if r.tail != 0 && events.len() > r.tail as usize {
+                events.drain(..events.len() - r.tail as usize);
+            }
+            Ok(events)
+        })?;
+        Ok(Response::new(pb::ListEventsReply {
+            events,
+            applied_index: applied,
+        }))
     }
 
     async fn list_kinds(
         &self,
         _request: Request<pb::ListKindsRequest>,
     ) -> Result<Response<pb::ListKindsReply>, Status> {
-        Err(Status::unimplemented("list_kinds: not built yet"))
+        self.barrier(false).await?;
+        let kinds = self.node.local_state(convert::kinds_to_proto);
+        Ok(Response::new(pb::ListKindsReply { kinds }))
     }
 
     async fn graph(
         &self,
-        _request: Request<pb::GraphRequest>,
+        request: Request<pb::GraphRequest>,
     ) -> Result<Response<pb::ClusterGraph>, Status> {
-        Err(Status::unimplemented("graph: not built yet"))
+        let r = request.into_inner();
+        let filter = GraphFilter::from_request(r.service, r.node, r.daemon);
+        let deadline = match r.deadline_ms {
+            0 => DEFAULT_DEADLINE,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        self.inspector
+            .check_filter(&filter)
+            .map_err(Status::not_found)?;
+        let graph = self
+            .inspector
+            .graph::<crate::service::BeaconNode>(&filter, deadline)
+            .await;
+        // Thousands of instance trees: off the async threads.
+        let graph = tokio::task::spawn_blocking(move || convert::graph_to_proto(&graph))
+            .await
+            .map_err(|e| Status::internal(format!("converting the graph failed: {e}")))?;
+        Ok(Response::new(graph))
     }
 
     type WatchServiceStream = Stream<pb::Service>;
 
     async fn watch_service(
         &self,
-        _request: Request<pb::WatchServiceRequest>,
+        request: Request<pb::WatchServiceRequest>,
     ) -> Result<Response<Self::WatchServiceStream>, Status> {
-        Err(Status::unimplemented("watch_service: not built yet"))
+        let name = request.into_inner().name;
+        self.barrier(false).await?;
+        let node = self.node.clone();
+        let mut applied = node.applied_changes();
+        let first = node
+            .local_state(|s| convert::service_to_proto(s, &name, node.applied_index()))
+            .ok_or_else(|| no_service(&name))?;
+        // One message in flight: a slow client sees the latest state, not every one between.
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() {
+                        let _ = tx.send(Err(Status::unavailable("this server is shutting down; watch again elsewhere"))).await;
+                        return;
+                    },
+                    _ = tx.closed() => return,
+                }
+                let index = *applied.borrow_and_update();
+                let Some(now) = node.local_state(|s| convert::service_to_proto(s, &name, index))
+                else {
+                    // Purged: the watch ends.
+                    return;
+                };
+                let same = pb::Service {
+                    applied_index: last.applied_index,
+                    ..now.clone()
+                } == last;
+                if !same {
+                    last = now.clone();
+                    if tx.send(Ok(now)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchEventsStream = Stream<pb::Event>;
 
     async fn watch_events(
         &self,
-        _request: Request<pb::WatchEventsRequest>,
+        request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(Status::unimplemented("watch_events: not built yet"))
-    }
-
-    async fn remove_node(
-        &self,
-        _request: Request<pb::RemoveNodeRequest>,
-    ) -> Result<Response<pb::RemoveNodeReply>, Status> {
-        Err(Status::unimplemented("remove_node: not built yet"))
+        let r = request.into_inner();
+        self.barrier(false).await?;
+        let node = self.node.clone();
+        let applied = node.applied_changes();
+        let from = if r.only_new {
+            node.local_state(|s| s.next_event_seq)
+        } else if r.after_seq == 0 {
+            0
+        } else {
+            r.after_seq.saturating_add(1)
+        };
+        let service = (!r.service.is_empty()).then_some(r.service);
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(follow_events(node, applied, from, service, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-/// Serve the public API of the node `inspector` looks at on `listener` until `shutdown` (the
-/// peer API has its own listener: [`super::peer::serve_peer`]).
+/// Send the events from sequence number `from` on (those still kept, then each new one as it
+/// is applied) to `tx`, until the client goes away. The first event sent says `gap` when
+/// some after `from` were dropped from the bounded log before the watch began. A client so
+/// slow that the log drops events it has not read yet gets its stream ended with
+/// RESOURCE_EXHAUSTED, saying where to resume.
+async fn follow_events(
+    node: Arc<ClusterNode>,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    mut from: u64,
+    service: Option<String>,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
+    let mut first = true;
+    loop {
+        applied.borrow_and_update();
+        loop {
+            // (events, oldest kept seq, next seq)
+            let (batch, oldest, next) = node.local_state(|s| {
+                let oldest = s.events.front().map_or(s.next_event_seq, |e| e.seq);
+                let skip = from.saturating_sub(oldest) as usize;
+                let batch: Vec<crate::model::state::Event> = s
+                    .events
+                    .iter()
+                    .skip(skip)
+                    .take(WATCH_BATCH)
+                    .cloned()
+                    .collect();
+                (batch, oldest, s.next_event_seq)
+            });
+            let gap = from < oldest && from < next;
+            if gap && !first {
+                let _ = tx
+                    .send(Err(Status::resource_exhausted(format!(
+                        "this watcher fell behind: events {from}..{oldest} were dropped from the bounded event log before it read them; watch again with after_seq {} to go on (the first event will say `gap`)",
+                        from.saturating_sub(1)
+                    ))))
+                    .await;
+                return;
+            }
+            let mut mark_gap = gap;
+            let empty = batch.is_empty();
+            for e in batch {
+                from = e.seq + 1;
+                if service
+                    .as_deref()
+                    .is_some_and(|s| e.service.as_deref() != Some(s))
+                {
+                    continue;
+                }
+                let mut event = convert::event_to_proto(&e);
+                event.gap = std::mem::take(&mut mark_gap);
+                first = false;
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if gap {
+                // Only the first event after the watch began carries the gap flag.
+                first = false;
+            }
+            if empty || from >= next {
+                break;
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() {
+                let _ = tx.send(Err(Status::unavailable("this server is shutting down; watch again with after_seq set to the last event seen"))).await;
+                return;
+            },
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// The public listener's extra services: grpc.health.v1 (`""` and `mode.v1.Control` SERVING
+/// while this node is ready, as `/readyz` says, NOT_SERVING otherwise) and server reflection
+/// (v1 and v1alpha) listing `mode.v1.Control`, the health service and reflection itself.
+/// The health status follows readiness for as long as the returned task runs (abort it when
+/// the server stops).
+pub fn public_extras(
+    node: Arc<ClusterNode>,
+) -> (
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let follow = tokio::spawn(async move {
+        let mut applied = node.applied_changes();
+        let mut leaders = node.leader_changes();
+        let mut last: Option<bool> = None;
+        loop {
+            let ready = node.readiness().is_ok();
+            if last != Some(ready) {
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                for name in ["", CONTROL_SERVICE] {
+                    reporter.set_service_status(name, status).await;
+                }
+                last = Some(ready);
+            }
+            // Readiness follows Raft's state and the applied index; also look now and then
+            // (a refusal by peers is no Raft metric).
+            let pause = tokio::time::sleep(Duration::from_millis(500));
+            tokio::select! {
+                Ok(()) = applied.changed() => {}
+                Ok(()) = leaders.changed() => {}
+                _ = pause => {}
+            }
+        }
+    });
+    let names = [
+        CONTROL_SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mode_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in names {
+            b = b.with_service_name(name);
+        }
+        b
+    };
+    // The descriptors are compiled in: building from them fails only if the build is broken.
+    let v1 = builder()
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid");
+    let v1alpha = builder()
+        .build_v1alpha()
+        .expect("the compiled-in descriptor sets are valid");
+    (health, v1, v1alpha, follow)
+}
+
+/// The public API's gRPC service name.
+pub const CONTROL_SERVICE: &str = "mode.v1.Control";
+
+/// Serve the public API of the node `inspector` looks at on `listener` until `shutdown`,
+/// with health and reflection ([`public_extras`]). The peer API has its own listener
+/// ([`super::peer::serve_peer`]).
 pub async fn serve(
     inspector: Arc<Inspector>,
     kinds: KindRegistry,
@@ -185,9 +828,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let (health, reflection, reflection_alpha, follow) = public_extras(inspector.node().clone());
+    let served = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
         .add_service(ControlService::new(inspector, kinds).into_server())
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    follow.abort();
+    served
 }

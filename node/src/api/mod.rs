@@ -2,11 +2,12 @@
 //! port (health, readiness, metrics, the web view), and the combined beacon graph.
 
 mod control;
+pub mod convert;
 mod http;
 mod inspect;
 mod peer;
 
-pub use control::{serve, ControlService};
+pub use control::{public_extras, serve, ControlService, CONTROL_SERVICE, RESTART_WAIT};
 pub use http::serve_http;
 pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
 pub use peer::{serve_peer, AgentBeacon, PeerService};

@@ -61,6 +61,8 @@ pub const MAX_LABEL_BYTES: usize = 253;
 pub const MAX_ADDRESS_BYTES: usize = 255;
 /// Longest event message or crash reason; longer ones are cut with a marker.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
+/// Most specs one atomic apply stores (and expected generations it names).
+pub const MAX_APPLY_SPECS: usize = 1_000;
 /// Most instances one `place` command assigns (and, separately, unassigns).
 pub const MAX_PLACE_SLOTS: usize = 10_000;
 /// Instances per `place` command the control loop sends (well under [`MAX_WRITE_BYTES`] even
@@ -265,6 +267,38 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         }
         Command::SetNodeStatus { .. } | Command::RemoveNode { .. } => Ok(()),
         Command::PutSpec { spec } => check_spec(spec),
+        Command::ApplySpecs { specs, expected } => {
+            at_most(
+                "specs in one apply",
+                specs.len() as u64,
+                MAX_APPLY_SPECS as u64,
+                "",
+            )?;
+            for spec in specs {
+                check_spec(spec)?;
+            }
+            at_most(
+                "expected generations",
+                expected.len() as u64,
+                MAX_APPLY_SPECS as u64,
+                "entries",
+            )?;
+            for n in expected.keys() {
+                name("service name", n)?;
+            }
+            Ok(())
+        }
+        Command::ScaleSpec {
+            name: n, replicas, ..
+        } => {
+            name("service name", n)?;
+            at_most(
+                "replicas",
+                u64::from(*replicas),
+                u64::from(MAX_REPLICAS),
+                "",
+            )
+        }
         Command::DeleteSpec { name: n, .. } | Command::PurgeSpec { name: n } => {
             name("service name", n)
         }
@@ -328,6 +362,25 @@ pub fn check_total_instances<'a>(
         .map(|s| u64::from(s.instances()))
         .sum();
     let total = others + u64::from(spec.instances());
+    at_most(
+        "instances in the cluster (all services)",
+        total,
+        MAX_INSTANCES,
+        "",
+    )
+}
+
+/// Instances wanted by all specs together after `specs` replace the stored ones of their
+/// names, when that is over [`MAX_INSTANCES`].
+pub fn check_total_instances_after<'a>(
+    specs: &[ServiceSpec],
+    stored: impl Iterator<Item = &'a ServiceSpec>,
+) -> Result<(), LimitError> {
+    let others: u64 = stored
+        .filter(|s| !specs.iter().any(|n| n.name == s.name))
+        .map(|s| u64::from(s.instances()))
+        .sum();
+    let total = others + specs.iter().map(|s| u64::from(s.instances())).sum::<u64>();
     at_most(
         "instances in the cluster (all services)",
         total,

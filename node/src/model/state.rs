@@ -235,6 +235,26 @@ pub enum Command {
         /// The spec.
         spec: ServiceSpec,
     },
+    /// Store several specs atomically, validated against the committed state when applied:
+    /// names, references and dependency cycles among the stored and new specs, limits, kinds
+    /// some node offers, and compare-and-set on generations. All are stored, or none.
+    ApplySpecs {
+        /// The specs (their `generation` is ignored: the state machine sets it).
+        specs: Vec<ServiceSpec>,
+        /// Compare-and-set: service name -> the generation it must have (0: must not exist).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        expected: BTreeMap<String, u64>,
+    },
+    /// Change a stored spec's replica count.
+    ScaleSpec {
+        /// The service.
+        name: String,
+        /// The new replica count.
+        replicas: u32,
+        /// Compare-and-set: refuse unless the stored generation is this (0: any).
+        #[serde(default)]
+        expected_generation: u64,
+    },
     /// Delete a service spec.
     DeleteSpec {
         /// Its name.
@@ -417,6 +437,105 @@ pub struct CommandResult {
     /// nothing changed now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Why it was refused, for callers that answer with an error code (`None` when it was
+    /// not refused, or refused by an older version that did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+    /// What an `apply_specs` did to each spec, in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<SpecChange>,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Malformed or invalid (the message names the spec and field).
+    Invalid,
+    /// The service, node or instance does not exist.
+    NotFound,
+    /// A compare-and-set lost: the stored generation is not the expected one.
+    Conflict,
+    /// Refused as asked in the current state (e.g. other services depend on it).
+    Precondition,
+    /// Over a limit.
+    OverLimit,
+}
+
+/// What applying a spec does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeAction {
+    /// A new service.
+    Created,
+    /// A stored service changed.
+    Updated,
+    /// Identical to the stored spec: nothing stored, the generation kept.
+    Unchanged,
+}
+
+impl ChangeAction {
+    /// `created`, `updated` or `unchanged`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeAction::Created => "created",
+            ChangeAction::Updated => "updated",
+            ChangeAction::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// What an apply did (or, planned, would do) to one spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecChange {
+    /// The service.
+    pub name: String,
+    /// Created, updated or unchanged.
+    pub action: ChangeAction,
+    /// The generation stored (or that it would get).
+    pub generation: u64,
+    /// The top-level fields that differ from the stored spec (for `updated`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_fields: Vec<String>,
+}
+
+impl SpecChange {
+    /// For people: `service 'web' updated (generation 3: replicas, config)`.
+    pub fn describe(&self) -> String {
+        match self.action {
+            ChangeAction::Created => format!(
+                "service '{}' created (generation {})",
+                self.name, self.generation
+            ),
+            ChangeAction::Updated => format!(
+                "service '{}' updated (generation {}: {})",
+                self.name,
+                self.generation,
+                self.changed_fields.join(", ")
+            ),
+            ChangeAction::Unchanged => format!(
+                "service '{}' unchanged (generation {})",
+                self.name, self.generation
+            ),
+        }
+    }
+}
+
+/// The fields of `new` that differ from `old`, ignoring the generation (top-level names, in
+/// the spec's field order).
+fn changed_fields(old: &ServiceSpec, new: &ServiceSpec) -> Vec<String> {
+    let as_map = |s: &ServiceSpec| match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (old, new) = (as_map(old), as_map(new));
+    let mut names: Vec<String> = Vec::new();
+    for key in new.keys().chain(old.keys()) {
+        if key != "generation" && old.get(key) != new.get(key) && !names.contains(key) {
+            names.push(key.clone());
+        }
+    }
+    names
 }
 
 impl CommandResult {
@@ -432,6 +551,15 @@ impl CommandResult {
         CommandResult {
             ok: false,
             message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    fn refused_as(refusal: Refusal, message: impl Into<String>) -> Self {
+        CommandResult {
+            ok: false,
+            message: message.into(),
+            refusal: Some(refusal),
             ..Default::default()
         }
     }
@@ -525,6 +653,8 @@ impl Command {
             Command::SetNodeStatus { .. } => "set_node_status",
             Command::RemoveNode { .. } => "remove_node",
             Command::PutSpec { .. } => "put_spec",
+            Command::ApplySpecs { .. } => "apply_specs",
+            Command::ScaleSpec { .. } => "scale_spec",
             Command::DeleteSpec { .. } => "delete_spec",
             Command::Place { .. } => "place",
             Command::ReportInstance { .. } => "report_instance",
@@ -665,7 +795,7 @@ impl ClusterState {
                     self.event(at, "node-status", &msg, None, Some(*id));
                     CommandResult::ok(msg)
                 }
-                None => CommandResult::refused(format!("no node {id}")),
+                None => CommandResult::refused_as(Refusal::NotFound, format!("no node {id}")),
             },
             Command::RemoveNode { id } => match self.nodes.remove(id) {
                 Some(n) => {
@@ -676,8 +806,96 @@ impl ClusterState {
                     self.event(at, "node-removed", &msg, None, Some(*id));
                     CommandResult::ok(msg)
                 }
-                None => CommandResult::refused(format!("no node {id}")),
+                None => CommandResult::refused_as(Refusal::NotFound, format!("no node {id}")),
             },
+            Command::ApplySpecs { specs, expected } => {
+                let changes = match self.plan_apply(specs, expected) {
+                    Ok(changes) => changes,
+                    Err(refused) => return refused,
+                };
+                for (spec, change) in specs.iter().zip(&changes) {
+                    if change.action == ChangeAction::Unchanged {
+                        continue;
+                    }
+                    let mut stored = spec.clone();
+                    stored.generation = change.generation;
+                    self.store_spec(stored, proposal, &change.describe());
+                }
+                let count = |a: ChangeAction| changes.iter().filter(|c| c.action == a).count();
+                CommandResult {
+                    ok: true,
+                    message: format!(
+                        "{} created, {} updated, {} unchanged",
+                        count(ChangeAction::Created),
+                        count(ChangeAction::Updated),
+                        count(ChangeAction::Unchanged)
+                    ),
+                    changes,
+                    ..Default::default()
+                }
+            }
+            Command::ScaleSpec {
+                name,
+                replicas,
+                expected_generation,
+            } => {
+                let Some(current) = self.specs.get(name) else {
+                    return CommandResult::refused_as(
+                        Refusal::NotFound,
+                        format!("no service '{name}'"),
+                    );
+                };
+                if *expected_generation != 0 && current.generation != *expected_generation {
+                    return CommandResult::refused_as(
+                        Refusal::Conflict,
+                        format!(
+                            "service '{name}' is at generation {}, not the expected {expected_generation}: it changed meanwhile; read it again and retry",
+                            current.generation
+                        ),
+                    );
+                }
+                if self.deleting.contains(name) {
+                    return CommandResult::refused_as(
+                        Refusal::Precondition,
+                        format!(
+                            "service '{name}' is being removed; apply its spec again to keep it"
+                        ),
+                    );
+                }
+                if current.singleton {
+                    return CommandResult::refused_as(
+                        Refusal::Precondition,
+                        format!("'{name}' is a singleton: it always has exactly one instance"),
+                    );
+                }
+                if current.replicas == *replicas {
+                    return CommandResult {
+                        ok: true,
+                        message: format!("service '{name}' has {replicas} replicas already"),
+                        generation: Some(current.generation),
+                        ..Default::default()
+                    };
+                }
+                let mut stored = current.clone();
+                stored.replicas = *replicas;
+                stored.generation += 1;
+                if let Err(e) =
+                    crate::model::limits::check_total_instances(&stored, self.specs.values())
+                {
+                    return self.refuse_over_limit(at, "scale_spec", e);
+                }
+                let generation = stored.generation;
+                let msg = format!(
+                    "service '{name}' scaled to {replicas} replicas (generation {generation})"
+                );
+                self.store_spec(stored, proposal, &msg);
+                CommandResult {
+                    ok: true,
+                    message: msg,
+                    generation: Some(generation),
+                    ..Default::default()
+                }
+            }
             Command::PutSpec { spec } => {
                 if let Err(e) =
                     crate::model::limits::check_total_instances(spec, self.specs.values())
@@ -715,7 +933,10 @@ impl ClusterState {
             }
             Command::DeleteSpec { name, force } => {
                 if !self.specs.contains_key(name) {
-                    return CommandResult::refused(format!("no service '{name}'"));
+                    return CommandResult::refused_as(
+                        Refusal::NotFound,
+                        format!("no service '{name}'"),
+                    );
                 }
                 let dependents: Vec<&str> = self
                     .specs
@@ -725,7 +946,7 @@ impl ClusterState {
                     .map(|s| s.name.as_str())
                     .collect();
                 if !dependents.is_empty() && !force {
-                    return CommandResult::refused(format!(
+                    return CommandResult::refused_as(Refusal::Precondition, format!(
                         "service '{name}' is needed by {}: remove them first, or remove it with --force (they stop first, then '{name}')",
                         dependents.join(", ")
                     ));
@@ -907,7 +1128,10 @@ impl ClusterState {
                         p.state = pending();
                         CommandResult::ok(format!("{service}#{slot} restart requested"))
                     }
-                    None => CommandResult::refused(format!("no instance {service}#{slot}")),
+                    None => CommandResult::refused_as(
+                        Refusal::NotFound,
+                        format!("no instance {service}#{slot}"),
+                    ),
                 }
             }
             Command::Place { assign, unassign } => {
@@ -971,7 +1195,132 @@ impl ClusterState {
     ) -> CommandResult {
         let msg = format!("refused {op}: {e}");
         self.event(at, "command-refused", &msg, None, None);
-        CommandResult::refused(msg)
+        CommandResult::refused_as(Refusal::OverLimit, msg)
+    }
+
+    /// Store `spec` (its generation set), cancelling a pending removal, with its trace mark
+    /// and a `spec-applied` event saying `message`.
+    fn store_spec(&mut self, spec: ServiceSpec, proposal: &Proposal, message: &str) {
+        let at = proposal.at_ms;
+        self.deleting.remove(&spec.name);
+        match &proposal.trace {
+            Some(t) => self.traces.insert(
+                spec.name.clone(),
+                TraceMark {
+                    context: t.clone(),
+                    at_ms: at,
+                },
+            ),
+            None => self.traces.remove(&spec.name),
+        };
+        let name = spec.name.clone();
+        self.specs.insert(name.clone(), spec);
+        self.event(at, "spec-applied", message, Some(name), None);
+    }
+
+    /// What applying `specs` atomically would do, checked against this (committed) state:
+    /// each spec alone, references and cycles among the stored and new specs, limits, kinds
+    /// some node offers, and the compare-and-set `expected` generations (0: must not exist).
+    /// The state machine applies exactly this plan; a dry run only reports it.
+    pub fn plan_apply(
+        &self,
+        specs: &[ServiceSpec],
+        expected: &BTreeMap<String, u64>,
+    ) -> Result<Vec<SpecChange>, CommandResult> {
+        use crate::model::limits;
+        if specs.is_empty() {
+            return Err(CommandResult::refused_as(
+                Refusal::Invalid,
+                "an apply needs at least one spec",
+            ));
+        }
+        for spec in specs {
+            limits::check_spec(spec).map_err(|e| {
+                CommandResult::refused_as(Refusal::OverLimit, format!("spec '{}': {e}", spec.name))
+            })?;
+        }
+        let stored: Vec<ServiceSpec> = self.specs.values().cloned().collect();
+        crate::model::spec::validate_set(specs, &stored)
+            .map_err(|e| CommandResult::refused_as(Refusal::Invalid, e.to_string()))?;
+        for (name, want) in expected {
+            if !specs.iter().any(|s| &s.name == name) {
+                return Err(CommandResult::refused_as(
+                    Refusal::Invalid,
+                    format!("expected generation given for '{name}', which is not in this apply: name only services the apply stores"),
+                ));
+            }
+            let have = self.specs.get(name).map_or(0, |s| s.generation);
+            if have != *want {
+                let msg = match (have, *want) {
+                    (_, 0) => format!(
+                        "service '{name}' exists already (generation {have}), but the apply expected it not to: read it and retry"
+                    ),
+                    (0, _) => format!(
+                        "service '{name}' does not exist, but the apply expected generation {want}: it was removed meanwhile"
+                    ),
+                    _ => format!(
+                        "service '{name}' is at generation {have}, not the expected {want}: it changed meanwhile; read it again and retry"
+                    ),
+                };
+                return Err(CommandResult::refused_as(Refusal::Conflict, msg));
+            }
+        }
+        let offered: std::collections::BTreeSet<&str> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.kinds.iter().map(String::as_str))
+            .collect();
+        for spec in specs {
+            if !offered.contains(spec.kind.as_str()) {
+                let known: Vec<&str> = offered.iter().copied().collect();
+                let err = crate::model::spec::SpecError::new(format!(
+                    "no node offers kind '{}' (offered: {})",
+                    spec.kind,
+                    if known.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+                .with_spec(spec.name.clone())
+                .with_field("kind");
+                return Err(CommandResult::refused_as(Refusal::Invalid, err.to_string()));
+            }
+        }
+        limits::check_total_instances_after(specs, self.specs.values())
+            .map_err(|e| CommandResult::refused_as(Refusal::OverLimit, e.to_string()))?;
+        Ok(specs
+            .iter()
+            .map(|spec| match self.specs.get(&spec.name) {
+                None => SpecChange {
+                    name: spec.name.clone(),
+                    action: ChangeAction::Created,
+                    generation: 1,
+                    changed_fields: Vec::new(),
+                },
+                Some(old) => {
+                    let mut fields = changed_fields(old, spec);
+                    if self.deleting.contains(&spec.name) {
+                        // Applying it again cancels its removal.
+                        fields.push("deleting".to_string());
+                    }
+                    SpecChange {
+                        name: spec.name.clone(),
+                        action: if fields.is_empty() {
+                            ChangeAction::Unchanged
+                        } else {
+                            ChangeAction::Updated
+                        },
+                        generation: if fields.is_empty() {
+                            old.generation
+                        } else {
+                            old.generation + 1
+                        },
+                        changed_fields: fields,
+                    }
+                }
+            })
+            .collect())
     }
 
     fn event(
@@ -1091,6 +1440,8 @@ impl ClusterState {
                 Ok(serde_json::Value::Array(events))
             }
             "all" => serde_json::to_value(self),
+            // Nothing but the answering replica's applied index (a read barrier).
+            "index" => Ok(serde_json::Value::Null),
             q if q.starts_with("drain:") => {
                 let id = q["drain:".len()..].parse::<u64>().map_err(|_| {
                     QueryError::Unknown(format!("'{q}': drain:<node id> takes a node id"))
@@ -1488,6 +1839,168 @@ mod tests {
         assert_eq!(bad.to_view().replicas, crate::model::limits::MAX_REPLICAS);
         assert_eq!(bad.stop_grace(), std::time::Duration::from_secs(3600));
         let _ = std::time::Instant::now() + bad.stop_grace() + bad.restart.within();
+    }
+
+    /// A state with one node offering the `ticker` kind.
+    fn with_ticker_node() -> ClusterState {
+        let mut s = ClusterState::default();
+        let mut reg = register(1, 1, 0);
+        if let Command::RegisterNode { kinds, .. } = &mut reg {
+            kinds.push("ticker".into());
+        }
+        assert!(s.apply(&p(reg)).ok);
+        s
+    }
+
+    fn apply_specs(specs: Vec<ServiceSpec>, expected: &[(&str, u64)]) -> Command {
+        Command::ApplySpecs {
+            specs,
+            expected: expected.iter().map(|(n, g)| (n.to_string(), *g)).collect(),
+        }
+    }
+
+    fn depending(name: &str, on: &str) -> ServiceSpec {
+        let mut s = spec(name);
+        s.depends_on = vec![on.to_string()];
+        s
+    }
+
+    #[test]
+    fn an_apply_stores_every_spec_or_none() {
+        let mut s = with_ticker_node();
+        let mut bad = spec("b");
+        bad.kind = "nope".into();
+        let events = s.events.len();
+        let r = s.apply(&p(apply_specs(vec![spec("a"), bad], &[])));
+        assert!(!r.ok);
+        assert_eq!(r.refusal, Some(Refusal::Invalid));
+        assert!(
+            r.message.contains("spec 'b'") && r.message.contains("field 'kind'"),
+            "{}",
+            r.message
+        );
+        assert!(s.specs.is_empty(), "nothing stored");
+        assert_eq!(s.events.len(), events, "no event");
+
+        let r = s.apply(&p(apply_specs(vec![spec("a"), depending("b", "a")], &[])));
+        assert!(r.ok, "{r:?}");
+        let actions: Vec<_> = r
+            .changes
+            .iter()
+            .map(|c| (c.name.as_str(), c.action))
+            .collect();
+        assert_eq!(
+            actions,
+            [("a", ChangeAction::Created), ("b", ChangeAction::Created)]
+        );
+        assert_eq!(s.specs["b"].generation, 1);
+    }
+
+    #[test]
+    fn an_identical_spec_is_unchanged_and_keeps_its_generation() {
+        let mut s = with_ticker_node();
+        assert!(s.apply(&p(apply_specs(vec![spec("a")], &[]))).ok);
+        let events = s.events.len();
+        let r = s.apply(&p(apply_specs(vec![spec("a")], &[])));
+        assert_eq!(r.changes[0].action, ChangeAction::Unchanged);
+        assert_eq!(r.changes[0].generation, 1);
+        assert_eq!(s.specs["a"].generation, 1);
+        assert_eq!(s.events.len(), events, "no spec-applied event");
+
+        let mut more = spec("a");
+        more.replicas = 5;
+        more.config = serde_json::json!({"every_ms": 5});
+        let r = s.apply(&p(apply_specs(vec![more], &[])));
+        assert_eq!(r.changes[0].action, ChangeAction::Updated);
+        assert_eq!(r.changes[0].generation, 2);
+        assert_eq!(r.changes[0].changed_fields, ["config", "replicas"]);
+        assert_eq!(s.specs["a"].replicas, 5);
+    }
+
+    #[test]
+    fn compare_and_set_refuses_a_stale_generation_and_changes_nothing() {
+        let mut s = with_ticker_node();
+        assert!(s.apply(&p(apply_specs(vec![spec("a")], &[("a", 0)]))).ok);
+        let before = s.clone();
+        let mut more = spec("a");
+        more.replicas = 7;
+        for expected in [0, 2] {
+            let r = s.apply(&p(apply_specs(
+                vec![more.clone(), spec("z")],
+                &[("a", expected)],
+            )));
+            assert!(!r.ok);
+            assert_eq!(r.refusal, Some(Refusal::Conflict), "{}", r.message);
+        }
+        assert_eq!(s, before);
+        assert!(s.apply(&p(apply_specs(vec![more], &[("a", 1)]))).ok);
+        assert_eq!(s.specs["a"].replicas, 7);
+        let r = s.apply(&p(apply_specs(vec![spec("y")], &[("x", 0)])));
+        assert_eq!(r.refusal, Some(Refusal::Invalid), "{}", r.message);
+    }
+
+    #[test]
+    fn applies_that_close_a_cycle_are_refused_against_the_committed_state() {
+        // Both were valid against the state each was checked on; the second applied finds
+        // the first committed and is refused.
+        let mut s = with_ticker_node();
+        assert!(s.apply(&p(apply_specs(vec![spec("a"), spec("b")], &[]))).ok);
+        let first = s.apply(&p(apply_specs(vec![depending("a", "b")], &[])));
+        let second = s.apply(&p(apply_specs(vec![depending("b", "a")], &[])));
+        assert!(first.ok);
+        assert!(!second.ok);
+        assert_eq!(second.refusal, Some(Refusal::Invalid));
+        assert!(
+            second.message.contains("dependency cycle"),
+            "{}",
+            second.message
+        );
+        assert!(s.specs["b"].depends_on.is_empty());
+    }
+
+    #[test]
+    fn a_plan_is_what_the_apply_does() {
+        let mut s = with_ticker_node();
+        let cmd = apply_specs(vec![spec("a"), depending("b", "a")], &[]);
+        let Command::ApplySpecs { specs, expected } = &cmd else {
+            unreachable!()
+        };
+        let planned = s.plan_apply(specs, expected).unwrap();
+        assert!(s.specs.is_empty(), "planning stores nothing");
+        assert_eq!(s.apply(&p(cmd.clone())).changes, planned);
+    }
+
+    #[test]
+    fn scaling_checks_the_generation_and_singletons() {
+        let mut s = with_ticker_node();
+        let mut one = spec("one");
+        one.singleton = true;
+        one.replicas = 1;
+        assert!(s.apply(&p(apply_specs(vec![spec("a"), one], &[]))).ok);
+        let scale = |name: &str, replicas, expected_generation| Command::ScaleSpec {
+            name: name.into(),
+            replicas,
+            expected_generation,
+        };
+        let r = s.apply(&p(scale("a", 9, 5)));
+        assert_eq!(r.refusal, Some(Refusal::Conflict));
+        assert_eq!(s.specs["a"].replicas, 3);
+        let r = s.apply(&p(scale("a", 9, 1)));
+        assert!(r.ok);
+        assert_eq!(r.generation, Some(2));
+        assert_eq!(s.specs["a"].replicas, 9);
+        let r = s.apply(&p(scale("a", 9, 0)));
+        assert_eq!(r.generation, Some(2), "unchanged: {}", r.message);
+        assert_eq!(
+            s.apply(&p(scale("one", 2, 0))).refusal,
+            Some(Refusal::Precondition)
+        );
+        assert_eq!(
+            s.apply(&p(scale("nope", 2, 0))).refusal,
+            Some(Refusal::NotFound)
+        );
+        let r = s.apply(&p(scale("a", u32::MAX, 0)));
+        assert_eq!(r.refusal, Some(Refusal::OverLimit));
     }
 
     #[test]

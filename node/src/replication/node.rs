@@ -259,6 +259,30 @@ pub struct ClusterNode {
     /// directory was wiped), once one has said so.
     refused: Refusal,
     contact: super::election::LeaderContact,
+    /// The last applied log index, published each time it changes (watchers wake on applies
+    /// only, not on every Raft metrics update).
+    applied: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Publish the applied index from Raft's metrics (which change for many other reasons).
+fn watch_applied(raft: &Raft) -> tokio::sync::watch::Receiver<u64> {
+    let mut metrics = raft.metrics();
+    let first = metrics.borrow().last_applied.map_or(0, |l| l.index);
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            let applied = metrics
+                .borrow_and_update()
+                .last_applied
+                .map_or(0, |l| l.index);
+            tx.send_if_modified(|v| std::mem::replace(v, applied) != applied);
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    rx
 }
 
 /// Why this node is refused by its peers (shared with the Raft transport).
@@ -378,7 +402,9 @@ impl ClusterNode {
             contact.clone(),
             config.election_timeout,
         );
+        let applied = watch_applied(&raft);
         Ok(Arc::new(ClusterNode {
+            applied,
             config,
             proposer: Proposer::start(raft.clone()),
             heartbeats: Default::default(),
@@ -1106,6 +1132,38 @@ impl ClusterNode {
     pub fn applied_index(&self) -> u64 {
         self.sm
             .read(|a| a.last_applied.map(|l| l.index).unwrap_or(0))
+    }
+
+    /// The applied log index as it changes: `changed()` wakes after each apply (cheap for
+    /// many watchers: nothing else wakes them).
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// A read barrier: once it returns, the local replica reflects every write committed
+    /// before it was called (linearizable reads from any server). The leader confirms its
+    /// leadership with a quorum; a follower asks the leader for its applied index and waits
+    /// until it has applied as much. With `stale`, returns at once. Returns the local applied
+    /// index.
+    pub async fn read_barrier(&self, stale: bool) -> Result<u64, ClusterError> {
+        if stale {
+            return Ok(self.applied_index());
+        }
+        let (_, index) = self.read("index", false, true).await?;
+        if self.applied_index() >= index {
+            return Ok(self.applied_index());
+        }
+        self.raft
+            .wait(Some(WRITE_TIMEOUT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| {
+                ClusterError::Unavailable(format!(
+                    "node {} did not catch up with the leader's applied index {index} within {WRITE_TIMEOUT:?}: {e}; retry, or ask another server",
+                    self.config.id
+                ))
+            })?;
+        Ok(self.applied_index())
     }
 
     /// Read the local replicated state directly (no Raft round trip).

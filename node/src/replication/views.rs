@@ -76,8 +76,13 @@ impl Touched {
             Command::PutSpec { spec } => {
                 self.services.insert(spec.name.clone());
             }
-            Command::DeleteSpec { name, .. } | Command::PurgeSpec { name } => {
+            Command::DeleteSpec { name, .. }
+            | Command::PurgeSpec { name }
+            | Command::ScaleSpec { name, .. } => {
                 self.services.insert(name.clone());
+            }
+            Command::ApplySpecs { specs, .. } => {
+                self.services.extend(specs.iter().map(|s| s.name.clone()));
             }
             #[allow(unreachable_patterns)]
             _ => self.all = true,

@@ -44,8 +44,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One Raft write that schedules nothing: a ~256-byte event (the control loop plans only when
 /// specs, nodes or placements change, and events change none of them).
-fn event_write(writer: usize, i: usize) -> pb::WriteRequest {
-    pb::WriteRequest {
+fn event_write(writer: usize, i: usize) -> pb::ProposeRequest {
+    pb::ProposeRequest {
         command_json: json!({
             "op": "record_event",
             "kind": "bench",
@@ -56,9 +56,10 @@ fn event_write(writer: usize, i: usize) -> pb::WriteRequest {
     }
 }
 
-/// Run `inflight` concurrent writers of [`event_write`]s against `address` for `window`.
+/// Run `inflight` concurrent writers of [`event_write`]s against `address` (a peer address:
+/// raw `Propose`, Raft replication alone) for `window`.
 async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Result<Value> {
-    let client = mode_tests::client(address);
+    let client = mode_tests::peer_client(address);
     let deadline = Instant::now() + window;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -69,7 +70,7 @@ async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Resul
             let mut i = 0usize;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                c.write(event_write(w, i)).await?;
+                c.propose(event_write(w, i)).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 i += 1;
             }
@@ -104,7 +105,7 @@ pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value
         let address = match (&cluster, endpoint) {
             (Some(c), _) => {
                 let leader = c.wait_leader(Duration::from_secs(30)).await;
-                c.nodes[&leader].address()
+                c.nodes[&leader].peer_address()
             }
             (None, Some(e)) => e.to_string(),
             (None, None) => unreachable!("either a cluster or an endpoint"),
@@ -158,14 +159,14 @@ pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Valu
     let out = rt.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await;
         cluster.wait_registered(3).await;
-        let address = cluster.nodes[&leader].address();
+        let address = cluster.nodes[&leader].peer_address();
         let t0 = Instant::now();
         let sent: std::sync::Arc<std::sync::Mutex<Vec<Option<Duration>>>> =
             std::sync::Arc::new(std::sync::Mutex::new(vec![None; count]));
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut writers = Vec::new();
         for _ in 0..inflight {
-            let (mut c, sent, next) = (mode_tests::client(&address), sent.clone(), next.clone());
+            let (mut c, sent, next) = (mode_tests::peer_client(&address), sent.clone(), next.clone());
             writers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -173,7 +174,7 @@ pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Valu
                         return Ok::<_, tonic::Status>(());
                     }
                     let at = t0.elapsed();
-                    c.write(pb::WriteRequest {
+                    c.propose(pb::ProposeRequest {
                         command_json: json!({"op": "put_spec", "spec": {"name": format!("o{i}"), "kind": "ticker", "config": {"every_ms": 60000}}}).to_string(),
                         ..Default::default()
                     })
@@ -236,7 +237,7 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 .nodes
                 .values()
                 .filter(|n| n.id != leader)
-                .map(|n| n.address())
+                .map(|n| n.peer_address())
                 .collect();
             cluster.node(leader).kill9();
             let t0 = Instant::now();
@@ -249,18 +250,18 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 if let Ok(d) = rx.try_recv() {
                     break d;
                 }
-                let mut c = mode_tests::client(&survivors[i % survivors.len()]);
+                let mut c = mode_tests::peer_client(&survivors[i % survivors.len()]);
                 let tx = tx.clone();
                 let name = format!("failover-{rep}-{i}");
                 probes.push(tokio::spawn(async move {
-                    let mut req = tonic::Request::new(pb::WriteRequest {
+                    let mut req = tonic::Request::new(pb::ProposeRequest {
                         command_json:
                             json!({"op": "put_spec", "spec": {"name": name, "kind": "ticker"}})
                                 .to_string(),
                         ..Default::default()
                     });
                     req.set_timeout(Duration::from_secs(3));
-                    if c.write(req).await.is_ok() {
+                    if c.propose(req).await.is_ok() {
                         let _ = tx.send(t0.elapsed());
                     }
                 }));
@@ -337,7 +338,7 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
             let results = cluster
                 .apply(leader, &format!("name: {name}\nkind: counter\nconfig: {{every_ms: 1000}}\nreplicas: 300\n"))
                 .await?;
-            anyhow::ensure!(!results.is_empty(), "apply stored nothing");
+            anyhow::ensure!(!results.changes.is_empty(), "apply stored nothing");
             let running_everywhere = |inst: &std::collections::BTreeMap<u64, Value>| {
                 inst.len() == 300 && inst.values().all(|p| p["state"] == "running")
             };
@@ -355,12 +356,8 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
             println!("  rep {}: killed node {victim} hosting {hosted} instances; all 300 running elsewhere after {took:.2} s", rep + 1);
             samples.push(took);
             cluster.node(victim).start();
-            let mut c = cluster.client(leader).await;
-            let _ = c
-                .write(pb::WriteRequest {
-                    command_json: json!({"op": "delete_spec", "name": name}).to_string(),
-                    ..Default::default()
-                })
+            let _ = cluster
+                .write_command(leader, &json!({"op": "delete_spec", "name": name}).to_string())
                 .await;
             cluster
                 .wait_instances(leader, &name, Duration::from_secs(60), |i| i.is_empty())

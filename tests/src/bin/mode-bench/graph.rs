@@ -64,15 +64,14 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
         );
         // Bytes on the wire: the merged graph, and each node's own report.
         let mut c = cluster.client(leader).await.max_decoding_message_size(1 << 30);
-        let graph = c
-            .graph(pb::GraphRequest::default())
-            .await?
-            .into_inner()
-            .graph_json
-            .len();
+        let graph = prost::Message::encoded_len(
+            &c.graph(pb::GraphRequest::default()).await?.into_inner(),
+        );
         let mut reports = 0;
         for id in 1..=3 {
-            let mut c = cluster.client(id).await.max_decoding_message_size(1 << 30);
+            let mut c = cluster
+                .peer_client(id)
+                .max_decoding_message_size(1 << 30);
             reports += c
                 .node_beacon(pb::NodeBeaconRequest::default())
                 .await?
@@ -83,6 +82,7 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
         // Where the time goes: the Graph call alone (fan-out, merge, JSON), and one node's
         // own report.
         let mut c = cluster.client(1).await.max_decoding_message_size(1 << 30);
+        let mut peer = cluster.peer_client(1).max_decoding_message_size(1 << 30);
         let mut rpc = Vec::new();
         let mut beacon = Vec::new();
         for _ in 0..samples.min(20) {
@@ -90,7 +90,7 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
             c.graph(pb::GraphRequest::default()).await?;
             rpc.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            c.node_beacon(pb::NodeBeaconRequest::default()).await?;
+            peer.node_beacon(pb::NodeBeaconRequest::default()).await?;
             beacon.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         Ok::<_, anyhow::Error>((graph, reports, median(&rpc), median(&beacon)))

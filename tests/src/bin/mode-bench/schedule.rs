@@ -86,7 +86,7 @@ pub fn schedule_suite(reps: usize) -> anyhow::Result<Value> {
     let cluster = super::cluster::bench_cluster(&["--no-control-loop"])?;
     let commit_s = rt.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await;
-        let client = mode_tests::client(&cluster.nodes[&leader].address());
+        let client = cluster.peer_client(leader);
         let chunks: Vec<Vec<Value>> = p
             .assign
             .chunks(1000)
@@ -105,7 +105,7 @@ pub fn schedule_suite(reps: usize) -> anyhow::Result<Value> {
             tasks.push(tokio::spawn(async move {
                 let command = json!({"op": "place", "assign": chunk});
                 let r = c
-                    .write(mode_proto::v1::WriteRequest {
+                    .propose(mode_proto::v1::ProposeRequest {
                         command_json: command.to_string(),
                         ..Default::default()
                     })

@@ -1,0 +1,123 @@
+//! `modectl events`: the event log (ListEvents), or followed live (`--follow`, the WatchEvents
+//! stream), reconnecting after the last sequence number printed so that nothing is printed
+//! twice and nothing the log still holds is missed.
+
+use std::time::Duration;
+
+use mode_proto::v1 as pb;
+
+use crate::conn::{Call, Conn};
+use crate::output::{print_event_line, print_events};
+use crate::Failure;
+
+/// What `events` asks for.
+pub(crate) struct EventsArgs {
+    /// Only events about this service ("" for all).
+    pub(crate) service: String,
+    pub(crate) stale: bool,
+    pub(crate) tail: u32,
+}
+
+async fn fetch(conn: &mut Conn, args: &EventsArgs) -> Result<Vec<pb::Event>, Failure> {
+    let reply = rpc!(
+        conn,
+        Call::Read,
+        list_events,
+        pb::ListEventsRequest {
+            service: args.service.clone(),
+            stale: args.stale,
+            tail: args.tail,
+        }
+    )
+    .await?;
+    Ok(reply.events)
+}
+
+/// The kept events, as a table or a JSON list.
+pub(crate) async fn list(conn: &mut Conn, args: &EventsArgs, json: bool) -> Result<(), Failure> {
+    let events = fetch(conn, args).await?;
+    print_events(&events, json);
+    Ok(())
+}
+
+/// The longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The kept events, then each new one, until interrupted. With `-o json` every line is one
+/// event object (NDJSON); notes about reconnecting go to stderr.
+pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Result<(), Failure> {
+    let kept = fetch(conn, args).await?;
+    if json {
+        for e in &kept {
+            print_event_line(e, true);
+        }
+    } else {
+        print_events(&kept, false);
+    }
+    let mut last = kept.last().map_or(0, |e| e.seq);
+    let mut backoff = Duration::from_millis(200);
+    let mut broken: Option<String> = None;
+    loop {
+        let opened = rpc!(
+            conn,
+            Call::Read,
+            watch_events,
+            pb::WatchEventsRequest {
+                after_seq: last,
+                service: args.service.clone(),
+                only_new: false,
+            }
+        )
+        .await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            // A service that does not exist stays so: say it, like `events --service`.
+            Err(f) if f.code == 3 || f.code == 2 => return Err(f),
+            Err(f) => {
+                eprintln!(
+                    "modectl: cannot follow events ({}); retrying in {backoff:?}",
+                    f.message
+                );
+                conn.rotate();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if let Some(why) = broken.take() {
+            eprintln!(
+                "modectl: reconnected to {} after the event stream broke ({why}); resuming after event {last}",
+                conn.endpoint()
+            );
+        }
+        backoff = Duration::from_millis(200);
+        loop {
+            match stream.message().await {
+                Ok(Some(e)) => {
+                    if e.gap {
+                        eprintln!(
+                            "modectl: events after {last} up to {} were dropped from the bounded log before they could be shown",
+                            e.seq
+                        );
+                    }
+                    // A server that replays from further back than asked must not print twice.
+                    if e.seq > last {
+                        print_event_line(&e, json);
+                        last = e.seq;
+                    }
+                }
+                Ok(None) => {
+                    broken = Some("the server ended it".to_string());
+                    break;
+                }
+                Err(s) => {
+                    broken = Some(s.message().to_string());
+                    break;
+                }
+            }
+        }
+        // The node that served the stream may be going away: try the next one first.
+        conn.rotate();
+        tokio::time::sleep(backoff).await;
+    }
+}

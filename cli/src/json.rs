@@ -1,0 +1,126 @@
+//! `-o json`: the typed API's messages as JSON, field names as in control.proto (snake_case).
+//! Hand-mapped so that the names stay stable whatever the generated code calls them; absent
+//! optional fields print as `null`.
+
+use mode_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::convert::{format_utc_ms, from_struct};
+
+pub(crate) fn spec(s: &pb::ServiceSpec) -> Value {
+    json!({
+        "name": s.name,
+        "kind": s.kind,
+        "config": s.config.as_ref().map(from_struct),
+        "replicas": s.replicas,
+        "singleton": s.singleton,
+        "constraints": s.constraints.iter().map(|c| json!({
+            "label": c.label, "equals": c.equals, "in": c.r#in,
+        })).collect::<Vec<_>>(),
+        "spread": s.spread,
+        "anti_affinity": s.anti_affinity,
+        "cost": s.cost,
+        "depends_on": s.depends_on,
+        "restart": s.restart.as_ref().map(|r| json!({
+            "max_restarts": r.max_restarts,
+            "within_s": r.within_s,
+            "backoff_initial_ms": r.backoff_initial_ms,
+            "backoff_max_ms": r.backoff_max_ms,
+        })),
+        "stop_grace_s": s.stop_grace_s,
+        "generation": s.generation,
+    })
+}
+
+pub(crate) fn instance(i: &pb::Instance) -> Value {
+    json!({
+        "service": i.service,
+        "slot": i.slot,
+        "node": i.node,
+        "state": i.state,
+        "restart_count": i.restart_count,
+        "last_crash": i.last_crash,
+        "moving_from": i.moving_from,
+        "reschedules": i.reschedules,
+        "epoch": i.epoch,
+    })
+}
+
+pub(crate) fn service(s: &pb::Service) -> Value {
+    json!({
+        "spec": s.spec.as_ref().map(spec),
+        "deleting": s.deleting,
+        "instances": s.instances.iter().map(instance).collect::<Vec<_>>(),
+        "running": s.running,
+        "applied_index": s.applied_index,
+    })
+}
+
+pub(crate) fn services(r: &pb::ListServicesReply) -> Value {
+    json!({
+        "services": r.services.iter().map(service).collect::<Vec<_>>(),
+        "applied_index": r.applied_index,
+    })
+}
+
+pub(crate) fn apply(r: &pb::ApplyServicesReply) -> Value {
+    json!({
+        "changes": r.changes.iter().map(|c| json!({
+            "name": c.name,
+            "action": c.action,
+            "generation": c.generation,
+            "changed_fields": c.changed_fields,
+            "message": c.message,
+        })).collect::<Vec<_>>(),
+        "dry_run": r.dry_run,
+        "log_index": r.log_index,
+    })
+}
+
+pub(crate) fn node(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "address": n.address,
+        "api_address": n.api_address,
+        "status": n.status,
+        "role": n.role,
+        "labels": n.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "capacity": n.capacity,
+        "kinds": n.kinds,
+        "draining": n.draining,
+        "registered_at_ms": n.registered_at_ms,
+        "instances": n.instances,
+    })
+}
+
+pub(crate) fn nodes(r: &pb::ListNodesReply) -> Value {
+    json!({
+        "nodes": r.nodes.iter().map(node).collect::<Vec<_>>(),
+        "applied_index": r.applied_index,
+    })
+}
+
+/// One event, with its time readable next to the milliseconds.
+pub(crate) fn event(e: &pb::Event) -> Value {
+    json!({
+        "seq": e.seq,
+        "time_ms": e.time_ms,
+        "time": format_utc_ms(e.time_ms),
+        "kind": e.kind,
+        "message": e.message,
+        "service": e.service,
+        "node": e.node,
+        "gap": e.gap,
+    })
+}
+
+pub(crate) fn kinds(r: &pb::ListKindsReply) -> Value {
+    json!({
+        "kinds": r.kinds.iter().map(|k| json!({"name": k.name, "nodes": k.nodes})).collect::<Vec<_>>(),
+    })
+}
+
+/// Pretty JSON on stdout.
+pub(crate) fn print(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}

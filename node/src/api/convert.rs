@@ -1,0 +1,440 @@
+//! Protobuf <-> domain conversions for the public API: the one place that knows both the
+//! `mode.v1` messages and the domain types (specs, state, events, the graph).
+
+use std::collections::BTreeMap;
+
+use mode_proto::prost_types;
+use mode_proto::v1 as pb;
+
+use crate::graph;
+use crate::model::spec::{ConstraintSpec, RestartPolicy, ServiceSpec, SpecError};
+use crate::model::state::{ClusterState, Event, NodeInfo, NodeStatus, Placement, SpecChange};
+use crate::service::BeaconNode;
+
+// ---------------------------------------------------------------- JSON <-> Struct
+
+/// A JSON value as a `google.protobuf.Value`.
+pub fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(m) => Kind::StructValue(json_map_to_struct(m)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn json_map_to_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+/// A spec's config (a JSON object, or null for none) as a `google.protobuf.Struct`; `None`
+/// for null. A config that is not an object is wrapped as `{"value": ...}` (specs parsed by
+/// [`crate::model::spec::parse_specs`] are always objects or null).
+pub fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::Object(m) => Some(json_map_to_struct(m)),
+        other => Some(prost_types::Struct {
+            fields: BTreeMap::from([("value".to_string(), json_to_value(other))]),
+        }),
+    }
+}
+
+/// A `google.protobuf.Value` as JSON. Numbers are doubles on the wire: a whole number in the
+/// integer range comes back as a JSON integer (so `every_ms: 100` stays an integer).
+pub fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::NumberValue(n)) => number_to_json(*n),
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::ListValue(l)) => l.values.iter().map(value_to_json).collect(),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+fn number_to_json(n: f64) -> serde_json::Value {
+    // 2^53: beyond it a double no longer holds every integer exactly.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if n.fract() == 0.0 && n.abs() <= EXACT {
+        if n >= 0.0 {
+            return (n as u64).into();
+        }
+        return (n as i64).into();
+    }
+    serde_json::Number::from_f64(n)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// A `google.protobuf.Struct` as a JSON object.
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------- specs
+
+/// A spec as the client sent it, defaults filled in. Its generation is ignored (the state
+/// machine sets it). Fails only on what the domain type cannot hold (a constraint with both
+/// `equals` and `in`); everything else is checked by [`ServiceSpec::validate`].
+pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
+    let mut spec = ServiceSpec::new(p.name, p.kind);
+    spec.config = p
+        .config
+        .as_ref()
+        .map(struct_to_json)
+        .unwrap_or(serde_json::Value::Null);
+    if let Some(r) = p.replicas {
+        spec.replicas = r;
+    }
+    spec.singleton = p.singleton;
+    for (i, c) in p.constraints.into_iter().enumerate() {
+        if c.equals.is_some() && !c.r#in.is_empty() {
+            return Err(
+                SpecError::new("set exactly one of `equals` and `in`, not both")
+                    .with_spec(spec.name.clone())
+                    .with_field(format!("constraints[{i}]")),
+            );
+        }
+        spec.constraints.push(ConstraintSpec {
+            label: c.label,
+            equals: c.equals,
+            in_: (!c.r#in.is_empty()).then_some(c.r#in),
+        });
+    }
+    spec.spread = (!p.spread.is_empty()).then_some(p.spread);
+    spec.anti_affinity = p.anti_affinity;
+    if let Some(cost) = p.cost {
+        spec.cost = cost;
+    }
+    spec.depends_on = p.depends_on;
+    if let Some(r) = p.restart {
+        let d = RestartPolicy::default();
+        spec.restart = RestartPolicy {
+            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
+            within_s: r.within_s.unwrap_or(d.within_s),
+            backoff_initial_ms: r.backoff_initial_ms.unwrap_or(d.backoff_initial_ms),
+            backoff_max_ms: r.backoff_max_ms.unwrap_or(d.backoff_max_ms),
+        };
+    }
+    if let Some(g) = p.stop_grace_s {
+        spec.stop_grace_s = g;
+    }
+    Ok(spec)
+}
+
+/// A stored spec as sent to clients (every field set).
+pub fn spec_to_proto(s: &ServiceSpec) -> pb::ServiceSpec {
+    pb::ServiceSpec {
+        name: s.name.clone(),
+        kind: s.kind.clone(),
+        config: json_to_struct(&s.config),
+        replicas: Some(s.replicas),
+        singleton: s.singleton,
+        constraints: s
+            .constraints
+            .iter()
+            .map(|c| pb::Constraint {
+                label: c.label.clone(),
+                equals: c.equals.clone(),
+                r#in: c.in_.clone().unwrap_or_default(),
+            })
+            .collect(),
+        spread: s.spread.clone().unwrap_or_default(),
+        anti_affinity: s.anti_affinity.clone(),
+        cost: Some(s.cost),
+        depends_on: s.depends_on.clone(),
+        restart: Some(pb::RestartPolicy {
+            max_restarts: Some(s.restart.max_restarts),
+            within_s: Some(s.restart.within_s),
+            backoff_initial_ms: Some(s.restart.backoff_initial_ms),
+            backoff_max_ms: Some(s.restart.backoff_max_ms),
+        }),
+        stop_grace_s: Some(s.stop_grace_s),
+        generation: s.generation,
+    }
+}
+
+/// One spec's change in an apply's answer.
+pub fn change_to_proto(c: &SpecChange) -> pb::ServiceChange {
+    pb::ServiceChange {
+        name: c.name.clone(),
+        action: c.action.as_str().to_string(),
+        generation: c.generation,
+        changed_fields: c.changed_fields.clone(),
+        message: c.describe(),
+    }
+}
+
+/// An instance as sent to clients.
+pub fn instance_to_proto(service: &str, slot: u32, p: &Placement) -> pb::Instance {
+    pb::Instance {
+        service: service.to_string(),
+        slot,
+        node: p.node,
+        state: p.state.clone(),
+        restart_count: p.restart_count,
+        last_crash: p.last_crash.clone().unwrap_or_default(),
+        moving_from: p.moving_from.unwrap_or(0),
+        reschedules: p.reschedules,
+        epoch: p.epoch,
+    }
+}
+
+/// Service `name` (spec and instances) in `state`, when it is stored.
+pub fn service_to_proto(state: &ClusterState, name: &str, applied: u64) -> Option<pb::Service> {
+    let spec = state.specs.get(name)?;
+    let instances: Vec<pb::Instance> = state
+        .placements
+        .get(name)
+        .into_iter()
+        .flatten()
+        .map(|(slot, p)| instance_to_proto(name, *slot, p))
+        .collect();
+    Some(pb::Service {
+        spec: Some(spec_to_proto(spec)),
+        deleting: state.deleting.contains(name),
+        running: instances.iter().filter(|i| i.state == "running").count() as u32,
+        instances,
+        applied_index: applied,
+    })
+}
+
+// ---------------------------------------------------------------- nodes, events, kinds
+
+/// A node as sent to clients. `members` are the Raft members (id -> address): a node among
+/// them is a `server`, any other an `agent`.
+pub fn node_to_proto(n: &NodeInfo, members: &BTreeMap<u64, String>, instances: u32) -> pb::Node {
+    let server = members.contains_key(&n.id);
+    pb::Node {
+        id: n.id,
+        address: n.address.clone(),
+        // The public API is served beside the peer API (one listener) on servers; agents
+        // serve none.
+        api_address: if server {
+            n.address.clone()
+        } else {
+            String::new()
+        },
+        status: match n.status {
+            NodeStatus::Up => "up",
+            NodeStatus::Down => "down",
+            NodeStatus::Draining => "draining",
+        }
+        .to_string(),
+        role: if server { "server" } else { "agent" }.to_string(),
+        labels: n.labels.clone().into_iter().collect(),
+        capacity: n.capacity,
+        kinds: n.kinds.clone(),
+        draining: n.draining,
+        registered_at_ms: n.registered_at_ms,
+        instances,
+    }
+}
+
+/// Instances placed on each node.
+pub fn instances_per_node(state: &ClusterState) -> BTreeMap<u64, u32> {
+    let mut counts = BTreeMap::new();
+    for p in state.placements.values().flat_map(|slots| slots.values()) {
+        *counts.entry(p.node).or_insert(0u32) += 1;
+    }
+    counts
+}
+
+/// An event as sent to clients.
+pub fn event_to_proto(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time_ms: e.time_ms,
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        service: e.service.clone().unwrap_or_default(),
+        node: e.node.unwrap_or(0),
+        gap: false,
+    }
+}
+
+/// The kinds nodes offer, each with the nodes offering it.
+pub fn kinds_to_proto(state: &ClusterState) -> Vec<pb::Kind> {
+    let mut kinds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for n in state.nodes.values() {
+        for k in &n.kinds {
+            kinds.entry(k.as_str()).or_default().push(n.id);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|(name, nodes)| pb::Kind {
+            name: name.to_string(),
+            nodes,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- graph
+
+/// A beacon tree as sent to clients.
+pub fn beacon_to_proto(b: &BeaconNode) -> pb::BeaconNode {
+    let kind = serde_json::to_value(b.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "other".to_string());
+    pb::BeaconNode {
+        kind,
+        label: b.label.clone(),
+        state: b.state.clone(),
+        restart_count: b.restart_count,
+        crash_reason: b.crash_reason.clone().unwrap_or_default(),
+        last_crash_reason: b.last_crash_reason.clone().unwrap_or_default(),
+        uptime_s: b.uptime_s,
+        detail: b.detail.clone().unwrap_or_default(),
+        children: b.children.iter().map(beacon_to_proto).collect(),
+    }
+}
+
+/// The merged cluster graph as sent to clients.
+pub fn graph_to_proto(g: &graph::ClusterGraph) -> pb::ClusterGraph {
+    pb::ClusterGraph {
+        answered_by: g.answered_by,
+        leader: g.leader.unwrap_or(0),
+        term: g.term,
+        applied_index: g.applied_index,
+        generated_at: g.generated_at.clone(),
+        filters: g.filters.clone(),
+        nodes: g
+            .nodes
+            .iter()
+            .map(|n| pb::NodeGraph {
+                id: n.id,
+                address: n.address.clone(),
+                state: n.state.clone(),
+                reachable: n.reachable,
+                error: n.error.clone().unwrap_or_default(),
+                leader: n.leader,
+                labels: n.labels.clone().into_iter().collect(),
+                instances: n
+                    .instances
+                    .iter()
+                    .map(|i| pb::InstanceGraph {
+                        service: i.service.clone(),
+                        slot: i.slot,
+                        state: i.state.clone(),
+                        placement: i.placement.clone().unwrap_or_default(),
+                        restart_count: i.restart_count,
+                        last_crash: i.last_crash.clone().unwrap_or_default(),
+                        tree: i.tree.as_ref().map(beacon_to_proto),
+                    })
+                    .collect(),
+                daemon: n.daemon.as_ref().map(beacon_to_proto),
+            })
+            .collect(),
+        services: g
+            .services
+            .iter()
+            .map(|s| pb::ServiceSummary {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                replicas: s.replicas,
+                running: s.running,
+                depends_on: s.depends_on.clone(),
+                deleting: s.deleting,
+            })
+            .collect(),
+        edges: g
+            .edges
+            .iter()
+            .map(|e| pb::DependencyEdge {
+                from_service: e.from_service.clone(),
+                from_node: e.from_node,
+                to_service: e.to_service.clone(),
+                to_node: e.to_node,
+                cross_node: e.cross_node,
+            })
+            .collect(),
+        edges_omitted: g.edges_omitted as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_survives_the_round_trip_through_protobuf() {
+        let text = r#"
+name: web
+kind: exec
+config: {command: /bin/sleep, args: ["1000"], every_ms: 100, ratio: 0.5, on: true, none: null}
+replicas: 3
+constraints:
+  - {label: zone, equals: a}
+  - {label: disk, in: [ssd, nvme]}
+spread: zone
+anti_affinity: [db]
+cost: 2
+depends_on: [db]
+restart: {max_restarts: 3, within_s: 10}
+stop_grace_s: 5
+"#;
+        let spec = crate::model::spec::parse_specs("web.yaml", text)
+            .unwrap()
+            .remove(0);
+        let back = spec_from_proto(spec_to_proto(&spec)).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(back.config["every_ms"], serde_json::json!(100));
+        assert!(back.config["every_ms"].is_u64(), "integers stay integers");
+    }
+
+    #[test]
+    fn absent_fields_take_the_spec_defaults() {
+        let p = pb::ServiceSpec {
+            name: "web".into(),
+            kind: "exec".into(),
+            restart: Some(pb::RestartPolicy {
+                max_restarts: Some(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = spec_from_proto(p).unwrap();
+        let mut want = ServiceSpec::new("web", "exec");
+        want.restart.max_restarts = 2;
+        assert_eq!(spec, want);
+    }
+
+    #[test]
+    fn a_constraint_with_both_forms_is_refused_naming_it() {
+        let p = pb::ServiceSpec {
+            name: "web".into(),
+            kind: "exec".into(),
+            constraints: vec![pb::Constraint {
+                label: "zone".into(),
+                equals: Some("a".into()),
+                r#in: vec!["b".into()],
+            }],
+            ..Default::default()
+        };
+        let e = spec_from_proto(p).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "spec 'web': field 'constraints[0]': set exactly one of `equals` and `in`, not both"
+        );
+    }
+}
