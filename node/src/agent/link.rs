@@ -244,6 +244,10 @@ impl Servers {
                 };
                 let why = match client.watch_placements(request).await {
                     Ok(stream) => {
+                        tracing::info!(
+                            "watching this node's placements through {} (after index {after})",
+                            self.addresses[i]
+                        );
                         let mut stream = stream.into_inner();
                         loop {
                             tokio::select! {
@@ -261,7 +265,7 @@ impl Servers {
                     }
                     Err(s) => crate::replication::describe_status(&self.addresses[i], &s),
                 };
-                tracing::debug!("watching placements on {}: {why}", self.addresses[i]);
+                tracing::info!("watching placements through {}: {why}", self.addresses[i]);
                 if self.current.load(Ordering::Acquire) % self.channels.len() == i {
                     self.fail_over(i, &why);
                 }

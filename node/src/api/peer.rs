@@ -351,6 +351,11 @@ impl Peer for PeerService {
         node.check_incarnation(r.node, r.incarnation)
             .map_err(|e| heartbeat_status(&e))?;
         let (mut views, unchanged) = node.watch_placements(r.node, r.after_index);
+        tracing::debug!(
+            "node {} watches its placements here (after index {}, unchanged: {unchanged})",
+            r.node,
+            r.after_index
+        );
         let server = node.id();
         // Idle agents cost a parked task each: it wakes only when its view is republished.
         let stream = async_stream_of(move |tx| async move {

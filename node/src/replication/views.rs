@@ -134,6 +134,8 @@ struct Index {
     running: HashMap<String, usize>,
     /// Views that may differ from what was published.
     dirty: HashSet<u64>,
+    /// Views the entries being applied now change (their `changed` index moves).
+    changing: HashSet<u64>,
     /// The applied index the index reflects.
     processed: u64,
     /// The index of the last change of each node's view (absent: `base`).
@@ -201,6 +203,14 @@ impl Index {
         Some(loc)
     }
 
+    /// `nodes`' views change with the entries being applied.
+    fn mark(&mut self, nodes: impl IntoIterator<Item = u64>) {
+        for n in nodes {
+            self.dirty.insert(n);
+            self.changing.insert(n);
+        }
+    }
+
     fn runs(&self, service: &str) -> bool {
         self.running.get(service).is_some_and(|c| *c > 0)
     }
@@ -221,17 +231,17 @@ impl Index {
                 nodes.extend(m.keys().copied());
             }
         }
-        self.dirty.extend(nodes);
+        self.mark(nodes);
     }
 
     fn reindex_slot(&mut self, state: &ClusterState, service: &str, slot: u32) {
         let was_running = self.runs(service);
         if let Some(old) = self.remove(service, slot) {
-            self.dirty.extend(old.nodes());
+            self.mark(old.nodes());
         }
         if let Some(p) = state.placements.get(service).and_then(|s| s.get(&slot)) {
             let loc = Loc::of(p);
-            self.dirty.extend(loc.nodes());
+            self.mark(loc.nodes());
             self.add(service, slot, loc);
         }
         if was_running != self.runs(service) {
@@ -270,7 +280,8 @@ impl Index {
                 self.add(service, *n, Loc::of(p));
             }
         }
-        self.dirty.extend(self.watchers.keys().copied());
+        let watched: Vec<u64> = self.watchers.keys().copied().collect();
+        self.mark(watched);
     }
 
     fn view(&self, state: &ClusterState, node: u64, index: u64) -> NodeView {
@@ -346,10 +357,10 @@ impl Views {
     pub(crate) fn applied(&self, state: &ClusterState, touched: Touched, applied: u64) {
         let mut guard = lock(&self.index);
         let ix = &mut *guard;
-        let before: HashSet<u64> = ix.dirty.clone();
         if touched.all {
             ix.rebuild(state, applied);
-            ix.dirty.extend(ix.by_node.keys().copied());
+            let placed: Vec<u64> = ix.by_node.keys().copied().collect();
+            ix.mark(placed);
         } else {
             for s in &touched.services {
                 ix.reindex_service(state, s);
@@ -360,8 +371,7 @@ impl Views {
                 }
             }
         }
-        let newly: Vec<u64> = ix.dirty.difference(&before).copied().collect();
-        for n in newly {
+        for n in std::mem::take(&mut ix.changing) {
             ix.changed.insert(n, applied);
         }
         ix.processed = applied;
@@ -463,6 +473,7 @@ impl Views {
                     .filter(|n| ix.watchers.contains_key(n))
                     .collect();
                 ix.dirty.clear();
+                tracing::debug!("publishing the views of nodes {dirty:?} at index {applied}");
                 for n in dirty {
                     let view = Arc::new(ix.view(state, n, applied));
                     if let Some(w) = ix.watchers.get_mut(&n) {
@@ -553,5 +564,15 @@ mod tests {
         // A reconnecting watcher whose view did not change since skips it.
         let (_, unchanged) = views.watch(&state, 9, 5);
         assert!(unchanged);
+        // One whose view changed since does not, even when nobody watched it here meanwhile
+        // (its view was dirty all along): node 3 was placed at 7 and changes again at 8.
+        apply(&mut state, &views, 7, place("db", 1, 3));
+        apply(&mut state, &views, 8, place("web", 1, 3));
+        let (three, unchanged) = views.watch(&state, 3, 7);
+        assert!(!unchanged, "node 3's view changed at 8, after 7");
+        assert_eq!(
+            three.borrow().services.keys().collect::<Vec<_>>(),
+            ["db", "web"]
+        );
     }
 }
