@@ -566,14 +566,22 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        let member = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&self.config.id)
-            .is_some();
+        let me = self.config.id;
+        let is_member = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.membership_config.membership().get_node(&me).is_some()
+        };
+        let mut member = is_member(&self.raft.metrics().borrow());
+        if initialized && !member && self.config.join.is_none() {
+            // A fresh member of a static cluster is initialized by the first entries the
+            // leader sends it, a moment before its metrics show their membership: give
+            // them that moment before calling it removed.
+            member = self
+                .raft
+                .wait(Some(Duration::from_secs(2)))
+                .metrics(is_member, "this node in the membership")
+                .await
+                .is_ok();
+        }
         if initialized && !member && self.config.join.is_none() {
             return Err(ClusterError::Conflict(format!(
                 "node {} is not a member of the cluster recorded in its data directory: it was removed. Move the data directory away and start it with --join to add it again",
