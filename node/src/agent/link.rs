@@ -100,8 +100,8 @@ impl Servers {
                 .map_err(|e| format!("--servers address '{a}': {e}"))?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(1))
-                .keep_alive_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true);
             channels.push(endpoint.connect_lazy());
         }

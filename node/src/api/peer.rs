@@ -300,6 +300,38 @@ impl Peer for PeerService {
         }))
     }
 
+    async fn relay_heartbeats(
+        &self,
+        request: Request<pb::RelayHeartbeatsRequest>,
+    ) -> Result<Response<pb::RelayHeartbeatsReply>, Status> {
+        let node = self.node()?;
+        if !node.is_leader() {
+            return Err(Status::unavailable(format!(
+                "node {} is not the leader: relay heartbeats to the leader",
+                node.id()
+            )));
+        }
+        let grant = node.lease_grant();
+        let refused = request
+            .into_inner()
+            .heartbeats
+            .iter()
+            .filter_map(|h| {
+                node.take_heartbeat(h.node, h.incarnation)
+                    .err()
+                    .map(|e| (h.node, e.to_string()))
+            })
+            .collect();
+        Ok(Response::new(pb::RelayHeartbeatsReply {
+            grant: Some(pb::HeartbeatReply {
+                leader: grant.leader,
+                lease_ms: grant.lease.as_millis() as u64,
+                lease_index: grant.index,
+            }),
+            refused,
+        }))
+    }
+
     async fn report_instances(
         &self,
         request: Request<pb::ReportInstancesRequest>,

@@ -262,6 +262,21 @@ pub struct ClusterNode {
     /// The last applied log index, published each time it changes (watchers wake on applies
     /// only, not on every Raft metrics update).
     applied: tokio::sync::watch::Receiver<u64>,
+    relay: Arc<HeartbeatRelay>,
+}
+
+/// Agents' heartbeats waiting to be relayed to the leader.
+#[derive(Default)]
+struct HeartbeatRelay {
+    #[allow(clippy::type_complexity)]
+    queue: std::sync::Mutex<
+        Vec<(
+            u64,
+            u64,
+            tokio::sync::oneshot::Sender<Result<LeaseGrant, ClusterError>>,
+        )>,
+    >,
+    wake: tokio::sync::Notify,
 }
 
 /// Publish the applied index from Raft's metrics (which change for many other reasons).
@@ -403,7 +418,9 @@ impl ClusterNode {
             config.election_timeout,
         );
         let applied = watch_applied(&raft);
-        Ok(Arc::new(ClusterNode {
+        let relay = Arc::new(HeartbeatRelay::default());
+        let node = Arc::new(ClusterNode {
+            relay: relay.clone(),
             applied,
             config,
             proposer: Proposer::start(raft.clone()),
@@ -418,7 +435,9 @@ impl ClusterNode {
             quorum,
             refused,
             contact,
-        }))
+        });
+        ClusterNode::relay_heartbeats(Arc::downgrade(&node), relay);
+        Ok(node)
     }
 
     /// This data directory's incarnation.
@@ -1335,29 +1354,97 @@ impl ClusterNode {
     ) -> Result<LeaseGrant, ClusterError> {
         self.check_incarnation(node, incarnation)?;
         if self.is_leader() {
-            self.heartbeats.record(node);
-            let term = self.raft.metrics().borrow().current_term;
-            let committed = self.log.committed();
-            let in_term = committed.is_some_and(|c| c.leader_id.term == term);
-            let lease = if in_term && self.leads_with_quorum() {
-                self.config.lease
-            } else {
-                Duration::ZERO
-            };
-            return Ok(LeaseGrant {
-                leader: self.config.id,
-                lease,
-                index: committed.map_or(0, |c| c.index),
-            });
+            self.take_heartbeat(node, incarnation)?;
+            return Ok(self.lease_grant());
         }
-        match (may_forward, self.leader_with_address()) {
-            (true, Some((_, addr))) => {
-                super::forward::heartbeat(&self.peers, &addr, node, incarnation).await
-            }
+        if !may_forward {
+            return Err(ClusterError::Unavailable(
+                "this server is not the leader: it takes no relayed heartbeat".into(),
+            ));
+        }
+        // Relayed with the others that arrive meanwhile: one call to the leader for all.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        crate::service::lock(&self.relay.queue).push((node, incarnation, tx));
+        self.relay.wake.notify_one();
+        match tokio::time::timeout(Duration::from_millis(1500), rx).await {
+            Ok(Ok(answer)) => answer,
             _ => Err(ClusterError::Unavailable(
-                "no leader to take the heartbeat".into(),
+                "the leader did not answer the relayed heartbeat within 1.5s".into(),
             )),
         }
+    }
+
+    /// On the leader: record a heartbeat of `node` for the failure detector, unless it comes
+    /// from another incarnation than the node table's.
+    pub(crate) fn take_heartbeat(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
+        self.check_incarnation(node, incarnation)?;
+        self.heartbeats.record(node);
+        Ok(())
+    }
+
+    /// On the leader: the singleton lease it grants now, if it heard from a quorum recently
+    /// enough and has committed in its term (so its commit index covers every committed
+    /// placement).
+    pub(crate) fn lease_grant(&self) -> LeaseGrant {
+        let term = self.raft.metrics().borrow().current_term;
+        let committed = self.log.committed();
+        let in_term = committed.is_some_and(|c| c.leader_id.term == term);
+        let lease = if in_term && self.leads_with_quorum() {
+            self.config.lease
+        } else {
+            Duration::ZERO
+        };
+        LeaseGrant {
+            leader: self.config.id,
+            lease,
+            index: committed.map_or(0, |c| c.index),
+        }
+    }
+
+    /// Relay the queued heartbeats to the leader, batched, until the node is dropped.
+    fn relay_heartbeats(node: std::sync::Weak<ClusterNode>, relay: Arc<HeartbeatRelay>) {
+        tokio::spawn(async move {
+            loop {
+                relay.wake.notified().await;
+                // Whatever else arrives meanwhile goes in the same call.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let Some(node) = node.upgrade() else { return };
+                let batch = std::mem::take(&mut *crate::service::lock(&relay.queue));
+                if batch.is_empty() {
+                    continue;
+                }
+                let beats: Vec<(u64, u64)> = batch.iter().map(|(n, i, _)| (*n, *i)).collect();
+                let answer = match node.leader_with_address() {
+                    _ if node.is_leader() => {
+                        let grant = node.lease_grant();
+                        let refused = beats
+                            .iter()
+                            .filter_map(|(n, i)| {
+                                node.take_heartbeat(*n, *i)
+                                    .err()
+                                    .map(|e| (*n, e.to_string()))
+                            })
+                            .collect();
+                        Ok((grant, refused))
+                    }
+                    Some((_, addr)) => {
+                        super::forward::relay_heartbeats(&node.peers, &addr, &beats).await
+                    }
+                    None => Err(ClusterError::Unavailable(
+                        "no leader to take the heartbeat".into(),
+                    )),
+                };
+                for (n, _, tx) in batch {
+                    let _ = tx.send(match &answer {
+                        Ok((_, refused)) if refused.contains_key(&n) => {
+                            Err(ClusterError::Conflict(refused[&n].clone()))
+                        }
+                        Ok((grant, _)) => Ok(*grant),
+                        Err(e) => Err(ClusterError::Unavailable(e.to_string())),
+                    });
+                }
+            }
+        });
     }
 
     /// Whether this node is the leader now.
