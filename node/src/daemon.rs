@@ -698,7 +698,7 @@ async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
         incarnation,
         args.heartbeat_grace,
     );
-    let agent = ServiceHandle::builder(RemoteAgent {
+    let agent = ServiceHandle::builder(crate::agent::RemoteAgent {
         servers,
         register,
         kinds,
@@ -714,45 +714,6 @@ async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
         .run_async()
         .await
         .code()
-}
-
-/// The agent of an agent-only node: registers through the servers, then runs its instances.
-struct RemoteAgent {
-    servers: Arc<crate::agent::Servers>,
-    register: mode_proto::v1::RegisterRequest,
-    kinds: KindRegistry,
-    instances: ServiceHandle,
-    incarnation: u64,
-}
-
-impl Service for RemoteAgent {
-    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
-        let (servers, register) = (self.servers.clone(), self.register.clone());
-        let (kinds, instances, incarnation) =
-            (self.kinds.clone(), self.instances.clone(), self.incarnation);
-        let me = register.node;
-        let c = ctx.clone();
-        ctx.spawn("register", async move {
-            match c.wait(servers.register(register)).await {
-                None => return Ok(()),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(msg)) => tracing::info!("{msg} (through {})", servers.current()),
-            }
-            let link = crate::agent::Link::Remote(servers);
-            crate::agent::run(
-                c,
-                link,
-                me,
-                incarnation,
-                kinds,
-                instances,
-                AgentTimings::default(),
-            )
-            .await;
-            Ok(())
-        });
-        Ok(())
-    }
 }
 
 /// Serves the HTTP side port.

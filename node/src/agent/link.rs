@@ -13,8 +13,10 @@ use mode_proto::v1::peer_client::PeerClient;
 use tonic::transport::Channel;
 
 use super::wire::{report_to_proto, view_from_proto};
+use super::{AgentTimings, KindRegistry};
 use crate::model::state::{Command, InstanceReport, NodeRole};
 use crate::replication::{ClusterNode, LeaseGrant, NodeView};
+use crate::service::{Context, Service, ServiceHandle, Strategy, Supervisor};
 
 /// Where the agent's placements come from and its heartbeats and reports go.
 #[derive(Clone)]
@@ -325,4 +327,137 @@ pub fn agent_incarnation(dir: &std::path::Path, id: u64) -> Result<u64, String> 
     std::fs::write(&tmp, text).map_err(|e| problem(&e))?;
     std::fs::rename(&tmp, &path).map_err(|e| problem(&e))?;
     Ok(incarnation)
+}
+
+/// The agent of an agent-only node: registers through the servers, then runs its instances.
+pub(crate) struct RemoteAgent {
+    pub(crate) servers: Arc<Servers>,
+    pub(crate) register: pb::RegisterRequest,
+    pub(crate) kinds: KindRegistry,
+    pub(crate) instances: ServiceHandle,
+    pub(crate) incarnation: u64,
+}
+
+impl Service for RemoteAgent {
+    async fn on_start(&mut self, ctx: &Context) -> crate::service::Result<()> {
+        let (servers, register) = (self.servers.clone(), self.register.clone());
+        let (kinds, instances, incarnation) =
+            (self.kinds.clone(), self.instances.clone(), self.incarnation);
+        let me = register.node;
+        let c = ctx.clone();
+        ctx.spawn("register", async move {
+            match c.wait(servers.register(register)).await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(msg)) => tracing::info!("{msg} (through {})", servers.current()),
+            }
+            let link = Link::Remote(servers);
+            super::run(
+                c,
+                link,
+                me,
+                incarnation,
+                kinds,
+                instances,
+                AgentTimings::default(),
+            )
+            .await;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// What an agent-only node embedded in another process is (see [`run_remote`]).
+pub struct RemoteAgentConfig {
+    /// Its node id.
+    pub id: u64,
+    /// The servers' peer addresses.
+    pub servers: Vec<String>,
+    /// The peer address it registers (an embedded agent serves no beacon: the graph shows
+    /// it unreachable).
+    pub advertise: String,
+    /// Labels for placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Capacity units.
+    pub capacity: u64,
+    /// The kinds it runs.
+    pub kinds: KindRegistry,
+    /// The cluster's --heartbeat-grace.
+    pub heartbeat_grace: Duration,
+}
+
+/// An agent-only node running inside this process.
+pub struct EmbeddedAgent {
+    root: ServiceHandle,
+    instances: ServiceHandle,
+}
+
+impl EmbeddedAgent {
+    /// How many of its instances run now.
+    pub fn running_instances(&self) -> usize {
+        self.instances
+            .dependencies()
+            .iter()
+            .filter(|i| i.state() == crate::service::ServiceState::Running)
+            .count()
+    }
+
+    /// Stop its instances and the agent.
+    pub async fn stop(&self) {
+        self.root.stop().await;
+    }
+}
+
+/// Start an agent-only node in this process (benchmarks of many agents): the same agent,
+/// connections and lease rules as `mode-node --role agent`, with a fresh incarnation and no
+/// peer listener.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), String> {
+/// use mode::agent::{run_remote, KindRegistry, RemoteAgentConfig};
+/// let agent = run_remote(RemoteAgentConfig {
+///     id: 100,
+///     servers: vec!["127.0.0.1:7071".into()],
+///     advertise: "127.0.0.1:1".into(),
+///     labels: Default::default(),
+///     capacity: 100,
+///     kinds: KindRegistry::stock(),
+///     heartbeat_grace: std::time::Duration::from_millis(1500),
+/// })
+/// .await?;
+/// agent.stop().await;
+/// # Ok(()) }
+/// ```
+pub async fn run_remote(config: RemoteAgentConfig) -> Result<EmbeddedAgent, String> {
+    let servers = Servers::new(config.servers)?;
+    let incarnation = crate::replication::random_u64();
+    let instances = Supervisor::new(Strategy::ForfeitOneForOne)
+        .label("Instances")
+        .build();
+    let register = register_request(
+        config.id,
+        config.advertise,
+        config.labels,
+        config.capacity,
+        config.kinds.names(),
+        incarnation,
+        config.heartbeat_grace,
+    );
+    let agent = ServiceHandle::builder(RemoteAgent {
+        servers,
+        register,
+        kinds: config.kinds,
+        instances: instances.clone(),
+        incarnation,
+    })
+    .label("Agent")
+    .build();
+    let root = Supervisor::new(Strategy::OneForOne)
+        .label(format!("agent-{}", config.id))
+        .child(instances.clone())
+        .child(agent)
+        .build();
+    root.start().await.map_err(|e| e.to_string())?;
+    Ok(EmbeddedAgent { root, instances })
 }
