@@ -24,7 +24,8 @@ use crate::worker::{init_logging, LogConfig, LogFormat, Worker, WorkerExit};
 #[command(
     name = "mode-node",
     version,
-    about = "A mode cluster node: runs services and a member of the Raft control plane"
+    about = "A mode cluster node: runs services and a member of the Raft control plane",
+    long_about = "A mode cluster node. As a server (the default) it is a member of the Raft control plane, serves the public API (mode.v1.Control) on --listen and the peer API (mode.v1.Peer) on --peer-listen, and runs the instances placed on it. As an agent (--role agent --servers A,B,C) it only runs instances: it has no Raft and no public API, serves only the peer API (beacons), and takes its placements from any of the servers, failing over between them."
 )]
 pub struct NodeArgs {
     /// Run a one-node development cluster (the default when neither --peers nor --join is given).
@@ -33,19 +34,35 @@ pub struct NodeArgs {
     /// This node's id (a positive integer, unique in the cluster, never reused after its data is lost).
     #[arg(long, env = "MODE_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub id: u64,
-    /// Address to listen on for gRPC (Raft and the control API).
+    /// `server` (Raft member, public API and agent) or `agent` (only runs instances; needs
+    /// --servers; no Raft, no public API).
+    #[arg(long, env = "MODE_ROLE", default_value = "server", value_parser = ["server", "agent"])]
+    pub role: String,
+    /// For --role agent: the servers' peer addresses (HOST:PORT, comma-separated).
+    #[arg(long, env = "MODE_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Address to listen on for the public gRPC API (servers only).
     #[arg(long, env = "MODE_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Address to listen on for the peer API (Raft, forwarding, agents, beacons) (default:
+    /// --listen's host, port + 1).
+    #[arg(long, env = "MODE_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address other nodes use for this node's peer API (default: --advertise's host with
+    /// --peer-listen's port, else --peer-listen).
+    #[arg(long, env = "MODE_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
     /// Serve /healthz, /readyz and /metrics (Prometheus) over HTTP on this address.
     #[arg(long, env = "MODE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
-    /// Address other nodes and clients use to reach this node (default: --listen).
+    /// Address clients use to reach this node's public API (default: --listen).
     #[arg(long, env = "MODE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Bootstrap a static cluster: every member as ID=HOST:PORT, comma-separated, this one included.
+    /// Bootstrap a static cluster: every member as ID=HOST:PORT (peer addresses),
+    /// comma-separated, this one included.
     #[arg(long, env = "MODE_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<(u64, String)>,
-    /// Join an existing cluster through any of its nodes (HOST:PORT).
+    /// Join an existing cluster through any of its servers (its peer address, HOST:PORT).
     #[arg(long, env = "MODE_JOIN")]
     pub join: Option<String>,
     /// This node's data directory was lost: come back as a new learner, replacing the member
@@ -154,18 +171,81 @@ pub fn default_data_dir(id: u64) -> PathBuf {
 }
 
 impl NodeArgs {
+    /// Whether this node is agent-only.
+    pub fn is_agent(&self) -> bool {
+        self.role == "agent"
+    }
+
+    /// The peer listener: --peer-listen, else --listen's port + 1.
+    pub fn peer_listen(&self) -> std::result::Result<SocketAddr, String> {
+        match self.peer_listen {
+            Some(a) => Ok(a),
+            None => {
+                let port = self.listen.port().checked_add(1).ok_or_else(|| {
+                    format!(
+                        "--listen {} leaves no port for the peer API: give --peer-listen",
+                        self.listen
+                    )
+                })?;
+                Ok(SocketAddr::new(self.listen.ip(), port))
+            }
+        }
+    }
+
+    /// The peer address others reach this node at.
+    pub fn advertise_peer(&self) -> std::result::Result<String, String> {
+        if let Some(a) = &self.advertise_peer {
+            return Ok(a.clone());
+        }
+        let listen = self.peer_listen()?;
+        if let Some((host, _)) = self.advertise.as_deref().and_then(|a| a.rsplit_once(':')) {
+            return Ok(format!("{host}:{}", listen.port()));
+        }
+        if listen.ip().is_unspecified() {
+            return Err(format!(
+                "--peer-listen {listen} accepts any address; also give --advertise-peer HOST:PORT, the address other nodes reach this one at"
+            ));
+        }
+        Ok(listen.to_string())
+    }
+
+    /// The public API address clients reach this server at.
+    pub fn advertise_api(&self) -> std::result::Result<String, String> {
+        match &self.advertise {
+            Some(a) => Ok(a.clone()),
+            None if self.listen.ip().is_unspecified() => Err(format!(
+                "--listen {} accepts any address; also give --advertise HOST:PORT, the address clients reach this one at",
+                self.listen
+            )),
+            None => Ok(self.listen.to_string()),
+        }
+    }
+
+    /// The flags of an agent-only node make sense.
+    pub fn agent_checks(&self) -> std::result::Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("--role agent needs --servers: the peer addresses of the cluster's servers (HOST:PORT, comma-separated)".into());
+        }
+        if !self.peers.is_empty() || self.join.is_some() || self.dev {
+            return Err("--role agent takes no --peers, --join or --dev: it joins no Raft group; name the servers with --servers".into());
+        }
+        for s in &self.servers {
+            crate::replication::check_address("--servers address", s).map_err(|e| e.to_string())?;
+        }
+        self.advertise_peer()?;
+        if self.heartbeat_grace < Duration::from_secs(1) {
+            return Err(format!(
+                "--heartbeat-grace {:?} is too short: it must be at least 1s (and the cluster's)",
+                self.heartbeat_grace
+            ));
+        }
+        Ok(())
+    }
+
     /// The cluster configuration these flags describe.
     pub fn cluster_config(&self) -> std::result::Result<ClusterConfig, String> {
-        let advertise = match &self.advertise {
-            Some(a) => a.clone(),
-            None if self.listen.ip().is_unspecified() => {
-                return Err(format!(
-                    "--listen {} accepts any address; also give --advertise HOST:PORT, the address other nodes reach this one at",
-                    self.listen
-                ))
-            }
-            None => self.listen.to_string(),
-        };
+        self.advertise_api()?;
+        let advertise = self.advertise_peer()?;
         let mut peers = BTreeMap::new();
         for (id, addr) in &self.peers {
             if let Some(previous) = peers.insert(*id, addr.clone()) {
@@ -287,7 +367,12 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let config = match args.cluster_config() {
+    let config = if args.is_agent() {
+        args.agent_checks().map(|()| None)
+    } else {
+        args.cluster_config().map(Some)
+    };
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -321,7 +406,10 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
         return ExitCode::from(2);
     }
     let code = rt.block_on(async {
-        let code = run(args, config, kinds).await;
+        let code = match config {
+            Some(config) => run(args, config, kinds).await,
+            None => run_agent(args, kinds).await,
+        };
         crate::telemetry::shutdown(Duration::from_secs(3)).await;
         code
     });
@@ -367,6 +455,19 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     })
     .label("GrpcServer")
     .build();
+    let peer_listen = match args.peer_listen() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let peer_grpc = ServiceHandle::builder(PeerServer {
+        service: Some(crate::api::PeerService::new(inspector.clone())),
+        listen: peer_listen,
+    })
+    .label("PeerServer")
+    .build();
     let agent = ServiceHandle::builder(Agent {
         node: node.clone(),
         bootstrap_timeout: args.bootstrap_timeout,
@@ -375,6 +476,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         kinds,
         instances: instances.clone(),
         heartbeat_grace: args.heartbeat_grace,
+        api_address: args.advertise_api().unwrap_or_default(),
     })
     .label("Agent")
     .build();
@@ -387,7 +489,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     })
     .label("ControlLoop")
     .build();
-    let mut services = vec![raft, grpc];
+    let mut services = vec![raft, peer_grpc, grpc];
     if let Some(addr) = args.http_listen {
         services.push(
             ServiceHandle::builder(HttpServer {
@@ -514,6 +616,106 @@ impl Service for GrpcServer {
     }
 }
 
+/// Serves the peer API on its own listener.
+struct PeerServer {
+    service: Option<crate::api::PeerService>,
+    listen: SocketAddr,
+}
+
+impl Service for PeerServer {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen).await.map_err(|e| {
+            format!("cannot listen on {} for the peer API: {e} (is another mode-node using this port? choose another --peer-listen)", self.listen)
+        })?;
+        let service = self
+            .service
+            .take()
+            .ok_or("the peer API server cannot be started twice")?;
+        let c = ctx.clone();
+        ctx.spawn("serve", async move {
+            let shutdown = {
+                let c = c.clone();
+                async move { c.stopped().await }
+            };
+            crate::api::serve_peer(service, listener, shutdown).await?;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// An agent-only node: the peer listener (beacons), the instances, and the agent fed by the
+/// servers.
+async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_data_dir(args.id));
+    let incarnation = match crate::agent::agent_incarnation(&data_dir, args.id) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let (peer_listen, advertise) = match (args.peer_listen(), args.advertise_peer()) {
+        (Ok(l), Ok(a)) => (l, a),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let servers = match crate::agent::Servers::new(args.servers.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    tracing::info!(
+        "mode-node {} (agent only) serving the peer API on {peer_listen} (advertised as {advertise}), servers {}, data in {}",
+        args.id,
+        args.servers.join(","),
+        data_dir.display()
+    );
+    kinds.open_process_ledger(&data_dir);
+    let instances = Supervisor::new(Strategy::ForfeitOneForOne)
+        .label("Instances")
+        .build();
+    let beacon = crate::api::AgentBeacon::new(args.id, instances.clone());
+    let peer_grpc = ServiceHandle::builder(PeerServer {
+        service: Some(crate::api::PeerService::agent(beacon.clone())),
+        listen: peer_listen,
+    })
+    .label("PeerServer")
+    .build();
+    let register = crate::agent::register_request(
+        args.id,
+        advertise,
+        args.labels.iter().cloned().collect(),
+        args.capacity,
+        kinds.names(),
+        incarnation,
+        args.heartbeat_grace,
+    );
+    let agent = ServiceHandle::builder(crate::agent::RemoteAgent {
+        servers,
+        register,
+        kinds,
+        instances: instances.clone(),
+        incarnation,
+    })
+    .label("Agent")
+    .build();
+    let services = vec![peer_grpc, instances, agent];
+    beacon.set_daemon_services(services.clone());
+    Worker::with_services(services)
+        .without_logging()
+        .run_async()
+        .await
+        .code()
+}
+
 /// Serves the HTTP side port.
 struct HttpServer {
     inspector: Arc<Inspector>,
@@ -558,6 +760,7 @@ struct Agent {
     kinds: KindRegistry,
     instances: ServiceHandle,
     heartbeat_grace: Duration,
+    api_address: String,
 }
 
 impl Service for Agent {
@@ -572,6 +775,8 @@ impl Service for Agent {
             kinds: self.kinds.names(),
             incarnation: node.incarnation(),
             heartbeat_grace_ms: self.heartbeat_grace.as_millis() as u64,
+            api_address: self.api_address.clone(),
+            role: crate::model::state::NodeRole::Server,
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
         let timings = AgentTimings::default();
@@ -601,7 +806,9 @@ impl Service for Agent {
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            crate::agent::run(c, node, kinds, instances, timings).await;
+            let (me, incarnation) = (node.id(), node.incarnation());
+            let link = crate::agent::Link::Local(node);
+            crate::agent::run(c, link, me, incarnation, kinds, instances, timings).await;
             Ok(())
         });
         Ok(())
@@ -666,7 +873,11 @@ mod tests {
             "mode-0.mode:7070",
         ])
         .unwrap();
-        assert_eq!(args.cluster_config().unwrap().advertise, "mode-0.mode:7070");
+        // Raft and the other servers use the peer address: --advertise's host, the peer port.
+        assert_eq!(args.cluster_config().unwrap().advertise, "mode-0.mode:7071");
+        assert_eq!(args.advertise_api().unwrap(), "mode-0.mode:7070");
+        let agent = NodeArgs::try_parse_from(["mode-node", "--role", "agent"]).unwrap();
+        assert!(agent.agent_checks().unwrap_err().contains("--servers"));
         let dup = NodeArgs::try_parse_from(["mode-node", "--peers", "1=a:1,1=b:2"]).unwrap();
         assert!(dup.cluster_config().unwrap_err().contains("twice"));
     }

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 pub mod chaos;
 pub mod netns;
 pub mod probe;
+pub mod proxy;
 
 /// A workspace binary built next to the test executables (`cargo test --workspace` builds
 /// `mode-node` and `modectl` because their packages have integration tests).
@@ -92,7 +93,10 @@ pub struct NodeProc {
     pub id: u64,
     /// The IP address it listens on (127.0.0.1, or its network namespace's address).
     pub host: String,
+    /// Its public API port (`--listen`).
     pub port: u16,
+    /// Its peer API port (`--peer-listen`).
+    pub peer_port: u16,
     /// Its HTTP side port, if it serves one.
     pub http: Option<u16>,
     pub data_dir: PathBuf,
@@ -108,10 +112,17 @@ impl NodeProc {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// Its peer API address (`mode.v1.Peer`: raw Propose/Query, Raft, agents). Every peer
-    /// call of the harness goes through here; for now the node serves both APIs on one port.
+    /// Its peer API address (`mode.v1.Peer`: raw Propose/Query, Raft, agents; what
+    /// `--peers`, `--join` and `--servers` name).
     pub fn peer_address(&self) -> String {
-        self.address()
+        format!("{}:{}", self.host, self.peer_port)
+    }
+
+    /// Whether it runs as an agent-only node (`--role agent`).
+    pub fn is_agent(&self) -> bool {
+        self.args
+            .windows(2)
+            .any(|w| w[0] == "--role" && w[1] == "agent")
     }
 
     /// Start (or restart) the process with its arguments; output goes to its log file.
@@ -230,21 +241,23 @@ impl TestCluster {
     }
 
     fn launch(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let peers = (1..=n)
             .zip(&ports)
-            .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
+            .map(|(id, (_, p))| format!("{id}=127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut c = TestCluster::empty(launcher, peers.clone());
-        for (id, port) in (1..=n).zip(ports) {
+        for (id, (port, peer_port)) in (1..=n).zip(ports) {
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(extra.iter().map(|s| s.to_string()));
             let http_port = http.then(free_port);
             if let Some(h) = http_port {
                 args.extend(["--http-listen".to_string(), format!("127.0.0.1:{h}")]);
             }
-            c.add_node(id, port, args).http = http_port;
+            let launcher = c.launcher.clone();
+            c.add_node_at(id, "127.0.0.1", (port, peer_port), launcher, args)
+                .http = http_port;
         }
         for node in c.nodes.values_mut() {
             node.start();
@@ -252,18 +265,40 @@ impl TestCluster {
         c
     }
 
-    /// Register a node process (not started) with `args` after the common ones.
+    /// Register a node process (not started) with `args` after the common ones, its public
+    /// API on `port` and its peer API on a free port.
     pub fn add_node(&mut self, id: u64, port: u16, args: Vec<String>) -> &mut NodeProc {
         let launcher = self.launcher.clone();
-        self.add_node_at(id, "127.0.0.1", port, launcher, args)
+        self.add_node_at(id, "127.0.0.1", (port, free_port()), launcher, args)
     }
 
-    /// [`TestCluster::add_node`] listening on `host`, started by `launcher`.
+    /// Register an agent-only node (not started): `--role agent --servers` the peer addresses
+    /// of this cluster's servers (the nodes registered so far), with `args` after those.
+    pub fn add_agent(&mut self, id: u64, args: Vec<String>) -> &mut NodeProc {
+        let servers = self
+            .nodes
+            .values()
+            .filter(|n| !n.is_agent())
+            .map(NodeProc::peer_address)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all = vec![
+            "--role".to_string(),
+            "agent".to_string(),
+            "--servers".to_string(),
+            servers,
+        ];
+        all.extend(args);
+        self.add_node(id, free_port(), all)
+    }
+
+    /// [`TestCluster::add_node`] listening on `host`, ports `(public, peer)`, started by
+    /// `launcher`.
     pub(crate) fn add_node_at(
         &mut self,
         id: u64,
         host: &str,
-        port: u16,
+        (port, peer_port): (u16, u16),
         launcher: Launcher,
         args: Vec<String>,
     ) -> &mut NodeProc {
@@ -273,6 +308,8 @@ impl TestCluster {
             id.to_string(),
             "--listen".to_string(),
             format!("{host}:{port}"),
+            "--peer-listen".to_string(),
+            format!("{host}:{peer_port}"),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
         ];
@@ -287,6 +324,7 @@ impl TestCluster {
                 id,
                 host: host.to_string(),
                 port,
+                peer_port,
                 http: None,
                 data_dir,
                 log,

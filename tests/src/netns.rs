@@ -311,7 +311,7 @@ impl NetClusterBuilder {
         sweep_leftovers();
         let net = Net::create(self.n);
         let peers = (1..=self.n)
-            .map(|id| format!("{id}={}:{NODE_PORT}", net.node_ip(id)))
+            .map(|id| format!("{id}={}:{}", net.node_ip(id), NODE_PORT + 1))
             .collect::<Vec<_>>()
             .join(",");
         cluster.peers = peers.clone();
@@ -339,7 +339,8 @@ impl NetClusterBuilder {
                 ]);
             }
             let node_ip = net.node_ip(id);
-            let node = cluster.add_node_at(id, &node_ip, NODE_PORT, launcher, args);
+            let node =
+                cluster.add_node_at(id, &node_ip, (NODE_PORT, NODE_PORT + 1), launcher, args);
             node.http = self.http.then_some(HTTP_PORT);
         }
         let mut c = NetCluster {

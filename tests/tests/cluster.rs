@@ -140,7 +140,7 @@ async fn a_node_far_behind_receives_a_snapshot() {
 async fn a_fourth_node_joins_as_a_learner_then_becomes_a_voter() {
     let mut c = TestCluster::start(3, &[]);
     let leader = c.wait_leader(ELECTION).await;
-    let via = c.nodes[&((leader % 3) + 1)].address();
+    let via = c.nodes[&((leader % 3) + 1)].peer_address();
     let port = free_port();
     c.add_node(4, port, vec!["--join".into(), via]).start();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -203,7 +203,7 @@ async fn a_fourth_node_joins_as_a_learner_then_becomes_a_voter() {
 async fn a_node_id_already_in_use_cannot_join() {
     let c = TestCluster::start(3, &[]);
     let leader = c.wait_leader(ELECTION).await;
-    let via = c.nodes[&leader].address();
+    let via = c.nodes[&leader].peer_address();
     let port = free_port();
     // Id 2 exists at another address.
     let scratch = Scratch::new("clash");
@@ -343,6 +343,8 @@ fn bad_flags_and_unreachable_peers_exit_non_zero_with_a_clear_error() {
             "--id",
             "1",
             "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--peer-listen",
             &format!("127.0.0.1:{p1}"),
             "--peers",
             &peers,
@@ -468,7 +470,13 @@ async fn the_http_port_serves_health_readiness_and_metrics() {
     let scratch = Scratch::new("notready");
     let (p1, p2) = (free_port(), free_port());
     let mut child = std::process::Command::new(mode_tests::binary("mode-node"))
-        .args(["--id", "2", "--listen", &format!("127.0.0.1:{p2}")])
+        .args([
+            "--id",
+            "2",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .args(["--peer-listen", &format!("127.0.0.1:{p2}")])
         .args(["--peers", &format!("1=127.0.0.1:{p1},2=127.0.0.1:{p2}")])
         .args(["--http-listen", &format!("127.0.0.1:{lonely_http}")])
         .arg("--data-dir")

@@ -2,10 +2,14 @@
 //! supervisor (restart policy from its spec), reports their states to the leader, heartbeats,
 //! and holds the singleton leases the leader grants with its heartbeat answers.
 //!
+//! Its placements come from a [`Link`]: the local replica's view on a server, or the
+//! `WatchPlacements` stream of a server on an agent-only node; heartbeats and reports go the
+//! same way. The same rules fence both.
+//!
 //! How a singleton never runs twice, from this side: a singleton runs only while a lease
 //! covers it — granted by a leader that heard from a quorum recently, counted from when the
-//! heartbeat was *sent*, and valid only once this node's replica has applied the leader's
-//! commit index of the grant (so a node back from a partition first learns that its
+//! heartbeat was *sent*, and valid only once the view this agent acts on reflects the
+//! leader's commit index of the grant (so a node back from a partition first learns that its
 //! singleton moved). A watchdog checks the lease on its own timer, whatever the agent loop is
 //! doing, and kills singletons at once (SIGKILL for processes) when it runs out. Stops and
 //! replacements run in the background, so a slow stop never delays the next decision.
@@ -18,9 +22,10 @@ use std::time::{Duration, Instant};
 use tracing::Instrument as _;
 
 use super::kinds::{InstanceSpec, KillSwitch, KindRegistry, LeaseDeadline};
+use super::link::Link;
 use crate::model::spec::ServiceSpec;
-use crate::model::state::{ClusterState, Command};
-use crate::replication::{ClusterError, ClusterNode};
+use crate::model::state::InstanceReport;
+use crate::replication::NodeView;
 use crate::service::{
     lock, Backoff, Context, RestartIntensity, ServiceHandle, ServiceState, Strategy, Supervisor,
 };
@@ -167,29 +172,57 @@ fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> S
         .build()
 }
 
-/// Reports sent together at most (one Raft entry each batch, at most a few hundred KB).
+/// Reports sent together at most (one command, one Raft entry, at most a few hundred KB).
 const MAX_REPORTS_AT_ONCE: usize = 1024;
 
 /// What a queued report is about: a newer one with the same key replaces it.
-fn report_key(report: &Command) -> Option<(&'static str, String, u32)> {
-    match report {
-        Command::ReportInstance { service, slot, .. }
-        | Command::ReleaseMove { service, slot, .. } => Some((report.op(), service.clone(), *slot)),
-        _ => None,
-    }
+fn report_key(report: &InstanceReport) -> (String, String, u32) {
+    (report.move_.clone(), report.service.clone(), report.slot)
 }
 
 /// Whether every service `spec` depends on runs somewhere and is not being removed. Only an
 /// instance's *start* waits for this (like systemd's ordering): a running instance is not
 /// stopped because a dependency restarts or moves.
-fn dependencies_ready(state: &ClusterState, spec: &ServiceSpec) -> bool {
+fn dependencies_ready(view: &NodeView, spec: &ServiceSpec) -> bool {
     spec.depends_on.iter().all(|d| {
-        !state.deleting.contains(d)
-            && state
-                .placements
-                .get(d)
-                .is_some_and(|slots| slots.values().any(|p| p.state == "running"))
+        view.services
+            .get(d)
+            .is_some_and(|s| !s.deleting && s.running)
     })
+}
+
+fn is_deleting(view: &NodeView, service: &str) -> bool {
+    view.services.get(service).is_some_and(|s| s.deleting)
+}
+
+fn plain_report(
+    key: &Key,
+    state: &str,
+    restarts: u32,
+    crash: Option<String>,
+    epoch: u64,
+) -> InstanceReport {
+    InstanceReport {
+        service: key.0.clone(),
+        slot: key.1,
+        state: state.to_string(),
+        restart_count: restarts,
+        last_crash: crash,
+        epoch,
+        move_: String::new(),
+    }
+}
+
+fn release_report(key: &Key) -> InstanceReport {
+    InstanceReport {
+        service: key.0.clone(),
+        slot: key.1,
+        state: String::new(),
+        restart_count: 0,
+        last_crash: None,
+        epoch: 0,
+        move_: "release".into(),
+    }
 }
 
 type Key = (String, u32);
@@ -204,14 +237,15 @@ struct Desired<'a> {
 /// The instances of this node, and the ones being stopped in the background.
 struct Instances {
     me: u64,
-    node: Arc<ClusterNode>,
     supervisor: ServiceHandle,
     local: HashMap<Key, Local>,
     /// Stops in progress; an instance is not started again before its old copy has stopped.
     stopping: HashMap<Key, tokio::task::JoinHandle<()>>,
     /// The kill switches of running singletons (the watchdog fires them).
     singletons: Arc<Mutex<HashMap<Key, KillSwitch>>>,
-    report_tx: tokio::sync::mpsc::UnboundedSender<Command>,
+    report_tx: tokio::sync::mpsc::UnboundedSender<InstanceReport>,
+    /// The index of the view the agent acts on (leases are checked against it).
+    acting: Arc<AtomicU64>,
     /// When a report about an instance not running here was last sent (rate limit).
     quiet_sent: HashMap<Key, Instant>,
     /// Instances whose service could not be built, with what they were built from: not
@@ -222,7 +256,7 @@ struct Instances {
 impl Instances {
     /// Stop `key` in the background; `kill` first kills it at once; `then` is sent once it
     /// has stopped.
-    fn begin_stop(&mut self, key: Key, l: Local, kill: bool, then: Option<Command>) {
+    fn begin_stop(&mut self, key: Key, l: Local, kill: bool, then: Option<InstanceReport>) {
         if kill {
             l.kill.fire();
         }
@@ -250,7 +284,7 @@ impl Instances {
     }
 
     /// Send `report` about an instance that does not run here, at most once a second.
-    fn quiet_report(&mut self, key: &Key, report: Command) {
+    fn quiet_report(&mut self, key: &Key, report: InstanceReport) {
         let due = self
             .quiet_sent
             .get(key)
@@ -262,36 +296,33 @@ impl Instances {
     }
 
     fn report(&self, key: &Key, state: &str, restarts: u32, crash: Option<String>, epoch: u64) {
-        let _ = self.report_tx.send(Command::ReportInstance {
-            service: key.0.clone(),
-            slot: key.1,
-            node: self.me,
-            state: state.to_string(),
-            restart_count: restarts,
-            last_crash: crash,
-            epoch,
-        });
+        let _ = self
+            .report_tx
+            .send(plain_report(key, state, restarts, crash, epoch));
     }
 }
 
-/// Run the agent until the context stops. `instances` is the node's (forfeit) supervisor the
-/// instances are added to.
-pub async fn run(
+/// Run the agent of node `me` (data directory `incarnation`) until the context stops.
+/// `instances` is the node's (forfeit) supervisor the instances are added to.
+pub(crate) async fn run(
     ctx: Context,
-    node: Arc<ClusterNode>,
+    link: Link,
+    me: u64,
+    incarnation: u64,
     kinds: KindRegistry,
     instances: ServiceHandle,
     timings: AgentTimings,
 ) {
-    let me = node.id();
     let leases = Arc::new(Leases::default());
+    let acting = Arc::new(AtomicU64::new(0));
+    let mut views = link.views(me, incarnation);
     {
-        let (node, leases, c) = (node.clone(), leases.clone(), ctx.clone());
+        let (link, leases, c) = (link.clone(), leases.clone(), ctx.clone());
         ctx.spawn("heartbeat", async move {
             loop {
                 // The lease counts from when the heartbeat was sent, not when it was answered.
                 let sent = Instant::now();
-                if let Ok(grant) = node.heartbeat(me, true).await {
+                if let Ok(grant) = link.heartbeat(me, incarnation).await {
                     leases.answered(grant.index);
                     if !grant.lease.is_zero() {
                         leases.grant(sent + grant.lease, grant.index);
@@ -307,15 +338,15 @@ pub async fn run(
     {
         // The watchdog: independent of the loop below (which may be busy starting instances),
         // it kills every singleton as soon as no lease covers it.
-        let (node, leases, singletons, c) = (
-            node.clone(),
+        let (acting, leases, singletons, c) = (
+            acting.clone(),
             leases.clone(),
             singletons.clone(),
             ctx.clone(),
         );
         ctx.spawn("lease-watchdog", async move {
             while c.sleep(WATCHDOG_PERIOD).await {
-                if leases.valid(node.applied_index()) {
+                if leases.valid(acting.load(Ordering::Acquire)) {
                     continue;
                 }
                 for (key, kill) in lock(&singletons).iter() {
@@ -334,42 +365,33 @@ pub async fn run(
     }
     // Reports go through Raft; without a quorum they wait, so they are sent from their own
     // task and never hold up the loop.
-    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
+    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<InstanceReport>();
     {
-        let (node, c) = (node.clone(), ctx.clone());
+        let (link, c) = (link.clone(), ctx.clone());
         ctx.spawn("report", async move {
             while let Some(Some(first)) = c.wait(report_rx.recv()).await {
-                // Whatever queued up meanwhile goes at once: the leader commits concurrent
-                // writes as one Raft entry. A newer report of an instance replaces an older
-                // one still queued (thousands of instances must not snowball re-sent reports).
-                let mut pending: BTreeMap<(&'static str, String, u32), Command> = BTreeMap::new();
-                let mut others = Vec::new();
+                // Whatever queued up meanwhile goes at once, as one command. A newer report of
+                // an instance replaces an older one still queued (thousands of instances must
+                // not snowball re-sent reports).
+                let mut pending: BTreeMap<(String, String, u32), InstanceReport> = BTreeMap::new();
                 let mut next = Some(first);
                 while let Some(r) = next.take() {
-                    match report_key(&r) {
-                        Some(key) => {
-                            pending.insert(key, r);
-                        }
-                        None => others.push(r),
-                    }
-                    if pending.len() + others.len() < MAX_REPORTS_AT_ONCE {
+                    pending.insert(report_key(&r), r);
+                    if pending.len() < MAX_REPORTS_AT_ONCE {
                         next = report_rx.try_recv().ok();
                     }
                 }
-                let mut writes = tokio::task::JoinSet::new();
-                for report in pending.into_values().chain(others) {
-                    let node = node.clone();
-                    writes.spawn(async move {
-                        tokio::time::timeout(Duration::from_secs(2), node.write(report, true)).await
-                    });
-                }
-                while let Some(done) = writes.join_next().await {
-                    match done {
-                        Ok(Ok(Ok(_)) | Ok(Err(ClusterError::Invalid(_)))) => {}
-                        Ok(Ok(Err(e))) => tracing::debug!("reporting an instance: {e}"),
-                        Ok(Err(_)) => tracing::debug!("reporting an instance: no answer within 2s"),
-                        Err(e) => tracing::debug!("reporting an instance: {e}"),
-                    }
+                let batch: Vec<InstanceReport> = pending.into_values().collect();
+                let n = batch.len();
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    link.report(me, incarnation, batch),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("reporting {n} instance(s): {e}"),
+                    Err(_) => tracing::debug!("reporting {n} instance(s): no answer within 2s"),
                 }
             }
             Ok(())
@@ -377,7 +399,7 @@ pub async fn run(
     }
     let mut agent = Instances {
         me,
-        node: node.clone(),
+        acting: acting.clone(),
         supervisor: instances,
         local: HashMap::new(),
         stopping: HashMap::new(),
@@ -386,7 +408,6 @@ pub async fn run(
         quiet_sent: HashMap::new(),
         unbuildable: HashMap::new(),
     };
-    let mut cached: Option<(u64, Arc<ClusterState>)> = None;
     let mut said_waiting_for_catch_up = false;
     // The instances' lifecycle events (a start, a crash, a restart, a stop) wake the loop at
     // once, so their reports go out without waiting for the next look at the state.
@@ -410,6 +431,8 @@ pub async fn run(
                 None
             }
             open = next_event => Some(open),
+            // A new view: act at once.
+            _ = views.changed() => None,
         };
         match woken {
             Some(true) => {
@@ -425,25 +448,15 @@ pub async fn run(
             None => {}
         }
         agent.stopping.retain(|_, stop| !stop.is_finished());
-        let applied = node.applied_index();
-        let leased = leases.valid(applied);
-        let caught_up = leases.caught_up(applied);
-        // A fresh copy only when the replicated state moved (10k placements are not copied
-        // ten times a second for nothing).
-        if cached.as_ref().is_none_or(|(at, _)| *at != applied) {
-            cached = Some((
-                applied,
-                Arc::new(node.local_state(ClusterState::without_events)),
-            ));
-        }
-        let Some(state) = cached.as_ref().map(|(_, s)| s.clone()) else {
-            continue;
-        };
+        let state: Arc<NodeView> = views.borrow_and_update().clone();
+        acting.store(state.index, Ordering::Release);
+        let leased = leases.valid(state.index);
+        let caught_up = leases.caught_up(state.index);
         pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await;
-        if !caught_up && !said_waiting_for_catch_up && !state.placements.is_empty() {
+        if !caught_up && !said_waiting_for_catch_up && !state.services.is_empty() {
             said_waiting_for_catch_up = true;
             tracing::info!(
-                "starting no instance before this node's replica has caught up with the leader"
+                "starting no instance before this node's view of its placements has caught up with the leader"
             );
         }
     }
@@ -462,7 +475,7 @@ pub async fn run(
 async fn pass(
     agent: &mut Instances,
     kinds: &KindRegistry,
-    state: &ClusterState,
+    state: &NodeView,
     leases: &Leases,
     leased: bool,
     caught_up: bool,
@@ -472,11 +485,9 @@ async fn pass(
     // its new node).
     let mut desired: BTreeMap<Key, Desired<'_>> = BTreeMap::new();
     let mut release = Vec::new();
-    for (service, slots) in &state.placements {
-        let Some(spec) = state.specs.get(service) else {
-            continue;
-        };
-        for (slot, p) in slots {
+    for (service, vs) in &state.services {
+        let spec = &vs.spec;
+        for (slot, p) in &vs.here {
             let key = (service.clone(), *slot);
             if spec.singleton && p.moving_from == Some(me) {
                 // A singleton leaves before it arrives elsewhere: stop it, then release it.
@@ -511,9 +522,7 @@ async fn pass(
             Some(d) if d.spec.singleton && !leased => (false, true),
             // A dependency being removed: its dependents stop first (an operator's
             // decision; a dependency that merely restarts or moves stops nothing).
-            Some(d) if d.spec.depends_on.iter().any(|x| state.deleting.contains(x)) => {
-                (false, false)
-            }
+            Some(d) if d.spec.depends_on.iter().any(|x| is_deleting(state, x)) => (false, false),
             Some(_) => (true, false),
         };
         if keep {
@@ -533,11 +542,7 @@ async fn pass(
     }
 
     for key in release {
-        let release = Command::ReleaseMove {
-            service: key.0.clone(),
-            slot: key.1,
-            node: me,
-        };
+        let release = release_report(&key);
         match agent.local.remove(&key) {
             Some(l) => agent.begin_stop(key, l, false, Some(release)),
             None if !agent.stopping.contains_key(&key) => agent.quiet_report(&key, release),
@@ -568,19 +573,17 @@ async fn pass(
         if agent.unbuildable.contains_key(key) {
             continue;
         }
-        let placement = state.placements.get(&key.0).and_then(|s| s.get(&key.1));
+        let placement = state.services.get(&key.0).and_then(|s| s.here.get(&key.1));
         if !dependencies_ready(state, spec) {
             // Not started until its dependencies run; say so (once, not every pass).
             if placement.is_some_and(|p| p.node == me && p.state != "waiting") {
-                let report = Command::ReportInstance {
-                    service: key.0.clone(),
-                    slot: key.1,
-                    node: me,
-                    state: "waiting".into(),
-                    restart_count: placement.map_or(0, |p| p.restart_count),
-                    last_crash: None,
-                    epoch: d.epoch,
-                };
+                let report = plain_report(
+                    key,
+                    "waiting",
+                    placement.map_or(0, |p| p.restart_count),
+                    None,
+                    d.epoch,
+                );
                 agent.quiet_report(key, report);
             }
             continue;
@@ -636,7 +639,7 @@ async fn pass(
         if spec.singleton {
             lock(&agent.singletons).insert(key.clone(), kill.clone());
             // The lease may have run out while it started: the watchdog only sees it now.
-            if !leases.valid(agent.node.applied_index()) {
+            if !leases.valid(agent.acting.load(Ordering::Acquire)) {
                 kill.fire();
             }
         }
@@ -659,9 +662,9 @@ async fn pass(
     let mut reports = Vec::new();
     for (key, l) in agent.local.iter_mut() {
         let remote = state
-            .placements
+            .services
             .get(&key.0)
-            .and_then(|s| s.get(&key.1))
+            .and_then(|s| s.here.get(&key.1))
             .filter(|p| p.node == me && p.epoch == l.epoch);
         let Some(remote) = remote else {
             continue;

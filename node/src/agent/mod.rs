@@ -1,8 +1,15 @@
 //! The agent: one per node. Runs the instances the control plane placed on this node under a
 //! per-node supervisor, reports their states, heartbeats; and the service kinds it can run.
+//! On a server it talks to the local replica; on an agent-only node to the servers' peer API.
 
 mod instances;
 pub mod kinds;
+mod link;
+mod wire;
 
-pub use instances::{run, AgentTimings};
+pub(crate) use instances::run;
+pub use instances::AgentTimings;
 pub use kinds::{InstanceSpec, KillSwitch, Kind, KindRegistry, LeaseDeadline};
+pub use link::{agent_incarnation, run_remote, EmbeddedAgent, RemoteAgentConfig, Servers};
+pub(crate) use link::{register_request, Link, RemoteAgent};
+pub(crate) use wire::{report_from_proto, view_to_proto};

@@ -818,9 +818,9 @@ pub fn public_extras(
 /// The public API's gRPC service name.
 pub const CONTROL_SERVICE: &str = "mode.v1.Control";
 
-/// Serve the public API and the peer API of the node `inspector` looks at on `listener`
-/// until `shutdown` (one listener for both until the peer API gets its own), with health
-/// and reflection ([`public_extras`]).
+/// Serve the public API of the node `inspector` looks at on `listener` until `shutdown`,
+/// with health and reflection ([`public_extras`]). The peer API has its own listener
+/// ([`super::peer::serve_peer`]).
 pub async fn serve(
     inspector: Arc<Inspector>,
     kinds: KindRegistry,
@@ -831,7 +831,6 @@ pub async fn serve(
     let (health, reflection, reflection_alpha, follow) = public_extras(inspector.node().clone());
     let served = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
-        .add_service(super::peer::PeerService::new(inspector.clone()).into_server())
         .add_service(ControlService::new(inspector, kinds).into_server())
         .add_service(health)
         .add_service(reflection)

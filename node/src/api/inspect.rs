@@ -21,6 +21,73 @@ pub const MAX_GRAPH_BYTES: usize = 256 << 20;
 /// The longest a fan-out waits for a node, whatever it is asked.
 pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The report of node `id`: each instance's service tree (of the instances running under
+/// `instances`), and the daemon's services. (Agent-only nodes, which have no [`Inspector`],
+/// answer beacons with it too.)
+pub(crate) fn local_report(
+    id: u64,
+    instances: Option<&ServiceHandle>,
+    daemon: Option<&[ServiceHandle]>,
+    filter: &GraphFilter,
+) -> NodeReport {
+    let mut found = Vec::new();
+    if let Some(sup) = instances {
+        for child in sup.dependencies().iter() {
+            let Some((service, _)) = child.label().rsplit_once('#') else {
+                continue;
+            };
+            if !filter.wants_service(service) {
+                continue;
+            }
+            if let Some(i) = LocalInstance::from_beacon(child.beacon()) {
+                found.push(i);
+            }
+        }
+    }
+    let daemon = filter.daemon.then(|| daemon_tree(id, instances, daemon));
+    NodeReport {
+        node: id,
+        instances: found,
+        daemon,
+    }
+}
+
+fn daemon_tree(
+    id: u64,
+    instances: Option<&ServiceHandle>,
+    daemon: Option<&[ServiceHandle]>,
+) -> BeaconNode {
+    let children = daemon
+        .map(|services| {
+            services
+                .iter()
+                .map(|s| {
+                    if instances.is_some_and(|i| i.same(s)) {
+                        // Instances are drawn on their own; only count them here.
+                        let mut b = s.beacon();
+                        b.detail = Some(format!("{} instance(s)", b.children.len()));
+                        b.children.clear();
+                        b
+                    } else {
+                        s.beacon()
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    BeaconNode {
+        kind: NodeKind::Worker,
+        label: format!("mode-node {id}"),
+        state: "running".to_string(),
+        restart_count: 0,
+        crash_reason: None,
+        last_crash_reason: None,
+        uptime_s: None,
+        detail: None,
+        children,
+    }
+}
+
 /// Reads this node's beacon and builds the cluster graph.
 pub struct Inspector {
     node: Arc<ClusterNode>,
@@ -52,60 +119,12 @@ impl Inspector {
 
     /// This node's report: each instance's service tree, and the daemon's services.
     pub fn local_report(&self, filter: &GraphFilter) -> NodeReport {
-        let mut instances = Vec::new();
-        if let Some(sup) = &self.instances {
-            for child in sup.dependencies().iter() {
-                let Some((service, _)) = child.label().rsplit_once('#') else {
-                    continue;
-                };
-                if !filter.wants_service(service) {
-                    continue;
-                }
-                if let Some(i) = LocalInstance::from_beacon(child.beacon()) {
-                    instances.push(i);
-                }
-            }
-        }
-        let daemon = filter.daemon.then(|| self.daemon_tree());
-        NodeReport {
-            node: self.node.id(),
-            instances,
-            daemon,
-        }
-    }
-
-    fn daemon_tree(&self) -> BeaconNode {
-        let children = self
-            .daemon
-            .get()
-            .map(|services| {
-                services
-                    .iter()
-                    .map(|s| {
-                        if self.instances.as_ref().is_some_and(|i| i.same(s)) {
-                            // Instances are drawn on their own; only count them here.
-                            let mut b = s.beacon();
-                            b.detail = Some(format!("{} instance(s)", b.children.len()));
-                            b.children.clear();
-                            b
-                        } else {
-                            s.beacon()
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        BeaconNode {
-            kind: NodeKind::Worker,
-            label: format!("mode-node {}", self.node.id()),
-            state: "running".to_string(),
-            restart_count: 0,
-            crash_reason: None,
-            last_crash_reason: None,
-            uptime_s: None,
-            detail: None,
-            children,
-        }
+        local_report(
+            self.node.id(),
+            self.instances.as_ref(),
+            self.daemon.get().map(Vec::as_slice),
+            filter,
+        )
     }
 
     /// Whether the service and node a filter names exist (an error says which does not).

@@ -10,4 +10,4 @@ mod peer;
 pub use control::{public_extras, serve, ControlService, CONTROL_SERVICE, RESTART_WAIT};
 pub use http::serve_http;
 pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
-pub use peer::PeerService;
+pub use peer::{serve_peer, AgentBeacon, PeerService};

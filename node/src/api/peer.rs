@@ -1,7 +1,7 @@
 //! The peer API server: Raft between servers, forwarding to the leader, the agents'
 //! operations and the per-node beacon. Served on its own listener (`--peer-listen`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::peer_server::{Peer, PeerServer};
@@ -10,27 +10,83 @@ use tonic::{Request, Response, Status};
 use super::inspect::Inspector;
 use crate::graph::GraphFilter;
 use crate::model::limits;
-use crate::model::state::Command;
+use crate::model::state::{Command, NodeRole};
 use crate::replication::{
     status_to_proto, to_status, ClusterNode, RaftService, FORWARDED, REQUEST_ID,
 };
+use crate::service::ServiceHandle;
 
-/// The peer API of one node.
+/// The peer API of one node: a server's, or an agent-only node's (which answers beacons and
+/// refuses everything else).
 pub struct PeerService {
-    node: Arc<ClusterNode>,
-    raft: RaftService,
-    inspector: Arc<Inspector>,
+    server: Option<(Arc<ClusterNode>, RaftService)>,
+    beacon: Beacon,
+}
+
+enum Beacon {
+    Server(Arc<Inspector>),
+    Agent(Arc<AgentBeacon>),
+}
+
+/// What an agent-only node's beacon shows: its instances and the daemon's services.
+pub struct AgentBeacon {
+    id: u64,
+    instances: ServiceHandle,
+    daemon: OnceLock<Vec<ServiceHandle>>,
+}
+
+impl AgentBeacon {
+    /// Node `id`'s instances run under `instances`.
+    pub fn new(id: u64, instances: ServiceHandle) -> Arc<AgentBeacon> {
+        Arc::new(AgentBeacon {
+            id,
+            instances,
+            daemon: OnceLock::new(),
+        })
+    }
+
+    /// Record the daemon's services, shown with `--daemon`.
+    pub fn set_daemon_services(&self, services: Vec<ServiceHandle>) {
+        let _ = self.daemon.set(services);
+    }
 }
 
 impl PeerService {
-    /// Serve the node `inspector` looks at.
+    /// Serve the server `inspector` looks at.
     pub fn new(inspector: Arc<Inspector>) -> Self {
         let node = inspector.node().clone();
         PeerService {
-            raft: node.raft_service(),
-            node,
-            inspector,
+            server: Some((node.clone(), node.raft_service())),
+            beacon: Beacon::Server(inspector),
         }
+    }
+
+    /// Serve an agent-only node.
+    pub fn agent(beacon: Arc<AgentBeacon>) -> Self {
+        PeerService {
+            server: None,
+            beacon: Beacon::Agent(beacon),
+        }
+    }
+
+    fn server(&self) -> Result<&(Arc<ClusterNode>, RaftService), Status> {
+        self.server.as_ref().ok_or_else(|| {
+            let id = match &self.beacon {
+                Beacon::Agent(b) => b.id,
+                Beacon::Server(i) => i.node().id(),
+            };
+            Status::failed_precondition(format!(
+                "node {id} is an agent-only node (--role agent): it takes no part in Raft and answers only NodeBeacon; send this to a server (one of its --servers)"
+            ))
+        })
+    }
+
+    fn node(&self) -> Result<&Arc<ClusterNode>, Status> {
+        Ok(&self.server()?.0)
+    }
+
+    fn raft(&self) -> Result<&RaftService, Status> {
+        Ok(&self.server()?.1)
     }
 
     /// As a tonic service, with the peer API's message limits.
@@ -62,28 +118,28 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft.vote(request).await
+        self.raft()?.vote(request).await
     }
 
     async fn append_entries(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft.append_entries(request).await
+        self.raft()?.append_entries(request).await
     }
 
     async fn install_snapshot(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft.install_snapshot(request).await
+        self.raft()?.install_snapshot(request).await
     }
 
     async fn pre_vote(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft.pre_vote(request).await
+        self.raft()?.pre_vote(request).await
     }
 
     async fn propose(
@@ -99,7 +155,7 @@ impl Peer for PeerService {
         let command: Command = serde_json::from_str(text)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let out = self
-            .node
+            .node()?
             .write_request(command, forward, id)
             .await
             .map_err(|e| to_status(&e))?;
@@ -119,7 +175,7 @@ impl Peer for PeerService {
         let forward = may_forward(&request);
         let r = request.into_inner();
         let (value, applied) = self
-            .node
+            .node()?
             .read(&r.query, r.stale, forward)
             .await
             .map_err(|e| to_status(&e))?;
@@ -138,7 +194,7 @@ impl Peer for PeerService {
         Ok(Response::new(pb::QueryReply {
             result_json,
             applied_index: applied,
-            answered_by: self.node.id(),
+            answered_by: self.node()?.id(),
         }))
     }
 
@@ -147,7 +203,10 @@ impl Peer for PeerService {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         let forward = may_forward(&request);
-        let status = self.node.status(request.into_inner().local, forward).await;
+        let status = self
+            .node()?
+            .status(request.into_inner().local, forward)
+            .await;
         Ok(Response::new(status_to_proto(&status)))
     }
 
@@ -158,7 +217,7 @@ impl Peer for PeerService {
         let forward = may_forward(&request);
         let r = request.into_inner();
         let (voter, message) = self
-            .node
+            .node()?
             .join_member(r.id, &r.address, r.incarnation, r.rejoin, forward)
             .await
             .map_err(|e| to_status(&e))?;
@@ -171,7 +230,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
         let forward = may_forward(&request);
         let message = self
-            .node
+            .node()?
             .remove_member(request.into_inner().id, forward)
             .await
             .map_err(|e| to_status(&e))?;
@@ -180,11 +239,43 @@ impl Peer for PeerService {
 
     async fn register(
         &self,
-        _request: Request<pb::RegisterRequest>,
+        request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
-        Err(Status::unimplemented(
-            "Register: agent-only nodes are not built yet",
-        ))
+        let node = self.node()?;
+        let r = request.into_inner();
+        let role = match r.role.as_str() {
+            "" | "server" => NodeRole::Server,
+            "agent" => NodeRole::Agent,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role '{other}' is neither \"server\" nor \"agent\""
+                )))
+            }
+        };
+        if r.node == 0 {
+            return Err(Status::invalid_argument("node ids start at 1"));
+        }
+        crate::replication::check_address("the node's peer address", &r.address)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let command = Command::RegisterNode {
+            id: r.node,
+            address: r.address,
+            labels: r.labels.into_iter().collect(),
+            capacity: r.capacity,
+            kinds: r.kinds,
+            incarnation: r.incarnation,
+            heartbeat_grace_ms: r.heartbeat_grace_ms,
+            api_address: r.api_address,
+            role,
+        };
+        let out = node.write(command, true).await.map_err(|e| to_status(&e))?;
+        if !out.result.ok {
+            return Err(Status::failed_precondition(out.result.message));
+        }
+        Ok(Response::new(pb::RegisterReply {
+            leader: out.leader,
+            message: out.result.message,
+        }))
     }
 
     async fn heartbeat(
@@ -192,11 +283,16 @@ impl Peer for PeerService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let forward = may_forward(&request);
-        let grant = self
-            .node
-            .heartbeat(request.into_inner().node, forward)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let node = self.node()?;
+        let r = request.into_inner();
+        // From the agent: through the leader, translated into the index of the view this
+        // server sends it. From another server (relayed): the leader's own answer.
+        let grant = if forward {
+            node.agent_heartbeat(r.node, r.incarnation).await
+        } else {
+            node.heartbeat(r.node, r.incarnation, false).await
+        }
+        .map_err(|e| heartbeat_status(&e))?;
         Ok(Response::new(pb::HeartbeatReply {
             leader: grant.leader,
             lease_ms: grant.lease.as_millis() as u64,
@@ -204,13 +300,74 @@ impl Peer for PeerService {
         }))
     }
 
+    async fn relay_heartbeats(
+        &self,
+        request: Request<pb::RelayHeartbeatsRequest>,
+    ) -> Result<Response<pb::RelayHeartbeatsReply>, Status> {
+        let node = self.node()?;
+        if !node.is_leader() {
+            return Err(Status::unavailable(format!(
+                "node {} is not the leader: relay heartbeats to the leader",
+                node.id()
+            )));
+        }
+        let grant = node.lease_grant();
+        let refused = request
+            .into_inner()
+            .heartbeats
+            .iter()
+            .filter_map(|h| {
+                node.take_heartbeat(h.node, h.incarnation)
+                    .err()
+                    .map(|e| (h.node, e.to_string()))
+            })
+            .collect();
+        Ok(Response::new(pb::RelayHeartbeatsReply {
+            grant: Some(pb::HeartbeatReply {
+                leader: grant.leader,
+                lease_ms: grant.lease.as_millis() as u64,
+                lease_index: grant.index,
+            }),
+            refused,
+        }))
+    }
+
     async fn report_instances(
         &self,
-        _request: Request<pb::ReportInstancesRequest>,
+        request: Request<pb::ReportInstancesRequest>,
     ) -> Result<Response<pb::ReportInstancesReply>, Status> {
-        Err(Status::unimplemented(
-            "ReportInstances: agent-only nodes are not built yet",
-        ))
+        let node = self.node()?;
+        let r = request.into_inner();
+        node.check_incarnation(r.node, r.incarnation)
+            .map_err(|e| heartbeat_status(&e))?;
+        let reports: Vec<_> = r
+            .reports
+            .iter()
+            .map(crate::agent::report_from_proto)
+            .collect();
+        for report in &reports {
+            report
+                .to_command(r.node)
+                .map_err(Status::invalid_argument)?;
+        }
+        let command = Command::ReportInstances {
+            node: r.node,
+            incarnation: r.incarnation,
+            reports,
+        };
+        // One command for the whole batch: one Raft write.
+        let out = node.write(command, true).await.map_err(|e| to_status(&e))?;
+        if !out.result.ok {
+            return Err(Status::failed_precondition(out.result.message));
+        }
+        let applied = out
+            .result
+            .message
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Ok(Response::new(pb::ReportInstancesReply { applied }))
     }
 
     type WatchPlacementsStream = std::pin::Pin<
@@ -219,11 +376,45 @@ impl Peer for PeerService {
 
     async fn watch_placements(
         &self,
-        _request: Request<pb::WatchPlacementsRequest>,
+        request: Request<pb::WatchPlacementsRequest>,
     ) -> Result<Response<Self::WatchPlacementsStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchPlacements: agent-only nodes are not built yet",
-        ))
+        let node = self.node()?.clone();
+        let r = request.into_inner();
+        node.check_incarnation(r.node, r.incarnation)
+            .map_err(|e| heartbeat_status(&e))?;
+        let (mut views, unchanged) = node.watch_placements(r.node, r.after_index);
+        tracing::debug!(
+            "node {} watches its placements here (after index {}, unchanged: {unchanged})",
+            r.node,
+            r.after_index
+        );
+        let server = node.id();
+        // Idle agents cost a parked task each: it wakes only when its view is republished.
+        let stream = async_stream_of(move |tx| async move {
+            if unchanged {
+                views.borrow_and_update();
+            } else {
+                let first = views.borrow_and_update().clone();
+                if tx
+                    .send(Ok(crate::agent::view_to_proto(&first, server)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            while views.changed().await.is_ok() {
+                let view = views.borrow_and_update().clone();
+                if tx
+                    .send(Ok(crate::agent::view_to_proto(&view, server)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn node_beacon(
@@ -233,16 +424,75 @@ impl Peer for PeerService {
         let r = request.into_inner();
         let filter = GraphFilter::from_request(r.service, 0, r.daemon);
         // Walking thousands of instance trees is CPU work: off the async threads.
-        let inspector = self.inspector.clone();
-        let report_json = tokio::task::spawn_blocking(move || {
-            serde_json::to_vec(&inspector.local_report(&filter))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("reading this node's beacon failed: {e}")))?
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let (id, report) = match &self.beacon {
+            Beacon::Server(i) => {
+                let i = i.clone();
+                (
+                    i.node().id(),
+                    Box::new(move |f: &GraphFilter| i.local_report(f))
+                        as Box<dyn Fn(&GraphFilter) -> crate::graph::NodeReport + Send>,
+                )
+            }
+            Beacon::Agent(b) => {
+                let b = b.clone();
+                (
+                    b.id,
+                    Box::new(move |f: &GraphFilter| {
+                        super::inspect::local_report(
+                            b.id,
+                            Some(&b.instances),
+                            b.daemon.get().map(Vec::as_slice),
+                            f,
+                        )
+                    })
+                        as Box<dyn Fn(&GraphFilter) -> crate::graph::NodeReport + Send>,
+                )
+            }
+        };
+        let report_json = tokio::task::spawn_blocking(move || serde_json::to_vec(&report(&filter)))
+            .await
+            .map_err(|e| Status::internal(format!("reading this node's beacon failed: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::NodeBeaconReply {
-            node: self.node.id(),
+            node: id,
             report_json,
         }))
     }
+}
+
+/// A refusal of the node itself (another incarnation) is FAILED_PRECONDITION, so that agents
+/// do not fail over for it; the rest as usual.
+fn heartbeat_status(e: &crate::replication::ClusterError) -> Status {
+    match e {
+        crate::replication::ClusterError::Conflict(m) => Status::failed_precondition(m.clone()),
+        e => to_status(e),
+    }
+}
+
+/// A stream fed by a task through a small channel (ends when the task does or the client
+/// goes away).
+fn async_stream_of<F, Fut>(
+    body: F,
+) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PlacementsUpdate, Status>> + Send>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::PlacementsUpdate, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Serve the peer API on `listener` until `shutdown`.
+pub async fn serve_peer(
+    service: PeerService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::server_span)
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
 }

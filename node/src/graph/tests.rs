@@ -30,6 +30,8 @@ fn node_info(id: u64) -> NodeInfo {
         draining: false,
         registered_at_ms: 0,
         incarnation: 0,
+        api_address: String::new(),
+        role: Default::default(),
     }
 }
 

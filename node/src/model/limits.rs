@@ -240,12 +240,14 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
     match command {
         Command::RegisterNode {
             address,
+            api_address,
             labels,
             capacity,
             kinds,
             ..
         } => {
             bytes("address", address, MAX_ADDRESS_BYTES)?;
+            bytes("API address", api_address, MAX_ADDRESS_BYTES)?;
             at_most(
                 "labels",
                 labels.len() as u64,
@@ -321,6 +323,20 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         Command::ReportInstance { service, state, .. } => {
             name("service name", service)?;
             bytes("instance state", state, MAX_LABEL_BYTES)
+        }
+        Command::ReportInstances { reports, .. } => {
+            at_most(
+                "instance reports in one command",
+                reports.len() as u64,
+                MAX_PLACE_SLOTS as u64,
+                "",
+            )?;
+            for r in reports {
+                name("service name", &r.service)?;
+                bytes("instance state", &r.state, MAX_LABEL_BYTES)?;
+                bytes("report move", &r.move_, MAX_LABEL_BYTES)?;
+            }
+            Ok(())
         }
         Command::FinishMove { service, .. }
         | Command::ReleaseMove { service, .. }
@@ -465,6 +481,8 @@ mod tests {
             kinds: vec![],
             incarnation: 1,
             heartbeat_grace_ms: 0,
+            api_address: String::new(),
+            role: Default::default(),
         };
         assert_eq!(
             check_command(&register).unwrap_err().to_string(),

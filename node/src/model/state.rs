@@ -22,13 +22,41 @@ pub enum NodeStatus {
     Draining,
 }
 
+/// What a node is: a server (a Raft member that also runs an agent) or an agent-only node
+/// (runs instances, fed by a server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Raft member, public API, and an agent.
+    #[default]
+    Server,
+    /// Only an agent (`mode-node --role agent --servers ...`).
+    Agent,
+}
+
+impl NodeRole {
+    /// `server` or `agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Server => "server",
+            NodeRole::Agent => "agent",
+        }
+    }
+}
+
 /// A cluster member as recorded in the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node id (`--id`).
     pub id: u64,
-    /// The gRPC address other nodes and clients use.
+    /// Its peer address (`--advertise-peer`): Raft, forwarding, beacons.
     pub address: String,
+    /// Its public API address (`--advertise`; empty for an agent-only node).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_address: String,
+    /// Server or agent-only.
+    #[serde(default)]
+    pub role: NodeRole,
     /// Labels for placement constraints.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -183,6 +211,12 @@ pub enum Command {
         /// Its `--heartbeat-grace` in ms (0: unknown): every node must use the cluster's.
         #[serde(default)]
         heartbeat_grace_ms: u64,
+        /// Its public API address ("" for an agent-only node).
+        #[serde(default)]
+        api_address: String,
+        /// Server or agent-only.
+        #[serde(default)]
+        role: NodeRole,
     },
     /// Change a node's status.
     SetNodeStatus {
@@ -275,6 +309,17 @@ pub enum Command {
         /// The node that stopped it.
         node: u64,
     },
+    /// Several reports of one node's agent, committed as one command (an agent-only node sends
+    /// its reports in batches). Refused as a whole when `incarnation` is not the node's.
+    ReportInstances {
+        /// The reporting node.
+        node: u64,
+        /// Its data directory's incarnation (0: unknown).
+        #[serde(default)]
+        incarnation: u64,
+        /// The reports, applied in order.
+        reports: Vec<InstanceReport>,
+    },
     /// Ask an instance's node to restart it.
     RestartInstance {
         /// Service name.
@@ -300,6 +345,57 @@ pub enum Command {
         #[serde(default)]
         node: Option<u64>,
     },
+}
+
+/// One report in [`Command::ReportInstances`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    /// Service name.
+    pub service: String,
+    /// Instance number.
+    pub slot: u32,
+    /// As in [`Command::ReportInstance`].
+    pub state: String,
+    /// Restarts by the node's supervisor.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// The last crash reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash: Option<String>,
+    /// The fencing token of the placement the instance was started for (0: unknown).
+    #[serde(default)]
+    pub epoch: u64,
+    /// `release` (a singleton moving away was stopped: [`Command::ReleaseMove`]), `finish`
+    /// (a moved instance runs on its new node: [`Command::FinishMove`]) or "" (a plain report).
+    #[serde(default, rename = "move", skip_serializing_if = "String::is_empty")]
+    pub move_: String,
+}
+
+impl InstanceReport {
+    /// The single command this report stands for, from `node`.
+    pub fn to_command(&self, node: u64) -> Result<Command, String> {
+        let (service, slot) = (self.service.clone(), self.slot);
+        match self.move_.as_str() {
+            "" => Ok(Command::ReportInstance {
+                service,
+                slot,
+                node,
+                state: self.state.clone(),
+                restart_count: self.restart_count,
+                last_crash: self.last_crash.clone(),
+                epoch: self.epoch,
+            }),
+            "release" => Ok(Command::ReleaseMove {
+                service,
+                slot,
+                node,
+            }),
+            "finish" => Ok(Command::FinishMove { service, slot }),
+            other => Err(format!(
+                "report of {service}#{slot}: unknown move '{other}' (use \"release\", \"finish\" or \"\")"
+            )),
+        }
+    }
 }
 
 /// A command stamped by the node that proposed it.
@@ -572,6 +668,7 @@ impl Command {
             Command::ReportInstance { .. } => "report_instance",
             Command::FinishMove { .. } => "finish_move",
             Command::ReleaseMove { .. } => "release_move",
+            Command::ReportInstances { .. } => "report_instances",
             Command::RestartInstance { .. } => "restart_instance",
             Command::PurgeSpec { .. } => "purge_spec",
             Command::RecordEvent { .. } => "record_event",
@@ -636,6 +733,8 @@ impl ClusterState {
                 kinds,
                 incarnation,
                 heartbeat_grace_ms,
+                api_address,
+                role,
             } => {
                 if *heartbeat_grace_ms != 0
                     && self.heartbeat_grace_ms != 0
@@ -665,6 +764,8 @@ impl ClusterState {
                 let info = NodeInfo {
                     id: *id,
                     address: address.clone(),
+                    api_address: api_address.clone(),
+                    role: *role,
                     labels: labels.clone(),
                     capacity: *capacity,
                     kinds: kinds.clone(),
@@ -986,6 +1087,42 @@ impl ClusterState {
                     Some(_) => CommandResult::ok("nothing to release"),
                     None => CommandResult::refused(format!("no instance {service}#{slot}")),
                 }
+            }
+            Command::ReportInstances {
+                node,
+                incarnation,
+                reports,
+            } => {
+                let known = self.nodes.get(node).map(|n| n.incarnation);
+                match known {
+                    None => {
+                        return CommandResult::refused(format!(
+                            "node {node} is not registered: register it before reporting its instances"
+                        ))
+                    }
+                    Some(k) if k != 0 && *incarnation != 0 && k != *incarnation => {
+                        return CommandResult::refused(format!(
+                            "reports for node {node} from incarnation {incarnation:016x}, but the node table has {k:016x}: another node uses this id, or its data directory was wiped"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                let mut applied = 0;
+                for report in reports.iter() {
+                    let Ok(command) = report.to_command(*node) else {
+                        continue;
+                    };
+                    let one = Proposal {
+                        at_ms: at,
+                        command,
+                        trace: None,
+                        request_id: None,
+                    };
+                    if self.apply_command(&one, index).ok {
+                        applied += 1;
+                    }
+                }
+                CommandResult::ok(format!("{applied} of {} reports applied", reports.len()))
             }
             Command::RestartInstance { service, slot } => {
                 match self
@@ -1380,6 +1517,8 @@ mod tests {
             kinds: vec![],
             incarnation,
             heartbeat_grace_ms: grace_ms,
+            api_address: String::new(),
+            role: NodeRole::Server,
         }
     }
 
@@ -1436,6 +1575,8 @@ mod tests {
             kinds: vec![],
             incarnation: 7,
             heartbeat_grace_ms: 1500,
+            api_address: String::new(),
+            role: NodeRole::Server,
         };
         assert!(s.apply(&p(reg.clone())).ok);
         assert!(

@@ -187,26 +187,37 @@ pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<Stri
     Ok(reply.message)
 }
 
-pub(crate) async fn heartbeat(
+/// Relay agents' heartbeats `(node, incarnation)` to the leader at `address`: its grant, and
+/// the heartbeats it refused (node -> why).
+pub(crate) async fn relay_heartbeats(
     peers: &Peers,
     address: &str,
-    node: u64,
-) -> Result<LeaseGrant, ClusterError> {
-    let mut req = forwarded(pb::HeartbeatRequest {
-        node,
-        incarnation: 0,
+    beats: &[(u64, u64)],
+) -> Result<(LeaseGrant, std::collections::HashMap<u64, String>), ClusterError> {
+    let mut req = forwarded(pb::RelayHeartbeatsRequest {
+        heartbeats: beats
+            .iter()
+            .map(|(node, incarnation)| pb::HeartbeatRequest {
+                node: *node,
+                incarnation: *incarnation,
+            })
+            .collect(),
     });
     req.set_timeout(std::time::Duration::from_secs(1));
     let reply = client(peers, address)?
-        .heartbeat(req)
+        .relay_heartbeats(req)
         .await
         .map_err(|s| from_status(address, &s))?
         .into_inner();
-    Ok(LeaseGrant {
-        leader: reply.leader,
-        lease: Duration::from_millis(reply.lease_ms),
-        index: reply.lease_index,
-    })
+    let grant = reply.grant.unwrap_or_default();
+    Ok((
+        LeaseGrant {
+            leader: grant.leader,
+            lease: Duration::from_millis(grant.lease_ms),
+            index: grant.lease_index,
+        },
+        reply.refused.into_iter().collect(),
+    ))
 }
 
 /// Domain status → wire.

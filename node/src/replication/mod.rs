@@ -15,6 +15,7 @@ mod proposer;
 mod raft_server;
 mod store;
 mod types;
+mod views;
 
 pub use forward::status_from_proto;
 pub(crate) use forward::{status_to_proto, to_status};
@@ -22,10 +23,12 @@ pub(crate) use network::describe_status;
 pub use network::{PeerHealth, Peers};
 pub(crate) use node::now_ms;
 pub use node::{
-    check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, MemberStatus,
-    WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,
+    check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, LeaseGrant,
+    MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,
 };
 pub use raft_server::RaftService;
+pub(crate) use store::random_u64;
 pub use store::DataDirError;
 pub(crate) use store::PROCESS_LEDGER_FILE;
 pub use types::TypeConfig;
+pub use views::{NodeView, ViewService};

@@ -262,6 +262,21 @@ pub struct ClusterNode {
     /// The last applied log index, published each time it changes (watchers wake on applies
     /// only, not on every Raft metrics update).
     applied: tokio::sync::watch::Receiver<u64>,
+    relay: Arc<HeartbeatRelay>,
+}
+
+/// Agents' heartbeats waiting to be relayed to the leader.
+#[derive(Default)]
+struct HeartbeatRelay {
+    #[allow(clippy::type_complexity)]
+    queue: std::sync::Mutex<
+        Vec<(
+            u64,
+            u64,
+            tokio::sync::oneshot::Sender<Result<LeaseGrant, ClusterError>>,
+        )>,
+    >,
+    wake: tokio::sync::Notify,
 }
 
 /// Publish the applied index from Raft's metrics (which change for many other reasons).
@@ -388,6 +403,14 @@ impl ClusterNode {
         let quorum = Arc::new(QuorumClock::default());
         quorum.clone().watch(raft.clone());
         let contact = super::election::LeaderContact::default();
+        {
+            let reader = sm.clone();
+            tokio::spawn(
+                sm.views
+                    .clone()
+                    .run_sender(move |f| reader.read(|a| f(&a.state))),
+            );
+        }
         super::election::drive(
             raft.clone(),
             network_for_elections,
@@ -395,7 +418,9 @@ impl ClusterNode {
             config.election_timeout,
         );
         let applied = watch_applied(&raft);
-        Ok(Arc::new(ClusterNode {
+        let relay = Arc::new(HeartbeatRelay::default());
+        let node = Arc::new(ClusterNode {
+            relay: relay.clone(),
             applied,
             config,
             proposer: Proposer::start(raft.clone()),
@@ -410,7 +435,9 @@ impl ClusterNode {
             quorum,
             refused,
             contact,
-        }))
+        });
+        ClusterNode::relay_heartbeats(Arc::downgrade(&node), relay);
+        Ok(node)
     }
 
     /// This data directory's incarnation.
@@ -558,14 +585,22 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        let member = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&self.config.id)
-            .is_some();
+        let me = self.config.id;
+        let is_member = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.membership_config.membership().get_node(&me).is_some()
+        };
+        let mut member = is_member(&self.raft.metrics().borrow());
+        if initialized && !member && self.config.join.is_none() {
+            // A fresh member of a static cluster is initialized by the first entries the
+            // leader sends it, a moment before its metrics show their membership: give
+            // them that moment before calling it removed.
+            member = self
+                .raft
+                .wait(Some(Duration::from_secs(2)))
+                .metrics(is_member, "this node in the membership")
+                .await
+                .is_ok();
+        }
         if initialized && !member && self.config.join.is_none() {
             return Err(ClusterError::Conflict(format!(
                 "node {} is not a member of the cluster recorded in its data directory: it was removed. Move the data directory away and start it with --join to add it again",
@@ -1249,36 +1284,167 @@ impl ClusterNode {
         &self.heartbeats
     }
 
-    /// Record a heartbeat from `node` on the leader (forwarded there from a follower), and
-    /// grant it a singleton lease if this leader heard from a quorum recently enough and has
-    /// committed in its term (so its commit index covers every committed placement).
+    /// Watch the placements view of `node` kept by this replica (see
+    /// [`super::views::Views::watch`]); `after`: the index of a view the watcher has. Returns
+    /// the receiver and whether its first value is unchanged since `after`.
+    pub fn watch_placements(
+        &self,
+        node: u64,
+        after: u64,
+    ) -> (
+        tokio::sync::watch::Receiver<Arc<super::views::NodeView>>,
+        bool,
+    ) {
+        self.sm.read(|a| self.sm.views.watch(&a.state, node, after))
+    }
+
+    /// How many nodes watch their placements on this server.
+    pub fn placement_watchers(&self) -> usize {
+        self.sm.views.watchers()
+    }
+
+    /// A heartbeat from the agent of `node` (this server's own, or an agent-only node that
+    /// watches its placements here): [`ClusterNode::heartbeat`] through the leader, with the
+    /// grant's index translated into the index of the view this server publishes to `node`
+    /// (an error when this replica has not caught up with the grant within a second).
+    pub async fn agent_heartbeat(
+        &self,
+        node: u64,
+        incarnation: u64,
+    ) -> Result<LeaseGrant, ClusterError> {
+        let mut grant = self.heartbeat(node, incarnation, true).await?;
+        match self
+            .sm
+            .views
+            .wait_view_index(node, grant.index, Duration::from_secs(1))
+            .await
+        {
+            Some(index) => grant.index = index,
+            None => {
+                return Err(ClusterError::Unavailable(format!(
+                    "server {}'s replica has not caught up with the leader's commit index {} within a second: try another server",
+                    self.config.id, grant.index
+                )))
+            }
+        }
+        Ok(grant)
+    }
+
+    /// Refuse a heartbeat or report of `node` from another incarnation than the node table's
+    /// (a duplicate id, or a node whose data directory was wiped).
+    pub fn check_incarnation(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
+        let known = self.local_state(|s| s.nodes.get(&node).map(|n| n.incarnation));
+        match known {
+            Some(k) if k != 0 && incarnation != 0 && k != incarnation => Err(ClusterError::Conflict(format!(
+                "node {node} is registered with data-directory incarnation {k:016x}, but this comes from {incarnation:016x}: another node uses id {node}, or its data directory was wiped (give it a new --id, or remove the old node with `modectl node rm {node}`)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Record a heartbeat from `node` (data directory `incarnation`, 0: unknown) on the leader
+    /// (forwarded there from a follower), and grant it a singleton lease if this leader heard
+    /// from a quorum recently enough and has committed in its term (so its commit index covers
+    /// every committed placement).
     pub async fn heartbeat(
         &self,
         node: u64,
+        incarnation: u64,
         may_forward: bool,
     ) -> Result<LeaseGrant, ClusterError> {
+        self.check_incarnation(node, incarnation)?;
         if self.is_leader() {
-            self.heartbeats.record(node);
-            let term = self.raft.metrics().borrow().current_term;
-            let committed = self.log.committed();
-            let in_term = committed.is_some_and(|c| c.leader_id.term == term);
-            let lease = if in_term && self.leads_with_quorum() {
-                self.config.lease
-            } else {
-                Duration::ZERO
-            };
-            return Ok(LeaseGrant {
-                leader: self.config.id,
-                lease,
-                index: committed.map_or(0, |c| c.index),
-            });
+            self.take_heartbeat(node, incarnation)?;
+            return Ok(self.lease_grant());
         }
-        match (may_forward, self.leader_with_address()) {
-            (true, Some((_, addr))) => super::forward::heartbeat(&self.peers, &addr, node).await,
+        if !may_forward {
+            return Err(ClusterError::Unavailable(
+                "this server is not the leader: it takes no relayed heartbeat".into(),
+            ));
+        }
+        // Relayed with the others that arrive meanwhile: one call to the leader for all.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        crate::service::lock(&self.relay.queue).push((node, incarnation, tx));
+        self.relay.wake.notify_one();
+        match tokio::time::timeout(Duration::from_millis(1500), rx).await {
+            Ok(Ok(answer)) => answer,
             _ => Err(ClusterError::Unavailable(
-                "no leader to take the heartbeat".into(),
+                "the leader did not answer the relayed heartbeat within 1.5s".into(),
             )),
         }
+    }
+
+    /// On the leader: record a heartbeat of `node` for the failure detector, unless it comes
+    /// from another incarnation than the node table's.
+    pub(crate) fn take_heartbeat(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
+        self.check_incarnation(node, incarnation)?;
+        self.heartbeats.record(node);
+        Ok(())
+    }
+
+    /// On the leader: the singleton lease it grants now, if it heard from a quorum recently
+    /// enough and has committed in its term (so its commit index covers every committed
+    /// placement).
+    pub(crate) fn lease_grant(&self) -> LeaseGrant {
+        let term = self.raft.metrics().borrow().current_term;
+        let committed = self.log.committed();
+        let in_term = committed.is_some_and(|c| c.leader_id.term == term);
+        let lease = if in_term && self.leads_with_quorum() {
+            self.config.lease
+        } else {
+            Duration::ZERO
+        };
+        LeaseGrant {
+            leader: self.config.id,
+            lease,
+            index: committed.map_or(0, |c| c.index),
+        }
+    }
+
+    /// Relay the queued heartbeats to the leader, batched, until the node is dropped.
+    fn relay_heartbeats(node: std::sync::Weak<ClusterNode>, relay: Arc<HeartbeatRelay>) {
+        tokio::spawn(async move {
+            loop {
+                relay.wake.notified().await;
+                // Whatever else arrives meanwhile goes in the same call.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let Some(node) = node.upgrade() else { return };
+                let batch = std::mem::take(&mut *crate::service::lock(&relay.queue));
+                if batch.is_empty() {
+                    continue;
+                }
+                let beats: Vec<(u64, u64)> = batch.iter().map(|(n, i, _)| (*n, *i)).collect();
+                let answer = match node.leader_with_address() {
+                    _ if node.is_leader() => {
+                        let grant = node.lease_grant();
+                        let refused = beats
+                            .iter()
+                            .filter_map(|(n, i)| {
+                                node.take_heartbeat(*n, *i)
+                                    .err()
+                                    .map(|e| (*n, e.to_string()))
+                            })
+                            .collect();
+                        Ok((grant, refused))
+                    }
+                    Some((_, addr)) => {
+                        super::forward::relay_heartbeats(&node.peers, &addr, &beats).await
+                    }
+                    None => Err(ClusterError::Unavailable(
+                        "no leader to take the heartbeat".into(),
+                    )),
+                };
+                for (n, _, tx) in batch {
+                    let _ = tx.send(match &answer {
+                        Ok((_, refused)) if refused.contains_key(&n) => {
+                            Err(ClusterError::Conflict(refused[&n].clone()))
+                        }
+                        Ok((grant, _)) => Ok(*grant),
+                        Err(e) => Err(ClusterError::Unavailable(e.to_string())),
+                    });
+                }
+            }
+        });
     }
 
     /// Whether this node is the leader now.

@@ -551,6 +551,8 @@ pub(crate) struct Applied {
 #[derive(Clone)]
 pub(crate) struct StateMachineStore {
     applied: Arc<RwLock<Applied>>,
+    /// Each node's view of its placements, kept as entries apply.
+    pub(crate) views: Arc<super::views::Views>,
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     writer: Writer,
     snapshots_built: Arc<AtomicU64>,
@@ -614,7 +616,12 @@ pub(crate) fn stores(
         applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership.clone();
     }
+    let views = super::views::Views::new(
+        &applied.state,
+        applied.last_applied.map(|l| l.index).unwrap_or(0),
+    );
     let sm = StateMachineStore {
+        views,
         applied: Arc::new(RwLock::new(applied)),
         snapshot: Arc::new(Mutex::new(r.snapshot)),
         writer,
@@ -666,8 +673,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut results = Vec::new();
         let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        let mut touched = super::views::Touched::default();
         for entry in entries {
             a.last_applied = Some(entry.log_id);
+            if let EntryPayload::Normal(ref batch) = entry.payload {
+                for p in batch.proposals.iter() {
+                    touched.note(&p.command);
+                }
+            }
             let result = match entry.payload {
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(ref batch) => batch
@@ -698,6 +711,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             results.push(result);
         }
+        let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+        self.views.applied(&a.state, touched, index);
         Ok(results)
     }
 
@@ -728,6 +743,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             a.state = state;
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();
+            let mut all = super::views::Touched::default();
+            all.everything();
+            let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+            self.views.applied(&a.state, all, index);
         }
         *lock(&self.snapshot) = Some((meta.clone(), data));
         Ok(())

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p mode-tests --bin mode-bench -- <services|timers|restart|all> [--json]
+//! mode-bench fleet [--agents 1000] [--services 100] [--replicas 1000] --json
 //! mode-bench chaos --minutes 3 [--nodes 5] [--seed 1] [--verbose] --json   # as root
 //! ```
 //!
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 mod chaos;
 mod cluster;
+mod fleet;
 mod graph;
 mod schedule;
 
@@ -131,6 +133,20 @@ enum Suite {
     Schedule,
     /// Node loss: kill -9 a node hosting 100 instances, time until they all run elsewhere.
     Reschedule,
+    /// A fleet: 3 server processes and N agent-only nodes (in this process), S services x R
+    /// replicas: time until all run, leader CPU and memory, Raft log per instance, and the
+    /// leader's load with the agents idle.
+    Fleet {
+        /// Agent-only nodes.
+        #[arg(long, default_value_t = 1000)]
+        agents: u64,
+        /// Services.
+        #[arg(long, default_value_t = 100)]
+        services: u32,
+        /// Replicas of each service.
+        #[arg(long, default_value_t = 1000)]
+        replicas: u32,
+    },
     /// The combined beacon graph: `modectl graph -o json` over 3 nodes running 10,000
     /// instances (needs `modectl` built next to this binary).
     Graph {
@@ -231,6 +247,13 @@ fn main() -> anyhow::Result<()> {
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
         Suite::Reschedule => timed("reschedule", || cluster::reschedule_suite(cli.reps.max(5)))?,
+        Suite::Fleet {
+            agents,
+            services,
+            replicas,
+        } => timed("fleet", || {
+            fleet::fleet_suite(*agents, *services, *replicas)
+        })?,
         Suite::Graph { instances, samples } => {
             timed("graph", || graph::graph_suite(*instances, *samples))?
         }

@@ -1,0 +1,463 @@
+//! How an agent reaches the control plane: through the local [`ClusterNode`] on a server, or
+//! through the peer API of any server on an agent-only node (failing over to another when the
+//! one it uses stops answering). Either way it gets the same three things: its placements view,
+//! heartbeats with singleton leases, and batched instance reports.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mode_proto::v1 as pb;
+use mode_proto::v1::peer_client::PeerClient;
+use tonic::transport::Channel;
+
+use super::wire::{report_to_proto, view_from_proto};
+use super::{AgentTimings, KindRegistry};
+use crate::model::state::{Command, InstanceReport, NodeRole};
+use crate::replication::{ClusterNode, LeaseGrant, NodeView};
+use crate::service::{Context, Service, ServiceHandle, Strategy, Supervisor};
+
+/// Where the agent's placements come from and its heartbeats and reports go.
+#[derive(Clone)]
+pub(crate) enum Link {
+    /// This server's own replica.
+    Local(Arc<ClusterNode>),
+    /// The servers of an agent-only node.
+    Remote(Arc<Servers>),
+}
+
+impl Link {
+    /// The node's placements view, kept current.
+    pub(crate) fn views(
+        &self,
+        me: u64,
+        incarnation: u64,
+    ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
+        match self {
+            Link::Local(node) => node.watch_placements(me, 0).0,
+            Link::Remote(servers) => servers.clone().watch(me, incarnation),
+        }
+    }
+
+    /// Heartbeat; the answer carries the lease, its index translated into the view's.
+    pub(crate) async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+        match self {
+            Link::Local(node) => node
+                .agent_heartbeat(me, incarnation)
+                .await
+                .map_err(|e| e.to_string()),
+            Link::Remote(servers) => servers.heartbeat(me, incarnation).await,
+        }
+    }
+
+    /// Send a batch of reports (one command).
+    pub(crate) async fn report(
+        &self,
+        me: u64,
+        incarnation: u64,
+        reports: Vec<InstanceReport>,
+    ) -> Result<(), String> {
+        match self {
+            Link::Local(node) => {
+                let command = Command::ReportInstances {
+                    node: me,
+                    incarnation,
+                    reports,
+                };
+                match node.write(command, true).await {
+                    Ok(out) if out.result.ok => Ok(()),
+                    Ok(out) => Err(out.result.message),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Link::Remote(servers) => servers.report(me, incarnation, reports).await,
+        }
+    }
+}
+
+/// Heartbeats that may fail in a row before the agent moves to another server.
+const FAILOVER_AFTER: u64 = 2;
+
+/// The servers an agent-only node talks to (their peer addresses), and the one in use.
+pub struct Servers {
+    addresses: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+    /// Bumped on each failover: the watch stream reconnects.
+    generation: tokio::sync::watch::Sender<u64>,
+    failures: AtomicU64,
+}
+
+impl Servers {
+    /// Reach the cluster through these servers' peer addresses (HOST:PORT), the first first.
+    pub fn new(addresses: Vec<String>) -> Result<Arc<Servers>, String> {
+        if addresses.is_empty() {
+            return Err("an agent needs --servers: the peer addresses of the cluster's servers (HOST:PORT, comma-separated)".into());
+        }
+        let mut channels = Vec::new();
+        for a in &addresses {
+            crate::replication::check_address("--servers address", a).map_err(|e| e.to_string())?;
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .map_err(|e| format!("--servers address '{a}': {e}"))?
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true);
+            channels.push(endpoint.connect_lazy());
+        }
+        Ok(Arc::new(Servers {
+            addresses,
+            channels,
+            current: AtomicUsize::new(0),
+            generation: tokio::sync::watch::channel(0).0,
+            failures: AtomicU64::new(0),
+        }))
+    }
+
+    fn client(&self) -> (usize, PeerClient<Channel>) {
+        let i = self.current.load(Ordering::Acquire) % self.channels.len();
+        (
+            i,
+            PeerClient::new(self.channels[i].clone())
+                .max_decoding_message_size(crate::model::limits::MAX_ANSWER_BYTES),
+        )
+    }
+
+    /// The server in use did not answer: move to the next one (once per failure of `from`).
+    fn fail_over(&self, from: usize, why: &str) {
+        let next = (from + 1) % self.channels.len();
+        if self
+            .current
+            .compare_exchange(from, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                "server {} does not answer ({why}): moving to {}",
+                self.addresses[from],
+                self.addresses[next]
+            );
+            self.failures.store(0, Ordering::Release);
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The address in use now.
+    pub fn current(&self) -> &str {
+        &self.addresses[self.current.load(Ordering::Acquire) % self.addresses.len()]
+    }
+
+    /// Register the node through any server, retrying (and moving on) until one accepts, or
+    /// until a server refuses it for good (e.g. another --heartbeat-grace).
+    pub(crate) async fn register(&self, request: pb::RegisterRequest) -> Result<String, String> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let (i, mut client) = self.client();
+            let mut req = tonic::Request::new(request.clone());
+            req.set_timeout(Duration::from_secs(3));
+            match client.register(req).await {
+                Ok(reply) => return Ok(reply.into_inner().message),
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        || s.code() == tonic::Code::InvalidArgument =>
+                {
+                    return Err(s.message().to_string())
+                }
+                Err(s) => {
+                    let why = crate::replication::describe_status(&self.addresses[i], &s);
+                    tracing::warn!("registering this node: {why}; retrying");
+                    self.fail_over(i, &why);
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+        let (i, mut client) = self.client();
+        let mut req = tonic::Request::new(pb::HeartbeatRequest {
+            node: me,
+            incarnation,
+        });
+        req.set_timeout(Duration::from_millis(1500));
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                self.failures.store(0, Ordering::Release);
+                let r = r.into_inner();
+                Ok(LeaseGrant {
+                    leader: r.leader,
+                    lease: Duration::from_millis(r.lease_ms),
+                    index: r.lease_index,
+                })
+            }
+            // A refusal of this node is not the server's fault.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(s.message().to_string()),
+            Err(s) => {
+                let why = crate::replication::describe_status(&self.addresses[i], &s);
+                if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER {
+                    self.fail_over(i, &why);
+                }
+                Err(why)
+            }
+        }
+    }
+
+    async fn report(
+        &self,
+        me: u64,
+        incarnation: u64,
+        reports: Vec<InstanceReport>,
+    ) -> Result<(), String> {
+        let (i, mut client) = self.client();
+        let request = pb::ReportInstancesRequest {
+            node: me,
+            incarnation,
+            reports: reports.iter().map(report_to_proto).collect(),
+        };
+        client
+            .report_instances(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| crate::replication::describe_status(&self.addresses[i], &s))
+    }
+
+    /// Keep a view from the server in use, resuming after a failover from the last index.
+    fn watch(
+        self: Arc<Self>,
+        me: u64,
+        incarnation: u64,
+    ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(NodeView::default()));
+        tokio::spawn(async move {
+            let mut generation = self.generation.subscribe();
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let after = tx.borrow().index;
+                let (i, mut client) = self.client();
+                generation.borrow_and_update();
+                let request = pb::WatchPlacementsRequest {
+                    node: me,
+                    incarnation,
+                    after_index: after,
+                };
+                let why = match client.watch_placements(request).await {
+                    Ok(stream) => {
+                        tracing::info!(
+                            "watching this node's placements through {} (after index {after})",
+                            self.addresses[i]
+                        );
+                        let mut stream = stream.into_inner();
+                        loop {
+                            tokio::select! {
+                                _ = generation.changed() => break "moved to another server".to_string(),
+                                _ = tx.closed() => return,
+                                m = stream.message() => match m {
+                                    Ok(Some(update)) => {
+                                        tx.send_replace(Arc::new(view_from_proto(&update)));
+                                    }
+                                    Ok(None) => break "the stream ended".to_string(),
+                                    Err(s) => break crate::replication::describe_status(&self.addresses[i], &s),
+                                },
+                            }
+                        }
+                    }
+                    Err(s) => crate::replication::describe_status(&self.addresses[i], &s),
+                };
+                tracing::info!("watching placements through {}: {why}", self.addresses[i]);
+                if self.current.load(Ordering::Acquire) % self.channels.len() == i {
+                    self.fail_over(i, &why);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        rx
+    }
+}
+
+/// The RegisterRequest of an agent-only node.
+pub(crate) fn register_request(
+    me: u64,
+    address: String,
+    labels: BTreeMap<String, String>,
+    capacity: u64,
+    kinds: Vec<String>,
+    incarnation: u64,
+    heartbeat_grace: Duration,
+) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node: me,
+        address,
+        api_address: String::new(),
+        labels: labels.into_iter().collect(),
+        capacity,
+        kinds,
+        incarnation,
+        heartbeat_grace_ms: heartbeat_grace.as_millis() as u64,
+        role: NodeRole::Agent.as_str().to_string(),
+    }
+}
+
+/// The incarnation of an agent-only node's data directory (made at random the first time): a
+/// wiped agent is a new incarnation of its node, and its heartbeats are refused.
+pub fn agent_incarnation(dir: &std::path::Path, id: u64) -> Result<u64, String> {
+    let path = dir.join("agent.json");
+    let problem =
+        |e: &dyn std::fmt::Display| format!("agent data directory {}: {e}", dir.display());
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| problem(&e))?;
+        let owner = v["node_id"].as_u64().unwrap_or(0);
+        if owner != id {
+            return Err(problem(&format!(
+                "it belongs to node {owner}, not {id}: give each node its own --data-dir"
+            )));
+        }
+        return v["incarnation"]
+            .as_u64()
+            .filter(|i| *i != 0)
+            .ok_or_else(|| problem(&"agent.json has no incarnation: move the directory away"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| problem(&e))?;
+    let incarnation = crate::replication::random_u64();
+    let text = serde_json::json!({"node_id": id, "incarnation": incarnation}).to_string();
+    let tmp = dir.join("agent.json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| problem(&e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| problem(&e))?;
+    Ok(incarnation)
+}
+
+/// The agent of an agent-only node: registers through the servers, then runs its instances.
+pub(crate) struct RemoteAgent {
+    pub(crate) servers: Arc<Servers>,
+    pub(crate) register: pb::RegisterRequest,
+    pub(crate) kinds: KindRegistry,
+    pub(crate) instances: ServiceHandle,
+    pub(crate) incarnation: u64,
+}
+
+impl Service for RemoteAgent {
+    async fn on_start(&mut self, ctx: &Context) -> crate::service::Result<()> {
+        let (servers, register) = (self.servers.clone(), self.register.clone());
+        let (kinds, instances, incarnation) =
+            (self.kinds.clone(), self.instances.clone(), self.incarnation);
+        let me = register.node;
+        let c = ctx.clone();
+        ctx.spawn("register", async move {
+            match c.wait(servers.register(register)).await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(msg)) => tracing::info!("{msg} (through {})", servers.current()),
+            }
+            let link = Link::Remote(servers);
+            super::run(
+                c,
+                link,
+                me,
+                incarnation,
+                kinds,
+                instances,
+                AgentTimings::default(),
+            )
+            .await;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// What an agent-only node embedded in another process is (see [`run_remote`]).
+pub struct RemoteAgentConfig {
+    /// Its node id.
+    pub id: u64,
+    /// The servers' peer addresses.
+    pub servers: Vec<String>,
+    /// The peer address it registers (an embedded agent serves no beacon: the graph shows
+    /// it unreachable).
+    pub advertise: String,
+    /// Labels for placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Capacity units.
+    pub capacity: u64,
+    /// The kinds it runs.
+    pub kinds: KindRegistry,
+    /// The cluster's --heartbeat-grace.
+    pub heartbeat_grace: Duration,
+}
+
+/// An agent-only node running inside this process.
+pub struct EmbeddedAgent {
+    root: ServiceHandle,
+    instances: ServiceHandle,
+}
+
+impl EmbeddedAgent {
+    /// How many of its instances run now.
+    pub fn running_instances(&self) -> usize {
+        self.instances
+            .dependencies()
+            .iter()
+            .filter(|i| i.state() == crate::service::ServiceState::Running)
+            .count()
+    }
+
+    /// Stop its instances and the agent.
+    pub async fn stop(&self) {
+        self.root.stop().await;
+    }
+}
+
+/// Start an agent-only node in this process (benchmarks of many agents): the same agent,
+/// connections and lease rules as `mode-node --role agent`, with a fresh incarnation and no
+/// peer listener.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), String> {
+/// use mode::agent::{run_remote, KindRegistry, RemoteAgentConfig};
+/// let agent = run_remote(RemoteAgentConfig {
+///     id: 100,
+///     servers: vec!["127.0.0.1:7071".into()],
+///     advertise: "127.0.0.1:1".into(),
+///     labels: Default::default(),
+///     capacity: 100,
+///     kinds: KindRegistry::stock(),
+///     heartbeat_grace: std::time::Duration::from_millis(1500),
+/// })
+/// .await?;
+/// agent.stop().await;
+/// # Ok(()) }
+/// ```
+pub async fn run_remote(config: RemoteAgentConfig) -> Result<EmbeddedAgent, String> {
+    let servers = Servers::new(config.servers)?;
+    let incarnation = crate::replication::random_u64();
+    let instances = Supervisor::new(Strategy::ForfeitOneForOne)
+        .label("Instances")
+        .build();
+    let register = register_request(
+        config.id,
+        config.advertise,
+        config.labels,
+        config.capacity,
+        config.kinds.names(),
+        incarnation,
+        config.heartbeat_grace,
+    );
+    let agent = ServiceHandle::builder(RemoteAgent {
+        servers,
+        register,
+        kinds: config.kinds,
+        instances: instances.clone(),
+        incarnation,
+    })
+    .label("Agent")
+    .build();
+    let root = Supervisor::new(Strategy::OneForOne)
+        .label(format!("agent-{}", config.id))
+        .child(instances.clone())
+        .child(agent)
+        .build();
+    root.start().await.map_err(|e| e.to_string())?;
+    Ok(EmbeddedAgent { root, instances })
+}

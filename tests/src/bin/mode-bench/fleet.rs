@@ -1,0 +1,220 @@
+//! `fleet`: 3 server processes and N agent-only nodes, the agents run inside this process
+//! (real agents: each its own gRPC connection to a server, its own lease and watchdog, real
+//! framework instances of the demo kind `ticker`), S services x R replicas applied at once.
+//! Measures the time until every instance is reported running in the replicated state, the
+//! leader's CPU and memory, the Raft log per instance, and the leader's load with N idle agents.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mode::agent::{run_remote, EmbeddedAgent, KindRegistry, RemoteAgentConfig};
+use mode_proto::v1 as pb;
+use serde_json::{json, Value};
+
+/// Agents' node ids start here (the servers are 1-3).
+const FIRST_AGENT: u64 = 1000;
+
+/// Clock ticks per second of /proc/<pid>/stat (Linux's USER_HZ).
+const TICKS_PER_S: f64 = 100.0;
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After "pid (comm)": state is field 0, utime 11, stime 12.
+    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    Ok((utime + stime) / TICKS_PER_S)
+}
+
+/// Resident memory of `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<Value> {
+    let instances = u64::from(services) * u64::from(replicas);
+    let grace = "1500ms";
+    let cluster = super::cluster::bench_cluster(&["--heartbeat-grace", grace])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        let leader_pid = cluster.nodes[&leader]
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("the leader is not running"))?;
+        // Agents talk to the followers (which relay their heartbeats in batches), half each;
+        // the leader is their last resort.
+        let followers: Vec<String> = (1..=3)
+            .filter(|s| *s != leader)
+            .map(|s| cluster.nodes[&s].peer_address())
+            .collect();
+        let capacity = (instances / agents.max(1)) * 2 + 10;
+        println!(
+            "fleet: 3 server processes, {agents} agent-only nodes in this process (real agents, each with its own gRPC connection to a server, instances of the demo kind `ticker`), {services} services x {replicas} replicas = {instances} instances"
+        );
+        let t0 = Instant::now();
+        let mut fleet: Vec<EmbeddedAgent> = Vec::with_capacity(agents as usize);
+        for i in 0..agents {
+            let mut servers = vec![
+                followers[(i as usize) % followers.len()].clone(),
+                followers[(i as usize + 1) % followers.len()].clone(),
+            ];
+            servers.push(cluster.nodes[&leader].peer_address());
+            let agent = run_remote(RemoteAgentConfig {
+                id: FIRST_AGENT + i,
+                servers,
+                advertise: "127.0.0.1:1".into(),
+                labels: BTreeMap::from([("pool".to_string(), "agents".to_string())]),
+                capacity,
+                kinds: KindRegistry::stock(),
+                heartbeat_grace: Duration::from_millis(1500),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+            fleet.push(agent);
+        }
+        // Every agent registered and up.
+        let mut peer = cluster.peer_client(leader).max_decoding_message_size(1 << 30);
+        loop {
+            let nodes = peer
+                .query(pb::QueryRequest {
+                    query: "nodes".into(),
+                    stale: true,
+                })
+                .await?
+                .into_inner();
+            let v: Value = serde_json::from_str(&nodes.result_json)?;
+            let up = v.as_array().map_or(0, |ns| {
+                ns.iter()
+                    .filter(|n| n["role"] == "agent" && n["status"] == "up")
+                    .count()
+            });
+            if up as u64 == agents {
+                break;
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(600),
+                "only {up} of {agents} agents registered within 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let registered_s = t0.elapsed().as_secs_f64();
+        println!("  {agents} agents registered and up in {registered_s:.1} s");
+
+        // Idle: heartbeats only.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (c0, w0) = (cpu_s(leader_pid)?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle_cpu_pct = (cpu_s(leader_pid)? - c0) / w0.elapsed().as_secs_f64() * 100.0;
+        println!(
+            "  idle: the leader used {idle_cpu_pct:.1} % of one core over 10 s with {agents} agents heartbeating (target < 10 % with 5,000)"
+        );
+
+        // Deploy.
+        let status = cluster.status(leader, false).await?;
+        let (log0, bytes0) = (
+            status.last_log_index,
+            dir_bytes(&cluster.nodes[&leader].data_dir),
+        );
+        let (cpu0, deploy0) = (cpu_s(leader_pid)?, Instant::now());
+        let mut text = String::new();
+        for s in 0..services {
+            text.push_str(&format!(
+                "---\nname: svc-{s:04}\nkind: ticker\nreplicas: {replicas}\nconfig: {{every_ms: 3600000}}\nconstraints: [{{label: pool, equals: agents}}]\n"
+            ));
+        }
+        cluster
+            .apply(leader, &text)
+            .await
+            .map_err(|e| anyhow::anyhow!("applying the services: {e}"))?;
+        // Running on the agents, then reported so in the replicated state.
+        loop {
+            let running: usize = fleet.iter().map(EmbeddedAgent::running_instances).sum();
+            if running as u64 >= instances {
+                break;
+            }
+            anyhow::ensure!(
+                deploy0.elapsed() < Duration::from_secs(900),
+                "only {running} of {instances} instances run after 900 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let started_s = deploy0.elapsed().as_secs_f64();
+        let mut control = mode_tests::client(&cluster.nodes[&leader].address());
+        loop {
+            let list = control
+                .list_services(pb::ListServicesRequest { stale: true })
+                .await?
+                .into_inner();
+            let running: u64 = list.services.iter().map(|s| u64::from(s.running)).sum();
+            if running >= instances {
+                break;
+            }
+            anyhow::ensure!(
+                deploy0.elapsed() < Duration::from_secs(900),
+                "only {running} of {instances} instances reported running after 900 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let reported_s = deploy0.elapsed().as_secs_f64();
+        let deploy_cpu_s = cpu_s(leader_pid)? - cpu0;
+        let rss = rss_mib(leader_pid);
+        let status = cluster.status(leader, false).await?;
+        let entries = status.last_log_index.saturating_sub(log0);
+        let bytes = dir_bytes(&cluster.nodes[&leader].data_dir).saturating_sub(bytes0);
+        let placements_per_s = instances as f64 / reported_s;
+        println!(
+            "  deploy: all {instances} instances running on the agents after {started_s:.1} s, reported running in the replicated state after {reported_s:.1} s = {placements_per_s:.0} placements/s (target: 1,000,000 on 5,000 agents in < 60 s)"
+        );
+        println!(
+            "  leader: {deploy_cpu_s:.1} CPU s during the deploy, RSS {rss:.0} MiB; Raft: {entries} entries ({:.4} per instance), data directory +{:.0} bytes per instance",
+            entries as f64 / instances as f64,
+            bytes as f64 / instances as f64
+        );
+        for a in &fleet {
+            a.stop().await;
+        }
+        Ok(json!({
+            "agents": agents,
+            "services": services,
+            "replicas": replicas,
+            "instances": instances,
+            "agents_in_process": true,
+            "instance_kind": "ticker",
+            "registered_s": registered_s,
+            "running_s": started_s,
+            "reported_running_s": reported_s,
+            "placements_per_s": placements_per_s,
+            "leader_deploy_cpu_s": deploy_cpu_s,
+            "leader_rss_mib": rss,
+            "raft_entries": entries,
+            "raft_entries_per_instance": entries as f64 / instances as f64,
+            "data_dir_bytes_per_instance": bytes as f64 / instances as f64,
+            "idle_leader_cpu_pct": idle_cpu_pct,
+        }))
+    })
+}
