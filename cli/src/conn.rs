@@ -196,12 +196,18 @@ fn moves_on(kind: Call, outcome: &Outcome) -> bool {
 
 fn classify(status: &tonic::Status) -> Outcome {
     match status.code() {
+        // A node that answered "outcome unknown" (its own forwarding failed mid-way) was
+        // reached, whatever the words of the error it passes on.
+        tonic::Code::Unavailable if status.message().contains("outcome unknown") => {
+            Outcome::Unknown
+        }
         tonic::Code::Unavailable if is_connect_error(status) => Outcome::NotReached,
         tonic::Code::Unavailable if status.message().contains("unknown") => Outcome::Unknown,
         tonic::Code::Unavailable => Outcome::NotDone,
         // The server's own deadline (a rolling restart that did not finish): its answer.
         tonic::Code::DeadlineExceeded => Outcome::Answered,
-        tonic::Code::Cancelled if is_timeout(status) => Outcome::Unknown,
+        // The client's own timeout, or the connection dropped while the call was in flight.
+        tonic::Code::Cancelled => Outcome::Unknown,
         // The connection broke while the call was in flight (the node died).
         tonic::Code::Unknown if status.message().contains("transport error") => Outcome::Unknown,
         _ => Outcome::Answered,
@@ -277,6 +283,13 @@ mod tests {
         assert_eq!(classify(&reset), Outcome::Unknown);
         let missing = tonic::Status::not_found("no service named 'x'");
         assert_eq!(classify(&missing), Outcome::Answered);
+        // A node that was reached, whose own forwarding to the leader failed mid-way.
+        let relayed = tonic::Status::unavailable(
+            "cluster unavailable: outcome unknown: forwarding to node 1 failed (tcp connect error)",
+        );
+        assert_eq!(classify(&relayed), Outcome::Unknown);
+        let dropped = tonic::Status::cancelled("operation was canceled");
+        assert_eq!(classify(&dropped), Outcome::Unknown);
     }
 
     #[test]

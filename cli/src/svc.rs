@@ -134,6 +134,17 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             let file_name = file.display().to_string();
             let specs = mode::model::spec::parse_specs(&file_name, &text)
                 .map_err(|e| fail(2, e.to_string()))?;
+            for spec in &specs {
+                if let Some(at) = mode::api::convert::inexact_number(&spec.config, "config") {
+                    return Err(fail(
+                        2,
+                        format!(
+                            "{file_name}: spec '{}': {at} is an integer beyond 2^53, which the API's JSON config (a protobuf Struct of doubles) cannot carry exactly: write it as a string",
+                            spec.name
+                        ),
+                    ));
+                }
+            }
             let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
             let specs: Vec<pb::ServiceSpec> = specs.iter().map(spec_to_proto).collect();
             let expected: std::collections::HashMap<String, u64> =

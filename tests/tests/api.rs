@@ -715,10 +715,16 @@ async fn health_follows_readiness() {
     // Two nodes; only node 2 runs at first: it is no member of a cluster yet (node 1
     // bootstraps it), so not ready.
     let mut c = TestCluster::start(0, &[]);
-    let (p1, p2) = (mode_tests::free_port(), mode_tests::free_port());
-    let peers = format!("1=127.0.0.1:{p1},2=127.0.0.1:{p2}");
-    for (id, port) in [(1, p1), (2, p2)] {
-        c.add_node(id, port, vec!["--peers".into(), peers.clone()]);
+    for id in [1, 2] {
+        c.add_node(id, mode_tests::free_port(), vec![]);
+    }
+    let peers = format!(
+        "1={},2={}",
+        c.nodes[&1].peer_address(),
+        c.nodes[&2].peer_address()
+    );
+    for id in [1, 2] {
+        c.node(id).push_args(&["--peers", &peers]);
     }
     c.node(2).start();
     let channel =

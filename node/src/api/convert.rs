@@ -79,6 +79,40 @@ fn number_to_json(n: f64) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Where `v` (at `path`) holds a number a `google.protobuf.Struct` cannot carry exactly: an
+/// integer beyond 2^53 (Struct numbers are doubles). Clients check before they send.
+pub fn inexact_number(v: &serde_json::Value, path: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Number(n) => {
+            let exact = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u <= 1 << 53,
+                (None, Some(i)) => i.unsigned_abs() <= 1 << 53,
+                _ => true,
+            };
+            (!exact).then(|| format!("{path} = {n}"))
+        }
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| inexact_number(x, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(m) => m
+            .iter()
+            .find_map(|(k, x)| inexact_number(x, &format!("{path}.{k}"))),
+        _ => None,
+    }
+}
+
+/// Whether a Struct value holds a NaN or an infinity (JSON has no such number).
+fn non_finite(v: &prost_types::Value) -> bool {
+    use prost_types::value::Kind;
+    match &v.kind {
+        Some(Kind::NumberValue(n)) => !n.is_finite(),
+        Some(Kind::ListValue(l)) => l.values.iter().any(non_finite),
+        Some(Kind::StructValue(s)) => s.fields.values().any(non_finite),
+        _ => false,
+    }
+}
+
 /// A `google.protobuf.Struct` as a JSON object.
 pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
     serde_json::Value::Object(
@@ -96,6 +130,15 @@ pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
 /// `equals` and `in`); everything else is checked by [`ServiceSpec::validate`].
 pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
     let mut spec = ServiceSpec::new(p.name, p.kind);
+    if let Some(c) = &p.config {
+        if c.fields.values().any(non_finite) {
+            return Err(SpecError::new(
+                "holds a number that is not finite (NaN or infinity), which JSON configs cannot hold: send a finite number",
+            )
+            .with_spec(spec.name.clone())
+            .with_field("config"));
+        }
+    }
     spec.config = p
         .config
         .as_ref()

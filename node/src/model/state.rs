@@ -910,6 +910,11 @@ impl ClusterState {
                 {
                     return self.refuse_over_limit(at, "put_spec", e);
                 }
+                // The checks of an apply, against the committed state: no path (a raw peer
+                // proposal included) stores a spec that would not validate.
+                if let Err(refused) = self.check_set(std::slice::from_ref(spec)) {
+                    return refused;
+                }
                 // Applying a spec again cancels a pending removal.
                 self.deleting.remove(&spec.name);
                 let generation = self
@@ -967,6 +972,14 @@ impl ClusterState {
                 CommandResult::ok(msg)
             }
             Command::PurgeSpec { name } => {
+                // Only what is still being removed: a spec applied again after the control
+                // loop decided to purge it stays.
+                if !self.deleting.contains(name) {
+                    return CommandResult::refused_as(
+                        Refusal::Precondition,
+                        format!("service '{name}' is not being removed (applied again meanwhile?); not purged"),
+                    );
+                }
                 self.deleting.remove(name);
                 self.traces.remove(name);
                 self.placements.remove(name);
@@ -1226,6 +1239,30 @@ impl ClusterState {
         self.event(at, "spec-applied", message, Some(name), None);
     }
 
+    /// The specs' own rules and their references against the committed specs: names,
+    /// dependencies that exist and are not being removed, no cycle.
+    fn check_set(&self, specs: &[ServiceSpec]) -> Result<(), CommandResult> {
+        let stored: Vec<ServiceSpec> = self.specs.values().cloned().collect();
+        crate::model::spec::validate_set(specs, &stored)
+            .map_err(|e| CommandResult::refused_as(Refusal::Invalid, e.to_string()))?;
+        // A dependency being removed would be purged under its new dependent, which would
+        // then wait for it forever: keep it by applying it in the same apply, or drop it.
+        for spec in specs {
+            for dep in &spec.depends_on {
+                if self.deleting.contains(dep) && !specs.iter().any(|s| &s.name == dep) {
+                    return Err(CommandResult::refused_as(
+                        Refusal::Precondition,
+                        format!(
+                            "spec '{}': depends_on '{dep}', which is being removed: apply '{dep}' again in the same apply to keep it, or drop the dependency",
+                            spec.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// What applying `specs` atomically would do, checked against this (committed) state:
     /// each spec alone, references and cycles among the stored and new specs, limits, kinds
     /// some node offers, and the compare-and-set `expected` generations (0: must not exist).
@@ -1247,9 +1284,7 @@ impl ClusterState {
                 CommandResult::refused_as(Refusal::OverLimit, format!("spec '{}': {e}", spec.name))
             })?;
         }
-        let stored: Vec<ServiceSpec> = self.specs.values().cloned().collect();
-        crate::model::spec::validate_set(specs, &stored)
-            .map_err(|e| CommandResult::refused_as(Refusal::Invalid, e.to_string()))?;
+        self.check_set(specs)?;
         for (name, want) in expected {
             if !specs.iter().any(|s| &s.name == name) {
                 return Err(CommandResult::refused_as(
@@ -2025,5 +2060,76 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown query"));
+    }
+
+    #[test]
+    fn a_raw_put_spec_cannot_commit_a_cycle_or_a_bad_spec() {
+        let mut s = ClusterState::default();
+        let mut a = spec("a");
+        a.depends_on = vec!["b".into()];
+        let mut b = spec("b");
+        assert!(!s.apply(&p(Command::PutSpec { spec: a.clone() })).ok, "b does not exist");
+        assert!(s.apply(&p(Command::PutSpec { spec: b.clone() })).ok);
+        assert!(s.apply(&p(Command::PutSpec { spec: a })).ok);
+        b.depends_on = vec!["a".into()];
+        let refused = s.apply(&p(Command::PutSpec { spec: b }));
+        assert!(!refused.ok && refused.message.contains("cycle"), "{}", refused.message);
+        assert!(s.specs["b"].depends_on.is_empty());
+        let mut bad = spec("Bad_Name");
+        bad.replicas = 1;
+        assert!(!s.apply(&p(Command::PutSpec { spec: bad })).ok);
+        assert!(!s.specs.contains_key("Bad_Name"));
+    }
+
+    #[test]
+    fn a_purge_decided_before_a_re_apply_keeps_the_spec() {
+        let mut s = ClusterState::default();
+        s.apply(&p(Command::PutSpec { spec: spec("a") }));
+        assert!(s
+            .apply(&p(Command::DeleteSpec {
+                name: "a".into(),
+                force: false
+            }))
+            .ok);
+        // Applied again before the control loop's purge commits.
+        assert!(s.apply(&p(Command::PutSpec { spec: spec("a") })).ok);
+        let purge = s.apply(&p(Command::PurgeSpec { name: "a".into() }));
+        assert!(!purge.ok, "{}", purge.message);
+        assert!(s.specs.contains_key("a"));
+    }
+
+    #[test]
+    fn nothing_new_may_depend_on_a_service_being_removed() {
+        let mut s = ClusterState::default();
+        s.apply(&p(Command::PutSpec { spec: spec("a") }));
+        s.apply(&p(Command::DeleteSpec {
+            name: "a".into(),
+            force: false,
+        }));
+        let mut b = spec("b");
+        b.depends_on = vec!["a".into()];
+        let refused = s.apply(&p(Command::PutSpec { spec: b.clone() }));
+        assert!(!refused.ok && refused.message.contains("being removed"), "{}", refused.message);
+        // Keeping the dependency in the same apply is fine.
+        let r = s.plan_apply(&[spec("a"), b], &BTreeMap::new());
+        assert!(
+            r.is_ok() || r.as_ref().err().is_some_and(|e| !e.message.contains("being removed")),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn configs_round_trip_exactly_through_json() {
+        // The leader applies its proposal from memory, followers from the JSON they received:
+        // a float that did not round-trip would give them different specs.
+        for text in ["0.10000010000000001", "1.7976931348623157e308", "5e-324", "0.3"] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let again: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+            assert_eq!(v, again, "{text}");
+            let f: f64 = text.parse().unwrap();
+            assert_eq!(v.as_f64(), Some(f), "{text}");
+        }
     }
 }

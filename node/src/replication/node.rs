@@ -474,8 +474,26 @@ impl ClusterNode {
             return Ok(());
         }
         let window = self.check_quorum_window();
-        match tokio::time::timeout(window, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(()),
+        // A heartbeat round through Raft, or the peers' keep-alive answers: behind megabytes
+        // of entries in flight, Raft's own round can take longer than the window while the
+        // keep-alives still show a quorum following this leader.
+        let heard_again = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if self.leads_with_quorum() {
+                    return;
+                }
+            }
+        };
+        let confirmed = tokio::time::timeout(window, async {
+            tokio::select! {
+                r = self.raft.ensure_linearizable() => r.is_ok(),
+                () = heard_again => true,
+            }
+        })
+        .await;
+        match confirmed {
+            Ok(true) => Ok(()),
             _ => Err(format!(
                 "node {} leads term {} but has not heard from a quorum for {} ms",
                 self.config.id,
