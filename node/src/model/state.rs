@@ -1677,6 +1677,56 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_reports_applies_as_one_command_for_the_nodes_incarnation_only() {
+        let mut s = ClusterState::default();
+        assert!(s.apply(&p(register(4, 7, 1500))).ok);
+        s.apply(&p(Command::PutSpec { spec: spec("web") }));
+        let a = |slot| SlotAssignment {
+            service: "web".into(),
+            slot,
+            node: 4,
+            moving_from: None,
+        };
+        s.apply(&p(Command::Place {
+            assign: vec![a(0), a(1)],
+            unassign: vec![],
+        }));
+        let report = |slot, state: &str| InstanceReport {
+            service: "web".into(),
+            slot,
+            state: state.into(),
+            restart_count: 0,
+            last_crash: None,
+            epoch: 0,
+            move_: String::new(),
+        };
+        let batch = |incarnation| Command::ReportInstances {
+            node: 4,
+            incarnation,
+            reports: vec![
+                report(0, "running"),
+                report(1, "running"),
+                report(9, "running"),
+            ],
+        };
+        let refused = s.apply(&p(batch(8)));
+        assert!(
+            !refused.ok && refused.message.contains("incarnation"),
+            "{refused:?}"
+        );
+        assert_eq!(s.placements["web"][&0].state, "pending");
+        let done = s.apply(&p(batch(7)));
+        assert_eq!(done.message, "2 of 3 reports applied");
+        assert_eq!(s.placements["web"][&1].state, "running");
+        let unknown = s.apply(&p(Command::ReportInstances {
+            node: 5,
+            incarnation: 0,
+            reports: vec![],
+        }));
+        assert!(unknown.message.contains("not registered"), "{unknown:?}");
+    }
+
+    #[test]
     fn op_names_match_the_json_tags() {
         let cmds = [
             Command::PutSpec { spec: spec("a") },

@@ -1324,7 +1324,8 @@ impl ClusterNode {
     /// A heartbeat from the agent of `node` (this server's own, or an agent-only node that
     /// watches its placements here): [`ClusterNode::heartbeat`] through the leader, with the
     /// grant's index translated into the index of the view this server publishes to `node`
-    /// (an error when this replica has not caught up with the grant within a second).
+    /// (no lease when this replica, or the node's view here, has not caught up with the grant
+    /// within a second).
     pub async fn agent_heartbeat(
         &self,
         node: u64,
@@ -1338,11 +1339,12 @@ impl ClusterNode {
             .await
         {
             Some(index) => grant.index = index,
+            // This replica (or the node's view here) is behind the grant: no lease this
+            // time, and an index no view reaches, so the answer neither grants nor counts
+            // as the first answer. The server itself answered: no reason to fail over.
             None => {
-                return Err(ClusterError::Unavailable(format!(
-                    "server {}'s replica has not caught up with the leader's commit index {} within a second: try another server",
-                    self.config.id, grant.index
-                )))
+                grant.lease = Duration::ZERO;
+                grant.index = u64::MAX;
             }
         }
         Ok(grant)
