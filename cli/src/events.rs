@@ -75,9 +75,8 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
         let mut stream = match opened {
             Ok(s) => s,
             // A service that does not exist stays so: say it, like `events --service`.
-            Err(f) if f.code == 3
-                || f.code == 2
-                || f.grpc == Some(tonic::Code::InvalidArgument) =>
+            Err(f)
+                if f.code == 3 || f.code == 2 || f.grpc == Some(tonic::Code::InvalidArgument) =>
             {
                 return Err(f)
             }

@@ -417,6 +417,35 @@ pub fn graph_to_proto(g: &graph::ClusterGraph) -> pb::ClusterGraph {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn configs_with_non_finite_or_inexact_numbers_are_refused() {
+        let mut nan = json_to_struct(&serde_json::json!({"a": 1})).unwrap();
+        nan.fields.insert(
+            "x".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+            },
+        );
+        let p = pb::ServiceSpec {
+            name: "web".into(),
+            kind: "ticker".into(),
+            config: Some(nan),
+            ..Default::default()
+        };
+        let e = spec_from_proto(p).unwrap_err().to_string();
+        assert!(e.contains("not finite") && e.contains("config"), "{e}");
+        let big =
+            serde_json::json!({"seed": 12345678901234567891u64, "ok": [1, 9007199254740992u64]});
+        assert_eq!(
+            inexact_number(&big, "config").as_deref(),
+            Some("config.seed = 12345678901234567891")
+        );
+        assert_eq!(
+            inexact_number(&serde_json::json!({"ok": 1.5}), "config"),
+            None
+        );
+    }
     use super::*;
 
     #[test]

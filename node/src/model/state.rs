@@ -2118,12 +2118,19 @@ mod tests {
         let mut a = spec("a");
         a.depends_on = vec!["b".into()];
         let mut b = spec("b");
-        assert!(!s.apply(&p(Command::PutSpec { spec: a.clone() })).ok, "b does not exist");
+        assert!(
+            !s.apply(&p(Command::PutSpec { spec: a.clone() })).ok,
+            "b does not exist"
+        );
         assert!(s.apply(&p(Command::PutSpec { spec: b.clone() })).ok);
         assert!(s.apply(&p(Command::PutSpec { spec: a })).ok);
         b.depends_on = vec!["a".into()];
         let refused = s.apply(&p(Command::PutSpec { spec: b }));
-        assert!(!refused.ok && refused.message.contains("cycle"), "{}", refused.message);
+        assert!(
+            !refused.ok && refused.message.contains("cycle"),
+            "{}",
+            refused.message
+        );
         assert!(s.specs["b"].depends_on.is_empty());
         let mut bad = spec("Bad_Name");
         bad.replicas = 1;
@@ -2135,12 +2142,13 @@ mod tests {
     fn a_purge_decided_before_a_re_apply_keeps_the_spec() {
         let mut s = ClusterState::default();
         s.apply(&p(Command::PutSpec { spec: spec("a") }));
-        assert!(s
-            .apply(&p(Command::DeleteSpec {
+        assert!(
+            s.apply(&p(Command::DeleteSpec {
                 name: "a".into(),
                 force: false
             }))
-            .ok);
+            .ok
+        );
         // Applied again before the control loop's purge commits.
         assert!(s.apply(&p(Command::PutSpec { spec: spec("a") })).ok);
         let purge = s.apply(&p(Command::PurgeSpec { name: "a".into() }));
@@ -2159,11 +2167,18 @@ mod tests {
         let mut b = spec("b");
         b.depends_on = vec!["a".into()];
         let refused = s.apply(&p(Command::PutSpec { spec: b.clone() }));
-        assert!(!refused.ok && refused.message.contains("being removed"), "{}", refused.message);
+        assert!(
+            !refused.ok && refused.message.contains("being removed"),
+            "{}",
+            refused.message
+        );
         // Keeping the dependency in the same apply is fine.
         let r = s.plan_apply(&[spec("a"), b], &BTreeMap::new());
         assert!(
-            r.is_ok() || r.as_ref().err().is_some_and(|e| !e.message.contains("being removed")),
+            r.is_ok()
+                || r.as_ref()
+                    .err()
+                    .is_some_and(|e| !e.message.contains("being removed")),
             "{:?}",
             r.err()
         );
@@ -2173,7 +2188,12 @@ mod tests {
     fn configs_round_trip_exactly_through_json() {
         // The leader applies its proposal from memory, followers from the JSON they received:
         // a float that did not round-trip would give them different specs.
-        for text in ["0.10000010000000001", "1.7976931348623157e308", "5e-324", "0.3"] {
+        for text in [
+            "0.10000010000000001",
+            "1.7976931348623157e308",
+            "5e-324",
+            "0.3",
+        ] {
             let v: serde_json::Value = serde_json::from_str(text).unwrap();
             let again: serde_json::Value =
                 serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
