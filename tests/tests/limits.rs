@@ -271,7 +271,9 @@ async fn large_answers_pass_through_followers_and_oversized_writes_fail_fast() {
         });
     }
     while let Some(done) = writes.join_next().await {
-        let reply = done.unwrap().expect("committed");
+        let reply = done
+            .unwrap()
+            .unwrap_or_else(|e| panic!("committed: {e:?}\n{}", c.log_tails(40)));
         let r: Value = serde_json::from_str(&reply).unwrap();
         assert_eq!(r["ok"], true, "{r}");
     }

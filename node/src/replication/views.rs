@@ -340,6 +340,9 @@ pub(crate) struct Views {
 /// How long the sender waits for more changes before it publishes (coalescing).
 const COALESCE: Duration = Duration::from_millis(30);
 
+/// How many views the sender builds per hold of the state's lock.
+const VIEWS_PER_LOCK: usize = 32;
+
 impl Views {
     /// The index of `state` at `applied`.
     pub(crate) fn new(state: &ClusterState, applied: u64) -> Arc<Views> {
@@ -452,7 +455,10 @@ impl Views {
     }
 
     /// Publish the views that changed, until the process ends; `read` calls its argument with
-    /// the state under the lock the state machine applies under.
+    /// the state under the lock the state machine applies under. Views are built a few at a
+    /// time, the lock released in between: thousands of dirty views must not hold up the
+    /// applies (on the leader too) for the whole round. Each view is stamped with the index
+    /// its state was read at, under the same lock, so a stamp never claims more than it holds.
     pub(crate) async fn run_sender(
         self: Arc<Self>,
         read: impl Fn(&mut dyn FnMut(&ClusterState)) + Send + Sync + 'static,
@@ -460,28 +466,41 @@ impl Views {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(COALESCE).await;
-            let me = self.clone();
-            let read = &read;
-            read(&mut |state| {
-                let mut ix = lock(&me.index);
-                let applied = ix.processed;
-                ix.watchers.retain(|_, w| w.tx.receiver_count() > 0);
-                let dirty: Vec<u64> = ix
-                    .dirty
-                    .iter()
-                    .copied()
-                    .filter(|n| ix.watchers.contains_key(n))
-                    .collect();
-                ix.dirty.clear();
-                tracing::debug!("publishing the views of nodes {dirty:?} at index {applied}");
-                for n in dirty {
-                    let view = Arc::new(ix.view(state, n, applied));
-                    if let Some(w) = ix.watchers.get_mut(&n) {
-                        w.sent = applied;
-                        w.tx.send_replace(view);
+            loop {
+                let me = self.clone();
+                let mut more = false;
+                read(&mut |state| {
+                    let mut ix = lock(&me.index);
+                    let applied = ix.processed;
+                    ix.watchers.retain(|_, w| w.tx.receiver_count() > 0);
+                    let dirty: Vec<u64> = ix
+                        .dirty
+                        .iter()
+                        .copied()
+                        .filter(|n| ix.watchers.contains_key(n))
+                        .take(VIEWS_PER_LOCK)
+                        .collect();
+                    for n in &dirty {
+                        ix.dirty.remove(n);
                     }
+                    more = ix.dirty.iter().any(|n| ix.watchers.contains_key(n));
+                    if !more {
+                        ix.dirty.clear();
+                    }
+                    tracing::debug!("publishing the views of nodes {dirty:?} at index {applied}");
+                    for n in dirty {
+                        let view = Arc::new(ix.view(state, n, applied));
+                        if let Some(w) = ix.watchers.get_mut(&n) {
+                            w.sent = applied;
+                            w.tx.send_replace(view);
+                        }
+                    }
+                });
+                if !more {
+                    break;
                 }
-            });
+                tokio::task::yield_now().await;
+            }
         }
     }
 
