@@ -81,10 +81,11 @@ pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
     }
     match leader {
         Some(l) => say!(
-            "leader: node {l}   term: {}   commit: {}   applied: {}   (answered by node {})",
+            "leader: node {l}   term: {}   commit: {}   applied: {}   agents: {}   (answered by node {})",
             s.term,
             s.commit_index,
             s.applied_index,
+            s.agents,
             s.answered_by
         ),
         None => say!(
@@ -144,6 +145,7 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
                 .join(",");
             vec![
                 n.id.to_string(),
+                n.role.clone(),
                 n.address.clone(),
                 n.status.clone(),
                 n.capacity.to_string(),
@@ -151,7 +153,10 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
             ]
         })
         .collect();
-    table(&["ID", "ADDRESS", "STATUS", "CAPACITY", "LABELS"], &rows);
+    table(
+        &["ID", "ROLE", "ADDRESS", "STATUS", "CAPACITY", "LABELS"],
+        &rows,
+    );
 }
 
 /// One event as a line (`--follow`): no header; a JSON object per line with `-o json`.

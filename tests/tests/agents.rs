@@ -74,6 +74,17 @@ async fn agents_run_instances_and_a_killed_agents_instances_move_to_the_others()
     let status = c.status(leader, false).await.unwrap();
     let members: Vec<u64> = status.members.iter().map(|m| m.id).collect();
     assert_eq!(members, [1, 2, 3], "{status:?}");
+    assert_eq!(status.agents, 5, "{status:?}");
+    // modectl names each node's role.
+    let out = c.modectl(leader, &["node", "ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("agent"))
+            .count(),
+        5,
+        "{text}"
+    );
     let scratch = Scratch::new("agents-kill");
     let pids = scratch.0.join("pids");
     c.apply(
