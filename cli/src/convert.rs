@@ -2,12 +2,9 @@
 //! with the server's own functions ([`mode::api::convert`]); here is what only a client
 //! needs: the graph back into the domain type the renderers draw, and readable times.
 
-use std::collections::BTreeMap;
-
-pub(crate) use mode::api::convert::{spec_to_proto, struct_to_json};
-use mode::graph as domain;
+pub(crate) use mode::api::convert::{graph_from_proto as graph, spec_to_proto, struct_to_json};
+pub(crate) use mode::service::format_utc_ms;
 use mode_proto::v1 as pb;
-use serde_json::Value;
 
 /// How many instances a spec wants (a singleton: one; replicas default to one).
 pub(crate) fn wanted(spec: &pb::ServiceSpec) -> u32 {
@@ -16,116 +13,6 @@ pub(crate) fn wanted(spec: &pb::ServiceSpec) -> u32 {
     } else {
         spec.replicas.unwrap_or(1)
     }
-}
-
-fn none_if_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
-}
-
-fn beacon(b: &pb::BeaconNode) -> mode::service::BeaconNode {
-    mode::service::BeaconNode {
-        // Unknown kinds read as `other` (the enum's catch-all).
-        kind: serde_json::from_value(Value::String(b.kind.clone()))
-            .unwrap_or(mode::service::NodeKind::Other),
-        label: b.label.clone(),
-        state: b.state.clone(),
-        restart_count: b.restart_count,
-        crash_reason: none_if_empty(&b.crash_reason),
-        last_crash_reason: none_if_empty(&b.last_crash_reason),
-        uptime_s: b.uptime_s,
-        detail: none_if_empty(&b.detail),
-        children: b.children.iter().map(beacon).collect(),
-    }
-}
-
-/// The graph as the renderers (tree, dot, SVG, JSON) take it.
-pub(crate) fn graph(g: &pb::ClusterGraph) -> domain::ClusterGraph {
-    domain::ClusterGraph {
-        answered_by: g.answered_by,
-        leader: (g.leader != 0).then_some(g.leader),
-        term: g.term,
-        applied_index: g.applied_index,
-        generated_at: g.generated_at.clone(),
-        filters: g.filters.clone(),
-        nodes: g
-            .nodes
-            .iter()
-            .map(|n| domain::NodeGraph {
-                id: n.id,
-                address: n.address.clone(),
-                state: n.state.clone(),
-                reachable: n.reachable,
-                error: none_if_empty(&n.error),
-                leader: n.leader,
-                labels: n
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect::<BTreeMap<_, _>>(),
-                instances: n
-                    .instances
-                    .iter()
-                    .map(|i| domain::InstanceGraph {
-                        service: i.service.clone(),
-                        slot: i.slot,
-                        state: i.state.clone(),
-                        placement: none_if_empty(&i.placement),
-                        restart_count: i.restart_count,
-                        last_crash: none_if_empty(&i.last_crash),
-                        tree: i.tree.as_ref().map(beacon),
-                    })
-                    .collect(),
-                daemon: n.daemon.as_ref().map(beacon),
-            })
-            .collect(),
-        services: g
-            .services
-            .iter()
-            .map(|s| domain::ServiceSummary {
-                name: s.name.clone(),
-                kind: s.kind.clone(),
-                replicas: s.replicas,
-                running: s.running,
-                depends_on: s.depends_on.clone(),
-                deleting: s.deleting,
-            })
-            .collect(),
-        edges: g
-            .edges
-            .iter()
-            .map(|e| domain::DependencyEdge {
-                from_service: e.from_service.clone(),
-                from_node: e.from_node,
-                to_service: e.to_service.clone(),
-                to_node: e.to_node,
-                cross_node: e.cross_node,
-            })
-            .collect(),
-        edges_omitted: usize::try_from(g.edges_omitted).unwrap_or(usize::MAX),
-    }
-}
-
-/// `2026-11-25 08:14:20.123` (UTC) from milliseconds since the Unix epoch.
-pub(crate) fn format_utc_ms(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let rem = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        ms % 1000
-    )
 }
 
 #[cfg(test)]

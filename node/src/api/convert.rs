@@ -415,6 +415,96 @@ pub fn graph_to_proto(g: &graph::ClusterGraph) -> pb::ClusterGraph {
     }
 }
 
+// ---------------------------------------------------------------- graph, back
+
+fn none_if_empty_str(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn beacon_from_proto(b: &pb::BeaconNode) -> crate::service::BeaconNode {
+    crate::service::BeaconNode {
+        // Unknown kinds read as `other` (the enum's catch-all).
+        kind: serde_json::from_value(serde_json::Value::String(b.kind.clone()))
+            .unwrap_or(crate::service::NodeKind::Other),
+        label: b.label.clone(),
+        state: b.state.clone(),
+        restart_count: b.restart_count,
+        crash_reason: none_if_empty_str(&b.crash_reason),
+        last_crash_reason: none_if_empty_str(&b.last_crash_reason),
+        uptime_s: b.uptime_s,
+        detail: none_if_empty_str(&b.detail),
+        children: b.children.iter().map(beacon_from_proto).collect(),
+    }
+}
+
+/// A graph from the wire, as the renderers (tree, dot, SVG, JSON) take it (the other way of
+/// [`graph_to_proto`]; clients such as modectl render with it).
+pub fn graph_from_proto(g: &pb::ClusterGraph) -> graph::ClusterGraph {
+    graph::ClusterGraph {
+        answered_by: g.answered_by,
+        leader: (g.leader != 0).then_some(g.leader),
+        term: g.term,
+        applied_index: g.applied_index,
+        generated_at: g.generated_at.clone(),
+        filters: g.filters.clone(),
+        nodes: g
+            .nodes
+            .iter()
+            .map(|n| graph::NodeGraph {
+                id: n.id,
+                address: n.address.clone(),
+                state: n.state.clone(),
+                reachable: n.reachable,
+                error: none_if_empty_str(&n.error),
+                leader: n.leader,
+                labels: n
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+                instances: n
+                    .instances
+                    .iter()
+                    .map(|i| graph::InstanceGraph {
+                        service: i.service.clone(),
+                        slot: i.slot,
+                        state: i.state.clone(),
+                        placement: none_if_empty_str(&i.placement),
+                        restart_count: i.restart_count,
+                        last_crash: none_if_empty_str(&i.last_crash),
+                        tree: i.tree.as_ref().map(beacon_from_proto),
+                    })
+                    .collect(),
+                daemon: n.daemon.as_ref().map(beacon_from_proto),
+            })
+            .collect(),
+        services: g
+            .services
+            .iter()
+            .map(|s| graph::ServiceSummary {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                replicas: s.replicas,
+                running: s.running,
+                depends_on: s.depends_on.clone(),
+                deleting: s.deleting,
+            })
+            .collect(),
+        edges: g
+            .edges
+            .iter()
+            .map(|e| graph::DependencyEdge {
+                from_service: e.from_service.clone(),
+                from_node: e.from_node,
+                to_service: e.to_service.clone(),
+                to_node: e.to_node,
+                cross_node: e.cross_node,
+            })
+            .collect(),
+        edges_omitted: usize::try_from(g.edges_omitted).unwrap_or(usize::MAX),
+    }
+}
+
 #[cfg(test)]
 mod tests {
 

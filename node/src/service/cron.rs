@@ -261,7 +261,7 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// `2026-11-25 08:14:20.123` (UTC) from milliseconds since the epoch.
-pub(crate) fn format_utc_ms(ms: u64) -> String {
+pub fn format_utc_ms(ms: u64) -> String {
     let secs = (ms / 1000) as i64;
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let rem = secs.rem_euclid(86_400);

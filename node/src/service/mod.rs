@@ -57,7 +57,7 @@ pub(crate) mod tests;
 pub(crate) use beacon::dot_escape;
 pub use beacon::{state_color, BeaconNode, NodeKind};
 pub use context::{Context, TimerSpec};
-pub(crate) use cron::format_utc_ms;
+pub use cron::format_utc_ms;
 pub use cron::{CronError, CronSchedule};
 pub use error::{BoxError, CrashReason, Result, ServiceError};
 pub use events::{LifecycleEvent, LifecycleEventKind, EVENTS_CAPACITY, TREE_EVENTS_CAPACITY};
