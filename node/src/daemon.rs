@@ -779,7 +779,7 @@ impl Service for Agent {
             role: crate::model::state::NodeRole::Server,
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
-        let timings = AgentTimings::default();
+        let timings = AgentTimings::for_grace(self.heartbeat_grace);
         let c = ctx.clone();
         ctx.spawn("register", async move {
             match c.wait(node.bootstrap(timeout)).await {

@@ -37,10 +37,14 @@ pub struct AgentTimings {
     pub heartbeat: Duration,
 }
 
-impl Default for AgentTimings {
-    fn default() -> Self {
+impl AgentTimings {
+    /// For a cluster whose heartbeat grace is `grace`: a heartbeat every sixth of it (250 ms
+    /// for the default 1.5 s), so that the singleton lease (60 % of the grace) outlives two
+    /// lost heartbeats, and a longer grace for a big fleet means proportionally fewer
+    /// heartbeats on the servers.
+    pub fn for_grace(grace: Duration) -> Self {
         AgentTimings {
-            heartbeat: Duration::from_millis(250),
+            heartbeat: (grace / 6).max(Duration::from_millis(10)),
         }
     }
 }
@@ -227,6 +231,11 @@ fn release_report(key: &Key) -> InstanceReport {
 
 type Key = (String, u32);
 
+/// The last plain report of each instance the cluster has taken (committed): state, restarts
+/// and the fencing token it was about. The agent compares with this, not with its view (a
+/// node's view leaves its own reports out, so that reports do not resend whole views).
+type Acked = Arc<Mutex<HashMap<Key, (String, u32, u64)>>>;
+
 /// What this node should run of one placement.
 struct Desired<'a> {
     spec: &'a ServiceSpec,
@@ -244,6 +253,7 @@ struct Instances {
     /// The kill switches of running singletons (the watchdog fires them).
     singletons: Arc<Mutex<HashMap<Key, KillSwitch>>>,
     report_tx: tokio::sync::mpsc::UnboundedSender<InstanceReport>,
+    acked: Acked,
     /// The index of the view the agent acts on (leases are checked against it).
     acting: Arc<AtomicU64>,
     /// When a report about an instance not running here was last sent (rate limit).
@@ -366,8 +376,9 @@ pub(crate) async fn run(
     // Reports go through Raft; without a quorum they wait, so they are sent from their own
     // task and never hold up the loop.
     let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<InstanceReport>();
+    let acked: Acked = Default::default();
     {
-        let (link, c) = (link.clone(), ctx.clone());
+        let (link, c, acked) = (link.clone(), ctx.clone(), acked.clone());
         ctx.spawn("report", async move {
             while let Some(Some(first)) = c.wait(report_rx.recv()).await {
                 // Whatever queued up meanwhile goes at once, as one command. A newer report of
@@ -383,13 +394,23 @@ pub(crate) async fn run(
                 }
                 let batch: Vec<InstanceReport> = pending.into_values().collect();
                 let n = batch.len();
+                let plain: Vec<(Key, (String, u32, u64))> = batch
+                    .iter()
+                    .filter(|r| r.move_.is_empty())
+                    .map(|r| {
+                        (
+                            (r.service.clone(), r.slot),
+                            (r.state.clone(), r.restart_count, r.epoch),
+                        )
+                    })
+                    .collect();
                 match tokio::time::timeout(
                     Duration::from_secs(2),
                     link.report(me, incarnation, batch),
                 )
                 .await
                 {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => lock(&acked).extend(plain),
                     Ok(Err(e)) => tracing::debug!("reporting {n} instance(s): {e}"),
                     Err(_) => tracing::debug!("reporting {n} instance(s): no answer within 2s"),
                 }
@@ -405,6 +426,7 @@ pub(crate) async fn run(
         stopping: HashMap::new(),
         singletons,
         report_tx,
+        acked,
         quiet_sent: HashMap::new(),
         unbuildable: HashMap::new(),
     };
@@ -576,11 +598,15 @@ async fn pass(
         let placement = state.services.get(&key.0).and_then(|s| s.here.get(&key.1));
         if !dependencies_ready(state, spec) {
             // Not started until its dependencies run; say so (once, not every pass).
-            if placement.is_some_and(|p| p.node == me && p.state != "waiting") {
+            let said = lock(&agent.acked)
+                .get(key)
+                .filter(|(_, _, epoch)| *epoch == d.epoch)
+                .map(|(st, restarts, _)| (st == "waiting", *restarts));
+            if placement.is_some_and(|p| p.node == me) && said.is_none_or(|(waiting, _)| !waiting) {
                 let report = plain_report(
                     key,
                     "waiting",
-                    placement.map_or(0, |p| p.restart_count),
+                    said.map_or(0, |(_, restarts)| restarts),
                     None,
                     d.epoch,
                 );
@@ -660,18 +686,20 @@ async fn pass(
 
     // Report changes (only for instances placed here; a moving-away copy stays quiet).
     let mut reports = Vec::new();
+    let mut acked = lock(&agent.acked);
+    acked.retain(|key, _| agent.local.contains_key(key) || desired.contains_key(key));
     for (key, l) in agent.local.iter_mut() {
-        let remote = state
+        let placed_here = state
             .services
             .get(&key.0)
             .and_then(|s| s.here.get(&key.1))
-            .filter(|p| p.node == me && p.epoch == l.epoch);
-        let Some(remote) = remote else {
+            .is_some_and(|p| p.node == me && p.epoch == l.epoch);
+        if !placed_here {
             continue;
-        };
+        }
         let (st, restarts, last) = observe(l);
         let current = Some((st.clone(), restarts));
-        let stale = remote.state != st || remote.restart_count != restarts;
+        let stale = acked.get(key) != Some(&(st.clone(), restarts, l.epoch));
         // Re-send a report the state does not show yet, at most once a second; an identical
         // one the state shows is never sent again.
         let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
@@ -681,6 +709,7 @@ async fn pass(
             reports.push((key.clone(), st, restarts, last, l.epoch));
         }
     }
+    drop(acked);
     for (key, st, restarts, last, epoch) in reports {
         agent.report(&key, &st, restarts, last, epoch);
     }

@@ -344,6 +344,7 @@ impl Service for RemoteAgent {
         let (kinds, instances, incarnation) =
             (self.kinds.clone(), self.instances.clone(), self.incarnation);
         let me = register.node;
+        let timings = AgentTimings::for_grace(Duration::from_millis(register.heartbeat_grace_ms));
         let c = ctx.clone();
         ctx.spawn("register", async move {
             match c.wait(servers.register(register)).await {
@@ -352,16 +353,7 @@ impl Service for RemoteAgent {
                 Some(Ok(msg)) => tracing::info!("{msg} (through {})", servers.current()),
             }
             let link = Link::Remote(servers);
-            super::run(
-                c,
-                link,
-                me,
-                incarnation,
-                kinds,
-                instances,
-                AgentTimings::default(),
-            )
-            .await;
+            super::run(c, link, me, incarnation, kinds, instances, timings).await;
             Ok(())
         });
         Ok(())

@@ -483,6 +483,9 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// Cancelled streams a peer connection may have waiting to be accepted (see [`serve_peer`]).
+const PEER_MAX_PENDING_RESETS: usize = 4096;
+
 /// Serve the peer API on `listener` until `shutdown`.
 pub async fn serve_peer(
     service: PeerService,
@@ -492,6 +495,10 @@ pub async fn serve_peer(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
+        // Peers and agents cancel calls that time out (heartbeats, relayed reports) under
+        // load; h2's default of 20 such streams pending per connection closes the connection
+        // (and every Raft call on it) exactly when the cluster is busiest.
+        .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -38,9 +38,13 @@ impl Default for Liveness {
 #[derive(Default)]
 struct Memory {
     leading: bool,
-    /// The applied index the last full pass saw; planning runs again only when it moves (or
+    /// What the last full pass saw: the count of plan-changing applies, and the applied
+    /// index when plain reports matter too; planning runs again only when that moves (or
     /// while a failed instance waits out its backoff).
-    planned_at: Option<u64>,
+    planned_at: Option<(u64, u64)>,
+    /// Whether the last pass saw an instance moving or a service being removed: then reports
+    /// of instances running decide the next step, and any apply replans.
+    reports_matter: bool,
     /// Whether the last pass left a failed instance waiting out its backoff (planning then
     /// runs again although the state did not move).
     backing_off: bool,
@@ -71,16 +75,24 @@ pub async fn run(
             memory.leading = false;
             continue;
         }
-        let applied = node.applied_index();
+        // Read before the state is: a change after this is planned by the next pass.
+        let seen = (
+            node.plan_changes(),
+            if memory.reports_matter {
+                node.applied_index()
+            } else {
+                0
+            },
+        );
         let waiting = memory.backing_off;
-        if memory.leading && memory.planned_at == Some(applied) && !waiting {
+        if memory.leading && memory.planned_at == Some(seen) && !waiting {
             // Nothing new to plan; only liveness can change.
             let commands = node.local_state(|s| liveness_commands(&node, s, liveness));
             commit(&node, commands).await;
             continue;
         }
         let state = node.local_state(ClusterState::without_events);
-        memory.planned_at = Some(applied);
+        memory.planned_at = Some(seen);
         if !memory.leading {
             node.heartbeats().reset(state.nodes.keys().copied());
             memory = Memory {
@@ -303,6 +315,7 @@ fn decide(
 
     // 3. Drains finish when the new instance runs (or, for a singleton, when the old node has
     // released it — see `ReleaseMove` — or is down).
+    memory.reports_matter = !state.deleting.is_empty();
     for (service, slots) in &state.placements {
         let singleton = state.specs.get(service).is_some_and(|s| s.singleton);
         for (slot, p) in slots {
@@ -310,6 +323,7 @@ fn decide(
                 .moving_from
                 .and_then(|o| state.nodes.get(&o))
                 .is_none_or(|n| n.status == NodeStatus::Down);
+            memory.reports_matter |= p.moving_from.is_some();
             if p.moving_from.is_some() && ((!singleton && p.state == "running") || old_down) {
                 commands.push(Command::FinishMove {
                     service: service.clone(),
@@ -524,7 +538,18 @@ const MAX_DETAILED_EVENTS: usize = 50;
 /// `Place` commands of at most [`PLACE_CHUNK`] instances each (assigned and unassigned), in
 /// order: a 50,000-instance deploy is ten writes of a few hundred KB, each under the write
 /// limit.
-fn place_in_chunks(assign: Vec<SlotAssignment>, unassign: Vec<SlotAssignment>) -> Vec<Command> {
+fn place_in_chunks(
+    mut assign: Vec<SlotAssignment>,
+    mut unassign: Vec<SlotAssignment>,
+) -> Vec<Command> {
+    // By node: a chunk then touches few nodes' placement views (a deploy spread over 5,000
+    // nodes would otherwise change every view with every chunk, and each view is rebuilt and
+    // sent again each time).
+    let by_node = |a: &SlotAssignment, b: &SlotAssignment| {
+        (a.node, &a.service, a.slot).cmp(&(b.node, &b.service, b.slot))
+    };
+    assign.sort_by(by_node);
+    unassign.sort_by(by_node);
     let mut out = Vec::new();
     let mut assign = assign.into_iter().peekable();
     let mut unassign = unassign.into_iter().peekable();
@@ -704,6 +729,21 @@ mod tests {
         };
         assert_eq!((assign.len(), unassign.len()), (2_000, 0));
         assert!(place_in_chunks(vec![], vec![]).is_empty());
+        // Cut by node: spread over 10 nodes, each chunk of a 10,000-slot decision holds the
+        // slots of 5 nodes, not a part of every node's.
+        let spread: Vec<SlotAssignment> = (0..10_000u32)
+            .map(|i| SlotAssignment {
+                node: u64::from(i % 10),
+                ..slot("web", i)
+            })
+            .collect();
+        for c in place_in_chunks(spread, vec![]) {
+            let Command::Place { assign, .. } = c else {
+                panic!("placements")
+            };
+            let nodes: BTreeSet<u64> = assign.iter().map(|a| a.node).collect();
+            assert_eq!(nodes.len(), 5, "{nodes:?}");
+        }
     }
 
     #[tokio::test]

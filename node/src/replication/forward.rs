@@ -20,7 +20,9 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const BIG_ANSWER_BYTES: usize = 256 << 10;
 
 fn client(peers: &Peers, address: &str) -> Result<PeerClient<Channel>, ClusterError> {
-    let channel = peers.channel(address).map_err(ClusterError::Config)?;
+    let channel = peers
+        .forward_channel(address)
+        .map_err(ClusterError::Config)?;
     Ok(sized(PeerClient::new(channel)))
 }
 

@@ -52,6 +52,7 @@ impl PeerHealth {
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    forward_channels: Mutex<HashMap<String, Channel>>,
     side_channels: Mutex<HashMap<String, Channel>>,
     health: Mutex<HashMap<u64, PeerHealth>>,
     /// Peers that refused this node's vote requests because it is not a member.
@@ -62,6 +63,13 @@ impl Peers {
     /// The cached channel to `address` (`host:port`), created lazily on first use.
     pub fn channel(&self, address: &str) -> Result<Channel, String> {
         Self::cached(&self.channels, address)
+    }
+
+    /// A cached channel to `address` for client work forwarded to the leader (writes, relayed
+    /// heartbeats): thousands of agents' calls, some cancelled when they time out, must not
+    /// share Raft's connection (a burst of cancelled streams makes the server close it).
+    pub fn forward_channel(&self, address: &str) -> Result<Channel, String> {
+        Self::cached(&self.forward_channels, address)
     }
 
     /// A second cached channel to `address`, for bulky calls that must not share Raft's

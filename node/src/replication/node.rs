@@ -50,11 +50,30 @@ pub struct LeaseGrant {
 #[derive(Default)]
 struct QuorumClock {
     acked: std::sync::Mutex<Option<Instant>>,
+    /// The term and start of the last heartbeat round a client's write or read confirmed
+    /// leadership with (openraft's metrics may show it later than the caller needs it).
+    confirmed: std::sync::Mutex<Option<(u64, Instant)>>,
+    /// One confirmation round at a time: thousands of agents' writes arriving while the
+    /// leader has not heard from a quorum for a moment must not each send a heartbeat round
+    /// to every follower (that storm itself kept the leader from hearing from its quorum).
+    confirming: tokio::sync::Mutex<()>,
 }
 
 impl QuorumClock {
-    fn age(&self) -> Option<Duration> {
-        crate::service::lock(&self.acked).map(|t| t.elapsed())
+    /// Since a quorum last acknowledged this leader in `term`.
+    fn age(&self, term: u64) -> Option<Duration> {
+        let acked = *crate::service::lock(&self.acked);
+        let confirmed = crate::service::lock(&self.confirmed)
+            .filter(|(t, _)| *t == term)
+            .map(|(_, at)| at);
+        acked.max(confirmed).map(|t| t.elapsed())
+    }
+
+    fn confirmed_at(&self, term: u64, at: Instant) {
+        let mut c = crate::service::lock(&self.confirmed);
+        if c.is_none_or(|(t, old)| t != term || old < at) {
+            *c = Some((term, at));
+        }
     }
 
     fn watch(self: Arc<Self>, raft: Raft) {
@@ -451,7 +470,7 @@ impl ClusterNode {
         if !self.is_leader() {
             return None;
         }
-        self.quorum.age()
+        self.quorum.age(self.raft.metrics().borrow().current_term)
     }
 
     /// After this long without hearing from a quorum, a leader stops serving clients and
@@ -485,9 +504,21 @@ impl ClusterNode {
                 }
             }
         };
+        let term = self.raft.metrics().borrow().current_term;
         let confirmed = tokio::time::timeout(window, async {
+            // One round at a time; the other callers wait for its outcome (or the keep-alives).
+            let Ok(_round) = self.quorum.confirming.try_lock() else {
+                heard_again.await;
+                return true;
+            };
+            let started = Instant::now();
             tokio::select! {
-                r = self.raft.ensure_linearizable() => r.is_ok(),
+                r = self.raft.ensure_linearizable() => {
+                    if r.is_ok() {
+                        self.quorum.confirmed_at(term, started);
+                    }
+                    r.is_ok()
+                }
                 () = heard_again => true,
             }
         })
@@ -499,7 +530,7 @@ impl ClusterNode {
                 self.config.id,
                 self.raft.metrics().borrow().current_term,
                 self.quorum
-                    .age()
+                    .age(term)
                     .map_or("ever".to_string(), |a| a.as_millis().to_string())
             )),
         }
@@ -1179,6 +1210,13 @@ impl ClusterNode {
             .read(|a| a.last_applied.map(|l| l.index).unwrap_or(0))
     }
 
+    /// Counts the applied entries that may change the leader's placement plan: the control
+    /// loop plans again only when it moves (a deploy's thousands of instance reports do not
+    /// make it re-plan a million placements each time).
+    pub fn plan_changes(&self) -> u64 {
+        self.sm.views.plan_changes()
+    }
+
     /// The applied log index as it changes: `changed()` wakes after each apply (cheap for
     /// many watchers: nothing else wakes them).
     pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -1212,6 +1250,7 @@ impl ClusterNode {
     }
 
     /// Read the local replicated state directly (no Raft round trip).
+    #[track_caller]
     pub fn local_state<T>(&self, f: impl FnOnce(&crate::model::state::ClusterState) -> T) -> T {
         self.sm.read(|a| f(&a.state))
     }

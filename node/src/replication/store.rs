@@ -558,11 +558,36 @@ pub(crate) struct StateMachineStore {
     snapshots_built: Arc<AtomicU64>,
 }
 
+/// A state-lock hold or wait this long is logged.
+const SLOW_LOCK: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn slow_lock(
+    what: &str,
+    caller: &std::panic::Location<'_>,
+    waited: std::time::Duration,
+    held: std::time::Duration,
+) {
+    if waited >= SLOW_LOCK || held >= SLOW_LOCK {
+        tracing::warn!(
+            "the replicated state's lock: {what} by {caller} waited {waited:?} and held it {held:?} (a runtime thread is blocked meanwhile)"
+        );
+    }
+}
+
 impl StateMachineStore {
-    /// Read the applied state.
+    /// Read the applied state. The lock blocks a runtime thread: holding (or waiting for) it
+    /// long stalls everything else on that thread, Raft's heartbeats included, so a slow hold
+    /// is logged with its caller.
+    #[track_caller]
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        let caller = std::panic::Location::caller();
+        let started = std::time::Instant::now();
         let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
-        f(&guard)
+        let locked = std::time::Instant::now();
+        let out = f(&guard);
+        drop(guard);
+        slow_lock("read", caller, locked - started, locked.elapsed());
+        out
     }
 
     async fn persist_snapshot(
@@ -672,7 +697,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut results = Vec::new();
+        let started = std::time::Instant::now();
         let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        let locked = std::time::Instant::now();
         let mut touched = super::views::Touched::default();
         for entry in entries {
             a.last_applied = Some(entry.log_id);
@@ -713,6 +740,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let index = a.last_applied.map(|l| l.index).unwrap_or(0);
         self.views.applied(&a.state, touched, index);
+        drop(a);
+        slow_lock(
+            "apply",
+            std::panic::Location::caller(),
+            locked - started,
+            locked.elapsed(),
+        );
         Ok(results)
     }
 

@@ -29,9 +29,13 @@ pub struct ViewService {
     pub spec: ServiceSpec,
     /// Being deleted: its dependents stop first.
     pub deleting: bool,
-    /// Its instances on (or moving from) the node, by slot.
+    /// Its instances on (or moving from) the node, by slot: what the agent acts on (node,
+    /// move, epoch, restart sequence, trace). The reported fields (state, restarts, crash)
+    /// are left out: a node's own reports must not change its view (each report would send
+    /// the whole view again); the agent knows what it reported from the answers.
     pub here: BTreeMap<u32, Placement>,
-    /// Whether an instance of it runs anywhere (dependency gating).
+    /// Whether an instance of it runs anywhere, for the services the node's instances depend
+    /// on (dependency gating); `false` for the others.
     pub running: bool,
 }
 
@@ -42,11 +46,22 @@ pub(crate) struct Touched {
     all: bool,
     services: HashSet<String>,
     slots: HashSet<(String, u32)>,
+    /// Something the leader's placement plan depends on may have changed (not only reports
+    /// of instances starting or running).
+    plan: bool,
 }
 
 impl Touched {
     /// Note what `command` may change in any node's view.
     pub(crate) fn note(&mut self, command: &Command) {
+        self.plan |= match command {
+            Command::ReportInstance { state, .. } => state == "failed",
+            Command::ReportInstances { reports, .. } => reports
+                .iter()
+                .any(|r| r.state == "failed" || !r.move_.is_empty()),
+            Command::RecordEvent { .. } => false,
+            _ => true,
+        };
         let mut slot = |s: &str, n: u32| {
             self.slots.insert((s.to_string(), n));
         };
@@ -92,15 +107,18 @@ impl Touched {
     /// Everything may have changed.
     pub(crate) fn everything(&mut self) {
         self.all = true;
+        self.plan = true;
     }
 }
 
-/// Where one instance is indexed.
+/// Where one instance is indexed, and what of it an agent acts on.
 #[derive(Clone, Copy, PartialEq)]
 struct Loc {
     node: u64,
     moving_from: Option<u64>,
     running: bool,
+    epoch: u64,
+    restart_seq: u64,
 }
 
 impl Loc {
@@ -109,7 +127,20 @@ impl Loc {
             node: p.node,
             moving_from: p.moving_from,
             running: p.state == "running",
+            epoch: p.epoch,
+            restart_seq: p.restart_seq,
         }
+    }
+
+    /// Whether the views that show it would show it differently.
+    fn shows_as(&self, other: &Loc) -> bool {
+        (self.node, self.moving_from, self.epoch, self.restart_seq)
+            == (
+                other.node,
+                other.moving_from,
+                other.epoch,
+                other.restart_seq,
+            )
     }
 
     fn nodes(&self) -> impl Iterator<Item = u64> {
@@ -222,6 +253,13 @@ impl Index {
             .get(service)
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default();
+        nodes.extend(self.dependent_nodes(state, service));
+        self.mark(nodes);
+    }
+
+    /// The nodes that run a dependent of `service` (their views show whether it runs).
+    fn dependent_nodes(&self, state: &ClusterState, service: &str) -> Vec<u64> {
+        let mut nodes = Vec::new();
         for dependent in state
             .specs
             .values()
@@ -231,31 +269,52 @@ impl Index {
                 nodes.extend(m.keys().copied());
             }
         }
-        self.mark(nodes);
+        nodes
     }
 
     fn reindex_slot(&mut self, state: &ClusterState, service: &str, slot: u32) {
         let was_running = self.runs(service);
-        if let Some(old) = self.remove(service, slot) {
-            self.mark(old.nodes());
+        let old = self.remove(service, slot);
+        let new = state
+            .placements
+            .get(service)
+            .and_then(|s| s.get(&slot))
+            .map(Loc::of);
+        // A report (a new state, more restarts) changes no view; only where the instance is
+        // and what it is asked to run does.
+        let shown_alike = match (&old, &new) {
+            (Some(o), Some(n)) => o.shows_as(n),
+            (None, None) => true,
+            _ => false,
+        };
+        if !shown_alike {
+            if let Some(o) = old {
+                self.mark(o.nodes());
+            }
+            if let Some(n) = new {
+                self.mark(n.nodes());
+            }
         }
-        if let Some(p) = state.placements.get(service).and_then(|s| s.get(&slot)) {
-            let loc = Loc::of(p);
-            self.mark(loc.nodes());
-            self.add(service, slot, loc);
+        if let Some(n) = new {
+            self.add(service, slot, n);
         }
         if was_running != self.runs(service) {
-            self.mark_service(state, service);
+            let nodes = self.dependent_nodes(state, service);
+            self.mark(nodes);
         }
     }
 
     fn reindex_service(&mut self, state: &ClusterState, service: &str) {
         self.mark_service(state, service);
-        let old: Vec<u32> = self
-            .slots
-            .keys()
-            .filter(|(s, _)| s == service)
-            .map(|(_, n)| *n)
+        // Its indexed slots, through the nodes it is on (not a scan of every slot).
+        let old: BTreeSet<u32> = self
+            .service_nodes
+            .get(service)
+            .into_iter()
+            .flat_map(|nodes| nodes.keys())
+            .filter_map(|n| self.by_node.get(n)?.get(service))
+            .flatten()
+            .copied()
             .collect();
         for n in old {
             self.remove(service, n);
@@ -296,7 +355,7 @@ impl Index {
                 };
                 let here = slots
                     .iter()
-                    .filter_map(|n| placed.get(n).map(|p| (*n, p.clone())))
+                    .filter_map(|n| placed.get(n).map(|p| (*n, as_shown(p))))
                     .collect();
                 deps.extend(spec.depends_on.iter().cloned());
                 services.insert(
@@ -305,13 +364,14 @@ impl Index {
                         spec: spec.clone(),
                         deleting: state.deleting.contains(name),
                         here,
-                        running: self.runs(name),
+                        running: false,
                     },
                 );
             }
         }
         for d in deps {
-            if services.contains_key(&d) {
+            if let Some(s) = services.get_mut(&d) {
+                s.running = self.runs(&d);
                 continue;
             }
             if let Some(spec) = state.specs.get(&d) {
@@ -330,9 +390,23 @@ impl Index {
     }
 }
 
+/// What a view shows of a placement (see [`ViewService::here`]).
+fn as_shown(p: &Placement) -> Placement {
+    let mut shown = Placement::on(p.node);
+    shown.state = String::new();
+    shown.moving_from = p.moving_from;
+    shown.restart_seq = p.restart_seq;
+    shown.epoch = p.epoch;
+    shown.trace = p.trace.clone();
+    shown.reschedules = p.reschedules;
+    shown
+}
+
 /// The per-node views of one replica (see the module docs).
 pub(crate) struct Views {
     index: Mutex<Index>,
+    /// Counts the applies that may change the leader's placement plan (see [`Touched`]).
+    plan_changes: std::sync::atomic::AtomicU64,
     wake: tokio::sync::Notify,
     processed: tokio::sync::watch::Sender<u64>,
 }
@@ -351,6 +425,7 @@ impl Views {
         index.processed = applied;
         Arc::new(Views {
             index: Mutex::new(index),
+            plan_changes: Default::default(),
             wake: tokio::sync::Notify::new(),
             processed: tokio::sync::watch::channel(applied).0,
         })
@@ -358,6 +433,10 @@ impl Views {
 
     /// After the state machine applied through `applied` (it holds the state's write lock).
     pub(crate) fn applied(&self, state: &ClusterState, touched: Touched, applied: u64) {
+        if touched.plan {
+            self.plan_changes
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         let mut guard = lock(&self.index);
         let ix = &mut *guard;
         if touched.all {
@@ -504,6 +583,12 @@ impl Views {
         }
     }
 
+    /// How many applies so far may have changed the placement plan (reports of instances
+    /// starting or running do not, unless an instance is moving or a service being removed).
+    pub(crate) fn plan_changes(&self) -> u64 {
+        self.plan_changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// How many nodes are watched here.
     pub(crate) fn watchers(&self) -> usize {
         lock(&self.index).watchers.len()
@@ -577,8 +662,16 @@ mod tests {
             epoch: 0,
         };
         apply(&mut state, &views, 6, report);
-        assert_eq!(views.view_index_for(1, 6), None, "node 1's view is dirty");
-        assert_eq!(views.view_index_for(2, 6), None, "node 2's view is dirty");
+        assert_eq!(
+            views.view_index_for(1, 6),
+            Some(4),
+            "node 1's own report changes nothing it is shown"
+        );
+        assert_eq!(
+            views.view_index_for(2, 6),
+            None,
+            "node 2's view is dirty: db, its dependency, runs now"
+        );
         assert_eq!(views.view_index_for(9, 6), Some(6), "no watcher there");
         // A reconnecting watcher whose view did not change since skips it.
         let (_, unchanged) = views.watch(&state, 9, 5);
@@ -593,5 +686,41 @@ mod tests {
             three.borrow().services.keys().collect::<Vec<_>>(),
             ["db", "web"]
         );
+    }
+
+    #[test]
+    fn only_plan_changing_applies_are_counted() {
+        let mut state = ClusterState::default();
+        let views = Views::new(&state, 0);
+        let report = |st: &str| Command::ReportInstances {
+            node: 1,
+            incarnation: 0,
+            reports: vec![crate::model::state::InstanceReport {
+                service: "db".into(),
+                slot: 0,
+                state: st.into(),
+                restart_count: 0,
+                last_crash: None,
+                epoch: 0,
+                move_: String::new(),
+            }],
+        };
+        apply(&mut state, &views, 1, place("db", 0, 1));
+        assert_eq!(views.plan_changes(), 1, "a placement");
+        apply(&mut state, &views, 2, report("running"));
+        apply(&mut state, &views, 3, report("starting"));
+        assert_eq!(views.plan_changes(), 1, "instances starting or running");
+        apply(&mut state, &views, 4, report("failed"));
+        assert_eq!(views.plan_changes(), 2, "a failed instance is moved");
+        apply(
+            &mut state,
+            &views,
+            5,
+            Command::SetNodeStatus {
+                id: 1,
+                status: crate::model::state::NodeStatus::Down,
+            },
+        );
+        assert_eq!(views.plan_changes(), 3, "a node down");
     }
 }

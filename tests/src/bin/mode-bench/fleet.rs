@@ -54,10 +54,15 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<Value> {
+pub fn fleet_suite(
+    agents: u64,
+    services: u32,
+    replicas: u32,
+    grace: Duration,
+) -> anyhow::Result<Value> {
     let instances = u64::from(services) * u64::from(replicas);
-    let grace = "1500ms";
-    let cluster = super::cluster::bench_cluster(&["--heartbeat-grace", grace])?;
+    let grace_flag = format!("{}ms", grace.as_millis());
+    let cluster = super::cluster::bench_cluster(&["--heartbeat-grace", &grace_flag])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -74,7 +79,8 @@ pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<
             .collect();
         let capacity = (instances / agents.max(1)) * 2 + 10;
         println!(
-            "fleet: 3 server processes, {agents} agent-only nodes in this process (real agents, each with its own gRPC connection to a server, instances of the demo kind `ticker`), {services} services x {replicas} replicas = {instances} instances"
+            "fleet: 3 server processes, {agents} agent-only nodes in this process (real agents, each with its own gRPC connection to a server, instances of the demo kind `ticker`), {services} services x {replicas} replicas = {instances} instances, heartbeat grace {grace:?} (a heartbeat per agent every {:?})",
+            grace / 6
         );
         let t0 = Instant::now();
         let mut fleet: Vec<EmbeddedAgent> = Vec::with_capacity(agents as usize);
@@ -91,7 +97,7 @@ pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<
                 labels: BTreeMap::from([("pool".to_string(), "agents".to_string())]),
                 capacity,
                 kinds: KindRegistry::stock(),
-                heartbeat_grace: Duration::from_millis(1500),
+                heartbeat_grace: grace,
             })
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
@@ -164,7 +170,10 @@ pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let started_s = deploy0.elapsed().as_secs_f64();
-        let mut control = mode_tests::client(&cluster.nodes[&leader].address());
+        // Asked of a follower (stale reads), so that the polling costs the leader nothing.
+        let follower = (1..=3).find(|s| *s != leader).unwrap_or(leader);
+        let mut control = mode_tests::client(&cluster.nodes[&follower].address())
+            .max_decoding_message_size(1 << 30);
         loop {
             let list = control
                 .list_services(pb::ListServicesRequest { stale: true })
@@ -204,6 +213,7 @@ pub fn fleet_suite(agents: u64, services: u32, replicas: u32) -> anyhow::Result<
             "replicas": replicas,
             "instances": instances,
             "agents_in_process": true,
+            "heartbeat_grace_ms": grace.as_millis() as u64,
             "instance_kind": "ticker",
             "registered_s": registered_s,
             "running_s": started_s,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p mode-tests --bin mode-bench -- <services|timers|restart|all> [--json]
-//! mode-bench fleet [--agents 1000] [--services 100] [--replicas 1000] --json
+//! mode-bench fleet [--agents 1000] [--services 100] [--replicas 1000] [--heartbeat-grace 10s] --json
 //! mode-bench chaos --minutes 3 [--nodes 5] [--seed 1] [--verbose] --json   # as root
 //! ```
 //!
@@ -146,6 +146,10 @@ enum Suite {
         /// Replicas of each service.
         #[arg(long, default_value_t = 1000)]
         replicas: u32,
+        /// The cluster's --heartbeat-grace (agents heartbeat every sixth of it). Nomad's
+        /// default grace is 10 s; 1.5 s means 4 heartbeats/s per agent.
+        #[arg(long, default_value = "10s", value_parser = mode::daemon::parse_duration)]
+        heartbeat_grace: std::time::Duration,
     },
     /// The combined beacon graph: `modectl graph -o json` over 3 nodes running 10,000
     /// instances (needs `modectl` built next to this binary).
@@ -251,8 +255,9 @@ fn main() -> anyhow::Result<()> {
             agents,
             services,
             replicas,
+            heartbeat_grace,
         } => timed("fleet", || {
-            fleet::fleet_suite(*agents, *services, *replicas)
+            fleet::fleet_suite(*agents, *services, *replicas, *heartbeat_grace)
         })?,
         Suite::Graph { instances, samples } => {
             timed("graph", || graph::graph_suite(*instances, *samples))?
