@@ -181,8 +181,18 @@ impl Servers {
             node: me,
             incarnation,
         });
-        req.set_timeout(Duration::from_millis(1500));
-        match client.heartbeat(req).await {
+        const TIMEOUT: Duration = Duration::from_millis(1500);
+        req.set_timeout(TIMEOUT);
+        // A client-side deadline too: the header bounds the server's work, not a call stuck
+        // on its way (the lease must not wait for TCP's keep-alive to notice).
+        let answer = tokio::time::timeout(TIMEOUT, client.heartbeat(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {TIMEOUT:?}"
+                )))
+            });
+        match answer {
             Ok(r) => {
                 self.failures.store(0, Ordering::Release);
                 let r = r.into_inner();

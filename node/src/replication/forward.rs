@@ -205,10 +205,19 @@ pub(crate) async fn relay_heartbeats(
             })
             .collect(),
     });
-    req.set_timeout(std::time::Duration::from_secs(1));
-    let reply = client(peers, address)?
-        .relay_heartbeats(req)
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    req.set_timeout(TIMEOUT);
+    // The grpc-timeout header bounds the leader's work, not a call stuck on its way (a
+    // connection the leader does not read, a partition): the relay would wait for TCP's
+    // keep-alive, and every agent's heartbeat through this server with it.
+    let mut client = client(peers, address)?;
+    let reply = tokio::time::timeout(TIMEOUT, client.relay_heartbeats(req))
         .await
+        .map_err(|_| {
+            ClusterError::Unavailable(format!(
+                "{address} did not answer the relayed heartbeats within {TIMEOUT:?}"
+            ))
+        })?
         .map_err(|s| from_status(address, &s))?
         .into_inner();
     let grant = reply.grant.unwrap_or_default();
