@@ -49,8 +49,11 @@ impl AgentTimings {
     }
 }
 
-/// How often the lease watchdog looks.
+/// How often the lease watchdog looks while a singleton runs.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
+
+/// How often it looks while none runs.
+const WATCHDOG_IDLE: Duration = Duration::from_secs(1);
 
 /// How often the agent looks at the replicated state (and its instances) without being woken.
 const PERIOD: Duration = Duration::from_millis(100);
@@ -252,6 +255,8 @@ struct Instances {
     stopping: HashMap<Key, tokio::task::JoinHandle<()>>,
     /// The kill switches of running singletons (the watchdog fires them).
     singletons: Arc<Mutex<HashMap<Key, KillSwitch>>>,
+    /// Wakes the watchdog when a singleton starts (it looks rarely while none runs).
+    singleton_started: Arc<tokio::sync::Notify>,
     report_tx: tokio::sync::mpsc::UnboundedSender<InstanceReport>,
     acked: Acked,
     /// The index of the view the agent acts on (leases are checked against it).
@@ -345,17 +350,31 @@ pub(crate) async fn run(
         });
     }
     let singletons: Arc<Mutex<HashMap<Key, KillSwitch>>> = Default::default();
+    let singleton_started = Arc::new(tokio::sync::Notify::new());
     {
         // The watchdog: independent of the loop below (which may be busy starting instances),
         // it kills every singleton as soon as no lease covers it.
-        let (acting, leases, singletons, c) = (
+        let (acting, leases, singletons, started, c) = (
             acting.clone(),
             leases.clone(),
             singletons.clone(),
+            singleton_started.clone(),
             ctx.clone(),
         );
         ctx.spawn("lease-watchdog", async move {
-            while c.sleep(WATCHDOG_PERIOD).await {
+            loop {
+                // Every WATCHDOG_PERIOD while a singleton runs; while none does, rarely (a
+                // fleet of agents must not wake 50 times a second for nothing), and at once
+                // when one starts.
+                let period = if lock(&singletons).is_empty() {
+                    WATCHDOG_IDLE
+                } else {
+                    WATCHDOG_PERIOD
+                };
+                tokio::select! {
+                    alive = c.sleep(period) => if !alive { break },
+                    () = started.notified() => {}
+                }
                 if leases.valid(acting.load(Ordering::Acquire)) {
                     continue;
                 }
@@ -425,6 +444,7 @@ pub(crate) async fn run(
         local: HashMap::new(),
         stopping: HashMap::new(),
         singletons,
+        singleton_started,
         report_tx,
         acked,
         quiet_sent: HashMap::new(),
@@ -664,6 +684,7 @@ async fn pass(
         }
         if spec.singleton {
             lock(&agent.singletons).insert(key.clone(), kill.clone());
+            agent.singleton_started.notify_one();
             // The lease may have run out while it started: the watchdog only sees it now.
             if !leases.valid(agent.acting.load(Ordering::Acquire)) {
                 kill.fire();
