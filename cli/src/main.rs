@@ -4,7 +4,9 @@
 //!
 //! Exit status: 0 success, 1 other error, 2 usage error (or an invalid spec), 3 not found,
 //! 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (`--expect-generation`
-//! did not match the stored generation; nothing was changed).
+//! did not match the stored generation; nothing was changed), 6 a rollout failed (`--wait`: a
+//! new instance failed, the deadline passed, it was reverted or superseded), 7 `--wait` gave
+//! up (the rollout goes on), 130 interrupted (Ctrl-C).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,6 +23,7 @@ mod events;
 mod graph;
 mod json;
 mod output;
+mod plan;
 mod svc;
 
 use conn::{new_request_id, with_request_id, Call, Conn};
@@ -33,7 +36,8 @@ use output::{print_nodes, print_status};
     about = "Control a mode cluster",
     after_help = "Exit status: 0 success, 1 error, 2 usage error or invalid spec, 3 not found, \
 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (--expect-generation \
-did not match; nothing was changed)."
+did not match; nothing was changed), 6 rollout failed (--wait), 7 --wait gave up (the \
+rollout goes on), 130 interrupted (Ctrl-C)."
 )]
 struct Cli {
     /// Servers of the cluster, comma-separated (HOST:PORT or http://HOST:PORT): a call that

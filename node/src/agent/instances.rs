@@ -126,7 +126,9 @@ struct Local {
     /// The fencing token it was started with.
     epoch: u64,
     kill: KillSwitch,
-    reported: Option<(String, u32)>,
+    /// Its health check, when the spec has one.
+    health: Option<super::health::Health>,
+    reported: Option<(String, u32, Option<bool>)>,
     reported_at: Instant,
 }
 
@@ -152,7 +154,7 @@ fn observe(local: &Local) -> (String, u32, Option<String>) {
 }
 
 fn fingerprint(spec: &ServiceSpec) -> String {
-    serde_json::json!([spec.kind, spec.config, spec.restart, spec.stop_grace_s]).to_string()
+    spec.runtime().to_string()
 }
 
 fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> ServiceHandle {
@@ -209,6 +211,7 @@ fn plain_report(
         restart_count: restarts,
         last_crash: crash,
         epoch,
+        healthy: None,
         move_: String::new(),
     }
 }
@@ -221,6 +224,7 @@ fn release_report(key: &Key) -> InstanceReport {
         restart_count: 0,
         last_crash: None,
         epoch: 0,
+        healthy: None,
         move_: "release".into(),
     }
 }
@@ -486,8 +490,9 @@ async fn pass(
     let mut desired: BTreeMap<Key, Desired<'_>> = BTreeMap::new();
     let mut release = Vec::new();
     for (service, vs) in &state.services {
-        let spec = &vs.spec;
         for (slot, p) in &vs.here {
+            // The version this instance is set to run (an older one during a rollout).
+            let spec = vs.versions.get(&p.generation).unwrap_or(&vs.spec);
             let key = (service.clone(), *slot);
             if spec.singleton && p.moving_from == Some(me) {
                 // A singleton leaves before it arrives elsewhere: stop it, then release it.
@@ -615,6 +620,18 @@ async fn pass(
                 continue;
             }
         };
+        let health = spec.health.clone().map(|check| {
+            let env = vec![
+                ("MODE_SERVICE".to_string(), spec.name.clone()),
+                ("MODE_SLOT".to_string(), key.1.to_string()),
+                ("MODE_NODE_ID".to_string(), me.to_string()),
+                (
+                    "PATH".to_string(),
+                    "/usr/local/bin:/usr/bin:/bin".to_string(),
+                ),
+            ];
+            super::health::Health::start(*check, key.1, env, inner.clone())
+        });
         let wrapper = instance_supervisor(spec, key.1, inner.clone());
         agent.supervisor.add_dependency(wrapper.clone());
         tracing::info!("starting {} (fencing token {})", instance.label(), d.epoch);
@@ -652,6 +669,7 @@ async fn pass(
                 restart_seq: d.restart_seq,
                 epoch: d.epoch,
                 kill,
+                health,
                 reported: None,
                 reported_at: Instant::now(),
             },
@@ -670,18 +688,26 @@ async fn pass(
             continue;
         };
         let (st, restarts, last) = observe(l);
-        let current = Some((st.clone(), restarts));
-        let stale = remote.state != st || remote.restart_count != restarts;
+        let healthy = l
+            .health
+            .as_ref()
+            .and_then(|h| h.verdict())
+            .filter(|_| st == "running");
+        let current = Some((st.clone(), restarts, healthy));
+        let stale =
+            remote.state != st || remote.restart_count != restarts || remote.healthy != healthy;
         // Re-send a report the state does not show yet, at most once a second; an identical
         // one the state shows is never sent again.
         let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
         if (l.reported != current && stale) || resend {
             l.reported = current;
             l.reported_at = Instant::now();
-            reports.push((key.clone(), st, restarts, last, l.epoch));
+            let mut report = plain_report(key, &st, restarts, last, l.epoch);
+            report.healthy = healthy;
+            reports.push(report);
         }
     }
-    for (key, st, restarts, last, epoch) in reports {
-        agent.report(&key, &st, restarts, last, epoch);
+    for report in reports {
+        let _ = agent.report_tx.send(report);
     }
 }

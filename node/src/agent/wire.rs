@@ -17,6 +17,8 @@ fn instance_from_proto(i: &pb::Instance) -> Placement {
     p.moving_from = (i.moving_from != 0).then_some(i.moving_from);
     p.reschedules = i.reschedules;
     p.epoch = i.epoch;
+    p.generation = i.generation;
+    p.healthy = convert::health_from_word(&i.health);
     p
 }
 
@@ -29,6 +31,7 @@ pub(crate) fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
         last_crash: r.last_crash.clone().unwrap_or_default(),
         epoch: r.epoch,
         r#move: r.move_.clone(),
+        health: convert::health_word(r.healthy).to_string(),
     }
 }
 
@@ -40,6 +43,7 @@ pub(crate) fn report_from_proto(r: &pb::InstanceReport) -> InstanceReport {
         restart_count: r.restart_count,
         last_crash: (!r.last_crash.is_empty()).then(|| r.last_crash.clone()),
         epoch: r.epoch,
+        healthy: convert::health_from_word(&r.health),
         move_: r.r#move.clone(),
     }
 }
@@ -61,6 +65,7 @@ pub(crate) fn view_to_proto(v: &NodeView, server: u64) -> pb::PlacementsUpdate {
                     .map(|(slot, p)| convert::instance_to_proto(name, *slot, p))
                     .collect(),
                 running: u32::from(s.running),
+                versions: s.versions.values().map(convert::spec_to_proto).collect(),
             })
             .collect(),
     }
@@ -73,16 +78,31 @@ pub(crate) fn view_from_proto(u: &pb::PlacementsUpdate) -> NodeView {
             .services
             .iter()
             .filter_map(|s| {
-                let spec = convert::spec_from_proto(s.spec.clone()?).ok()?;
+                let sent = s.spec.clone()?;
+                let generation = sent.generation;
+                let mut spec = convert::spec_from_proto(sent).ok()?;
+                // The generation is output only for clients; the agent picks versions by it.
+                spec.generation = generation;
                 let here = s
                     .here
                     .iter()
                     .map(|i| (i.slot, instance_from_proto(i)))
                     .collect();
+                let versions = s
+                    .versions
+                    .iter()
+                    .filter_map(|v| {
+                        let generation = v.generation;
+                        let mut spec = convert::spec_from_proto(v.clone()).ok()?;
+                        spec.generation = generation;
+                        Some((generation, spec))
+                    })
+                    .collect();
                 Some((
                     spec.name.clone(),
                     ViewService {
                         spec,
+                        versions,
                         deleting: s.deleting,
                         here,
                         running: s.running > 0,
@@ -116,6 +136,7 @@ mod tests {
                 "web".to_string(),
                 ViewService {
                     spec: spec.clone(),
+                    versions: BTreeMap::new(),
                     deleting: true,
                     here: BTreeMap::from([(1, p)]),
                     running: true,
@@ -145,6 +166,7 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch: 0,
+            healthy: None,
             move_: "release".into(),
         };
         assert_eq!(report_from_proto(&report_to_proto(&report)), report);

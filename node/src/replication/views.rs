@@ -27,6 +27,8 @@ pub struct NodeView {
 pub struct ViewService {
     /// Its spec.
     pub spec: ServiceSpec,
+    /// The older versions its instances here still run (during a rollout), by generation.
+    pub versions: BTreeMap<u64, ServiceSpec>,
     /// Being deleted: its dependents stop first.
     pub deleting: bool,
     /// Its instances on (or moving from) the node, by slot.
@@ -54,7 +56,14 @@ impl Touched {
             Command::RegisterNode { .. }
             | Command::SetNodeStatus { .. }
             | Command::RemoveNode { .. }
+            | Command::FinishRollout { .. }
+            | Command::NoteUnplaced { .. }
             | Command::RecordEvent { .. } => {}
+            Command::RollInstances { service, slots, .. } => {
+                for n in slots {
+                    slot(service, *n);
+                }
+            }
             Command::Place { assign, unassign } => {
                 for a in assign.iter().chain(unassign) {
                     slot(&a.service, a.slot);
@@ -77,6 +86,7 @@ impl Touched {
                 self.services.insert(spec.name.clone());
             }
             Command::DeleteSpec { name, .. }
+            | Command::RollbackSpec { name, .. }
             | Command::PurgeSpec { name }
             | Command::ScaleSpec { name, .. } => {
                 self.services.insert(name.clone());
@@ -108,7 +118,8 @@ impl Loc {
         Loc {
             node: p.node,
             moving_from: p.moving_from,
-            running: p.state == "running",
+            // A dependency counts once it runs and its health check (if any) does not fail.
+            running: p.state == "running" && p.healthy != Some(false),
         }
     }
 
@@ -294,15 +305,23 @@ impl Index {
                 else {
                     continue;
                 };
-                let here = slots
+                let here: BTreeMap<u32, Placement> = slots
                     .iter()
                     .filter_map(|n| placed.get(n).map(|p| (*n, p.clone())))
+                    .collect();
+                let versions = here
+                    .values()
+                    .filter(|p| p.generation != spec.generation)
+                    .filter_map(|p| state.spec_of(name, p))
+                    .filter(|s| s.generation != spec.generation)
+                    .map(|s| (s.generation, s.clone()))
                     .collect();
                 deps.extend(spec.depends_on.iter().cloned());
                 services.insert(
                     name.clone(),
                     ViewService {
                         spec: spec.clone(),
+                        versions,
                         deleting: state.deleting.contains(name),
                         here,
                         running: self.runs(name),
@@ -319,6 +338,7 @@ impl Index {
                     d.clone(),
                     ViewService {
                         spec: spec.clone(),
+                        versions: BTreeMap::new(),
                         deleting: state.deleting.contains(&d),
                         here: BTreeMap::new(),
                         running: self.runs(&d),
@@ -575,6 +595,7 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch: 0,
+            healthy: None,
         };
         apply(&mut state, &views, 6, report);
         assert_eq!(views.view_index_for(1, 6), None, "node 1's view is dirty");
