@@ -114,12 +114,21 @@ struct Loc {
 }
 
 impl Loc {
-    fn of(p: &Placement) -> Loc {
+    fn of(state: &ClusterState, service: &str, p: &Placement) -> Loc {
+        // A dependency counts once it runs and, when its version has a health check, passes
+        // it.
+        let checked = state
+            .spec_of(service, p)
+            .is_some_and(|s| s.health.is_some());
+        let healthy = if checked {
+            p.healthy == Some(true)
+        } else {
+            p.healthy != Some(false)
+        };
         Loc {
             node: p.node,
             moving_from: p.moving_from,
-            // A dependency counts once it runs and its health check (if any) does not fail.
-            running: p.state == "running" && p.healthy != Some(false),
+            running: p.state == "running" && healthy,
         }
     }
 
@@ -251,7 +260,7 @@ impl Index {
             self.mark(old.nodes());
         }
         if let Some(p) = state.placements.get(service).and_then(|s| s.get(&slot)) {
-            let loc = Loc::of(p);
+            let loc = Loc::of(state, service, p);
             self.mark(loc.nodes());
             self.add(service, slot, loc);
         }
@@ -273,7 +282,7 @@ impl Index {
         }
         if let Some(slots) = state.placements.get(service) {
             for (n, p) in slots {
-                self.add(service, *n, Loc::of(p));
+                self.add(service, *n, Loc::of(state, service, p));
             }
         }
         self.mark_service(state, service);
@@ -288,7 +297,7 @@ impl Index {
         self.base = index;
         for (service, slots) in &state.placements {
             for (n, p) in slots {
-                self.add(service, *n, Loc::of(p));
+                self.add(service, *n, Loc::of(state, service, p));
             }
         }
         let watched: Vec<u64> = self.watchers.keys().copied().collect();
