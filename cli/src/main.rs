@@ -132,6 +132,13 @@ enum NodeCmd {
         /// Drain even if some instances have nowhere else to go.
         #[arg(long)]
         force: bool,
+        /// Wait until every instance that can move runs elsewhere (exit 7 after
+        /// --wait-timeout, 130 on Ctrl-C; the drain goes on either way).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
     },
     /// Return a drained node to service.
     Undrain {
@@ -270,7 +277,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 say!("{}", r.message);
             }
         }
-        Cmd::Node(NodeCmd::Drain { id, force }) => {
+        Cmd::Node(NodeCmd::Drain {
+            id,
+            force,
+            wait,
+            wait_timeout,
+        }) => {
             let (id, force) = (*id, *force);
             let request_id = new_request_id();
             let r = rpc!(
@@ -310,6 +322,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 say!("node {id} is draining: its instances start elsewhere, then stop here");
+            }
+            if *wait {
+                let stranded: Vec<String> = r
+                    .stranded
+                    .iter()
+                    .map(|s| s.split(':').next().unwrap_or_default().to_string())
+                    .collect();
+                svc::wait_drained(
+                    &mut conn,
+                    id,
+                    &stranded,
+                    Duration::from_secs(*wait_timeout),
+                    json,
+                )
+                .await?;
             }
         }
         Cmd::Node(NodeCmd::Undrain { id }) => {

@@ -862,6 +862,70 @@ pub(crate) async fn wait_rollouts(
     Ok(done)
 }
 
+/// `node drain --wait`: until no instance but the `stranded` ones (`web#2`) is on node `id`
+/// or moving away from it (a moved instance is released once it runs on its new node).
+pub(crate) async fn wait_drained(
+    conn: &mut Conn,
+    id: u64,
+    stranded: &[String],
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut view = ProgressView::new(json);
+    let watch = async {
+        loop {
+            let reply = rpc!(
+                conn,
+                Call::Read,
+                list_services,
+                pb::ListServicesRequest { stale: false }
+            )
+            .await?;
+            let left: Vec<String> = reply
+                .services
+                .iter()
+                .flat_map(|s| s.instances.iter())
+                .filter(|i| i.node == id || i.moving_from == id)
+                .map(|i| format!("{}#{}", i.service, i.slot))
+                .filter(|label| !stranded.contains(label))
+                .collect();
+            if left.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            view.show(format!(
+                "node {id}: {} instance{} still to move",
+                left.len(),
+                if left.len() == 1 { "" } else { "s" }
+            ));
+            if Instant::now() >= deadline {
+                return Err(fail(
+                    EXIT_WAIT_TIMEOUT,
+                    format!(
+                        "gave up waiting after {}s; the drain goes on: still on node {id}: {}",
+                        timeout.as_secs(),
+                        left.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let result = tokio::select! {
+        r = watch => r,
+        _ = tokio::signal::ctrl_c() => Err(fail(
+            EXIT_INTERRUPTED,
+            format!("interrupted: stopped waiting, but node {id} goes on draining"),
+        )),
+    };
+    view.end();
+    result?;
+    if !json {
+        say!("node {id} is drained");
+    }
+    Ok(())
+}
+
 /// `svc history NAME`.
 async fn history(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failure> {
     let reply = rpc!(

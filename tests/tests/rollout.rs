@@ -331,9 +331,11 @@ async fn health_checks_of_each_type_flip_instances_unhealthy_and_back_and_gate_d
         "- name: http\n  kind: exec\n  stop_grace_s: 1\n  health: {{http: {{port: {http_port}}}, {check}}}\n  config: {{command: {target}, args: [\"--port\", \"{http_port}\", \"--fail-file\", \"{}\"]}}\n\
 - name: tcp\n  kind: exec\n  stop_grace_s: 1\n  health: {{tcp: {{port: {tcp_port}}}, {check}}}\n  config: {{command: {target}, args: [\"--port\", \"{tcp_port}\", \"--down-file\", \"{}\"]}}\n\
 - name: cmd\n  kind: exec\n  stop_grace_s: 1\n  health: {{command: [/bin/sh, -c, \"test -e {}\"], {check}}}\n  config: {{command: /bin/sleep, args: [\"1000\"]}}\n\
-- name: after\n  kind: exec\n  stop_grace_s: 1\n  depends_on: [cmd]\n  config: {{command: /bin/sleep, args: [\"1000\"]}}\n",
+- name: after\n  kind: exec\n  stop_grace_s: 1\n  depends_on: [cmd]\n  config: {{command: /bin/sleep, args: [\"1000\"]}}\n\
+- name: inproc\n  kind: ticker\n  config: {{every_ms: 100, healthy_file: \"{}\"}}\n",
         sick.display(),
         down.display(),
+        ready.display(),
         ready.display()
     );
     let file = scratch.0.join("checks.yaml");
@@ -370,6 +372,8 @@ async fn health_checks_of_each_type_flip_instances_unhealthy_and_back_and_gate_d
     until("tcp healthy", is("tcp", "healthy")).await;
     // The command check fails until the file exists: unhealthy, and its dependent waits.
     until("cmd unhealthy", is("cmd", "unhealthy")).await;
+    // An in-process kind says so itself (Context::set_healthy).
+    until("inproc unhealthy", is("inproc", "unhealthy")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (state, _) = health_of("after").await;
     assert_ne!(
@@ -383,6 +387,7 @@ async fn health_checks_of_each_type_flip_instances_unhealthy_and_back_and_gate_d
     until("http unhealthy", is("http", "unhealthy")).await;
     until("tcp unhealthy", is("tcp", "unhealthy")).await;
     until("cmd healthy", is("cmd", "healthy")).await;
+    until("inproc healthy", is("inproc", "healthy")).await;
     until("after runs once cmd is healthy", || async {
         health_of("after").await.0 == "running"
     })
@@ -394,6 +399,7 @@ async fn health_checks_of_each_type_flip_instances_unhealthy_and_back_and_gate_d
     until("http healthy again", is("http", "healthy")).await;
     until("tcp healthy again", is("tcp", "healthy")).await;
     until("cmd unhealthy again", is("cmd", "unhealthy")).await;
+    until("inproc unhealthy again", is("inproc", "unhealthy")).await;
     let events = c.events(leader).await;
     assert!(
         events

@@ -688,11 +688,12 @@ async fn pass(
             continue;
         };
         let (st, restarts, last) = observe(l);
-        let healthy = l
-            .health
-            .as_ref()
-            .and_then(|h| h.verdict())
-            .filter(|_| st == "running");
+        // The spec's check, or else what an in-process service says of itself.
+        let healthy = match &l.health {
+            Some(h) => h.verdict(),
+            None => l.inner.health(),
+        }
+        .filter(|_| st == "running");
         let current = Some((st.clone(), restarts, healthy));
         let stale =
             remote.state != st || remote.restart_count != restarts || remote.healthy != healthy;

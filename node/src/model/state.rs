@@ -1339,6 +1339,9 @@ impl ClusterState {
                             p.running_since_ms = None;
                             p.healthy = None;
                             p.failed_at_ms = None;
+                            // A new instance: the old one's crashes are not its own.
+                            p.last_crash = None;
+                            p.restart_count = 0;
                             p.trace = proposal.trace.clone();
                             rolled.push(format!("{service}#{slot}"));
                         }
