@@ -536,3 +536,81 @@ async fn ctrl_c_during_wait_exits_130_and_the_rollout_goes_on() {
     let s = service(&c, leader, "slow").await.unwrap();
     assert_eq!(s.rollout.unwrap().status, "rolling");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_carries_on_under_a_new_leader_and_drain_wait_ends_when_instances_moved() {
+    let (mut c, leader) = cluster(3).await;
+    let scratch = Scratch::new("failover");
+    let spec = |arg: &str| {
+        format!(
+            "name: web\nkind: exec\nreplicas: 6\nstop_grace_s: 1\nupdate: {{max_unavailable: 1, min_healthy_ms: 1500}}\nconfig:\n  command: /bin/sleep\n  args: [\"{arg}\"]\n"
+        )
+    };
+    let file = scratch.0.join("web.yaml");
+    std::fs::write(&file, spec("1000")).unwrap();
+    let out = apply_wait(&c, leader, &file, &[]).await;
+    assert!(out.status.success(), "{}", both(&out));
+    std::fs::write(&file, spec("2000")).unwrap();
+    let out = c.modectl(leader, &["svc", "apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", both(&out));
+    // Once the first step is taken, the leader dies; the rollout is in the replicated state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rollout_steps(&c, leader, "web").await.is_empty() {
+        assert!(Instant::now() < deadline, "no rollout step");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.node(leader).kill9();
+    let other = (1..=3).find(|id| *id != leader).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(s) = service(&c, other, "web").await {
+            let r = s.rollout.clone().unwrap_or_default();
+            if r.generation == 2 && r.status == "succeeded" {
+                assert!(
+                    s.instances
+                        .iter()
+                        .all(|i| i.generation == 2 && i.state == "running"),
+                    "{s:?}"
+                );
+                break;
+            }
+            assert!(
+                r.status == "rolling" || r.generation != 2,
+                "the rollout ended otherwise: {r:?}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not finish under the new leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Drain a survivor and wait: its instances run elsewhere when modectl returns.
+    c.node(leader).start();
+    let victim = (1..=3).find(|id| *id != leader && *id != other).unwrap();
+    let out = c.modectl(
+        other,
+        &[
+            "node",
+            "drain",
+            &victim.to_string(),
+            "--wait",
+            "--wait-timeout",
+            "60",
+        ],
+    );
+    assert!(out.status.success(), "{}", both(&out));
+    assert!(
+        text(&out.stdout).contains(&format!("node {victim} is drained")),
+        "{}",
+        both(&out)
+    );
+    let s = service(&c, other, "web").await.unwrap();
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| i.node != victim && i.moving_from != victim),
+        "{s:?}"
+    );
+}
