@@ -1535,8 +1535,21 @@ impl ClusterState {
             unplaced: None,
             revert_of,
         });
+        // Bounded, but a version an instance still runs stays (its node needs the spec).
+        let in_use: std::collections::BTreeSet<u64> = self
+            .placements
+            .get(&name)
+            .map(|placed| placed.values().map(|p| p.generation).collect())
+            .unwrap_or_default();
         while versions.len() > crate::model::rollout::MAX_VERSIONS {
-            versions.pop_front();
+            let current = spec.generation;
+            let Some(i) = versions
+                .iter()
+                .position(|v| v.spec.generation != current && !in_use.contains(&v.spec.generation))
+            else {
+                break;
+            };
+            versions.remove(i);
         }
         self.specs.insert(name.clone(), spec);
         self.event(at, "spec-applied", message, Some(name), None);
@@ -2963,6 +2976,9 @@ mod rollout_tests {
             .filter(|v| v.status == RolloutStatus::Superseded)
             .count();
         assert_eq!(superseded, crate::model::rollout::MAX_VERSIONS - 1);
+        // The instances still run generation 1 (nothing rolled them): it is kept.
+        assert_eq!(s.versions["web"][0].spec.generation, 1);
+        assert_eq!(generations(&s), [1, 1, 1]);
         s.apply(&p(Command::DeleteSpec {
             name: "web".into(),
             force: false,
