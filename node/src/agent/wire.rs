@@ -125,18 +125,24 @@ mod tests {
         spec.config = serde_json::json!({"cmd": ["sh", "-c", "x"], "n": 3});
         spec.singleton = true;
         spec.depends_on = vec!["db".into()];
+        spec.generation = 5;
+        let mut old = spec.clone();
+        old.generation = 4;
+        old.config = serde_json::json!({"cmd": ["sh", "-c", "old"]});
         let mut p = Placement::on(4);
         p.state = "running".into();
         p.restart_count = 2;
         p.moving_from = Some(3);
         p.epoch = 17;
+        p.generation = 4;
+        p.healthy = Some(false);
         let view = NodeView {
             index: 42,
             services: BTreeMap::from([(
                 "web".to_string(),
                 ViewService {
                     spec: spec.clone(),
-                    versions: BTreeMap::new(),
+                    versions: BTreeMap::from([(4, old.clone())]),
                     deleting: true,
                     here: BTreeMap::from([(1, p)]),
                     running: true,
@@ -148,6 +154,12 @@ mod tests {
         let web = &back.services["web"];
         assert_eq!(web.spec, spec);
         assert!(web.deleting && web.running);
+        // An agent-only node runs each instance's version, picked by generation.
+        assert_eq!(web.versions[&4], old);
+        assert_eq!(
+            (web.here[&1].generation, web.here[&1].healthy),
+            (4, Some(false))
+        );
         let here = &web.here[&1];
         assert_eq!(
             (
@@ -170,5 +182,12 @@ mod tests {
             move_: "release".into(),
         };
         assert_eq!(report_from_proto(&report_to_proto(&report)), report);
+        let healthy = InstanceReport {
+            healthy: Some(true),
+            move_: String::new(),
+            state: "running".into(),
+            ..report
+        };
+        assert_eq!(report_from_proto(&report_to_proto(&healthy)), healthy);
     }
 }
