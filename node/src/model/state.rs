@@ -2796,7 +2796,7 @@ mod rollout_tests {
             address: "127.0.0.1:1".into(),
             labels: BTreeMap::new(),
             capacity: 100,
-            kinds: vec!["ticker".into()],
+            kinds: vec!["ticker".into(), "counter".into()],
             incarnation: 0,
             heartbeat_grace_ms: 0,
             api_address: String::new(),
@@ -2890,6 +2890,27 @@ mod rollout_tests {
         assert_eq!(rolled.running_since_ms, None);
         assert_eq!(generations(&s), [2, 1, 1]);
         assert_eq!(s.spec_of("web", rolled).unwrap().config["every_ms"], 200);
+    }
+
+    #[test]
+    fn a_kind_change_is_accepted_and_replaces_instances_under_the_policy() {
+        let mut s = cluster();
+        let mut counter = web(100, 3);
+        counter.kind = "counter".into();
+        let out = apply(&mut s, counter);
+        assert!(out.ok, "{}", out.message);
+        assert_eq!(out.changes[0].changed_fields, ["kind"]);
+        // Not adopted: each instance keeps running the ticker until the rollout replaces it.
+        assert_eq!(generations(&s), [1, 1, 1]);
+        assert_eq!(
+            s.spec_of("web", &s.placements["web"][&1]).unwrap().kind,
+            "ticker"
+        );
+        let plan = s.plan_placements(&[web(100, 3)]);
+        assert!(
+            plan.is_empty(),
+            "back to what runs: nothing to replace: {plan:?}"
+        );
     }
 
     #[test]
