@@ -28,7 +28,34 @@ pub(crate) fn spec(s: &pb::ServiceSpec) -> Value {
             "backoff_max_ms": r.backoff_max_ms,
         })),
         "stop_grace_s": s.stop_grace_s,
+        "update": s.update.as_ref().map(|u| json!({
+            "max_unavailable": u.max_unavailable,
+            "min_healthy_ms": u.min_healthy_ms,
+            "deadline_s": u.deadline_s,
+            "auto_revert": u.auto_revert,
+        })),
+        "health": mode::api::convert::spec_from_proto(s.clone())
+            .ok()
+            .and_then(|d| d.health)
+            .and_then(|h| serde_json::to_value(h).ok()),
         "generation": s.generation,
+    })
+}
+
+pub(crate) fn rollout(r: &pb::Rollout) -> Value {
+    json!({
+        "generation": r.generation,
+        "status": r.status,
+        "reason": r.reason,
+        "unplaced": r.unplaced,
+        "revert_of": r.revert_of,
+        "wanted": r.wanted,
+        "updated": r.updated,
+        "available": r.available,
+        "applied_at_ms": r.applied_at_ms,
+        "applied_at": format_utc_ms(r.applied_at_ms),
+        "finished_at_ms": r.finished_at_ms,
+        "change": r.change,
     })
 }
 
@@ -43,6 +70,9 @@ pub(crate) fn instance(i: &pb::Instance) -> Value {
         "moving_from": i.moving_from,
         "reschedules": i.reschedules,
         "epoch": i.epoch,
+        "generation": i.generation,
+        "health": i.health,
+        "running_since_ms": i.running_since_ms,
     })
 }
 
@@ -53,6 +83,7 @@ pub(crate) fn service(s: &pb::Service) -> Value {
         "instances": s.instances.iter().map(instance).collect::<Vec<_>>(),
         "running": s.running,
         "applied_index": s.applied_index,
+        "rollout": s.rollout.as_ref().map(rollout),
     })
 }
 

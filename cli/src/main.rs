@@ -4,7 +4,9 @@
 //!
 //! Exit status: 0 success, 1 other error, 2 usage error (or an invalid spec), 3 not found,
 //! 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (`--expect-generation`
-//! did not match the stored generation; nothing was changed).
+//! did not match the stored generation; nothing was changed), 6 a rollout failed (`--wait`: a
+//! new instance failed, the deadline passed, it was reverted or superseded), 7 `--wait` gave
+//! up (the rollout goes on), 130 interrupted (Ctrl-C).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,6 +23,7 @@ mod events;
 mod graph;
 mod json;
 mod output;
+mod plan;
 mod svc;
 
 use conn::{new_request_id, with_request_id, Call, Conn};
@@ -33,7 +36,8 @@ use output::{print_nodes, print_status};
     about = "Control a mode cluster",
     after_help = "Exit status: 0 success, 1 error, 2 usage error or invalid spec, 3 not found, \
 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (--expect-generation \
-did not match; nothing was changed)."
+did not match; nothing was changed), 6 rollout failed (--wait), 7 --wait gave up (the \
+rollout goes on), 130 interrupted (Ctrl-C)."
 )]
 struct Cli {
     /// Servers of the cluster, comma-separated (HOST:PORT or http://HOST:PORT): a call that
@@ -128,6 +132,13 @@ enum NodeCmd {
         /// Drain even if some instances have nowhere else to go.
         #[arg(long)]
         force: bool,
+        /// Wait until every instance that can move runs elsewhere (exit 7 after
+        /// --wait-timeout, 130 on Ctrl-C; the drain goes on either way).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
     },
     /// Return a drained node to service.
     Undrain {
@@ -266,7 +277,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 say!("{}", r.message);
             }
         }
-        Cmd::Node(NodeCmd::Drain { id, force }) => {
+        Cmd::Node(NodeCmd::Drain {
+            id,
+            force,
+            wait,
+            wait_timeout,
+        }) => {
             let (id, force) = (*id, *force);
             let request_id = new_request_id();
             let r = rpc!(
@@ -306,6 +322,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 say!("node {id} is draining: its instances start elsewhere, then stop here");
+            }
+            if *wait {
+                let stranded: Vec<String> = r
+                    .stranded
+                    .iter()
+                    .map(|s| s.split(':').next().unwrap_or_default().to_string())
+                    .collect();
+                svc::wait_drained(
+                    &mut conn,
+                    id,
+                    &stranded,
+                    Duration::from_secs(*wait_timeout),
+                    json,
+                )
+                .await?;
             }
         }
         Cmd::Node(NodeCmd::Undrain { id }) => {

@@ -1,8 +1,6 @@
 //! `modectl svc`: apply specs, list and inspect services, scale, rolling restart, remove.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
@@ -29,11 +27,41 @@ pub(crate) enum SvcCmd {
         /// exist yet). Repeatable. A mismatch stores nothing and exits with status 5.
         #[arg(long = "expect-generation", value_name = "NAME=GEN", value_parser = parse_expectation)]
         expect_generation: Vec<(String, u64)>,
-        /// Wait until every instance runs, showing progress, or fail clearly.
+        /// Follow the new version's rollout until every instance runs it and is available
+        /// (healthy, with a health check), or fail with the failing instance's reason (exit 6).
         #[arg(long)]
         wait: bool,
-        /// With --wait: give up after this many seconds.
-        #[arg(long, default_value_t = 60)]
+        /// With --wait: give up waiting after this many seconds (exit 7; the rollout goes on).
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
+    },
+    /// What applying a file would change, field by field, and where instances would be
+    /// placed or replaced; stores nothing.
+    #[command(alias = "diff")]
+    Plan {
+        /// The spec file.
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+    },
+    /// The kept versions of a service, oldest first, with how each rolled out.
+    History {
+        /// Service name.
+        name: String,
+    },
+    /// Store an earlier version of a service again (as a new generation, rolled out under its
+    /// update policy).
+    Rollback {
+        /// Service name.
+        name: String,
+        /// The version (generation) to restore; default: the newest earlier one that rolled
+        /// out completely.
+        #[arg(long = "to", value_name = "GENERATION")]
+        to: Option<u64>,
+        /// Follow the rollout (as `apply --wait`).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds (exit 7).
+        #[arg(long, default_value_t = 300)]
         wait_timeout: u64,
     },
     /// List services.
@@ -53,6 +81,12 @@ pub(crate) enum SvcCmd {
         /// otherwise).
         #[arg(long, value_name = "GEN")]
         expect_generation: Option<u64>,
+        /// Follow until every wanted instance runs and is available (as `apply --wait`).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds (exit 7).
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
     },
     /// Restart every instance, one at a time, each once the previous one runs again (or only
     /// one instance with --slot).
@@ -87,9 +121,52 @@ fn parse_expectation(s: &str) -> Result<(String, u64), String> {
     Ok((name.to_string(), generation))
 }
 
-fn fail(code: u8, message: impl Into<String>) -> Failure {
+pub(crate) fn fail(code: u8, message: impl Into<String>) -> Failure {
     Failure::new(code, message)
 }
+
+/// Read and check a spec file as `apply` sends it: its name and specs.
+pub(crate) fn read_specs(
+    file: &std::path::Path,
+) -> Result<(String, Vec<mode::model::spec::ServiceSpec>), Failure> {
+    let cannot_read = |e: std::io::Error| fail(2, format!("cannot read {}: {e}", file.display()));
+    let size = std::fs::metadata(file).map_err(cannot_read)?.len();
+    let limit = mode::model::limits::MAX_REQUEST_BYTES as u64;
+    if size > limit {
+        return Err(fail(
+            2,
+            format!(
+                "{}: the file is {size} bytes, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
+                file.display(),
+                mode::model::limits::MAX_SPEC_BYTES
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(cannot_read)?;
+    let file_name = file.display().to_string();
+    let specs =
+        mode::model::spec::parse_specs(&file_name, &text).map_err(|e| fail(2, e.to_string()))?;
+    for spec in &specs {
+        if let Some(at) = mode::api::convert::inexact_number(&spec.config, "config") {
+            return Err(fail(
+                2,
+                format!(
+                    "{file_name}: spec '{}': {at} is an integer beyond 2^53, which the API's JSON config (a protobuf Struct of doubles) cannot carry exactly: write it as a string",
+                    spec.name
+                ),
+            ));
+        }
+    }
+    Ok((file_name, specs))
+}
+
+/// Exit status of a rollout that failed (an instance failed, the deadline passed, it was
+/// reverted or superseded).
+pub(crate) const EXIT_ROLLOUT_FAILED: u8 = 6;
+/// Exit status of a `--wait` that gave up (the rollout goes on).
+pub(crate) const EXIT_WAIT_TIMEOUT: u8 = 7;
+/// Exit status after Ctrl-C (as a shell reports SIGINT).
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// How long to wait for a service (a rolling restart, a removal).
 const SERVICE_WAIT: Duration = Duration::from_secs(60);
@@ -116,45 +193,10 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             wait,
             wait_timeout,
         } => {
-            let cannot_read =
-                |e: std::io::Error| fail(2, format!("cannot read {}: {e}", file.display()));
-            let size = std::fs::metadata(file).map_err(cannot_read)?.len();
-            let limit = mode::model::limits::MAX_REQUEST_BYTES as u64;
-            if size > limit {
-                return Err(fail(
-                    2,
-                    format!(
-                        "{}: the file is {size} bytes, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
-                        file.display(),
-                        mode::model::limits::MAX_SPEC_BYTES
-                    ),
-                ));
-            }
-            let text = std::fs::read_to_string(file).map_err(cannot_read)?;
-            let file_name = file.display().to_string();
-            let specs = mode::model::spec::parse_specs(&file_name, &text)
-                .map_err(|e| fail(2, e.to_string()))?;
-            for spec in &specs {
-                if let Some(at) = mode::api::convert::inexact_number(&spec.config, "config") {
-                    return Err(fail(
-                        2,
-                        format!(
-                            "{file_name}: spec '{}': {at} is an integer beyond 2^53, which the API's JSON config (a protobuf Struct of doubles) cannot carry exactly: write it as a string",
-                            spec.name
-                        ),
-                    ));
-                }
-            }
-            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            let (file_name, specs) = read_specs(file)?;
             let specs: Vec<pb::ServiceSpec> = specs.iter().map(spec_to_proto).collect();
             let expected: std::collections::HashMap<String, u64> =
                 expect_generation.iter().cloned().collect();
-            // The last event now: waiting reports only what happened after the apply.
-            let since = if *wait && !dry_run {
-                last_event_seq(conn).await?
-            } else {
-                0
-            };
             let request_id = new_request_id();
             let reply = rpc!(
                 conn,
@@ -186,20 +228,62 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             }
             if *wait && !dry_run {
                 let mut out = js::apply(&reply);
-                wait_running(
-                    conn,
-                    &names,
-                    since,
-                    Duration::from_secs(*wait_timeout),
-                    json,
-                )
-                .await?;
+                let targets: Vec<(String, u64)> = reply
+                    .changes
+                    .iter()
+                    .map(|c| (c.name.clone(), c.generation))
+                    .collect();
+                let rollouts =
+                    wait_rollouts(conn, &targets, Duration::from_secs(*wait_timeout), json).await?;
                 if json {
-                    out["running"] = json!(names);
+                    out["rollouts"] = json!(rollouts.iter().map(js::rollout).collect::<Vec<_>>());
                     js::print(&out);
                 }
             } else if json {
                 js::print(&js::apply(&reply));
+            }
+        }
+        SvcCmd::Plan { file } => crate::plan::run(conn, file, json).await?,
+        SvcCmd::History { name } => history(conn, name, json).await?,
+        SvcCmd::Rollback {
+            name,
+            to,
+            wait,
+            wait_timeout,
+        } => {
+            let request_id = new_request_id();
+            let reply = rpc!(
+                conn,
+                Call::Write,
+                rollback_service,
+                with_request_id(
+                    pb::RollbackServiceRequest {
+                        name: name.clone(),
+                        to_generation: to.unwrap_or(0),
+                        expected_generation: 0,
+                        request_id: request_id.clone(),
+                    },
+                    &request_id,
+                )
+            )
+            .await?;
+            if !json {
+                say!("{}", reply.message);
+            }
+            let mut out = json!({
+                "service": name,
+                "generation": reply.generation,
+                "restored": reply.restored,
+                "message": reply.message,
+            });
+            if *wait {
+                let targets = [(name.clone(), reply.generation)];
+                let rollouts =
+                    wait_rollouts(conn, &targets, Duration::from_secs(*wait_timeout), json).await?;
+                out["rollout"] = rollouts.first().map(js::rollout).unwrap_or_default();
+            }
+            if json {
+                js::print(&out);
             }
         }
         SvcCmd::Ls => {
@@ -252,6 +336,9 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                     ""
                 }
             );
+            if let Some(r) = &service.rollout {
+                say!("rollout: {}", describe_rollout(r));
+            }
             let rows: Vec<Vec<String>> = service
                 .instances
                 .iter()
@@ -260,13 +347,27 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                         format!("{name}#{}", i.slot),
                         i.node.to_string(),
                         i.state.clone(),
+                        if i.health.is_empty() {
+                            "-".to_string()
+                        } else {
+                            i.health.clone()
+                        },
+                        i.generation.to_string(),
                         i.restart_count.to_string(),
                         i.last_crash.clone(),
                     ]
                 })
                 .collect();
             table(
-                &["INSTANCE", "NODE", "STATE", "RESTARTS", "LAST CRASH"],
+                &[
+                    "INSTANCE",
+                    "NODE",
+                    "STATE",
+                    "HEALTH",
+                    "GENERATION",
+                    "RESTARTS",
+                    "LAST CRASH",
+                ],
                 &rows,
             );
         }
@@ -274,6 +375,8 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             name,
             replicas,
             expect_generation,
+            wait,
+            wait_timeout,
         } => {
             let request_id = new_request_id();
             let reply = rpc!(
@@ -303,17 +406,29 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 }
             })?;
             if json {
-                say!(
-                    "{}",
-                    json!({"service": name, "replicas": replicas, "generation": reply.generation, "message": reply.message})
-                );
-            } else if reply.message.is_empty() {
-                say!(
-                    "service '{name}' scaled to {replicas} replicas (generation {})",
-                    reply.generation
-                );
+                let mut out = json!({"service": name, "replicas": replicas, "generation": reply.generation, "message": reply.message});
+                if *wait {
+                    let targets = [(name.clone(), reply.generation)];
+                    let rollouts =
+                        wait_rollouts(conn, &targets, Duration::from_secs(*wait_timeout), true)
+                            .await?;
+                    out["rollout"] = rollouts.first().map(js::rollout).unwrap_or_default();
+                }
+                say!("{out}");
             } else {
-                say!("{}", reply.message);
+                if reply.message.is_empty() {
+                    say!(
+                        "service '{name}' scaled to {replicas} replicas (generation {})",
+                        reply.generation
+                    );
+                } else {
+                    say!("{}", reply.message);
+                }
+                if *wait {
+                    let targets = [(name.clone(), reply.generation)];
+                    wait_rollouts(conn, &targets, Duration::from_secs(*wait_timeout), false)
+                        .await?;
+                }
             }
         }
         SvcCmd::Restart { name, slot } => restart(conn, name, *slot, json).await?,
@@ -377,21 +492,6 @@ fn print_changes(reply: &pb::ApplyServicesReply) {
 /// Instances in state `running`.
 fn running(s: &pb::Service) -> u32 {
     s.instances.iter().filter(|i| i.state == "running").count() as u32
-}
-
-/// The newest event's sequence number (0 for none).
-async fn last_event_seq(conn: &mut Conn) -> Result<u64, Failure> {
-    let reply = rpc!(
-        conn,
-        Call::Read,
-        list_events,
-        pb::ListEventsRequest {
-            tail: 1,
-            ..Default::default()
-        }
-    )
-    .await?;
-    Ok(reply.events.last().map_or(0, |e| e.seq))
 }
 
 /// Follow `name` (WatchService) until `done` holds for it; a broken stream is reopened (on the
@@ -481,7 +581,7 @@ async fn restart(
     let mut announced = BTreeSet::new();
     let mut restarted = BTreeSet::new();
     let deadline = Instant::now() + SERVICE_WAIT * (asked.len().max(1) as u32);
-    let finished = follow_service(conn, name, deadline, |s| {
+    let followed = follow_service(conn, name, deadline, |s| {
         for i in &s.instances {
             if !asked.contains(&i.slot) {
                 continue;
@@ -490,12 +590,19 @@ async fn restart(
             if newer && announced.insert(i.slot) && !json {
                 say!("restarting {name}#{}...", i.slot);
             }
-            if newer && i.state == "running" {
+            // With a health check, running is not enough: it must pass again.
+            let checked = s.spec.as_ref().is_some_and(|sp| sp.health.is_some());
+            let healthy = if checked {
+                i.health == "healthy"
+            } else {
+                i.health != "unhealthy"
+            };
+            if newer && i.state == "running" && healthy {
                 restarted.insert(i.slot);
             }
-            if i.state == "failed" {
+            if newer && i.state == "failed" {
                 return Err(fail(
-                    1,
+                    EXIT_ROLLOUT_FAILED,
                     format!(
                         "{name}#{} failed on node {} after its restart: {}",
                         i.slot,
@@ -510,12 +617,20 @@ async fn restart(
             }
         }
         Ok(restarted.len() == asked.len())
-    })
-    .await
-    .map_err(|f| {
-        if f.code == 4 {
+    });
+    let followed = tokio::select! {
+        r = followed => r,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(fail(
+                EXIT_INTERRUPTED,
+                format!("interrupted: stopped waiting; instances asked to restart restart anyway (follow them with `modectl svc get {name}`)"),
+            ));
+        }
+    };
+    let finished = followed.map_err(|f| {
+        if f.code == 4 && f.message.starts_with("gave up") {
             fail(
-                1,
+                EXIT_WAIT_TIMEOUT,
                 format!(
                     "{name} was not restarted in time: {} of {} instances run again",
                     restarted.len(),
@@ -553,58 +668,174 @@ async fn wait_gone(conn: &mut Conn, name: &str) -> Result<(), Failure> {
     }
 }
 
-/// Show progress until every instance of `names` runs; fail on an instance that exceeded its
-/// restart intensity or on an `unplaced` event (after event `since`) for a service short of
-/// instances.
-async fn wait_running(
+/// One line about a rollout: `generation 5 rolling: 2/3 updated, 1/3 available`.
+pub(crate) fn describe_rollout(r: &pb::Rollout) -> String {
+    let mut line = format!(
+        "generation {} {}: {}/{} updated, {}/{} available",
+        r.generation, r.status, r.updated, r.wanted, r.available, r.wanted
+    );
+    if !r.reason.is_empty() {
+        line.push_str(&format!(" ({})", r.reason));
+    }
+    if !r.unplaced.is_empty() {
+        line.push_str(&format!("; {}", r.unplaced));
+    }
+    line
+}
+
+/// How one followed rollout stands.
+enum Verdict {
+    Rolling(String),
+    Done(pb::Rollout),
+    Failed(String),
+}
+
+/// What service `s` says about the rollout of its version `generation`.
+fn verdict(name: &str, generation: u64, s: &pb::Service) -> Verdict {
+    let spec = s.spec.clone().unwrap_or_default();
+    let Some(r) = s.rollout.clone() else {
+        // Stored before versions were kept: every instance running is all there is to know.
+        let (running, wanted) = (running(s), wanted(&spec));
+        return if running >= wanted {
+            Verdict::Done(pb::Rollout {
+                generation: spec.generation,
+                status: "succeeded".into(),
+                wanted,
+                updated: wanted,
+                available: running,
+                ..Default::default()
+            })
+        } else {
+            Verdict::Rolling(format!("{name} {running}/{wanted} running"))
+        };
+    };
+    if r.generation > generation {
+        return Verdict::Failed(if r.revert_of == generation {
+            format!(
+                "{name}: the rollout of generation {generation} failed and was reverted: {}",
+                r.change
+            )
+        } else {
+            format!(
+                "{name}: generation {generation} was superseded by generation {} ({}) before it rolled out",
+                r.generation, r.change
+            )
+        });
+    }
+    if r.generation < generation {
+        // The answering replica has not applied the change yet.
+        return Verdict::Rolling(format!("{name}: waiting for generation {generation}"));
+    }
+    match r.status.as_str() {
+        "succeeded" => Verdict::Done(r),
+        "rolling" if !r.unplaced.is_empty() => {
+            Verdict::Failed(format!("{name} generation {generation}: {}", r.unplaced))
+        }
+        "rolling" => Verdict::Rolling(format!("{name} {}", describe_rollout(&r))),
+        _ => Verdict::Failed(format!(
+            "{name}: the rollout of generation {generation} {}: {}",
+            r.status,
+            if r.reason.is_empty() {
+                "no reason given"
+            } else {
+                &r.reason
+            }
+        )),
+    }
+}
+
+/// Progress on a terminal: one line rewritten in place; piped: a line per change.
+struct ProgressView {
+    terminal: bool,
+    quiet: bool,
+    last: String,
+}
+
+impl ProgressView {
+    fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal as _;
+        ProgressView {
+            terminal: std::io::stdout().is_terminal(),
+            quiet,
+            last: String::new(),
+        }
+    }
+
+    fn show(&mut self, line: String) {
+        if self.quiet || line == self.last {
+            return;
+        }
+        if self.terminal {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\r\x1b[2K{line}");
+            let _ = out.flush();
+        } else {
+            say!("{line}");
+        }
+        self.last = line;
+    }
+
+    fn end(&mut self) {
+        if self.terminal && !self.quiet && !self.last.is_empty() {
+            say!("");
+        }
+        self.last.clear();
+    }
+}
+
+/// `--wait`: follow each service's version (name, generation) until its rollout succeeded —
+/// every wanted instance runs that version and is available — or fail: exit 6 when it failed
+/// (with the failing instance's reason), was reverted or superseded, 7 when `timeout` passed,
+/// 130 on Ctrl-C (the rollout goes on in the cluster either way).
+pub(crate) async fn wait_rollouts(
     conn: &mut Conn,
-    names: &[String],
-    since: u64,
+    targets: &[(String, u64)],
     timeout: Duration,
     json: bool,
-) -> Result<(), Failure> {
+) -> Result<Vec<pb::Rollout>, Failure> {
     let deadline = Instant::now() + timeout;
-    // Each service's progress once it has been seen.
-    let mut progress: BTreeMap<String, String> = BTreeMap::new();
-    let mut last_line = String::new();
-    for name in names {
-        let short = Arc::new(AtomicBool::new(false));
-        let short_seen = short.clone();
-        // Whether placement failed is in the event log: watch it while instances are short.
-        let unplaced = watch_unplaced(conn.clone(), name, since, short);
-        let result = follow_service(conn, name, deadline, |s| {
-            let spec = s.spec.clone().unwrap_or_default();
-            let (running, wanted) = (running(s), wanted(&spec));
-            if let Some(i) = s.instances.iter().find(|i| i.state == "failed") {
-                return Err(fail(
-                    1,
-                    format!(
-                        "{name}#{} failed on node {}: {}",
-                        i.slot,
-                        i.node,
-                        if i.last_crash.is_empty() {
-                            "unknown reason"
-                        } else {
-                            &i.last_crash
-                        }
-                    ),
-                ));
+    let mut view = ProgressView::new(json);
+    let mut done = Vec::new();
+    for (name, generation) in targets {
+        let mut outcome: Option<Result<pb::Rollout, Failure>> = None;
+        let mut last = String::new();
+        let followed = follow_service(conn, name, deadline, |s| {
+            match verdict(name, *generation, s) {
+                Verdict::Rolling(line) => {
+                    last = line.clone();
+                    view.show(line);
+                    return Ok(false);
+                }
+                Verdict::Done(r) => outcome = Some(Ok(r)),
+                Verdict::Failed(why) => outcome = Some(Err(fail(EXIT_ROLLOUT_FAILED, why))),
             }
-            short_seen.store((s.instances.len() as u32) < wanted, Ordering::Relaxed);
-            progress.insert(name.clone(), format!("{name} {running}/{wanted} running"));
-            let line = progress.values().cloned().collect::<Vec<_>>().join(", ");
-            if line != last_line && !json {
-                say!("{line}");
-            }
-            last_line = line;
-            Ok(running >= wanted)
+            Ok(true)
         });
         let result = tokio::select! {
-            r = result => r,
-            f = unplaced => Err(f),
+            r = followed => r,
+            _ = tokio::signal::ctrl_c() => {
+                view.end();
+                return Err(fail(
+                    EXIT_INTERRUPTED,
+                    format!("interrupted: stopped waiting, but the rollout of {name} generation {generation} goes on in the cluster (follow it with `modectl svc get {name}`)"),
+                ));
+            }
         };
+        view.end();
         match result {
-            Ok(Some(_)) => {}
+            Ok(Some(_)) => {
+                match outcome {
+                    Some(Ok(r)) => {
+                        if !json {
+                            say!("{name}: generation {generation} rolled out ({} instances available)", r.available);
+                        }
+                        done.push(r);
+                    }
+                    Some(Err(f)) => return Err(f),
+                    None => return Err(fail(1, format!("lost track of '{name}'"))),
+                }
+            }
             Ok(None) => {
                 return Err(fail(
                     3,
@@ -613,58 +844,130 @@ async fn wait_running(
             }
             Err(f) if f.code == 4 && f.message.starts_with("gave up") => {
                 return Err(fail(
-                    4,
-                    format!("not every instance runs after {timeout:?}: {last_line}"),
+                    EXIT_WAIT_TIMEOUT,
+                    format!(
+                        "gave up waiting after {}s; the rollout goes on in the cluster: {}",
+                        timeout.as_secs(),
+                        if last.is_empty() {
+                            "no progress seen".to_string()
+                        } else {
+                            last
+                        }
+                    ),
                 ))
             }
             Err(f) => return Err(f),
         }
     }
+    Ok(done)
+}
+
+/// `node drain --wait`: until no instance but the `stranded` ones (`web#2`) is on node `id`
+/// or moving away from it (a moved instance is released once it runs on its new node).
+pub(crate) async fn wait_drained(
+    conn: &mut Conn,
+    id: u64,
+    stranded: &[String],
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut view = ProgressView::new(json);
+    let watch = async {
+        loop {
+            let reply = rpc!(
+                conn,
+                Call::Read,
+                list_services,
+                pb::ListServicesRequest { stale: false }
+            )
+            .await?;
+            let left: Vec<String> = reply
+                .services
+                .iter()
+                .flat_map(|s| s.instances.iter())
+                .filter(|i| i.node == id || i.moving_from == id)
+                .map(|i| format!("{}#{}", i.service, i.slot))
+                .filter(|label| !stranded.contains(label))
+                .collect();
+            if left.is_empty() {
+                return Ok::<(), Failure>(());
+            }
+            view.show(format!(
+                "node {id}: {} instance{} still to move",
+                left.len(),
+                if left.len() == 1 { "" } else { "s" }
+            ));
+            if Instant::now() >= deadline {
+                return Err(fail(
+                    EXIT_WAIT_TIMEOUT,
+                    format!(
+                        "gave up waiting after {}s; the drain goes on: still on node {id}: {}",
+                        timeout.as_secs(),
+                        left.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let result = tokio::select! {
+        r = watch => r,
+        _ = tokio::signal::ctrl_c() => Err(fail(
+            EXIT_INTERRUPTED,
+            format!("interrupted: stopped waiting, but node {id} goes on draining"),
+        )),
+    };
+    view.end();
+    result?;
+    if !json {
+        say!("node {id} is drained");
+    }
     Ok(())
 }
 
-/// Resolves (as a failure) at the first `unplaced` event about `name` after event `since`
-/// that comes while `short` (fewer instances placed than wanted). Never resolves if the
-/// event stream cannot be had: the wait then ends on its own terms.
-async fn watch_unplaced(mut conn: Conn, name: &str, since: u64, short: Arc<AtomicBool>) -> Failure {
-    let mut after = since;
-    loop {
-        let opened = rpc!(
-            conn,
-            Call::Read,
-            watch_events,
-            pb::WatchEventsRequest {
-                after_seq: after,
-                service: name.to_string(),
-                only_new: false,
-            }
-        )
-        .await;
-        // The event and the service's update may come in either order: keep the event
-        // until the service is seen short of instances.
-        let mut unplaced: Option<String> = None;
-        if let Ok(mut stream) = opened {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tokio::select! {
-                    m = stream.message() => match m {
-                        Ok(Some(e)) => {
-                            after = after.max(e.seq);
-                            if e.kind == "unplaced" && e.service == name {
-                                unplaced = Some(e.message);
-                            }
-                        }
-                        _ => break,
-                    },
-                    _ = tick.tick() => {}
-                }
-                if let Some(m) = &unplaced {
-                    if short.load(Ordering::Relaxed) {
-                        return fail(1, m.clone());
-                    }
-                }
-            }
+/// `svc history NAME`.
+async fn history(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failure> {
+    let reply = rpc!(
+        conn,
+        Call::Read,
+        service_history,
+        pb::ServiceHistoryRequest {
+            name: name.to_string(),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    )
+    .await?;
+    if json {
+        let versions: Vec<serde_json::Value> = reply
+            .versions
+            .iter()
+            .map(|v| {
+                json!({
+                    "spec": v.spec.as_ref().map(js::spec),
+                    "rollout": v.rollout.as_ref().map(js::rollout),
+                })
+            })
+            .collect();
+        js::print(&json!({"service": name, "versions": versions}));
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = reply
+        .versions
+        .iter()
+        .filter_map(|v| {
+            let r = v.rollout.as_ref()?;
+            let mut status = r.status.clone();
+            if !r.reason.is_empty() {
+                status.push_str(&format!(": {}", r.reason));
+            }
+            Some(vec![
+                r.generation.to_string(),
+                crate::convert::format_utc_ms(r.applied_at_ms),
+                status,
+                r.change.clone(),
+            ])
+        })
+        .collect();
+    table(&["GENERATION", "APPLIED", "ROLLOUT", "CHANGE"], &rows);
+    Ok(())
 }

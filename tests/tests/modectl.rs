@@ -156,7 +156,7 @@ async fn apply_wait_follows_the_service_until_it_runs_and_unknown_services_have_
     );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", text(&out.stderr));
-    assert!(stdout.contains("web 2/2 running"), "{stdout}");
+    assert!(stdout.contains("web: generation 1 rolled out"), "{stdout}");
     let inst = c.instances(leader, "web").await;
     assert!(mode_tests::all_running(&inst, 2), "{inst:?}");
 

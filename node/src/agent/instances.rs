@@ -133,7 +133,9 @@ struct Local {
     /// The fencing token it was started with.
     epoch: u64,
     kill: KillSwitch,
-    reported: Option<(String, u32)>,
+    /// Its health check, when the spec has one.
+    health: Option<super::health::Health>,
+    reported: Option<(String, u32, Option<bool>)>,
     reported_at: Instant,
 }
 
@@ -159,7 +161,7 @@ fn observe(local: &Local) -> (String, u32, Option<String>) {
 }
 
 fn fingerprint(spec: &ServiceSpec) -> String {
-    serde_json::json!([spec.kind, spec.config, spec.restart, spec.stop_grace_s]).to_string()
+    spec.runtime().to_string()
 }
 
 fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> ServiceHandle {
@@ -216,6 +218,7 @@ fn plain_report(
         restart_count: restarts,
         last_crash: crash,
         epoch,
+        healthy: None,
         move_: String::new(),
     }
 }
@@ -228,16 +231,20 @@ fn release_report(key: &Key) -> InstanceReport {
         restart_count: 0,
         last_crash: None,
         epoch: 0,
+        healthy: None,
         move_: "release".into(),
     }
 }
 
 type Key = (String, u32);
 
-/// The last plain report of each instance the cluster has taken (committed): state, restarts
-/// and the fencing token it was about. The agent compares with this, not with its view (a
+/// The last plain report of each instance the cluster has taken (committed): state, restarts,
+/// the fencing token it was about and the health verdict. The agent compares with this, not with its view (a
 /// node's view leaves its own reports out, so that reports do not resend whole views).
-type Acked = Arc<Mutex<HashMap<Key, (String, u32, u64)>>>;
+type Acked = Arc<Mutex<HashMap<Key, AckedReport>>>;
+
+/// State, restarts, fencing token and health verdict of an acknowledged report.
+type AckedReport = (String, u32, u64, Option<bool>);
 
 /// What this node should run of one placement.
 struct Desired<'a> {
@@ -413,13 +420,13 @@ pub(crate) async fn run(
                 }
                 let batch: Vec<InstanceReport> = pending.into_values().collect();
                 let n = batch.len();
-                let plain: Vec<(Key, (String, u32, u64))> = batch
+                let plain: Vec<(Key, AckedReport)> = batch
                     .iter()
                     .filter(|r| r.move_.is_empty())
                     .map(|r| {
                         (
                             (r.service.clone(), r.slot),
-                            (r.state.clone(), r.restart_count, r.epoch),
+                            (r.state.clone(), r.restart_count, r.epoch, r.healthy),
                         )
                     })
                     .collect();
@@ -528,8 +535,9 @@ async fn pass(
     let mut desired: BTreeMap<Key, Desired<'_>> = BTreeMap::new();
     let mut release = Vec::new();
     for (service, vs) in &state.services {
-        let spec = &vs.spec;
         for (slot, p) in &vs.here {
+            // The version this instance is set to run (an older one during a rollout).
+            let spec = vs.versions.get(&p.generation).unwrap_or(&vs.spec);
             let key = (service.clone(), *slot);
             if spec.singleton && p.moving_from == Some(me) {
                 // A singleton leaves before it arrives elsewhere: stop it, then release it.
@@ -620,8 +628,8 @@ async fn pass(
             // Not started until its dependencies run; say so (once, not every pass).
             let said = lock(&agent.acked)
                 .get(key)
-                .filter(|(_, _, epoch)| *epoch == d.epoch)
-                .map(|(st, restarts, _)| (st == "waiting", *restarts));
+                .filter(|(_, _, epoch, _)| *epoch == d.epoch)
+                .map(|(st, restarts, _, _)| (st == "waiting", *restarts));
             if placement.is_some_and(|p| p.node == me) && said.is_none_or(|(waiting, _)| !waiting) {
                 let report = plain_report(
                     key,
@@ -661,6 +669,18 @@ async fn pass(
                 continue;
             }
         };
+        let health = spec.health.clone().map(|check| {
+            let env = vec![
+                ("MODE_SERVICE".to_string(), spec.name.clone()),
+                ("MODE_SLOT".to_string(), key.1.to_string()),
+                ("MODE_NODE_ID".to_string(), me.to_string()),
+                (
+                    "PATH".to_string(),
+                    "/usr/local/bin:/usr/bin:/bin".to_string(),
+                ),
+            ];
+            super::health::Health::start(*check, key.1, env, inner.clone())
+        });
         let wrapper = instance_supervisor(spec, key.1, inner.clone());
         agent.supervisor.add_dependency(wrapper.clone());
         tracing::info!("starting {} (fencing token {})", instance.label(), d.epoch);
@@ -699,6 +719,7 @@ async fn pass(
                 restart_seq: d.restart_seq,
                 epoch: d.epoch,
                 kill,
+                health,
                 reported: None,
                 reported_at: Instant::now(),
             },
@@ -719,19 +740,27 @@ async fn pass(
             continue;
         }
         let (st, restarts, last) = observe(l);
-        let current = Some((st.clone(), restarts));
-        let stale = acked.get(key) != Some(&(st.clone(), restarts, l.epoch));
+        // The spec's check, or else what an in-process service says of itself.
+        let healthy = match &l.health {
+            Some(h) => h.verdict(),
+            None => l.inner.health(),
+        }
+        .filter(|_| st == "running");
+        let current = Some((st.clone(), restarts, healthy));
+        let stale = acked.get(key) != Some(&(st.clone(), restarts, l.epoch, healthy));
         // Re-send a report the state does not show yet, at most once a second; an identical
         // one the state shows is never sent again.
         let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
         if (l.reported != current && stale) || resend {
             l.reported = current;
             l.reported_at = Instant::now();
-            reports.push((key.clone(), st, restarts, last, l.epoch));
+            let mut report = plain_report(key, &st, restarts, last, l.epoch);
+            report.healthy = healthy;
+            reports.push(report);
         }
     }
     drop(acked);
-    for (key, st, restarts, last, epoch) in reports {
-        agent.report(&key, &st, restarts, last, epoch);
+    for report in reports {
+        let _ = agent.report_tx.send(report);
     }
 }

@@ -2,6 +2,7 @@
 //! per-node supervisor, reports their states, heartbeats; and the service kinds it can run.
 //! On a server it talks to the local replica; on an agent-only node to the servers' peer API.
 
+mod health;
 mod instances;
 pub mod kinds;
 mod link;

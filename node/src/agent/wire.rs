@@ -17,6 +17,8 @@ fn instance_from_proto(i: &pb::Instance) -> Placement {
     p.moving_from = (i.moving_from != 0).then_some(i.moving_from);
     p.reschedules = i.reschedules;
     p.epoch = i.epoch;
+    p.generation = i.generation;
+    p.healthy = convert::health_from_word(&i.health);
     p
 }
 
@@ -29,6 +31,7 @@ pub(crate) fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
         last_crash: r.last_crash.clone().unwrap_or_default(),
         epoch: r.epoch,
         r#move: r.move_.clone(),
+        health: convert::health_word(r.healthy).to_string(),
     }
 }
 
@@ -40,6 +43,7 @@ pub(crate) fn report_from_proto(r: &pb::InstanceReport) -> InstanceReport {
         restart_count: r.restart_count,
         last_crash: (!r.last_crash.is_empty()).then(|| r.last_crash.clone()),
         epoch: r.epoch,
+        healthy: convert::health_from_word(&r.health),
         move_: r.r#move.clone(),
     }
 }
@@ -61,6 +65,7 @@ pub(crate) fn view_to_proto(v: &NodeView, server: u64) -> pb::PlacementsUpdate {
                     .map(|(slot, p)| convert::instance_to_proto(name, *slot, p))
                     .collect(),
                 running: u32::from(s.running),
+                versions: s.versions.values().map(convert::spec_to_proto).collect(),
             })
             .collect(),
     }
@@ -73,16 +78,31 @@ pub(crate) fn view_from_proto(u: &pb::PlacementsUpdate) -> NodeView {
             .services
             .iter()
             .filter_map(|s| {
-                let spec = convert::spec_from_proto(s.spec.clone()?).ok()?;
+                let sent = s.spec.clone()?;
+                let generation = sent.generation;
+                let mut spec = convert::spec_from_proto(sent).ok()?;
+                // The generation is output only for clients; the agent picks versions by it.
+                spec.generation = generation;
                 let here = s
                     .here
                     .iter()
                     .map(|i| (i.slot, instance_from_proto(i)))
                     .collect();
+                let versions = s
+                    .versions
+                    .iter()
+                    .filter_map(|v| {
+                        let generation = v.generation;
+                        let mut spec = convert::spec_from_proto(v.clone()).ok()?;
+                        spec.generation = generation;
+                        Some((generation, spec))
+                    })
+                    .collect();
                 Some((
                     spec.name.clone(),
                     ViewService {
                         spec,
+                        versions,
                         deleting: s.deleting,
                         here,
                         running: s.running > 0,
@@ -105,17 +125,24 @@ mod tests {
         spec.config = serde_json::json!({"cmd": ["sh", "-c", "x"], "n": 3});
         spec.singleton = true;
         spec.depends_on = vec!["db".into()];
+        spec.generation = 5;
+        let mut old = spec.clone();
+        old.generation = 4;
+        old.config = serde_json::json!({"cmd": ["sh", "-c", "old"]});
         let mut p = Placement::on(4);
         p.state = "running".into();
         p.restart_count = 2;
         p.moving_from = Some(3);
         p.epoch = 17;
+        p.generation = 4;
+        p.healthy = Some(false);
         let view = NodeView {
             index: 42,
             services: BTreeMap::from([(
                 "web".to_string(),
                 ViewService {
                     spec: spec.clone(),
+                    versions: BTreeMap::from([(4, old.clone())]),
                     deleting: true,
                     here: BTreeMap::from([(1, p)]),
                     running: true,
@@ -127,6 +154,12 @@ mod tests {
         let web = &back.services["web"];
         assert_eq!(web.spec, spec);
         assert!(web.deleting && web.running);
+        // An agent-only node runs each instance's version, picked by generation.
+        assert_eq!(web.versions[&4], old);
+        assert_eq!(
+            (web.here[&1].generation, web.here[&1].healthy),
+            (4, Some(false))
+        );
         let here = &web.here[&1];
         assert_eq!(
             (
@@ -145,8 +178,16 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch: 0,
+            healthy: None,
             move_: "release".into(),
         };
         assert_eq!(report_from_proto(&report_to_proto(&report)), report);
+        let healthy = InstanceReport {
+            healthy: Some(true),
+            move_: String::new(),
+            state: "running".into(),
+            ..report
+        };
+        assert_eq!(report_from_proto(&report_to_proto(&healthy)), healthy);
     }
 }

@@ -260,14 +260,18 @@ impl Control for ControlService {
         };
         if r.dry_run {
             self.barrier(false).await?;
-            let changes = self
+            let (changes, plan) = self
                 .node
-                .local_state(|s| s.plan_apply(&specs, &expected))
+                .local_state(|s| {
+                    s.plan_apply(&specs, &expected)
+                        .map(|changes| (changes, s.plan_placements(&specs)))
+                })
                 .map_err(|refused| prefix(refusal_status(&refused)))?;
             return Ok(Response::new(pb::ApplyServicesReply {
                 changes: changes.iter().map(convert::change_to_proto).collect(),
                 dry_run: true,
                 log_index: 0,
+                plan: plan.iter().map(convert::planned_to_proto).collect(),
             }));
         }
         let out = self
@@ -283,6 +287,7 @@ impl Control for ControlService {
                 .collect(),
             dry_run: false,
             log_index: out.log_index,
+            plan: Vec::new(),
         }))
     }
 
@@ -293,7 +298,9 @@ impl Control for ControlService {
         let r = request.into_inner();
         let applied = self.barrier(r.stale).await?;
         self.node
-            .local_state(|s| convert::service_to_proto(s, &r.name, applied))
+            .local_state(|s| {
+                convert::service_to_proto(s, &r.name, applied, crate::replication::now_ms())
+            })
             .map(Response::new)
             .ok_or_else(|| no_service(&r.name))
     }
@@ -306,7 +313,9 @@ impl Control for ControlService {
         let services = self.node.local_state(|s| {
             s.specs
                 .keys()
-                .filter_map(|name| convert::service_to_proto(s, name, applied))
+                .filter_map(|name| {
+                    convert::service_to_proto(s, name, applied, crate::replication::now_ms())
+                })
                 .collect()
         });
         Ok(Response::new(pb::ListServicesReply {
@@ -333,6 +342,104 @@ impl Control for ControlService {
             .await?;
         Ok(Response::new(pb::ScaleServiceReply {
             generation: out.result.generation.unwrap_or(0),
+            message: out.result.message,
+        }))
+    }
+
+    async fn service_history(
+        &self,
+        request: Request<pb::ServiceHistoryRequest>,
+    ) -> Result<Response<pb::ServiceHistoryReply>, Status> {
+        let r = request.into_inner();
+        self.barrier(false).await?;
+        let now = crate::replication::now_ms();
+        self.node
+            .local_state(|s| {
+                let spec = s.specs.get(&r.name)?;
+                let empty = BTreeMap::new();
+                let placed = s.placements.get(&r.name).unwrap_or(&empty);
+                let versions = s
+                    .versions
+                    .get(&r.name)
+                    .map(|vs| {
+                        vs.iter()
+                            .map(|v| {
+                                let current = v.spec.generation == spec.generation;
+                                pb::ServiceVersion {
+                                    spec: Some(convert::spec_to_proto(&v.spec)),
+                                    rollout: Some(convert::rollout_to_proto(
+                                        v,
+                                        current.then(|| {
+                                            crate::model::rollout::progress(spec, placed, now)
+                                        }),
+                                    )),
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(pb::ServiceHistoryReply { versions })
+            })
+            .map(Response::new)
+            .ok_or_else(|| no_service(&r.name))
+    }
+
+    /// Without a version: the newest kept one before the current that rolled out completely
+    /// (else the one before the current).
+    async fn rollback_service(
+        &self,
+        request: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::RollbackServiceReply>, Status> {
+        let id = write_id(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        self.barrier(false).await?;
+        let (current, to) = self
+            .node
+            .local_state(|s| {
+                let current = s.specs.get(&r.name)?.generation;
+                if r.to_generation != 0 {
+                    return Some((current, Some(r.to_generation)));
+                }
+                let older: Vec<&crate::model::rollout::SpecVersion> = s
+                    .versions
+                    .get(&r.name)
+                    .map(|vs| vs.iter().filter(|v| v.spec.generation < current).collect())
+                    .unwrap_or_default();
+                let good = older
+                    .iter()
+                    .rev()
+                    .find(|v| v.status == crate::model::rollout::RolloutStatus::Succeeded)
+                    .or(older.last())
+                    .map(|v| v.spec.generation);
+                Some((current, good))
+            })
+            .ok_or_else(|| no_service(&r.name))?;
+        let Some(to) = to else {
+            return Err(Status::failed_precondition(format!(
+                "service '{}' has no earlier version kept to roll back to (see `modectl svc history {}`)",
+                r.name, r.name
+            )));
+        };
+        let expected = if r.expected_generation != 0 {
+            r.expected_generation
+        } else {
+            current
+        };
+        let out = self
+            .commit(
+                Command::RollbackSpec {
+                    name: r.name,
+                    to_generation: to,
+                    expected_generation: expected,
+                    revert_of: None,
+                    reason: None,
+                },
+                id,
+            )
+            .await?;
+        Ok(Response::new(pb::RollbackServiceReply {
+            generation: out.result.generation.unwrap_or(0),
+            restored: to,
             message: out.result.message,
         }))
     }
@@ -605,7 +712,14 @@ impl Control for ControlService {
         let node = self.node.clone();
         let mut applied = node.applied_changes();
         let first = node
-            .local_state(|s| convert::service_to_proto(s, &name, node.applied_index()))
+            .local_state(|s| {
+                convert::service_to_proto(
+                    s,
+                    &name,
+                    node.applied_index(),
+                    crate::replication::now_ms(),
+                )
+            })
             .ok_or_else(|| no_service(&name))?;
         // One message in flight: a slow client sees the latest state, not every one between.
         let (tx, rx) = mpsc::channel(1);
@@ -623,8 +737,9 @@ impl Control for ControlService {
                     _ = tx.closed() => return,
                 }
                 let index = *applied.borrow_and_update();
-                let Some(now) = node.local_state(|s| convert::service_to_proto(s, &name, index))
-                else {
+                let Some(now) = node.local_state(|s| {
+                    convert::service_to_proto(s, &name, index, crate::replication::now_ms())
+                }) else {
                     // Purged: the watch ends.
                     return;
                 };

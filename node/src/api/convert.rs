@@ -7,7 +7,10 @@ use mode_proto::prost_types;
 use mode_proto::v1 as pb;
 
 use crate::graph;
-use crate::model::spec::{ConstraintSpec, RestartPolicy, ServiceSpec, SpecError};
+use crate::model::rollout::SpecVersion;
+use crate::model::spec::{
+    Amount, ConstraintSpec, HealthCheck, Probe, RestartPolicy, ServiceSpec, SpecError, UpdatePolicy,
+};
 use crate::model::state::{ClusterState, Event, NodeInfo, NodeStatus, Placement, SpecChange};
 use crate::service::BeaconNode;
 
@@ -180,7 +183,90 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
     if let Some(g) = p.stop_grace_s {
         spec.stop_grace_s = g;
     }
+    if let Some(u) = p.update {
+        let d = UpdatePolicy::default();
+        let max_unavailable = if u.max_unavailable.trim().is_empty() {
+            d.max_unavailable
+        } else {
+            Amount::parse(&u.max_unavailable).map_err(|e| {
+                SpecError::new(e)
+                    .with_spec(spec.name.clone())
+                    .with_field("update.max_unavailable")
+            })?
+        };
+        spec.update = UpdatePolicy {
+            max_unavailable,
+            min_healthy_ms: u.min_healthy_ms.unwrap_or(d.min_healthy_ms),
+            deadline_s: u.deadline_s.unwrap_or(d.deadline_s),
+            auto_revert: u.auto_revert,
+        };
+    }
+    if let Some(h) = p.health {
+        spec.health = Some(Box::new(health_from_proto(&spec.name, h)?));
+    }
     Ok(spec)
+}
+
+fn health_from_proto(spec: &str, h: pb::HealthCheck) -> Result<HealthCheck, SpecError> {
+    let port = |field: &str, port: u32| {
+        u16::try_from(port).map_err(|_| {
+            SpecError::new(format!("{port} is not a port (1-65535)"))
+                .with_spec(spec.to_string())
+                .with_field(field.to_string())
+        })
+    };
+    let probe = match h.probe {
+        Some(pb::health_check::Probe::Http(p)) => Probe::Http {
+            port: port("health.http.port", p.port)?,
+            path: if p.path.is_empty() {
+                "/".to_string()
+            } else {
+                p.path
+            },
+        },
+        Some(pb::health_check::Probe::Tcp(p)) => Probe::Tcp {
+            port: port("health.tcp.port", p.port)?,
+        },
+        Some(pb::health_check::Probe::Command(c)) => Probe::Command(c.argv),
+        None => {
+            return Err(
+                SpecError::new("needs exactly one of `http`, `tcp` or `command`")
+                    .with_spec(spec.to_string())
+                    .with_field("health"),
+            )
+        }
+    };
+    Ok(HealthCheck {
+        probe,
+        port_plus_slot: h.port_plus_slot,
+        interval_ms: h.interval_ms.unwrap_or(1000),
+        timeout_ms: h.timeout_ms.unwrap_or(1000),
+        healthy_threshold: h.healthy_threshold.unwrap_or(1),
+        unhealthy_threshold: h.unhealthy_threshold.unwrap_or(3),
+    })
+}
+
+fn health_to_proto(h: &HealthCheck) -> pb::HealthCheck {
+    let probe = match &h.probe {
+        Probe::Http { port, path } => pb::health_check::Probe::Http(pb::HttpProbe {
+            port: u32::from(*port),
+            path: path.clone(),
+        }),
+        Probe::Tcp { port } => pb::health_check::Probe::Tcp(pb::TcpProbe {
+            port: u32::from(*port),
+        }),
+        Probe::Command(argv) => {
+            pb::health_check::Probe::Command(pb::CommandProbe { argv: argv.clone() })
+        }
+    };
+    pb::HealthCheck {
+        probe: Some(probe),
+        port_plus_slot: h.port_plus_slot,
+        interval_ms: Some(h.interval_ms),
+        timeout_ms: Some(h.timeout_ms),
+        healthy_threshold: Some(h.healthy_threshold),
+        unhealthy_threshold: Some(h.unhealthy_threshold),
+    }
 }
 
 /// A stored spec as sent to clients (every field set).
@@ -212,6 +298,64 @@ pub fn spec_to_proto(s: &ServiceSpec) -> pb::ServiceSpec {
         }),
         stop_grace_s: Some(s.stop_grace_s),
         generation: s.generation,
+        update: Some(pb::UpdatePolicy {
+            max_unavailable: s.update.max_unavailable.to_string(),
+            min_healthy_ms: Some(s.update.min_healthy_ms),
+            deadline_s: Some(s.update.deadline_s),
+            auto_revert: s.update.auto_revert,
+        }),
+        health: s.health.as_deref().map(health_to_proto),
+    }
+}
+
+/// A health verdict as the API says it: `healthy`, `unhealthy` or "".
+pub fn health_word(healthy: Option<bool>) -> &'static str {
+    match healthy {
+        Some(true) => "healthy",
+        Some(false) => "unhealthy",
+        None => "",
+    }
+}
+
+/// The API's health word as a verdict.
+pub fn health_from_word(word: &str) -> Option<bool> {
+    match word {
+        "healthy" => Some(true),
+        "unhealthy" => Some(false),
+        _ => None,
+    }
+}
+
+/// A kept version's rollout as sent to clients; `progress` for the current version.
+pub fn rollout_to_proto(
+    v: &SpecVersion,
+    progress: Option<crate::model::rollout::Progress>,
+) -> pb::Rollout {
+    let p = progress.unwrap_or_default();
+    pb::Rollout {
+        generation: v.spec.generation,
+        status: v.status.as_str().to_string(),
+        reason: v.reason.clone().unwrap_or_default(),
+        unplaced: v.unplaced.clone().unwrap_or_default(),
+        revert_of: v.revert_of.unwrap_or(0),
+        wanted: p.wanted,
+        updated: p.updated,
+        available: p.available,
+        applied_at_ms: v.applied_at_ms,
+        finished_at_ms: v.finished_at_ms.unwrap_or(0),
+        change: v.change.clone(),
+    }
+}
+
+/// One instance of a dry run's plan.
+pub fn planned_to_proto(p: &crate::model::state::PlannedInstance) -> pb::PlannedInstance {
+    pb::PlannedInstance {
+        service: p.service.clone(),
+        slot: p.slot,
+        action: p.action.clone(),
+        node: p.node,
+        from_node: p.from_node.unwrap_or(0),
+        reason: p.reason.clone().unwrap_or_default(),
     }
 }
 
@@ -238,12 +382,29 @@ pub fn instance_to_proto(service: &str, slot: u32, p: &Placement) -> pb::Instanc
         moving_from: p.moving_from.unwrap_or(0),
         reschedules: p.reschedules,
         epoch: p.epoch,
+        generation: p.generation,
+        health: health_word(p.healthy).to_string(),
+        running_since_ms: p.running_since_ms.unwrap_or(0),
     }
 }
 
 /// Service `name` (spec and instances) in `state`, when it is stored.
-pub fn service_to_proto(state: &ClusterState, name: &str, applied: u64) -> Option<pb::Service> {
+/// `now_ms` is the answering server's clock (for `min_healthy_ms` in the rollout's progress).
+pub fn service_to_proto(
+    state: &ClusterState,
+    name: &str,
+    applied: u64,
+    now_ms: u64,
+) -> Option<pb::Service> {
     let spec = state.specs.get(name)?;
+    let rollout = state.current_version(name).map(|v| {
+        let empty = BTreeMap::new();
+        let placed = state.placements.get(name).unwrap_or(&empty);
+        rollout_to_proto(
+            v,
+            Some(crate::model::rollout::progress(spec, placed, now_ms)),
+        )
+    });
     let instances: Vec<pb::Instance> = state
         .placements
         .get(name)
@@ -257,6 +418,7 @@ pub fn service_to_proto(state: &ClusterState, name: &str, applied: u64) -> Optio
         running: instances.iter().filter(|i| i.state == "running").count() as u32,
         instances,
         applied_index: applied,
+        rollout,
     })
 }
 

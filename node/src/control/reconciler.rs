@@ -52,6 +52,9 @@ struct Memory {
     unplaced: HashMap<String, String>,
     /// The last reason recorded per instance kept on a draining node with nowhere to go.
     stuck: HashMap<(String, u32), String>,
+    /// Whether a rollout is under way (its steps depend on time as well as on the state, so
+    /// every pass plans).
+    rolling: bool,
 }
 
 /// How long after a traced change (`svc apply`) placements still join its trace; later ones
@@ -85,7 +88,7 @@ pub async fn run(
             },
         );
         let waiting = memory.backing_off;
-        if memory.leading && memory.planned_at == Some(seen) && !waiting {
+        if memory.leading && memory.planned_at == Some(seen) && !waiting && !memory.rolling {
             // Nothing new to plan; only liveness can change.
             let commands = node.local_state(|s| liveness_commands(&node, s, liveness));
             commit(&node, commands).await;
@@ -497,6 +500,25 @@ fn decide(
     memory
         .unplaced
         .retain(|service, _| summaries.contains_key(service));
+    // 5. Rollouts (after the placements above, and leaving alone what they move).
+    let moving: BTreeSet<(String, u32)> = reassigned
+        .iter()
+        .cloned()
+        .chain(state.placements.iter().flat_map(|(s, slots)| {
+            slots
+                .iter()
+                .filter(|(_, p)| p.moving_from.is_some())
+                .map(|(n, _)| (s.clone(), *n))
+        }))
+        .collect();
+    memory.rolling = false;
+    commands.extend(rollout_commands(
+        state,
+        &summaries,
+        &moving,
+        now_ms,
+        &mut memory.rolling,
+    ));
     for (service, summary) in summaries {
         if memory.unplaced.get(&service) != Some(&summary) {
             memory.unplaced.insert(service.clone(), summary.clone());
@@ -520,6 +542,96 @@ fn decide(
                 Some(service),
                 None,
             ));
+        }
+    }
+    commands
+}
+
+/// The next step of every rollout under way: instances to replace, rollouts that ended (or
+/// are reverted), and why instances of a rolling version cannot be placed. Sets `rolling`
+/// when one is under way.
+fn rollout_commands(
+    state: &ClusterState,
+    unplaced: &BTreeMap<String, String>,
+    moving: &BTreeSet<(String, u32)>,
+    now_ms: u64,
+    rolling: &mut bool,
+) -> Vec<Command> {
+    use crate::model::rollout::{self, RolloutStatus, Step};
+    let mut commands = Vec::new();
+    let empty = BTreeMap::new();
+    for (name, spec) in &state.specs {
+        if state.deleting.contains(name) {
+            continue;
+        }
+        let Some(version) = state.current_version(name) else {
+            continue;
+        };
+        if version.status != RolloutStatus::Rolling {
+            continue;
+        }
+        *rolling = true;
+        let generation = spec.generation;
+        let note = unplaced.get(name).cloned();
+        if version.unplaced != note {
+            commands.push(Command::NoteUnplaced {
+                service: name.clone(),
+                generation,
+                unplaced: note,
+            });
+        }
+        let placed = state.placements.get(name).unwrap_or(&empty);
+        match rollout::step(spec, version, placed, now_ms) {
+            Step::Wait => {}
+            Step::Replace(slots) => {
+                let slots: Vec<u32> = slots
+                    .into_iter()
+                    .filter(|n| !moving.contains(&(name.clone(), *n)))
+                    .collect();
+                for chunk in slots.chunks(PLACE_CHUNK) {
+                    commands.push(Command::RollInstances {
+                        service: name.clone(),
+                        generation,
+                        slots: chunk.to_vec(),
+                    });
+                }
+            }
+            Step::Succeeded => commands.push(Command::FinishRollout {
+                service: name.clone(),
+                generation,
+                failed: None,
+            }),
+            Step::Failed(why) => {
+                let good = state.versions.get(name).and_then(|vs| {
+                    vs.iter().rev().find(|v| {
+                        v.spec.generation < generation && v.status == RolloutStatus::Succeeded
+                    })
+                });
+                match good {
+                    Some(good) if spec.update.auto_revert && version.revert_of.is_none() => {
+                        commands.push(Command::RollbackSpec {
+                            name: name.clone(),
+                            to_generation: good.spec.generation,
+                            expected_generation: generation,
+                            revert_of: Some(generation),
+                            reason: Some(why),
+                        })
+                    }
+                    None if spec.update.auto_revert && version.revert_of.is_none() => commands
+                        .push(Command::FinishRollout {
+                            service: name.clone(),
+                            generation,
+                            failed: Some(format!(
+                                "{why} (not reverted: no earlier version rolled out completely)"
+                            )),
+                        }),
+                    _ => commands.push(Command::FinishRollout {
+                        service: name.clone(),
+                        generation,
+                        failed: Some(why),
+                    }),
+                }
+            }
         }
     }
     commands

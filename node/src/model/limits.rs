@@ -340,7 +340,19 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         }
         Command::FinishMove { service, .. }
         | Command::ReleaseMove { service, .. }
+        | Command::FinishRollout { service, .. }
+        | Command::NoteUnplaced { service, .. }
         | Command::RestartInstance { service, .. } => name("service name", service),
+        Command::RollbackSpec { name: n, .. } => name("service name", n),
+        Command::RollInstances { service, slots, .. } => {
+            name("service name", service)?;
+            at_most(
+                "instances replaced in one rollout step",
+                slots.len() as u64,
+                MAX_PLACE_SLOTS as u64,
+                "",
+            )
+        }
         Command::RecordEvent { kind, service, .. } => {
             bytes("event kind", kind, MAX_LABEL_BYTES)?;
             match service {

@@ -3,5 +3,6 @@
 //! Raft, gRPC or the clock.
 
 pub mod limits;
+pub mod rollout;
 pub mod spec;
 pub mod state;

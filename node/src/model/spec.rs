@@ -26,6 +26,20 @@
 //!   backoff_initial_ms: 100 # default 100
 //!   backoff_max_ms: 10000   # default 10000
 //! stop_grace_s: 10          # default 10
+//! update:                   # how a change that replaces instances rolls out
+//!   max_unavailable: 1      # instances replaced at once: a count or a percentage ("10%"); default 1
+//!   min_healthy_ms: 1000    # a new instance must stay running (and healthy) this long; default 1000
+//!   deadline_s: 300         # the rollout fails after this long; default 300
+//!   auto_revert: false      # on failure, go back to the last version that rolled out; default false
+//! health:                   # optional: exactly one of http / tcp / command
+//!   http: {port: 8080, path: /healthz}   # GET on 127.0.0.1, 2xx/3xx is healthy
+//!   # tcp: {port: 8080}                   # a TCP connect succeeds
+//!   # command: [/bin/test, -f, /tmp/ok]   # exits 0
+//!   port_plus_slot: false   # add the instance's slot to the port (one port per instance)
+//!   interval_ms: 1000       # default 1000
+//!   timeout_ms: 1000        # default 1000
+//!   healthy_threshold: 1    # consecutive successes to become healthy; default 1
+//!   unhealthy_threshold: 3  # consecutive failures to become unhealthy; default 3
 //! ```
 //!
 //! [`parse_specs`] reads a file (unknown fields are errors), [`ServiceSpec::validate`] checks
@@ -89,9 +103,275 @@ pub struct ServiceSpec {
     /// Seconds an instance gets to stop before it is aborted (1-3600).
     #[serde(default = "default_stop_grace_s")]
     pub stop_grace_s: u64,
+    /// How a change that replaces instances rolls out.
+    #[serde(default)]
+    pub update: UpdatePolicy,
+    /// The instances' health check, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Box<HealthCheck>>,
     /// Bumped by the control plane each time the spec is stored (not set by users).
     #[serde(default)]
     pub generation: u64,
+}
+
+/// How many instances a rollout may take down at once: a count, or a percentage of the
+/// replicas (rounded down, at least 1). Written `1` or `"10%"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// This many.
+    Count(u32),
+    /// This percentage (1-100) of the instances wanted.
+    Percent(u32),
+}
+
+impl Amount {
+    /// How many of `total` instances (at least 1).
+    pub fn of(self, total: u32) -> u32 {
+        match self {
+            Amount::Count(n) => n.max(1),
+            Amount::Percent(p) => ((u64::from(total) * u64::from(p.min(100)) / 100) as u32).max(1),
+        }
+    }
+
+    /// Parse `3` or `10%`.
+    pub fn parse(text: &str) -> Result<Amount, String> {
+        let text = text.trim();
+        let bad = || {
+            format!("'{text}' is neither a whole number (like 2) nor a percentage (like \"10%\")")
+        };
+        match text.strip_suffix('%') {
+            Some(p) => {
+                let p: u32 = p.trim().parse().map_err(|_| bad())?;
+                if !(1..=100).contains(&p) {
+                    return Err(format!(
+                        "'{text}': a percentage must be between 1% and 100%"
+                    ));
+                }
+                Ok(Amount::Percent(p))
+            }
+            None => text.parse().map(Amount::Count).map_err(|_| bad()),
+        }
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Amount::Count(n) => write!(f, "{n}"),
+            Amount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Amount::Count(n) => s.serialize_u32(*n),
+            Amount::Percent(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AmountVisitor;
+        impl Visitor<'_> for AmountVisitor {
+            type Value = Amount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number (like 2) or a percentage (like \"10%\")")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Amount, E> {
+                u32::try_from(v)
+                    .map(Amount::Count)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Amount, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Amount, E> {
+                Amount::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(AmountVisitor)
+    }
+}
+
+/// How a change that replaces instances (kind, config, restart policy, stop grace, health
+/// check) rolls out: a few instances at a time, each replacement waited for until it has
+/// run (and been healthy) for `min_healthy_ms`. A change of the replica count alone (or of
+/// placement rules) replaces nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpdatePolicy {
+    /// At most this many instances unavailable at once (old ones being replaced, new ones not
+    /// yet settled). Default 1.
+    pub max_unavailable: Amount,
+    /// How long a new instance must run (and be healthy, with a check) before it counts as
+    /// available. Default 1000 ms.
+    pub min_healthy_ms: u64,
+    /// The rollout fails if it has not finished after this long. Default 300 s.
+    pub deadline_s: u64,
+    /// On failure, roll back to the last version that rolled out completely.
+    pub auto_revert: bool,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy {
+            max_unavailable: Amount::Count(1),
+            min_healthy_ms: 1000,
+            deadline_s: 300,
+            auto_revert: false,
+        }
+    }
+}
+
+/// The longest `update.min_healthy_ms` (10 minutes).
+pub const MAX_MIN_HEALTHY_MS: u64 = 600_000;
+/// The longest `update.deadline_s` (a day).
+pub const MAX_DEADLINE_S: u64 = 86_400;
+/// The longest health check interval or timeout (10 minutes).
+pub const MAX_CHECK_MS: u64 = 600_000;
+
+/// What a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    /// `GET http://127.0.0.1:PORT/PATH`: healthy on a 2xx or 3xx answer.
+    Http {
+        /// The port.
+        port: u16,
+        /// The path (default `/`).
+        #[serde(default = "default_path")]
+        path: String,
+    },
+    /// A TCP connect to `127.0.0.1:PORT` succeeds.
+    Tcp {
+        /// The port.
+        port: u16,
+    },
+    /// This command (program and arguments, run with the instance's `MODE_*` environment)
+    /// exits 0.
+    Command(Vec<String>),
+}
+
+fn default_path() -> String {
+    "/".to_string()
+}
+
+/// An instance health check, run by the agent of the instance's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What it probes (stored as the user writes it: `http: {...}`, `tcp: {...}` or
+    /// `command: [...]` beside the other fields).
+    #[serde(flatten)]
+    pub probe: Probe,
+    /// Add the instance's slot to the probe's port (each instance listens on its own).
+    #[serde(default)]
+    pub port_plus_slot: bool,
+    /// Time between checks (ms, default 1000).
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// A check not answered within this long failed (ms, default 1000).
+    #[serde(default = "default_interval_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes to become healthy (default 1).
+    #[serde(default = "one")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy (default 3).
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    fn validate(&self, spec: &str) -> Result<(), SpecError> {
+        for (field, v) in [
+            ("health.interval_ms", self.interval_ms),
+            ("health.timeout_ms", self.timeout_ms),
+        ] {
+            if !(1..=MAX_CHECK_MS).contains(&v) {
+                return Err(field_error(
+                    spec,
+                    field,
+                    format!("is {v} but must be between 1 and {MAX_CHECK_MS} (ms)"),
+                ));
+            }
+        }
+        for (field, v) in [
+            ("health.healthy_threshold", self.healthy_threshold),
+            ("health.unhealthy_threshold", self.unhealthy_threshold),
+        ] {
+            if !(1..=100).contains(&v) {
+                return Err(field_error(
+                    spec,
+                    field,
+                    format!("is {v} but must be between 1 and 100 (consecutive checks)"),
+                ));
+            }
+        }
+        match &self.probe {
+            Probe::Http { port, path } => {
+                if *port == 0 {
+                    return Err(field_error(spec, "health.http.port", "must be 1-65535"));
+                }
+                if !path.starts_with('/') || path.len() > 1024 || path.contains(char::is_whitespace)
+                {
+                    return Err(field_error(
+                        spec,
+                        "health.http.path",
+                        format!("'{path}' must start with '/', hold no spaces and be at most 1024 bytes"),
+                    ));
+                }
+            }
+            Probe::Tcp { port } => {
+                if *port == 0 {
+                    return Err(field_error(spec, "health.tcp.port", "must be 1-65535"));
+                }
+            }
+            Probe::Command(argv) => {
+                if argv.first().is_none_or(|p| p.trim().is_empty()) {
+                    return Err(field_error(
+                        spec,
+                        "health.command",
+                        "needs a program, like [/bin/test, -f, /tmp/ready]",
+                    ));
+                }
+                if argv.len() > 64 || argv.iter().any(|a| a.len() > 4096) {
+                    return Err(field_error(
+                        spec,
+                        "health.command",
+                        "takes at most 64 arguments of at most 4096 bytes each",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The probe's port for instance `slot` (None for a command).
+    pub fn port(&self, slot: u32) -> Option<u16> {
+        let base = match &self.probe {
+            Probe::Http { port, .. } | Probe::Tcp { port } => *port,
+            Probe::Command(_) => return None,
+        };
+        if self.port_plus_slot {
+            u16::try_from(u32::from(base) + slot).ok()
+        } else {
+            Some(base)
+        }
+    }
 }
 
 fn default_replicas() -> u32 {
@@ -265,8 +545,22 @@ impl ServiceSpec {
             depends_on: Vec::new(),
             restart: RestartPolicy::default(),
             stop_grace_s: default_stop_grace_s(),
+            update: UpdatePolicy::default(),
+            health: None,
             generation: 0,
         }
+    }
+
+    /// What an instance is built from: a change of any of these replaces instances (under
+    /// the update policy); other changes (replicas, placement rules, the policy) do not.
+    pub fn runtime(&self) -> serde_json::Value {
+        serde_json::json!([
+            self.kind,
+            self.config,
+            self.restart,
+            self.stop_grace_s,
+            self.health
+        ])
     }
 
     /// Instances wanted (1 for a singleton), never more than
@@ -411,6 +705,46 @@ impl ServiceSpec {
                 ),
             ));
         }
+        let u = &self.update;
+        if let Amount::Count(0) = u.max_unavailable {
+            return Err(field_error(
+                name,
+                "update.max_unavailable",
+                "must be at least 1 (or a percentage like \"10%\"): with 0 no instance could ever be replaced",
+            ));
+        }
+        if let Amount::Percent(p) = u.max_unavailable {
+            if !(1..=100).contains(&p) {
+                return Err(field_error(
+                    name,
+                    "update.max_unavailable",
+                    format!("is {p}% but a percentage must be between 1% and 100%"),
+                ));
+            }
+        }
+        if u.min_healthy_ms > MAX_MIN_HEALTHY_MS {
+            return Err(field_error(
+                name,
+                "update.min_healthy_ms",
+                format!(
+                    "is {} but must be at most {MAX_MIN_HEALTHY_MS} (ms)",
+                    u.min_healthy_ms
+                ),
+            ));
+        }
+        if !(1..=MAX_DEADLINE_S).contains(&u.deadline_s) {
+            return Err(field_error(
+                name,
+                "update.deadline_s",
+                format!(
+                    "is {} but must be between 1 and {MAX_DEADLINE_S} (seconds)",
+                    u.deadline_s
+                ),
+            ));
+        }
+        if let Some(h) = &self.health {
+            h.validate(name)?;
+        }
         // Sizes, counts and durations (the state machine checks the same on apply).
         crate::model::limits::check_spec(self).map_err(|e| {
             let field = match e.what.as_str() {
@@ -527,8 +861,96 @@ struct RawSpec {
     #[serde(default)]
     stop_grace_s: Option<u64>,
     #[serde(default)]
+    update: Option<RawUpdate>,
+    #[serde(default)]
+    health: Option<RawHealth>,
+    #[serde(default)]
     #[allow(dead_code)]
     generation: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    #[serde(default)]
+    max_unavailable: Option<Amount>,
+    #[serde(default)]
+    min_healthy_ms: Option<u64>,
+    #[serde(default)]
+    deadline_s: Option<u64>,
+    #[serde(default)]
+    auto_revert: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    port: u16,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcp {
+    port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    http: Option<RawHttp>,
+    #[serde(default)]
+    tcp: Option<RawTcp>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    port_plus_slot: Option<bool>,
+    #[serde(default)]
+    interval_ms: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    healthy_threshold: Option<u32>,
+    #[serde(default)]
+    unhealthy_threshold: Option<u32>,
+}
+
+impl RawHealth {
+    fn into_check(self, spec: &str) -> Result<HealthCheck, SpecError> {
+        let mut probes = Vec::new();
+        if let Some(h) = self.http {
+            probes.push(Probe::Http {
+                port: h.port,
+                path: h.path.unwrap_or_else(default_path),
+            });
+        }
+        if let Some(t) = self.tcp {
+            probes.push(Probe::Tcp { port: t.port });
+        }
+        if let Some(c) = self.command {
+            probes.push(Probe::Command(c));
+        }
+        if probes.len() != 1 {
+            return Err(field_error(
+                spec,
+                "health",
+                format!(
+                    "needs exactly one of `http: {{port, path}}`, `tcp: {{port}}` or `command: [PROGRAM, ARGS...]`; {} given",
+                    probes.len()
+                ),
+            ));
+        }
+        Ok(HealthCheck {
+            probe: probes.remove(0),
+            port_plus_slot: self.port_plus_slot.unwrap_or(false),
+            interval_ms: self.interval_ms.unwrap_or_else(default_interval_ms),
+            timeout_ms: self.timeout_ms.unwrap_or_else(default_interval_ms),
+            healthy_threshold: self.healthy_threshold.unwrap_or_else(one),
+            unhealthy_threshold: self.unhealthy_threshold.unwrap_or_else(three),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -554,8 +976,26 @@ struct RawRestart {
     backoff_max_ms: Option<u64>,
 }
 
-impl From<RawSpec> for ServiceSpec {
-    fn from(raw: RawSpec) -> Self {
+impl TryFrom<RawSpec> for ServiceSpec {
+    type Error = SpecError;
+
+    fn try_from(raw: RawSpec) -> Result<Self, SpecError> {
+        let health = match raw.health {
+            None => None,
+            Some(h) => Some(Box::new(h.into_check(&raw.name)?)),
+        };
+        let update = match raw.update {
+            None => UpdatePolicy::default(),
+            Some(u) => {
+                let d = UpdatePolicy::default();
+                UpdatePolicy {
+                    max_unavailable: u.max_unavailable.unwrap_or(d.max_unavailable),
+                    min_healthy_ms: u.min_healthy_ms.unwrap_or(d.min_healthy_ms),
+                    deadline_s: u.deadline_s.unwrap_or(d.deadline_s),
+                    auto_revert: u.auto_revert.unwrap_or(d.auto_revert),
+                }
+            }
+        };
         let defaults = RestartPolicy::default();
         let restart = match raw.restart {
             None => defaults,
@@ -566,7 +1006,7 @@ impl From<RawSpec> for ServiceSpec {
                 backoff_max_ms: r.backoff_max_ms.unwrap_or(defaults.backoff_max_ms),
             },
         };
-        ServiceSpec {
+        Ok(ServiceSpec {
             name: raw.name,
             kind: raw.kind,
             config: raw.config,
@@ -588,8 +1028,10 @@ impl From<RawSpec> for ServiceSpec {
             depends_on: raw.depends_on.unwrap_or_default(),
             restart,
             stop_grace_s: raw.stop_grace_s.unwrap_or_else(default_stop_grace_s),
+            update,
+            health,
             generation: 0,
-        }
+        })
     }
 }
 
@@ -654,7 +1096,7 @@ pub fn parse_specs(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecError
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let parsed = DocSpecs::deserialize(doc).map_err(|e| yaml_error(file, &e, docs.get(i)))?;
         for raw in parsed.0 {
-            let spec = ServiceSpec::from(raw);
+            let spec = ServiceSpec::try_from(raw).map_err(|e| e.with_file(file))?;
             spec.validate().map_err(|e| e.with_file(file))?;
             if specs.iter().any(|s| s.name == spec.name) {
                 return Err(SpecError::new(
@@ -965,6 +1407,16 @@ restart:
   backoff_initial_ms: 200
   backoff_max_ms: 5000
 stop_grace_s: 20
+update:
+  max_unavailable: "25%"
+  min_healthy_ms: 500
+  deadline_s: 60
+  auto_revert: true
+health:
+  http: {port: 8080, path: /healthz}
+  port_plus_slot: true
+  interval_ms: 200
+  unhealthy_threshold: 2
 "#;
 
     fn spec(name: &str) -> ServiceSpec {
@@ -1000,6 +1452,40 @@ stop_grace_s: 20
     }
 
     #[test]
+    fn bad_update_policies_and_health_checks_are_refused_naming_the_field() {
+        let bad = |extra: &str| {
+            parse_one(&format!("name: web\nkind: exec\n{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad("update: {max_unavailable: 0}");
+        assert!(e.contains("update.max_unavailable"), "{e}");
+        let e = bad("update: {max_unavailable: \"150%\"}");
+        assert!(e.contains("between 1% and 100%"), "{e}");
+        let e = bad("update: {deadline_s: 0}");
+        assert!(e.contains("update.deadline_s"), "{e}");
+        let e = bad("health: {interval_ms: 10}");
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = bad("health: {tcp: {port: 1}, command: [/bin/true]}");
+        assert!(e.contains("2 given"), "{e}");
+        let e = bad("health: {command: []}");
+        assert!(e.contains("health.command"), "{e}");
+        let e = bad("health: {http: {port: 80, path: nope}}");
+        assert!(e.contains("health.http.path"), "{e}");
+        let e = bad("health: {tcp: {port: 80}, healthy_threshold: 0}");
+        assert!(e.contains("health.healthy_threshold"), "{e}");
+        let ok = parse_one(
+            "name: web\nkind: exec\nupdate: {max_unavailable: 2}\nhealth: {command: [/bin/true]}",
+        )
+        .unwrap();
+        assert_eq!(ok.update.max_unavailable, Amount::Count(2));
+        assert_eq!(
+            ok.health.unwrap().probe,
+            Probe::Command(vec!["/bin/true".into()])
+        );
+    }
+
+    #[test]
     fn full_yaml_parses_to_the_expected_spec() {
         let got = parse_one(FULL).unwrap();
         let want = ServiceSpec {
@@ -1031,9 +1517,27 @@ stop_grace_s: 20
                 backoff_max_ms: 5000,
             },
             stop_grace_s: 20,
+            update: UpdatePolicy {
+                max_unavailable: Amount::Percent(25),
+                min_healthy_ms: 500,
+                deadline_s: 60,
+                auto_revert: true,
+            },
+            health: Some(Box::new(HealthCheck {
+                probe: Probe::Http {
+                    port: 8080,
+                    path: "/healthz".into(),
+                },
+                port_plus_slot: true,
+                interval_ms: 200,
+                timeout_ms: 1000,
+                healthy_threshold: 1,
+                unhealthy_threshold: 2,
+            })),
             generation: 0,
         };
         assert_eq!(got, want);
+        assert_eq!(got.health.as_ref().and_then(|h| h.port(3)), Some(8083));
         assert_eq!(got.stop_grace(), Duration::from_secs(20));
         assert_eq!(got.restart.within(), Duration::from_secs(10));
         assert_eq!(got.restart.backoff_initial(), Duration::from_millis(200));

@@ -128,6 +128,17 @@ pub struct Placement {
     /// backoff counts from here, on whichever node leads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at_ms: Option<u64>,
+    /// The generation of the spec version it runs (or is set to run): a rollout replaces the
+    /// instances of older ones (0: placed before versions were tracked).
+    #[serde(default)]
+    pub generation: u64,
+    /// Since when it has been running without a restart (proposer's clock, ms since the
+    /// epoch): a rollout waits `update.min_healthy_ms` from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since_ms: Option<u64>,
+    /// Its health check's verdict as last reported (`None`: no check, or none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
 }
 
 impl Placement {
@@ -145,6 +156,9 @@ impl Placement {
             trace: None,
             epoch: 0,
             failed_at_ms: None,
+            generation: 0,
+            running_since_ms: None,
+            healthy: None,
         }
     }
 }
@@ -292,6 +306,9 @@ pub enum Command {
         /// The fencing token of the placement the instance was started for (0: unknown).
         #[serde(default)]
         epoch: u64,
+        /// Its health check's verdict (`None`: no check, or none yet).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        healthy: Option<bool>,
     },
     /// A moved instance runs on its new node: release the old one.
     FinishMove {
@@ -327,6 +344,55 @@ pub enum Command {
         /// Instance number.
         slot: u32,
     },
+    /// A rollout step: these instances of `service` are replaced by its current version
+    /// (refused unless `generation` is still the current one).
+    RollInstances {
+        /// Service name.
+        service: String,
+        /// The version they move to (the current generation).
+        generation: u64,
+        /// The instances.
+        slots: Vec<u32>,
+    },
+    /// A rollout ended: generation `generation` of `service` rolled out (`failed` is None)
+    /// or failed (`failed` says why). Refused unless that version is rolling.
+    FinishRollout {
+        /// Service name.
+        service: String,
+        /// The version.
+        generation: u64,
+        /// Why it failed; None when it succeeded.
+        #[serde(default)]
+        failed: Option<String>,
+    },
+    /// Why some instances of a rolling version cannot be placed (None: they can now).
+    NoteUnplaced {
+        /// Service name.
+        service: String,
+        /// The rolling version.
+        generation: u64,
+        /// The reason.
+        #[serde(default)]
+        unplaced: Option<String>,
+    },
+    /// Store a kept version of a service's spec again, as a new generation. With
+    /// `revert_of`, it is the automatic revert of that failed generation (which is then
+    /// marked reverted, with `reason`).
+    RollbackSpec {
+        /// Service name.
+        name: String,
+        /// The kept version to restore.
+        to_generation: u64,
+        /// Compare-and-set: refuse unless the stored generation is this (0: any).
+        #[serde(default)]
+        expected_generation: u64,
+        /// The failed generation this automatically reverts.
+        #[serde(default)]
+        revert_of: Option<u64>,
+        /// Why (for an automatic revert: why the rollout failed).
+        #[serde(default)]
+        reason: Option<String>,
+    },
     /// Forget a deleted service once its instances are gone.
     PurgeSpec {
         /// Its name.
@@ -347,6 +413,23 @@ pub enum Command {
     },
 }
 
+/// What a planned apply would do to one instance ([`ClusterState::plan_placements`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedInstance {
+    /// Service name.
+    pub service: String,
+    /// Instance number.
+    pub slot: u32,
+    /// `place`, `move`, `remove`, `replace` or `unplaced`.
+    pub action: String,
+    /// Where it would run (for `remove`: where it runs now; 0 when unplaced).
+    pub node: u64,
+    /// For `move`: the node it leaves.
+    pub from_node: Option<u64>,
+    /// Why (unplaced), or how (replace).
+    pub reason: Option<String>,
+}
+
 /// One report in [`Command::ReportInstances`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceReport {
@@ -365,6 +448,9 @@ pub struct InstanceReport {
     /// The fencing token of the placement the instance was started for (0: unknown).
     #[serde(default)]
     pub epoch: u64,
+    /// Its health check's verdict (`None`: no check, or none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
     /// `release` (a singleton moving away was stopped: [`Command::ReleaseMove`]), `finish`
     /// (a moved instance runs on its new node: [`Command::FinishMove`]) or "" (a plain report).
     #[serde(default, rename = "move", skip_serializing_if = "String::is_empty")]
@@ -384,6 +470,7 @@ impl InstanceReport {
                 restart_count: self.restart_count,
                 last_crash: self.last_crash.clone(),
                 epoch: self.epoch,
+                healthy: self.healthy,
             }),
             "release" => Ok(Command::ReleaseMove {
                 service,
@@ -597,7 +684,13 @@ pub struct ClusterState {
     /// singleton lease arithmetic holds only if all nodes agree on it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub heartbeat_grace_ms: u64,
+    /// The kept versions of each service, oldest first, the current one last (at most
+    /// [`MAX_VERSIONS`](crate::model::rollout::MAX_VERSIONS)), with how each rolled out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, VecDeque<SpecVersion>>,
 }
+
+use crate::model::rollout::{RolloutStatus, SpecVersion};
 
 /// How many request ids the state remembers (a retry older than that many writes applies
 /// again; clients retry within seconds).
@@ -670,6 +763,10 @@ impl Command {
             Command::ReleaseMove { .. } => "release_move",
             Command::ReportInstances { .. } => "report_instances",
             Command::RestartInstance { .. } => "restart_instance",
+            Command::RollInstances { .. } => "roll_instances",
+            Command::FinishRollout { .. } => "finish_rollout",
+            Command::NoteUnplaced { .. } => "note_unplaced",
+            Command::RollbackSpec { .. } => "rollback_spec",
             Command::PurgeSpec { .. } => "purge_spec",
             Command::RecordEvent { .. } => "record_event",
         }
@@ -691,6 +788,7 @@ impl ClusterState {
             requests: RequestLog::default(),
             removed: self.removed.clone(),
             heartbeat_grace_ms: self.heartbeat_grace_ms,
+            versions: self.versions.clone(),
         }
     }
 
@@ -915,8 +1013,6 @@ impl ClusterState {
                 if let Err(refused) = self.check_set(std::slice::from_ref(spec)) {
                     return refused;
                 }
-                // Applying a spec again cancels a pending removal.
-                self.deleting.remove(&spec.name);
                 let generation = self
                     .specs
                     .get(&spec.name)
@@ -924,19 +1020,8 @@ impl ClusterState {
                     .unwrap_or(1);
                 let mut stored = spec.clone();
                 stored.generation = generation;
-                match &proposal.trace {
-                    Some(t) => self.traces.insert(
-                        spec.name.clone(),
-                        TraceMark {
-                            context: t.clone(),
-                            at_ms: at,
-                        },
-                    ),
-                    None => self.traces.remove(&spec.name),
-                };
                 let msg = format!("service '{}' stored (generation {generation})", spec.name);
-                self.specs.insert(spec.name.clone(), stored);
-                self.event(at, "spec-applied", &msg, Some(spec.name.clone()), None);
+                self.store_spec(stored, proposal, &msg);
                 CommandResult {
                     ok: true,
                     message: msg,
@@ -983,6 +1068,7 @@ impl ClusterState {
                 self.deleting.remove(name);
                 self.traces.remove(name);
                 self.placements.remove(name);
+                self.versions.remove(name);
                 match self.specs.remove(name) {
                     Some(_) => {
                         let msg = format!("service '{name}' removed");
@@ -1000,6 +1086,7 @@ impl ClusterState {
                 restart_count,
                 last_crash,
                 epoch,
+                healthy,
             } => {
                 let Some(p) = self
                     .placements
@@ -1022,6 +1109,14 @@ impl ClusterState {
                 let changed = p.state != *state || p.restart_count != *restart_count;
                 // A local restart shows as a higher count, whatever state the report caught.
                 let restarted = *restart_count > p.restart_count;
+                if state != "running" {
+                    p.running_since_ms = None;
+                } else if p.state != "running" || restarted || p.running_since_ms.is_none() {
+                    p.running_since_ms = Some(at);
+                }
+                let health_changed = p.healthy != *healthy && state == "running";
+                let was_healthy = p.healthy;
+                p.healthy = if state == "running" { *healthy } else { None };
                 p.state = state.clone();
                 p.restart_count = *restart_count;
                 if state == "running" {
@@ -1038,6 +1133,21 @@ impl ClusterState {
                     p.failed_at_ms.get_or_insert(at);
                 } else {
                     p.failed_at_ms = None;
+                }
+                if health_changed && (was_healthy.is_some() || *healthy == Some(false)) {
+                    let verdict = match healthy {
+                        Some(true) => "healthy",
+                        Some(false) => "unhealthy",
+                        None => "without a health verdict",
+                    };
+                    let msg = format!("{service}#{slot} on node {node} is {verdict}");
+                    self.event(
+                        at,
+                        "instance-health",
+                        &msg,
+                        Some(service.clone()),
+                        Some(*node),
+                    );
                 }
                 if changed && state == "waiting" {
                     let msg = format!(
@@ -1147,6 +1257,8 @@ impl ClusterState {
                         p.restart_seq += 1;
                         p.epoch = index.max(p.epoch + 1);
                         p.state = pending();
+                        p.running_since_ms = None;
+                        p.healthy = None;
                         CommandResult::ok(format!("{service}#{slot} restart requested"))
                     }
                     None => CommandResult::refused_as(
@@ -1183,6 +1295,10 @@ impl ClusterState {
                     }
                     p.node = a.node;
                     p.state = pending();
+                    p.running_since_ms = None;
+                    p.healthy = None;
+                    // A (re)started instance runs the current version.
+                    p.generation = self.specs.get(&a.service).map_or(0, |s| s.generation);
                     p.moving_from = a.moving_from;
                     p.trace = proposal.trace.clone();
                     p.epoch = index.max(p.epoch + 1);
@@ -1195,6 +1311,124 @@ impl ClusterState {
                     unassign.len()
                 ))
             }
+            Command::RollInstances {
+                service,
+                generation,
+                slots,
+            } => {
+                let current = self.specs.get(service).map(|s| s.generation);
+                if current != Some(*generation) {
+                    return CommandResult::refused_as(
+                        Refusal::Conflict,
+                        format!(
+                            "service '{service}' is not at generation {generation} (now {}): a stale rollout step",
+                            current.map_or("removed".to_string(), |g| g.to_string())
+                        ),
+                    );
+                }
+                let mut rolled = Vec::new();
+                if let Some(placed) = self.placements.get_mut(service) {
+                    for slot in slots {
+                        if let Some(p) = placed.get_mut(slot) {
+                            if p.generation == *generation {
+                                continue;
+                            }
+                            p.generation = *generation;
+                            p.epoch = index.max(p.epoch + 1);
+                            p.state = pending();
+                            p.running_since_ms = None;
+                            p.healthy = None;
+                            p.failed_at_ms = None;
+                            // A new instance: the old one's crashes are not its own.
+                            p.last_crash = None;
+                            p.restart_count = 0;
+                            p.trace = proposal.trace.clone();
+                            rolled.push(format!("{service}#{slot}"));
+                        }
+                    }
+                }
+                if rolled.is_empty() {
+                    return CommandResult::ok("nothing to replace");
+                }
+                let shown: Vec<&str> = rolled.iter().take(20).map(String::as_str).collect();
+                let more = if rolled.len() > shown.len() {
+                    format!(" and {} more", rolled.len() - shown.len())
+                } else {
+                    String::new()
+                };
+                let msg = format!(
+                    "rollout of generation {generation}: replacing {}{more}",
+                    shown.join(", ")
+                );
+                self.event(at, "rollout-step", &msg, Some(service.clone()), None);
+                CommandResult::ok(msg)
+            }
+            Command::FinishRollout {
+                service,
+                generation,
+                failed,
+            } => {
+                let Some(v) = self.rolling_version_mut(service, *generation) else {
+                    return CommandResult::refused_as(
+                        Refusal::Conflict,
+                        format!("generation {generation} of '{service}' is not rolling out"),
+                    );
+                };
+                v.finished_at_ms = Some(at);
+                v.unplaced = None;
+                let (kind, msg) = match failed {
+                    None => {
+                        v.status = RolloutStatus::Succeeded;
+                        (
+                            "rollout-succeeded",
+                            format!("generation {generation} of '{service}' rolled out"),
+                        )
+                    }
+                    Some(why) => {
+                        let why = crate::model::limits::bounded_message(why).into_owned();
+                        v.status = RolloutStatus::Failed;
+                        v.reason = Some(why.clone());
+                        (
+                            "rollout-failed",
+                            format!(
+                                "rollout of generation {generation} of '{service}' failed: {why}"
+                            ),
+                        )
+                    }
+                };
+                self.event(at, kind, &msg, Some(service.clone()), None);
+                CommandResult::ok(msg)
+            }
+            Command::NoteUnplaced {
+                service,
+                generation,
+                unplaced,
+            } => match self.rolling_version_mut(service, *generation) {
+                Some(v) => {
+                    v.unplaced = unplaced
+                        .as_deref()
+                        .map(|u| crate::model::limits::bounded_message(u).into_owned());
+                    CommandResult::ok("noted")
+                }
+                None => CommandResult::refused_as(
+                    Refusal::Conflict,
+                    format!("generation {generation} of '{service}' is not rolling out"),
+                ),
+            },
+            Command::RollbackSpec {
+                name,
+                to_generation,
+                expected_generation,
+                revert_of,
+                reason,
+            } => self.rollback(
+                proposal,
+                name,
+                *to_generation,
+                *expected_generation,
+                *revert_of,
+                reason.as_deref(),
+            ),
             Command::RecordEvent {
                 kind,
                 message,
@@ -1220,8 +1454,21 @@ impl ClusterState {
     }
 
     /// Store `spec` (its generation set), cancelling a pending removal, with its trace mark
-    /// and a `spec-applied` event saying `message`.
+    /// and a `spec-applied` event saying `message`. It becomes the service's newest kept
+    /// version (rolling out; one still rolling is superseded), and the instances whose version
+    /// has the same runtime part adopt it as they are: only the others are replaced, by the
+    /// rollout.
     fn store_spec(&mut self, spec: ServiceSpec, proposal: &Proposal, message: &str) {
+        self.store_version(spec, proposal, message, None);
+    }
+
+    fn store_version(
+        &mut self,
+        spec: ServiceSpec,
+        proposal: &Proposal,
+        message: &str,
+        revert_of: Option<u64>,
+    ) {
         let at = proposal.at_ms;
         self.deleting.remove(&spec.name);
         match &proposal.trace {
@@ -1235,8 +1482,315 @@ impl ClusterState {
             None => self.traces.remove(&spec.name),
         };
         let name = spec.name.clone();
+        let versions = self.versions.entry(name.clone()).or_default();
+        if let Some(old) = self.specs.get(&name) {
+            // A state from before versions were kept: the running spec is the first kept one.
+            if versions
+                .back()
+                .is_none_or(|v| v.spec.generation != old.generation)
+            {
+                versions.push_back(SpecVersion {
+                    spec: old.clone(),
+                    applied_at_ms: at,
+                    change: "stored before versions were kept".into(),
+                    status: RolloutStatus::Succeeded,
+                    reason: None,
+                    finished_at_ms: Some(at),
+                    unplaced: None,
+                    revert_of: None,
+                });
+            }
+        }
+        if let Some(last) = versions.back_mut() {
+            if last.status == RolloutStatus::Rolling {
+                last.status = RolloutStatus::Superseded;
+                last.finished_at_ms = Some(at);
+                last.unplaced = None;
+            }
+        }
+        let runtime = spec.runtime();
+        let previous = self.specs.get(&name).map_or(0, |s| s.generation);
+        if let Some(placed) = self.placements.get_mut(&name) {
+            for p in placed.values_mut() {
+                // Placed before versions were kept: it runs the spec stored until now.
+                let runs = if p.generation == 0 {
+                    previous
+                } else {
+                    p.generation
+                };
+                let same = versions
+                    .iter()
+                    .find(|v| v.spec.generation == runs)
+                    .is_some_and(|v| v.spec.runtime() == runtime);
+                p.generation = if same { spec.generation } else { runs };
+            }
+        }
+        versions.push_back(SpecVersion {
+            spec: spec.clone(),
+            applied_at_ms: at,
+            change: message.to_string(),
+            status: RolloutStatus::Rolling,
+            reason: None,
+            finished_at_ms: None,
+            unplaced: None,
+            revert_of,
+        });
+        // Bounded, but a version an instance still runs stays (its node needs the spec).
+        let in_use: std::collections::BTreeSet<u64> = self
+            .placements
+            .get(&name)
+            .map(|placed| placed.values().map(|p| p.generation).collect())
+            .unwrap_or_default();
+        while versions.len() > crate::model::rollout::MAX_VERSIONS {
+            let current = spec.generation;
+            let Some(i) = versions
+                .iter()
+                .position(|v| v.spec.generation != current && !in_use.contains(&v.spec.generation))
+            else {
+                break;
+            };
+            versions.remove(i);
+        }
         self.specs.insert(name.clone(), spec);
         self.event(at, "spec-applied", message, Some(name), None);
+    }
+
+    /// The kept version `generation` of `service`, when it is rolling out.
+    fn rolling_version_mut(&mut self, service: &str, generation: u64) -> Option<&mut SpecVersion> {
+        self.versions
+            .get_mut(service)?
+            .iter_mut()
+            .rev()
+            .find(|v| v.spec.generation == generation && v.status == RolloutStatus::Rolling)
+    }
+
+    /// [`Command::RollbackSpec`].
+    fn rollback(
+        &mut self,
+        proposal: &Proposal,
+        name: &str,
+        to: u64,
+        expected: u64,
+        revert_of: Option<u64>,
+        reason: Option<&str>,
+    ) -> CommandResult {
+        let at = proposal.at_ms;
+        let Some(current) = self.specs.get(name) else {
+            return CommandResult::refused_as(Refusal::NotFound, format!("no service '{name}'"));
+        };
+        let current_generation = current.generation;
+        if expected != 0 && current_generation != expected {
+            return CommandResult::refused_as(
+                Refusal::Conflict,
+                format!(
+                    "service '{name}' is at generation {current_generation}, not the expected {expected}: it changed meanwhile; look at its history again"
+                ),
+            );
+        }
+        let kept = self.versions.get(name);
+        let Some(version) = kept.and_then(|vs| vs.iter().find(|v| v.spec.generation == to)) else {
+            let list: Vec<String> = kept
+                .map(|vs| vs.iter().map(|v| v.spec.generation.to_string()).collect())
+                .unwrap_or_default();
+            return CommandResult::refused_as(
+                Refusal::NotFound,
+                format!(
+                    "generation {to} of '{name}' is not kept (kept: {}); `modectl svc history {name}` lists them",
+                    if list.is_empty() { "none".to_string() } else { list.join(", ") }
+                ),
+            );
+        };
+        let mut spec = version.spec.clone();
+        if to == current_generation {
+            return CommandResult {
+                ok: true,
+                message: format!("service '{name}' is at generation {to} already"),
+                generation: Some(to),
+                ..Default::default()
+            };
+        }
+        // The old version must still fit the cluster as it is now.
+        spec.generation = 0;
+        if let Err(refused) = self.plan_apply(std::slice::from_ref(&spec), &BTreeMap::new()) {
+            return refused;
+        }
+        let generation = current_generation + 1;
+        spec.generation = generation;
+        let msg = match (revert_of, reason) {
+            (Some(failed), Some(why)) => {
+                if let Some(v) = self.rolling_or_failed_mut(name, failed) {
+                    v.status = RolloutStatus::Reverted;
+                    v.reason = Some(crate::model::limits::bounded_message(why).into_owned());
+                    v.finished_at_ms = Some(at);
+                    v.unplaced = None;
+                }
+                format!(
+                    "service '{name}': generation {failed} failed ({why}); reverted to generation {to}'s spec as generation {generation}"
+                )
+            }
+            _ => format!(
+                "service '{name}' rolled back to generation {to}'s spec (generation {generation})"
+            ),
+        };
+        self.store_version(spec, proposal, &msg, revert_of);
+        CommandResult {
+            ok: true,
+            message: msg,
+            generation: Some(generation),
+            ..Default::default()
+        }
+    }
+
+    fn rolling_or_failed_mut(
+        &mut self,
+        service: &str,
+        generation: u64,
+    ) -> Option<&mut SpecVersion> {
+        self.versions
+            .get_mut(service)?
+            .iter_mut()
+            .rev()
+            .find(|v| v.spec.generation == generation)
+    }
+
+    /// What applying `specs` (checked with [`ClusterState::plan_apply`]) would do to their
+    /// instances: placed, moved, removed, replaced in place by a rollout, or left unplaced.
+    /// Instances that stay as they are are not listed.
+    pub fn plan_placements(&self, specs: &[ServiceSpec]) -> Vec<PlannedInstance> {
+        let mut after = self.clone_for_planning();
+        for spec in specs {
+            let mut s = spec.clone();
+            s.generation = self.specs.get(&spec.name).map_or(1, |o| o.generation + 1);
+            after.deleting.remove(&s.name);
+            after.specs.insert(s.name.clone(), s);
+        }
+        let names: std::collections::BTreeSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
+        let current: Vec<crate::schedule::Assignment> = self
+            .placements
+            .iter()
+            .filter(|(s, _)| !after.deleting.contains(*s))
+            .flat_map(|(s, slots)| {
+                slots.iter().map(|(slot, p)| crate::schedule::Assignment {
+                    service: s.clone(),
+                    slot: *slot,
+                    node: p.node,
+                })
+            })
+            .collect();
+        let plan = crate::schedule::plan(&after.node_views(), &after.spec_views(), &current);
+        let from: BTreeMap<(&str, u32), u64> = plan
+            .unassign
+            .iter()
+            .map(|a| ((a.service.as_str(), a.slot), a.node))
+            .collect();
+        let mut out = Vec::new();
+        let mut touched = std::collections::BTreeSet::new();
+        for a in plan
+            .assign
+            .iter()
+            .filter(|a| names.contains(a.service.as_str()))
+        {
+            let old = from.get(&(a.service.as_str(), a.slot)).copied();
+            touched.insert((a.service.clone(), a.slot));
+            out.push(PlannedInstance {
+                service: a.service.clone(),
+                slot: a.slot,
+                action: if old.is_some() { "move" } else { "place" }.to_string(),
+                node: a.node,
+                from_node: old,
+                reason: None,
+            });
+        }
+        for a in plan
+            .unassign
+            .iter()
+            .filter(|a| names.contains(a.service.as_str()))
+        {
+            if touched.insert((a.service.clone(), a.slot)) {
+                out.push(PlannedInstance {
+                    service: a.service.clone(),
+                    slot: a.slot,
+                    action: "remove".to_string(),
+                    node: a.node,
+                    from_node: None,
+                    reason: None,
+                });
+            }
+        }
+        for u in plan
+            .unplaced
+            .iter()
+            .filter(|u| names.contains(u.service.as_str()))
+        {
+            touched.insert((u.service.clone(), u.slot));
+            out.push(PlannedInstance {
+                service: u.service.clone(),
+                slot: u.slot,
+                action: "unplaced".to_string(),
+                node: 0,
+                from_node: None,
+                reason: Some(u.reason.clone()),
+            });
+        }
+        for spec in specs {
+            let runtime = spec.runtime();
+            for (slot, p) in self.placements.get(&spec.name).into_iter().flatten() {
+                if touched.contains(&(spec.name.clone(), *slot)) {
+                    continue;
+                }
+                let runs = self.spec_of(&spec.name, p).map(ServiceSpec::runtime);
+                if runs.is_some_and(|r| r != runtime) {
+                    out.push(PlannedInstance {
+                        service: spec.name.clone(),
+                        slot: *slot,
+                        action: "replace".to_string(),
+                        node: p.node,
+                        from_node: None,
+                        reason: Some(format!(
+                            "rolling, at most {} at a time",
+                            spec.update.max_unavailable
+                        )),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+        out
+    }
+
+    fn clone_for_planning(&self) -> ClusterState {
+        ClusterState {
+            nodes: self.nodes.clone(),
+            specs: self.specs.clone(),
+            deleting: self.deleting.clone(),
+            ..ClusterState::default()
+        }
+    }
+
+    /// The current version of `service` as kept (its rollout), if any.
+    pub fn current_version(&self, service: &str) -> Option<&SpecVersion> {
+        let generation = self.specs.get(service)?.generation;
+        self.versions
+            .get(service)?
+            .iter()
+            .rev()
+            .find(|v| v.spec.generation == generation)
+    }
+
+    /// The spec instance `p` of `service` runs: its kept version, or the current spec when
+    /// that version is no longer kept.
+    pub fn spec_of(&self, service: &str, p: &Placement) -> Option<&ServiceSpec> {
+        let current = self.specs.get(service)?;
+        if p.generation == current.generation || p.generation == 0 {
+            return Some(current);
+        }
+        Some(
+            self.versions
+                .get(service)
+                .and_then(|vs| vs.iter().find(|v| v.spec.generation == p.generation))
+                .map_or(current, |v| &v.spec),
+        )
     }
 
     /// The specs' own rules and their references against the committed specs: names,
@@ -1539,6 +2093,7 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch,
+            healthy: None,
         }
     }
 
@@ -1698,6 +2253,7 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch: 0,
+            healthy: None,
             move_: String::new(),
         };
         let batch = |incarnation| Command::ReportInstances {
@@ -2201,5 +2757,270 @@ mod tests {
             let f: f64 = text.parse().unwrap();
             assert_eq!(v.as_f64(), Some(f), "{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::*;
+    use crate::model::rollout::RolloutStatus;
+
+    fn p(command: Command) -> Proposal {
+        Proposal {
+            trace: None,
+            at_ms: 5_000,
+            command,
+            request_id: None,
+        }
+    }
+
+    fn web(every_ms: u64, replicas: u32) -> ServiceSpec {
+        let mut s = ServiceSpec::new("web", "ticker");
+        s.config = serde_json::json!({ "every_ms": every_ms });
+        s.replicas = replicas;
+        s
+    }
+
+    fn apply(state: &mut ClusterState, spec: ServiceSpec) -> CommandResult {
+        state.apply(&p(Command::ApplySpecs {
+            specs: vec![spec],
+            expected: BTreeMap::new(),
+        }))
+    }
+
+    /// A cluster with one node offering `ticker` and web (generation 1, 3 instances running).
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&p(Command::RegisterNode {
+            id: 1,
+            address: "127.0.0.1:1".into(),
+            labels: BTreeMap::new(),
+            capacity: 100,
+            kinds: vec!["ticker".into(), "counter".into()],
+            incarnation: 0,
+            heartbeat_grace_ms: 0,
+            api_address: String::new(),
+            role: NodeRole::Server,
+        }));
+        assert!(apply(&mut s, web(100, 3)).ok);
+        let assign = (0..3)
+            .map(|slot| SlotAssignment {
+                service: "web".into(),
+                slot,
+                node: 1,
+                moving_from: None,
+            })
+            .collect();
+        s.apply_at(
+            &p(Command::Place {
+                assign,
+                unassign: vec![],
+            }),
+            10,
+        );
+        for slot in 0..3 {
+            let epoch = s.placements["web"][&slot].epoch;
+            s.apply(&p(Command::ReportInstance {
+                service: "web".into(),
+                slot,
+                node: 1,
+                state: "running".into(),
+                restart_count: 0,
+                last_crash: None,
+                epoch,
+                healthy: None,
+            }));
+        }
+        s
+    }
+
+    fn generations(s: &ClusterState) -> Vec<u64> {
+        s.placements["web"].values().map(|p| p.generation).collect()
+    }
+
+    #[test]
+    fn instances_carry_their_generation_and_a_replica_change_replaces_none() {
+        let mut s = cluster();
+        assert_eq!(generations(&s), [1, 1, 1]);
+        assert_eq!(s.placements["web"][&0].running_since_ms, Some(5_000));
+        let epochs: Vec<u64> = s.placements["web"].values().map(|p| p.epoch).collect();
+        assert!(apply(&mut s, web(100, 5)).ok);
+        // Same runtime: adopted as they run, nothing restarted.
+        assert_eq!(generations(&s), [2, 2, 2]);
+        let after: Vec<u64> = s.placements["web"].values().map(|p| p.epoch).collect();
+        assert_eq!(epochs, after);
+        assert_eq!(
+            s.current_version("web").unwrap().status,
+            RolloutStatus::Rolling
+        );
+        // An unchanged re-apply stores nothing.
+        let again = apply(&mut s, web(100, 5));
+        assert_eq!(again.changes[0].action, ChangeAction::Unchanged);
+        assert_eq!(s.specs["web"].generation, 2);
+        assert_eq!(s.versions["web"].len(), 2);
+    }
+
+    #[test]
+    fn a_config_change_leaves_instances_on_their_version_until_rolled() {
+        let mut s = cluster();
+        assert!(apply(&mut s, web(200, 3)).ok);
+        assert_eq!(generations(&s), [1, 1, 1]);
+        let old = s.spec_of("web", &s.placements["web"][&0]).unwrap();
+        assert_eq!(old.config["every_ms"], 100);
+        // A step for a stale generation is refused; the current one replaces in place.
+        let stale = s.apply(&p(Command::RollInstances {
+            service: "web".into(),
+            generation: 1,
+            slots: vec![0],
+        }));
+        assert_eq!(stale.refusal, Some(Refusal::Conflict));
+        let epoch = s.placements["web"][&0].epoch;
+        let step = s.apply_at(
+            &p(Command::RollInstances {
+                service: "web".into(),
+                generation: 2,
+                slots: vec![0],
+            }),
+            99,
+        );
+        assert!(step.ok, "{}", step.message);
+        let rolled = &s.placements["web"][&0];
+        assert_eq!((rolled.generation, rolled.state.as_str()), (2, "pending"));
+        assert!(rolled.epoch > epoch);
+        assert_eq!(rolled.running_since_ms, None);
+        assert_eq!(generations(&s), [2, 1, 1]);
+        assert_eq!(s.spec_of("web", rolled).unwrap().config["every_ms"], 200);
+    }
+
+    #[test]
+    fn a_kind_change_is_accepted_and_replaces_instances_under_the_policy() {
+        let mut s = cluster();
+        let mut counter = web(100, 3);
+        counter.kind = "counter".into();
+        let out = apply(&mut s, counter);
+        assert!(out.ok, "{}", out.message);
+        assert_eq!(out.changes[0].changed_fields, ["kind"]);
+        // Not adopted: each instance keeps running the ticker until the rollout replaces it.
+        assert_eq!(generations(&s), [1, 1, 1]);
+        assert_eq!(
+            s.spec_of("web", &s.placements["web"][&1]).unwrap().kind,
+            "ticker"
+        );
+        let plan = s.plan_placements(&[web(100, 3)]);
+        assert!(
+            plan.is_empty(),
+            "back to what runs: nothing to replace: {plan:?}"
+        );
+    }
+
+    #[test]
+    fn finishing_and_reverting_a_rollout_is_recorded_in_the_history() {
+        let mut s = cluster();
+        let done = s.apply(&p(Command::FinishRollout {
+            service: "web".into(),
+            generation: 1,
+            failed: None,
+        }));
+        assert!(done.ok);
+        assert_eq!(s.versions["web"][0].status, RolloutStatus::Succeeded);
+        // Finished once: a second verdict is refused.
+        let twice = s.apply(&p(Command::FinishRollout {
+            service: "web".into(),
+            generation: 1,
+            failed: Some("late".into()),
+        }));
+        assert!(!twice.ok);
+        assert!(apply(&mut s, web(999, 3)).ok);
+        s.apply_at(
+            &p(Command::RollInstances {
+                service: "web".into(),
+                generation: 2,
+                slots: vec![0],
+            }),
+            50,
+        );
+        let reverted = s.apply(&p(Command::RollbackSpec {
+            name: "web".into(),
+            to_generation: 1,
+            expected_generation: 2,
+            revert_of: Some(2),
+            reason: Some("web#0 failed on node 1: boom".into()),
+        }));
+        assert!(reverted.ok, "{}", reverted.message);
+        assert_eq!(reverted.generation, Some(3));
+        assert_eq!(s.specs["web"].config["every_ms"], 100);
+        let vs: Vec<(u64, RolloutStatus)> = s.versions["web"]
+            .iter()
+            .map(|v| (v.spec.generation, v.status))
+            .collect();
+        assert_eq!(
+            vs,
+            [
+                (1, RolloutStatus::Succeeded),
+                (2, RolloutStatus::Reverted),
+                (3, RolloutStatus::Rolling)
+            ]
+        );
+        assert_eq!(
+            s.versions["web"][1].reason.as_deref(),
+            Some("web#0 failed on node 1: boom")
+        );
+        assert_eq!(s.current_version("web").unwrap().revert_of, Some(2));
+        // The instances still on generation 1 run what generation 3 is: adopted; the one
+        // that got generation 2 is replaced by the rollout.
+        assert_eq!(generations(&s), [2, 3, 3]);
+        // A rollback to a version not kept says which are.
+        let missing = s.apply(&p(Command::RollbackSpec {
+            name: "web".into(),
+            to_generation: 9,
+            expected_generation: 0,
+            revert_of: None,
+            reason: None,
+        }));
+        assert_eq!(missing.refusal, Some(Refusal::NotFound));
+        assert!(
+            missing.message.contains("kept: 1, 2, 3"),
+            "{}",
+            missing.message
+        );
+    }
+
+    #[test]
+    fn versions_are_bounded_and_purged_with_the_service() {
+        let mut s = cluster();
+        for i in 0..(crate::model::rollout::MAX_VERSIONS as u64 + 5) {
+            assert!(apply(&mut s, web(1000 + i, 3)).ok);
+        }
+        assert_eq!(s.versions["web"].len(), crate::model::rollout::MAX_VERSIONS);
+        let superseded = s.versions["web"]
+            .iter()
+            .filter(|v| v.status == RolloutStatus::Superseded)
+            .count();
+        assert_eq!(superseded, crate::model::rollout::MAX_VERSIONS - 1);
+        // The instances still run generation 1 (nothing rolled them): it is kept.
+        assert_eq!(s.versions["web"][0].spec.generation, 1);
+        assert_eq!(generations(&s), [1, 1, 1]);
+        s.apply(&p(Command::DeleteSpec {
+            name: "web".into(),
+            force: false,
+        }));
+        s.apply(&p(Command::PurgeSpec { name: "web".into() }));
+        assert!(!s.versions.contains_key("web"));
+    }
+
+    #[test]
+    fn a_plan_lists_replacements_and_new_placements_and_changes_nothing() {
+        let s = cluster();
+        let before = serde_json::to_value(&s).unwrap();
+        let plan = s.plan_placements(&[web(200, 4)]);
+        let actions: Vec<(u32, &str)> = plan.iter().map(|p| (p.slot, p.action.as_str())).collect();
+        assert_eq!(
+            actions,
+            [(0, "replace"), (1, "replace"), (2, "replace"), (3, "place")]
+        );
+        assert_eq!(serde_json::to_value(&s).unwrap(), before);
+        let shrink = s.plan_placements(&[web(100, 2)]);
+        assert_eq!(shrink.len(), 1);
+        assert_eq!((shrink[0].slot, shrink[0].action.as_str()), (2, "remove"));
     }
 }

@@ -27,6 +27,8 @@ pub struct NodeView {
 pub struct ViewService {
     /// Its spec.
     pub spec: ServiceSpec,
+    /// The older versions its instances here still run (during a rollout), by generation.
+    pub versions: BTreeMap<u64, ServiceSpec>,
     /// Being deleted: its dependents stop first.
     pub deleting: bool,
     /// Its instances on (or moving from) the node, by slot: what the agent acts on (node,
@@ -69,7 +71,14 @@ impl Touched {
             Command::RegisterNode { .. }
             | Command::SetNodeStatus { .. }
             | Command::RemoveNode { .. }
+            | Command::FinishRollout { .. }
+            | Command::NoteUnplaced { .. }
             | Command::RecordEvent { .. } => {}
+            Command::RollInstances { service, slots, .. } => {
+                for n in slots {
+                    slot(service, *n);
+                }
+            }
             Command::Place { assign, unassign } => {
                 for a in assign.iter().chain(unassign) {
                     slot(&a.service, a.slot);
@@ -92,6 +101,7 @@ impl Touched {
                 self.services.insert(spec.name.clone());
             }
             Command::DeleteSpec { name, .. }
+            | Command::RollbackSpec { name, .. }
             | Command::PurgeSpec { name }
             | Command::ScaleSpec { name, .. } => {
                 self.services.insert(name.clone());
@@ -119,28 +129,35 @@ struct Loc {
     running: bool,
     epoch: u64,
     restart_seq: u64,
+    generation: u64,
 }
 
 impl Loc {
-    fn of(p: &Placement) -> Loc {
+    fn of(state: &ClusterState, service: &str, p: &Placement) -> Loc {
+        // A dependency counts once it runs and, when its version has a health check, passes
+        // it.
+        let checked = state
+            .spec_of(service, p)
+            .is_some_and(|s| s.health.is_some());
+        let healthy = if checked {
+            p.healthy == Some(true)
+        } else {
+            p.healthy != Some(false)
+        };
         Loc {
             node: p.node,
             moving_from: p.moving_from,
-            running: p.state == "running",
+            running: p.state == "running" && healthy,
             epoch: p.epoch,
             restart_seq: p.restart_seq,
+            generation: p.generation,
         }
     }
 
     /// Whether the views that show it would show it differently.
     fn shows_as(&self, other: &Loc) -> bool {
-        (self.node, self.moving_from, self.epoch, self.restart_seq)
-            == (
-                other.node,
-                other.moving_from,
-                other.epoch,
-                other.restart_seq,
-            )
+        let shown = |l: &Loc| (l.node, l.moving_from, l.epoch, l.restart_seq, l.generation);
+        shown(self) == shown(other)
     }
 
     fn nodes(&self) -> impl Iterator<Item = u64> {
@@ -279,7 +296,7 @@ impl Index {
             .placements
             .get(service)
             .and_then(|s| s.get(&slot))
-            .map(Loc::of);
+            .map(|p| Loc::of(state, service, p));
         // A report (a new state, more restarts) changes no view; only where the instance is
         // and what it is asked to run does.
         let shown_alike = match (&old, &new) {
@@ -321,7 +338,7 @@ impl Index {
         }
         if let Some(slots) = state.placements.get(service) {
             for (n, p) in slots {
-                self.add(service, *n, Loc::of(p));
+                self.add(service, *n, Loc::of(state, service, p));
             }
         }
         self.mark_service(state, service);
@@ -336,7 +353,7 @@ impl Index {
         self.base = index;
         for (service, slots) in &state.placements {
             for (n, p) in slots {
-                self.add(service, *n, Loc::of(p));
+                self.add(service, *n, Loc::of(state, service, p));
             }
         }
         let watched: Vec<u64> = self.watchers.keys().copied().collect();
@@ -353,15 +370,23 @@ impl Index {
                 else {
                     continue;
                 };
-                let here = slots
+                let here: BTreeMap<u32, Placement> = slots
                     .iter()
                     .filter_map(|n| placed.get(n).map(|p| (*n, as_shown(p))))
+                    .collect();
+                let versions = here
+                    .values()
+                    .filter(|p| p.generation != spec.generation)
+                    .filter_map(|p| state.spec_of(name, p))
+                    .filter(|s| s.generation != spec.generation)
+                    .map(|s| (s.generation, s.clone()))
                     .collect();
                 deps.extend(spec.depends_on.iter().cloned());
                 services.insert(
                     name.clone(),
                     ViewService {
                         spec: spec.clone(),
+                        versions,
                         deleting: state.deleting.contains(name),
                         here,
                         running: false,
@@ -379,6 +404,7 @@ impl Index {
                     d.clone(),
                     ViewService {
                         spec: spec.clone(),
+                        versions: BTreeMap::new(),
                         deleting: state.deleting.contains(&d),
                         here: BTreeMap::new(),
                         running: self.runs(&d),
@@ -399,6 +425,7 @@ fn as_shown(p: &Placement) -> Placement {
     shown.epoch = p.epoch;
     shown.trace = p.trace.clone();
     shown.reschedules = p.reschedules;
+    shown.generation = p.generation;
     shown
 }
 
@@ -660,6 +687,7 @@ mod tests {
             restart_count: 0,
             last_crash: None,
             epoch: 0,
+            healthy: None,
         };
         apply(&mut state, &views, 6, report);
         assert_eq!(
@@ -703,6 +731,7 @@ mod tests {
                 last_crash: None,
                 epoch: 0,
                 move_: String::new(),
+                healthy: None,
             }],
         };
         apply(&mut state, &views, 1, place("db", 0, 1));

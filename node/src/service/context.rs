@@ -99,6 +99,14 @@ impl Context {
         }
     }
 
+    /// Say whether this run of the service is healthy (see [`ServiceHandle::health`]): on a
+    /// node, an instance of an in-process kind without a spec `health` check is reported
+    /// `healthy` or `unhealthy` by this, and rollouts, `--wait` and dependents go by it once
+    /// it said anything. A context of an earlier run changes nothing.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.handle.set_health(self.generation, healthy);
+    }
+
     /// Crash the service (see [`ServiceHandle::crash`]).
     pub fn crash(&self, reason: impl Into<CrashReason>) -> bool {
         self.handle.crash(reason)

@@ -54,6 +54,9 @@ pub(crate) struct Cell {
     state: AtomicU8,
     generation: AtomicU64,
     restart_count: AtomicU32,
+    /// The health the service reports of its current run ([`Context::set_healthy`]):
+    /// 0 none, 1 healthy, 2 unhealthy.
+    health: AtomicU8,
     forced: AtomicBool,
     /// The next stop is an abort: no grace period (see [`ServiceHandle::abort`]).
     aborting: AtomicBool,
@@ -143,6 +146,7 @@ impl<S: Service> ServiceBuilder<S> {
                 state: AtomicU8::new(ServiceState::Init.as_u8()),
                 generation: AtomicU64::new(0),
                 restart_count: AtomicU32::new(0),
+                health: AtomicU8::new(0),
                 forced: AtomicBool::new(false),
                 aborting: AtomicBool::new(false),
                 active: AtomicBool::new(false),
@@ -213,6 +217,48 @@ impl ServiceHandle {
     /// The reason of the most recent crash, kept across restarts.
     pub fn last_crash_reason(&self) -> Option<CrashReason> {
         lock(&self.cell.info).last_crash.clone()
+    }
+
+    /// The health the service reported for its current run with [`Context::set_healthy`]:
+    /// `None` before it said anything, and whenever it is not running.
+    ///
+    /// ```
+    /// use mode::service::{Context, Result, Service, ServiceHandle};
+    ///
+    /// struct Web;
+    /// impl Service for Web {
+    ///     async fn on_started(&mut self, ctx: &Context) -> Result<()> {
+    ///         ctx.set_healthy(true); // e.g. once its listener is bound
+    ///         Ok(())
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let web = ServiceHandle::new(Web);
+    /// assert_eq!(web.health(), None);
+    /// web.start().await.unwrap();
+    /// assert_eq!(web.health(), Some(true));
+    /// web.stop().await;
+    /// assert_eq!(web.health(), None);
+    /// # }
+    /// ```
+    pub fn health(&self) -> Option<bool> {
+        if self.state() != ServiceState::Running {
+            return None;
+        }
+        match self.cell.health.load(Ordering::Acquire) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn set_health(&self, generation: u64, healthy: bool) {
+        if self.generation() == generation {
+            self.cell
+                .health
+                .store(if healthy { 1 } else { 2 }, Ordering::Release);
+        }
     }
 
     /// Time since the current run started, if it is running or starting.
@@ -722,6 +768,8 @@ impl ServiceHandle {
     async fn start_locked(&self, svc: &mut Box<dyn DynService>) -> Result<(), ServiceError> {
         let cell = &self.cell;
         cell.generation.fetch_add(1, Ordering::AcqRel);
+        // A new run says nothing about its health until it does.
+        cell.health.store(0, Ordering::Release);
         cell.stop.reset();
         cell.forced.store(false, Ordering::Relaxed);
         cell.active.store(true, Ordering::Release);

@@ -54,7 +54,9 @@ fn build(service: impl Service, instance: &InstanceSpec) -> ServiceHandle {
 /// `ticker`: logs a message every period.
 pub(crate) struct TickerKind;
 
-/// `{"every_ms": 1000, "message": "tick"}`.
+/// `{"every_ms": 1000, "message": "tick", "healthy_file": "/tmp/ok"}`: with `healthy_file`,
+/// each tick reports the instance healthy while that file exists and unhealthy otherwise
+/// (the health signal of an in-process kind, [`Context::set_healthy`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TickerConfig {
@@ -62,12 +64,20 @@ struct TickerConfig {
     every_ms: u64,
     #[serde(default = "default_message")]
     message: String,
+    #[serde(default)]
+    healthy_file: Option<std::path::PathBuf>,
 }
 
 impl TickerConfig {
-    fn parse(config: &Value) -> std::result::Result<(Duration, String), String> {
+    fn parse(
+        config: &Value,
+    ) -> std::result::Result<(Duration, String, Option<std::path::PathBuf>), String> {
         let config: TickerConfig = parse_config("ticker", config)?;
-        Ok((period("ticker", config.every_ms)?, config.message))
+        Ok((
+            period("ticker", config.every_ms)?,
+            config.message,
+            config.healthy_file,
+        ))
     }
 }
 
@@ -77,11 +87,12 @@ impl Kind for TickerKind {
     }
 
     fn create(&self, instance: &InstanceSpec) -> std::result::Result<ServiceHandle, String> {
-        let (every, message) = TickerConfig::parse(&instance.config)?;
+        let (every, message, healthy_file) = TickerConfig::parse(&instance.config)?;
         let ticker = Ticker {
             label: instance.label(),
             every,
             message: message.into(),
+            healthy_file: healthy_file.map(Arc::from),
         };
         Ok(build(ticker, instance))
     }
@@ -91,13 +102,18 @@ struct Ticker {
     label: String,
     every: Duration,
     message: Arc<str>,
+    healthy_file: Option<Arc<std::path::Path>>,
 }
 
 impl Service for Ticker {
     async fn on_start(&mut self, ctx: &Context) -> Result<()> {
         let (label, message) = (self.label.clone(), self.message.clone());
+        let (health, c) = (self.healthy_file.clone(), ctx.clone());
         ctx.timer("tick", self.every, move || {
             tracing::info!("[{label}] {message}");
+            if let Some(file) = &health {
+                c.set_healthy(file.exists());
+            }
             async { Ok(()) }
         });
         Ok(())

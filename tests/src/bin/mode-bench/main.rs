@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p mode-tests --bin mode-bench -- <services|timers|restart|all> [--json]
 //! mode-bench fleet [--agents 1000] [--services 100] [--replicas 1000] [--heartbeat-grace 10s] --json
+//! mode-bench rollout [--instances 300] [--min-healthy-ms 500] --json
 //! mode-bench chaos --minutes 3 [--nodes 5] [--seed 1] [--verbose] --json   # as root
 //! ```
 //!
@@ -36,6 +37,7 @@ mod chaos;
 mod cluster;
 mod fleet;
 mod graph;
+mod rollout;
 mod schedule;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -133,6 +135,17 @@ enum Suite {
     Schedule,
     /// Node loss: kill -9 a node hosting 100 instances, time until they all run elsewhere.
     Reschedule,
+    /// A rolling update: 3 nodes, a service of N instances with an HTTP health check, a
+    /// config change rolled with max_unavailable 10%: seconds to complete, and the fewest
+    /// healthy instances seen meanwhile (sampled every 50 ms).
+    Rollout {
+        /// Instances of the service.
+        #[arg(long, default_value_t = 300)]
+        instances: u32,
+        /// Each new instance must stay healthy this long before the next step.
+        #[arg(long, default_value_t = 500)]
+        min_healthy_ms: u64,
+    },
     /// A fleet: 3 server processes and N agent-only nodes (in this process), S services x R
     /// replicas: time until all run, leader CPU and memory, Raft log per instance, and the
     /// leader's load with the agents idle.
@@ -251,6 +264,12 @@ fn main() -> anyhow::Result<()> {
         Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
         Suite::Reschedule => timed("reschedule", || cluster::reschedule_suite(cli.reps.max(5)))?,
+        Suite::Rollout {
+            instances,
+            min_healthy_ms,
+        } => timed("rollout", || {
+            rollout::rollout_suite(*instances, *min_healthy_ms)
+        })?,
         Suite::Fleet {
             agents,
             services,
