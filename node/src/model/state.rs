@@ -1666,18 +1666,7 @@ impl ClusterState {
         }
         let names: std::collections::BTreeSet<&str> =
             specs.iter().map(|s| s.name.as_str()).collect();
-        let current: Vec<crate::schedule::Assignment> = self
-            .placements
-            .iter()
-            .filter(|(s, _)| !after.deleting.contains(*s))
-            .flat_map(|(s, slots)| {
-                slots.iter().map(|(slot, p)| crate::schedule::Assignment {
-                    service: s.clone(),
-                    slot: *slot,
-                    node: p.node,
-                })
-            })
-            .collect();
+        let current = self.assignments_except(&after.deleting);
         let plan = crate::schedule::plan(&after.node_views(), &after.spec_views(), &current);
         let from: BTreeMap<(&str, u32), u64> = plan
             .unassign
@@ -1942,6 +1931,24 @@ impl ClusterState {
         }
     }
 
+    /// Where every instance is, for the scheduler, leaving out the services in `deleting`.
+    fn assignments_except(
+        &self,
+        deleting: &std::collections::BTreeSet<String>,
+    ) -> Vec<crate::schedule::Assignment> {
+        self.placements
+            .iter()
+            .filter(|(s, _)| !deleting.contains(*s))
+            .flat_map(|(s, slots)| {
+                slots.iter().map(|(slot, p)| crate::schedule::Assignment {
+                    service: s.clone(),
+                    slot: *slot,
+                    node: p.node,
+                })
+            })
+            .collect()
+    }
+
     /// The scheduler's view of the nodes (only `up` nodes take instances).
     pub fn node_views(&self) -> Vec<crate::schedule::NodeView> {
         self.nodes
@@ -1975,18 +1982,7 @@ impl ClusterState {
         for n in nodes.iter_mut().filter(|n| n.id == id) {
             n.schedulable = false;
         }
-        let current: Vec<crate::schedule::Assignment> = self
-            .placements
-            .iter()
-            .filter(|(s, _)| !self.deleting.contains(*s))
-            .flat_map(|(s, slots)| {
-                slots.iter().map(|(slot, p)| crate::schedule::Assignment {
-                    service: s.clone(),
-                    slot: *slot,
-                    node: p.node,
-                })
-            })
-            .collect();
+        let current = self.assignments_except(&self.deleting);
         let on_node: std::collections::BTreeSet<(String, u32)> = current
             .iter()
             .filter(|a| a.node == id)
