@@ -22,6 +22,7 @@ pub mod graph;
 pub mod model;
 pub mod replication;
 pub mod schedule;
+pub mod security;
 pub mod service;
 pub mod telemetry;
 pub mod worker;
