@@ -33,16 +33,30 @@ macro_rules! rpc {
     };
 }
 
-/// The control API client; every call carries the current trace context.
-pub(crate) type Client = ControlClient<InterceptedService<Channel, TracePropagation>>;
+/// The control API client; every call carries the current trace context and the bearer
+/// token, if any.
+pub(crate) type Client = ControlClient<InterceptedService<Channel, Outgoing>>;
 
-/// Puts the W3C trace context of the current span into each request's metadata.
-#[derive(Clone, Copy)]
-pub(crate) struct TracePropagation;
+/// How modectl proves who it is: TLS (trusting the cluster's CA, with a client certificate
+/// when given) and/or a bearer token.
+#[derive(Clone, Default)]
+pub(crate) struct Credentials {
+    pub(crate) tls: Option<mode::security::tls::ClientTls>,
+    pub(crate) token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
 
-impl tonic::service::Interceptor for TracePropagation {
+/// Puts the W3C trace context of the current span, and the token, into each request.
+#[derive(Clone)]
+pub(crate) struct Outgoing {
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Outgoing {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         mode::telemetry::inject(req.metadata_mut());
+        if let Some(token) = &self.token {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
         Ok(req)
     }
 }
@@ -85,18 +99,39 @@ pub(crate) fn endpoint_url(endpoint: &str) -> String {
 impl Conn {
     /// Clients for a comma-separated endpoint list; requests give up after `timeout` (`None`:
     /// the server bounds the call).
-    pub(crate) fn new(list: &str, timeout: Option<Duration>) -> Result<Conn, Failure> {
+    pub(crate) fn new(
+        list: &str,
+        timeout: Option<Duration>,
+        credentials: &Credentials,
+    ) -> Result<Conn, Failure> {
         let mut targets = Vec::new();
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let url = endpoint_url(part);
-            let mut endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| Failure::new(2, format!("invalid --endpoint '{part}': {e}")))?
-                .connect_timeout(Duration::from_secs(3));
-            if let Some(t) = timeout {
-                endpoint = endpoint.timeout(t);
+            if url.starts_with("https://") && credentials.tls.is_none() {
+                return Err(Failure::new(
+                    2,
+                    format!("--endpoint '{part}' asks for TLS: give the cluster's CA with --ca (MODE_CA)"),
+                ));
             }
-            let client = ControlClient::with_interceptor(endpoint.connect_lazy(), TracePropagation)
+            Endpoint::from_shared(url.clone())
+                .map_err(|e| Failure::new(2, format!("invalid --endpoint '{part}': {e}")))?;
+            let channel = mode::security::tls::channel(&url, credentials.tls.clone(), |e| {
+                let e = e.connect_timeout(Duration::from_secs(3));
+                match timeout {
+                    Some(t) => e.timeout(t),
+                    None => e,
+                }
+            })
+            .map_err(|e| Failure::new(2, format!("invalid --endpoint '{part}': {e}")))?;
+            let outgoing = Outgoing {
+                token: credentials.token.clone(),
+            };
+            let client = ControlClient::with_interceptor(channel, outgoing)
                 .max_decoding_message_size(mode::api::MAX_GRAPH_BYTES);
+            let url = match credentials.tls {
+                Some(_) => url.replacen("http://", "https://", 1),
+                None => url,
+            };
             targets.push(Target { url, client });
         }
         if targets.is_empty() {
@@ -316,7 +351,8 @@ mod tests {
             })
             .collect();
         let list = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
-        let mut conn = Conn::new(&list, Some(Duration::from_secs(2))).unwrap();
+        let mut conn =
+            Conn::new(&list, Some(Duration::from_secs(2)), &Credentials::default()).unwrap();
         let mut tried = 0;
         let err = conn
             .call(Call::Read, |mut c| {
@@ -335,7 +371,7 @@ mod tests {
 
     #[test]
     fn an_empty_endpoint_list_is_a_usage_error() {
-        let err = Conn::new(" , ", Some(Duration::from_secs(1)))
+        let err = Conn::new(" , ", Some(Duration::from_secs(1)), &Credentials::default())
             .err()
             .unwrap();
         assert_eq!(err.code, 2);

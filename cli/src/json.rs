@@ -142,6 +142,7 @@ pub(crate) fn event(e: &pb::Event) -> Value {
         "service": e.service,
         "node": e.node,
         "gap": e.gap,
+        "by": e.by,
     })
 }
 

@@ -6,7 +6,8 @@
 //! 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (`--expect-generation`
 //! did not match the stored generation; nothing was changed), 6 a rollout failed (`--wait`: a
 //! new instance failed, the deadline passed, it was reverted or superseded), 7 `--wait` gave
-//! up (the rollout goes on), 130 interrupted (Ctrl-C).
+//! up (the rollout goes on), 8 refused: no or bad credentials, or a role that does not allow
+//! the call, 130 interrupted (Ctrl-C).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tracing::Instrument as _;
 
 #[macro_use]
 mod conn;
+mod access;
 mod convert;
 mod events;
 mod graph;
@@ -37,7 +39,7 @@ use output::{print_nodes, print_status};
     after_help = "Exit status: 0 success, 1 error, 2 usage error or invalid spec, 3 not found, \
 4 cluster unavailable or outcome unknown, 5 compare-and-set conflict (--expect-generation \
 did not match; nothing was changed), 6 rollout failed (--wait), 7 --wait gave up (the \
-rollout goes on), 130 interrupted (Ctrl-C)."
+rollout goes on), 8 refused (credentials or role), 130 interrupted (Ctrl-C)."
 )]
 struct Cli {
     /// Servers of the cluster, comma-separated (HOST:PORT or http://HOST:PORT): a call that
@@ -55,6 +57,8 @@ struct Cli {
     /// Give up on a request after this many seconds.
     #[arg(long, global = true, default_value_t = 15)]
     timeout: u64,
+    #[command(flatten)]
+    credentials: access::CredentialArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -97,6 +101,14 @@ enum Cmd {
     /// The combined beacon graph: cluster → nodes → instances → their service trees, and the
     /// dependencies between services. Unreachable nodes are shown with their error.
     Graph(graph::GraphArgs),
+    /// Certificates: the cluster's CA, node and client certificates (local files).
+    #[command(subcommand)]
+    Tls(access::TlsCmd),
+    /// Bearer tokens for automation (admin).
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// Who the cluster takes you for, and your role.
+    Whoami,
 }
 
 #[derive(Subcommand)]
@@ -172,13 +184,19 @@ impl Failure {
             tonic::Code::NotFound => 3,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 4,
             tonic::Code::Aborted => 5,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 8,
             _ => 1,
         };
         let message = match status.code() {
-            tonic::Code::Unavailable if conn::is_connect_error(status) => format!(
-                "no mode node answers at {endpoint} ({}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at a running node",
-                conn::root_cause(status)
-            ),
+            tonic::Code::Unavailable if conn::is_connect_error(status) => {
+                let cause = conn::root_cause(status);
+                match mode::security::tls::connection_hint(&cause) {
+                    Some(hint) => format!("cannot talk to {endpoint} ({cause}): {hint}"),
+                    None => format!(
+                        "no mode node answers at {endpoint} ({cause}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at a running node"
+                    ),
+                }
+            }
             tonic::Code::Unimplemented => format!(
                 "{endpoint} does not serve this call ({}): is it a mode server of this version?",
                 status.message()
@@ -227,8 +245,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Svc(svc::SvcCmd::Restart { slot: None, .. })
     );
     let timeout = (!rolling).then(|| Duration::from_secs(cli.timeout));
-    let mut conn = Conn::new(&cli.endpoint, timeout)?;
     let json = cli.output == Format::Json;
+    if let Cmd::Tls(cmd) = &cli.command {
+        return access::tls(cmd, json);
+    }
+    let credentials = cli.credentials.credentials()?;
+    let mut conn = Conn::new(&cli.endpoint, timeout, &credentials)?;
     match &cli.command {
         Cmd::Cluster(ClusterCmd::Status { local }) => {
             let local = *local;
@@ -387,6 +409,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Svc(cmd) => svc::run(cmd, &mut conn, json).await?,
         Cmd::Graph(args) => graph::run(args, &mut conn, json).await?,
+        Cmd::Token(cmd) => access::token(cmd, &mut conn, json).await?,
+        Cmd::Whoami => access::whoami(&mut conn, json).await?,
+        Cmd::Tls(_) => unreachable!("answered above without a connection"),
     }
     Ok(())
 }

@@ -165,11 +165,12 @@ pub(crate) fn print_event_line(e: &pb::Event, as_json: bool) {
         say!("{}", js::event(e));
     } else {
         say!(
-            "{}  {}  {}  {}",
+            "{}  {}  {}  {}{}",
             e.seq,
             format_utc_ms(e.time_ms),
             e.kind,
-            e.message
+            e.message,
+            by_suffix(e)
         );
     }
 }
@@ -203,9 +204,18 @@ pub(crate) fn print_events(events: &[pb::Event], as_json: bool) {
                 e.seq.to_string(),
                 format_utc_ms(e.time_ms),
                 e.kind.clone(),
-                e.message.clone(),
+                format!("{}{}", e.message, by_suffix(e)),
             ]
         })
         .collect();
     table(&["SEQ", "TIME (UTC)", "KIND", "MESSAGE"], &rows);
+}
+
+/// ` (by alice (operator, certificate))` for a change a client made.
+fn by_suffix(e: &pb::Event) -> String {
+    if e.by.is_empty() {
+        String::new()
+    } else {
+        format!(" (by {})", e.by)
+    }
 }

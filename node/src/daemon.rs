@@ -101,6 +101,22 @@ pub struct NodeArgs {
     /// Capacity units this node offers to placements.
     #[arg(long, env = "MODE_CAPACITY", default_value_t = 100)]
     pub capacity: u64,
+    /// The cluster's CA certificate (PEM). With --tls-cert and --tls-key, turns on mutual TLS
+    /// on every listener: peers must present node certificates signed by this CA, clients a
+    /// client certificate or a bearer token (see `modectl tls` and `modectl token`).
+    #[arg(long, env = "MODE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), naming `mode:node:<id>` (`modectl tls cert create --node ID`).
+    /// Re-read when the file changes.
+    #[arg(long, env = "MODE_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MODE_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Allow listening beyond loopback without TLS: anyone who reaches the ports can then run
+    /// code on every node (the `exec` kind). For isolated test networks only.
+    #[arg(long, env = "MODE_INSECURE")]
+    pub insecure: bool,
     /// Do not run the leader's control loop (benchmarks that commit synthetic placements).
     #[arg(long, hide = true)]
     pub no_control_loop: bool,
@@ -219,6 +235,45 @@ impl NodeArgs {
             )),
             None => Ok(self.listen.to_string()),
         }
+    }
+
+    /// The node's TLS files, when given.
+    pub fn tls_files(&self) -> Option<crate::security::tls::TlsFiles> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::security::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Refuse to listen beyond loopback without TLS unless --insecure: an open port is remote
+    /// code execution on every node.
+    pub fn transport_checks(&self) -> std::result::Result<(), String> {
+        if self.tls_files().is_some() || self.insecure {
+            return Ok(());
+        }
+        let mut open = Vec::new();
+        if !self.is_agent() && !self.listen.ip().is_loopback() {
+            open.push(format!("--listen {}", self.listen));
+        }
+        let peer = self.peer_listen()?;
+        if !peer.ip().is_loopback() {
+            open.push(format!("--peer-listen {peer}"));
+        }
+        if let Some(http) = self.http_listen.filter(|a| !a.ip().is_loopback()) {
+            open.push(format!("--http-listen {http}"));
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{} listens beyond loopback without TLS: anyone reaching it could run programs on every node. Give --tls-ca, --tls-cert and --tls-key (make them with `modectl tls ca create` and `modectl tls cert create --node {}`), or --insecure on an isolated test network",
+            open.join(", "),
+            self.id
+        ))
     }
 
     /// The flags of an agent-only node make sense.
@@ -372,10 +427,18 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
     } else {
         args.cluster_config().map(Some)
     };
-    let config = match config {
+    let config = match config.and_then(|c| args.transport_checks().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match args.tls_files().map(crate::security::tls::NodeTls::load) {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => {
+            eprintln!("error: TLS: {e}");
             return ExitCode::from(2);
         }
     };
@@ -406,9 +469,19 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
         return ExitCode::from(2);
     }
     let code = rt.block_on(async {
+        match &tls {
+            Some(tls) => tls.watch(),
+            None if args.insecure => tracing::warn!(
+                "INSECURE: --insecure and no TLS: anyone who reaches this node's ports can change the cluster and run programs on every node. Use --tls-ca/--tls-cert/--tls-key beyond an isolated test network"
+            ),
+            None => {}
+        }
         let code = match config {
-            Some(config) => run(args, config, kinds).await,
-            None => run_agent(args, kinds).await,
+            Some(mut config) => {
+                config.tls = tls.clone().map(crate::security::tls::ClientTls::Node);
+                run(args, config, kinds, tls).await
+            }
+            None => run_agent(args, kinds, tls).await,
         };
         crate::telemetry::shutdown(Duration::from_secs(3)).await;
         code
@@ -417,7 +490,12 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
     ExitCode::from(code)
 }
 
-async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
+async fn run(
+    args: NodeArgs,
+    config: ClusterConfig,
+    kinds: KindRegistry,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
+) -> u8 {
     let data_dir = config.data_dir.clone();
     let node = match ClusterNode::open(config).await {
         Ok(n) => n,
@@ -452,6 +530,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
         inspector: inspector.clone(),
         kinds: kinds.clone(),
         listen: args.listen,
+        tls: tls.clone(),
     })
     .label("GrpcServer")
     .build();
@@ -465,6 +544,7 @@ async fn run(args: NodeArgs, config: ClusterConfig, kinds: KindRegistry) -> u8 {
     let peer_grpc = ServiceHandle::builder(PeerServer {
         service: Some(crate::api::PeerService::new(inspector.clone())),
         listen: peer_listen,
+        tls: tls.clone(),
     })
     .label("PeerServer")
     .build();
@@ -591,11 +671,12 @@ impl Service for RaftService {
     }
 }
 
-/// Serves Raft and the control API.
+/// Serves the public API.
 struct GrpcServer {
     inspector: Arc<Inspector>,
     kinds: KindRegistry,
     listen: SocketAddr,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
 }
 
 impl Service for GrpcServer {
@@ -604,12 +685,13 @@ impl Service for GrpcServer {
             format!("cannot listen on {}: {e} (is another mode-node using this port? choose another --listen)", self.listen)
         })?;
         let (inspector, kinds, c) = (self.inspector.clone(), self.kinds.clone(), ctx.clone());
+        let tls = self.tls.clone();
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve(inspector, kinds, listener, shutdown).await?;
+            crate::api::serve(inspector, kinds, listener, tls, shutdown).await?;
             Ok(())
         });
         Ok(())
@@ -620,6 +702,7 @@ impl Service for GrpcServer {
 struct PeerServer {
     service: Option<crate::api::PeerService>,
     listen: SocketAddr,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
 }
 
 impl Service for PeerServer {
@@ -631,13 +714,13 @@ impl Service for PeerServer {
             .service
             .take()
             .ok_or("the peer API server cannot be started twice")?;
-        let c = ctx.clone();
+        let (c, tls) = (ctx.clone(), self.tls.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve_peer(service, listener, shutdown).await?;
+            crate::api::serve_peer(service, listener, tls, shutdown).await?;
             Ok(())
         });
         Ok(())
@@ -646,7 +729,11 @@ impl Service for PeerServer {
 
 /// An agent-only node: the peer listener (beacons), the instances, and the agent fed by the
 /// servers.
-async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
+async fn run_agent(
+    args: NodeArgs,
+    kinds: KindRegistry,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
+) -> u8 {
     let data_dir = args
         .data_dir
         .clone()
@@ -665,7 +752,10 @@ async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
             return 2;
         }
     };
-    let servers = match crate::agent::Servers::new(args.servers.clone()) {
+    let servers = match crate::agent::Servers::new(
+        args.servers.clone(),
+        tls.clone().map(crate::security::tls::ClientTls::Node),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -686,6 +776,7 @@ async fn run_agent(args: NodeArgs, kinds: KindRegistry) -> u8 {
     let peer_grpc = ServiceHandle::builder(PeerServer {
         service: Some(crate::api::PeerService::agent(beacon.clone())),
         listen: peer_listen,
+        tls,
     })
     .label("PeerServer")
     .build();

@@ -702,6 +702,7 @@ pub async fn propose(
     let mut req = tonic::Request::new(pb::ProposeRequest {
         command_json: command.to_string(),
         request_id: request_id.to_string(),
+        by: String::new(),
     });
     if !request_id.is_empty() {
         if let Ok(v) = request_id.parse() {

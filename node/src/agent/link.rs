@@ -91,21 +91,26 @@ pub struct Servers {
 
 impl Servers {
     /// Reach the cluster through these servers' peer addresses (HOST:PORT), the first first.
-    pub fn new(addresses: Vec<String>) -> Result<Arc<Servers>, String> {
+    /// Over TLS with `tls` when given.
+    pub fn new(
+        addresses: Vec<String>,
+        tls: Option<crate::security::tls::ClientTls>,
+    ) -> Result<Arc<Servers>, String> {
         if addresses.is_empty() {
             return Err("an agent needs --servers: the peer addresses of the cluster's servers (HOST:PORT, comma-separated)".into());
         }
         let mut channels = Vec::new();
         for a in &addresses {
             crate::replication::check_address("--servers address", a).map_err(|e| e.to_string())?;
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
-                .map_err(|e| format!("--servers address '{a}': {e}"))?
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(3))
-                .keep_alive_while_idle(true);
-            channels.push(endpoint.connect_lazy());
+            let channel = crate::security::tls::channel(a, tls.clone(), |e| {
+                e.connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .keep_alive_while_idle(true)
+            })
+            .map_err(|e| format!("--servers address '{a}': {e}"))?;
+            channels.push(channel);
         }
         Ok(Arc::new(Servers {
             addresses,
@@ -432,7 +437,7 @@ impl EmbeddedAgent {
 /// # Ok(()) }
 /// ```
 pub async fn run_remote(config: RemoteAgentConfig) -> Result<EmbeddedAgent, String> {
-    let servers = Servers::new(config.servers)?;
+    let servers = Servers::new(config.servers, None)?;
     let incarnation = crate::replication::random_u64();
     let instances = Supervisor::new(Strategy::ForfeitOneForOne)
         .label("Instances")

@@ -22,6 +22,7 @@ use crate::model::limits;
 use crate::model::spec::{parse_specs, ServiceSpec, SpecError};
 use crate::model::state::{Command, CommandResult, NodeStatus, Refusal};
 use crate::replication::{status_to_proto, to_status, ClusterNode, WriteOutcome};
+use crate::security::{Caller, Proof};
 
 /// How long a rolling restart waits for each restarted instance to run again.
 pub const RESTART_WAIT: Duration = Duration::from_secs(60);
@@ -60,14 +61,10 @@ impl ControlService {
 
     /// Commit `command` (through the leader) and fail with the matching status when the state
     /// machine refused it.
-    async fn commit(
-        &self,
-        command: Command,
-        request_id: Option<String>,
-    ) -> Result<WriteOutcome, Status> {
+    async fn commit(&self, command: Command, asked: Asked) -> Result<WriteOutcome, Status> {
         let out = self
             .node
-            .write_request(command, true, request_id)
+            .write_request(command, true, asked.id, asked.by)
             .await
             .map_err(|e| to_status(&e))?;
         if out.result.ok {
@@ -203,10 +200,40 @@ fn refusal_status(r: &CommandResult) -> Status {
 }
 
 /// The request id of a write: the request's field, else the metadata's.
-fn write_id<T>(request: &Request<T>, field: &str) -> Option<String> {
-    Some(field.to_string())
-        .filter(|id| !id.is_empty())
-        .or_else(|| request_id(request))
+/// What a write carries besides its command: the request id that deduplicates it, and who
+/// asked (named by the events it writes).
+#[derive(Clone, Debug, Default)]
+struct Asked {
+    id: Option<String>,
+    by: Option<String>,
+}
+
+impl Asked {
+    /// The same caller, and an id of its own for part `n` of the request.
+    fn part(&self, n: impl std::fmt::Display) -> Asked {
+        Asked {
+            id: self.id.as_ref().map(|id| format!("{id}/{n}")),
+            by: self.by.clone(),
+        }
+    }
+}
+
+/// The request id (the message's field, else the `x-mode-request-id` header) and the caller.
+fn write_id<T>(request: &Request<T>, field: &str) -> Asked {
+    let caller = Caller::of(request);
+    Asked {
+        id: Some(field.to_string())
+            .filter(|id| !id.is_empty())
+            .or_else(|| request_id(request)),
+        by: (!matches!(
+            caller,
+            Caller::Client {
+                proof: Proof::None,
+                ..
+            }
+        ))
+        .then(|| caller.to_string()),
+    }
 }
 
 fn no_service(name: &str) -> Status {
@@ -475,7 +502,7 @@ impl Control for ControlService {
         let mut slots = Vec::new();
         for (slot, state, _) in targets {
             // One id per instance, so that a retried request restarts each once.
-            let id = id.as_ref().map(|id| format!("{id}/{slot}"));
+            let id = id.part(slot);
             let out = self
                 .commit(
                     Command::RestartInstance {
@@ -616,6 +643,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        let asked = write_id(&request, "");
         let id = request.into_inner().id;
         if self.node.graph_context().members.contains_key(&id) {
             // A Raft member leaves the voters (or learners) and the node table.
@@ -632,7 +660,7 @@ impl Control for ControlService {
                 "no node {id} in the cluster (see `modectl node ls`)"
             )));
         }
-        let out = self.commit(Command::RemoveNode { id }, None).await?;
+        let out = self.commit(Command::RemoveNode { id }, asked).await?;
         Ok(Response::new(pb::RemoveNodeReply {
             message: out.result.message,
         }))
@@ -675,6 +703,84 @@ impl Control for ControlService {
         self.barrier(false).await?;
         let kinds = self.node.local_state(convert::kinds_to_proto);
         Ok(Response::new(pb::ListKindsReply { kinds }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIReply>, Status> {
+        let reply = match Caller::of(&request) {
+            Caller::Client { name, role, proof } => pb::WhoAmIReply {
+                name,
+                role: role.to_string(),
+                proof: match proof {
+                    Proof::None => "none".to_string(),
+                    Proof::Certificate => "certificate".to_string(),
+                    Proof::Token(id) => format!("token {id}"),
+                },
+            },
+            Caller::Node(id) => pb::WhoAmIReply {
+                name: format!("node {id}"),
+                role: String::new(),
+                proof: "certificate".to_string(),
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenReply>, Status> {
+        let asked = write_id(&request, "");
+        let r = request.into_inner();
+        crate::security::Role::parse(&r.role).map_err(Status::invalid_argument)?;
+        crate::security::pki::check_client_name(&r.name)
+            .map_err(|e| Status::invalid_argument(e.replace("client name", "token name")))?;
+        let (id, token) = crate::security::tokens::generate().map_err(Status::internal)?;
+        let expires_ms = match r.ttl_s {
+            0 => 0,
+            ttl => crate::replication::now_ms().saturating_add(ttl.saturating_mul(1000)),
+        };
+        self.commit(
+            Command::CreateToken {
+                id: id.clone(),
+                name: r.name,
+                role: r.role,
+                hash: crate::security::tokens::hash(&token),
+                expires_ms,
+            },
+            asked,
+        )
+        .await?;
+        self.barrier(false).await?;
+        let info = self
+            .node
+            .local_state(|s| s.tokens.get(&id).map(convert::token_to_proto));
+        Ok(Response::new(pb::CreateTokenReply { token, info }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensReply>, Status> {
+        self.barrier(false).await?;
+        let tokens = self
+            .node
+            .local_state(|s| s.tokens.values().map(convert::token_to_proto).collect());
+        Ok(Response::new(pb::ListTokensReply { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenReply>, Status> {
+        let asked = write_id(&request, "");
+        let id = request.into_inner().id;
+        let out = self.commit(Command::RevokeToken { id }, asked).await?;
+        Ok(Response::new(pb::RevokeTokenReply {
+            message: out.result.message,
+        }))
     }
 
     async fn graph(
@@ -934,18 +1040,30 @@ pub fn public_extras(
 pub const CONTROL_SERVICE: &str = "mode.v1.Control";
 
 /// Serve the public API of the node `inspector` looks at on `listener` until `shutdown`,
-/// with health and reflection ([`public_extras`]). The peer API has its own listener
-/// ([`super::peer::serve_peer`]).
+/// with health and reflection ([`public_extras`]). With `tls`, connections are TLS and every
+/// call is authenticated (client certificate or bearer token) and authorised by role. The
+/// peer API has its own listener ([`super::peer::serve_peer`]).
 pub async fn serve(
     inspector: Arc<Inspector>,
     kinds: KindRegistry,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use crate::security::auth::{AuthLayer, Policy, Surface};
+    use crate::security::tls::ClientCerts;
+    let node = inspector.node().clone();
+    let tokens: crate::security::auth::TokenLookup = Arc::new(move |token: &str| {
+        let now = crate::replication::now_ms();
+        node.local_state(|s| crate::security::caller_for_token(&s.tokens, token, now))
+    });
+    let policy = Policy::new(Surface::Public, tls.is_some(), Some(tokens));
+    let incoming =
+        crate::security::tls::incoming(listener, tls.map(|t| (t, ClientCerts::Optional)));
     let (health, reflection, reflection_alpha, follow) = public_extras(inspector.node().clone());
     let served = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
+        .layer(AuthLayer::new(policy))
         .add_service(ControlService::new(inspector, kinds).into_server())
         .add_service(health)
         .add_service(reflection)

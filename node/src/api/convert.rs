@@ -473,6 +473,19 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
         service: e.service.clone().unwrap_or_default(),
         node: e.node.unwrap_or(0),
         gap: false,
+        by: e.by.clone().unwrap_or_default(),
+    }
+}
+
+/// A token's record, without its hash.
+pub fn token_to_proto(t: &crate::model::state::TokenRecord) -> pb::Token {
+    pb::Token {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: t.role.clone(),
+        created_ms: t.created_ms,
+        expires_ms: t.expires_ms,
+        created_by: t.created_by.clone().unwrap_or_default(),
     }
 }
 

@@ -14,6 +14,7 @@ use crate::model::state::{Command, NodeRole};
 use crate::replication::{
     status_to_proto, to_status, ClusterNode, RaftService, FORWARDED, REQUEST_ID,
 };
+use crate::security::{Caller, Proof, Role};
 use crate::service::ServiceHandle;
 
 /// The peer API of one node: a server's, or an agent-only node's (which answers beacons and
@@ -89,11 +90,52 @@ impl PeerService {
         Ok(&self.server()?.1)
     }
 
+    /// Server-to-server calls (forwarding, relays, membership) come from Raft members only.
+    fn from_member<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
+        match calling_node(req)? {
+            Some(id) if !self.node()?.is_raft_member(id) => Err(Status::permission_denied(
+                format!("{what} is for the cluster's servers; node {id} is not a Raft member"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A Raft message: its sender's certificate must name the node the message says it is from.
+    fn raft_call(&self, req: &Request<pb::RaftRequest>) -> Result<&RaftService, Status> {
+        speaks_for(req, req.get_ref().from, "Raft message")?;
+        self.raft()
+    }
+
     /// As a tonic service, with the peer API's message limits.
     pub fn into_server(self) -> PeerServer<PeerService> {
         PeerServer::new(self)
             .max_decoding_message_size(limits::MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(limits::MAX_ANSWER_BYTES.max(super::MAX_GRAPH_BYTES))
+    }
+}
+
+/// The node a peer call comes from, by its certificate (None with authentication off).
+fn calling_node<T>(req: &Request<T>) -> Result<Option<u64>, Status> {
+    match Caller::of(req) {
+        Caller::Node(id) => Ok(Some(id)),
+        Caller::Client {
+            proof: Proof::None,
+            role: Role::Admin,
+            ..
+        } => Ok(None),
+        other => Err(Status::permission_denied(format!(
+            "{other} may not call the peer API: it takes calls from cluster nodes only"
+        ))),
+    }
+}
+
+/// A node speaks only for itself: the caller's certificate must name `node`.
+fn speaks_for<T>(req: &Request<T>, node: u64, what: &str) -> Result<(), Status> {
+    match calling_node(req)? {
+        Some(id) if id != node => Err(Status::permission_denied(format!(
+            "node {id}'s certificate cannot send a {what} for node {node}: a node speaks only for itself"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -118,45 +160,47 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft()?.vote(request).await
+        self.raft_call(&request)?.vote(request).await
     }
 
     async fn append_entries(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft()?.append_entries(request).await
+        self.raft_call(&request)?.append_entries(request).await
     }
 
     async fn install_snapshot(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft()?.install_snapshot(request).await
+        self.raft_call(&request)?.install_snapshot(request).await
     }
 
     async fn pre_vote(
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.raft()?.pre_vote(request).await
+        self.raft_call(&request)?.pre_vote(request).await
     }
 
     async fn propose(
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeReply>, Status> {
+        self.from_member(&request, "Propose")?;
         let forward = may_forward(&request);
         let id = request_id(&request)
             .or_else(|| Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty()));
         let text = &request.get_ref().command_json;
+        let by = Some(request.get_ref().by.clone()).filter(|b| !b.is_empty());
         limits::check_write_bytes(text.len())
             .map_err(|e| Status::invalid_argument(format!("{e}: send less in one write")))?;
         let command: Command = serde_json::from_str(text)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let out = self
             .node()?
-            .write_request(command, forward, id)
+            .write_request(command, forward, id, by)
             .await
             .map_err(|e| to_status(&e))?;
         let response_json =
@@ -172,6 +216,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryReply>, Status> {
+        self.from_member(&request, "Query")?;
         let forward = may_forward(&request);
         let r = request.into_inner();
         let (value, applied) = self
@@ -202,6 +247,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        self.from_member(&request, "MemberStatus")?;
         let forward = may_forward(&request);
         let status = self
             .node()?
@@ -215,6 +261,11 @@ impl Peer for PeerService {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
         let forward = may_forward(&request);
+        if forward {
+            speaks_for(&request, request.get_ref().id, "join request")?;
+        } else {
+            self.from_member(&request, "a forwarded Join")?;
+        }
         let r = request.into_inner();
         let (voter, message) = self
             .node()?
@@ -228,6 +279,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        self.from_member(&request, "RemoveMember")?;
         let forward = may_forward(&request);
         let message = self
             .node()?
@@ -241,6 +293,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
+        speaks_for(&request, request.get_ref().node, "registration")?;
         let node = self.node()?;
         let r = request.into_inner();
         let role = match r.role.as_str() {
@@ -283,6 +336,12 @@ impl Peer for PeerService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let forward = may_forward(&request);
+        if forward {
+            speaks_for(&request, request.get_ref().node, "heartbeat")?;
+        } else {
+            // Relayed by a server for one of its agents.
+            self.from_member(&request, "a relayed heartbeat")?;
+        }
         let node = self.node()?;
         let r = request.into_inner();
         // From the agent: through the leader, translated into the index of the view this
@@ -304,6 +363,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RelayHeartbeatsRequest>,
     ) -> Result<Response<pb::RelayHeartbeatsReply>, Status> {
+        self.from_member(&request, "RelayHeartbeats")?;
         let node = self.node()?;
         if !node.is_leader() {
             return Err(Status::unavailable(format!(
@@ -336,6 +396,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ReportInstancesRequest>,
     ) -> Result<Response<pb::ReportInstancesReply>, Status> {
+        speaks_for(&request, request.get_ref().node, "report")?;
         let node = self.node()?;
         let r = request.into_inner();
         node.check_incarnation(r.node, r.incarnation)
@@ -378,6 +439,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::WatchPlacementsRequest>,
     ) -> Result<Response<Self::WatchPlacementsStream>, Status> {
+        speaks_for(&request, request.get_ref().node, "placement watch")?;
         let node = self.node()?.clone();
         let r = request.into_inner();
         node.check_incarnation(r.node, r.incarnation)
@@ -486,19 +548,27 @@ where
 /// Cancelled streams a peer connection may have waiting to be accepted (see [`serve_peer`]).
 const PEER_MAX_PENDING_RESETS: usize = 4096;
 
-/// Serve the peer API on `listener` until `shutdown`.
+/// Serve the peer API on `listener` until `shutdown`. With `tls`, only nodes presenting a
+/// certificate signed by the cluster's CA get in (see [`crate::security`]).
 pub async fn serve_peer(
     service: PeerService,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use crate::security::auth::{AuthLayer, Policy, Surface};
+    let policy = Policy::new(Surface::Peer, tls.is_some(), None);
+    let incoming = crate::security::tls::incoming(
+        listener,
+        tls.map(|t| (t, crate::security::tls::ClientCerts::Required)),
+    );
     tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
         // Peers and agents cancel calls that time out (heartbeats, relayed reports) under
         // load; h2's default of 20 such streams pending per connection closes the connection
         // (and every Raft call on it) exactly when the cluster is busiest.
         .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
+        .layer(AuthLayer::new(policy))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -63,6 +63,8 @@ pub const MAX_ADDRESS_BYTES: usize = 255;
 pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
 /// Most specs one atomic apply stores (and expected generations it names).
 pub const MAX_APPLY_SPECS: usize = 1_000;
+/// Bearer tokens the cluster keeps.
+pub const MAX_TOKENS: usize = 1_000;
 /// Most instances one `place` command assigns (and, separately, unassigns).
 pub const MAX_PLACE_SLOTS: usize = 10_000;
 /// Instances per `place` command the control loop sends (well under [`MAX_WRITE_BYTES`] even
@@ -266,6 +268,19 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
             Ok(())
         }
         Command::SetNodeStatus { .. } | Command::RemoveNode { .. } => Ok(()),
+        Command::CreateToken {
+            id,
+            name: n,
+            role,
+            hash,
+            ..
+        } => {
+            name("token id", id)?;
+            name("token name", n)?;
+            name("role", role)?;
+            bytes("token hash", hash, MAX_LABEL_BYTES)
+        }
+        Command::RevokeToken { id } => name("token id", id),
         Command::PutSpec { spec } => check_spec(spec),
         Command::ApplySpecs { specs, expected } => {
             at_most(

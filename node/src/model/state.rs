@@ -198,6 +198,30 @@ pub struct Event {
     /// The node concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
+    /// Who made the change, when a client did (`alice (operator, certificate)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// A bearer token's record: only its hash is kept (see [`crate::security::tokens`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its id (the part of the token before the secret; shown and used to revoke it).
+    pub id: String,
+    /// What it is for (shown in events as who made a change).
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// When it was made (ms since the epoch).
+    pub created_ms: u64,
+    /// When it stops working (ms since the epoch; 0: never).
+    #[serde(default)]
+    pub expires_ms: u64,
+    /// Who made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 /// A change to the replicated state.
@@ -398,6 +422,25 @@ pub enum Command {
         /// Its name.
         name: String,
     },
+    /// Store a bearer token's record (its hash, never the token).
+    CreateToken {
+        /// The token's id.
+        id: String,
+        /// What it is for.
+        name: String,
+        /// `viewer`, `operator` or `admin`.
+        role: String,
+        /// SHA-256 of the token, hex.
+        hash: String,
+        /// When it stops working (ms since the epoch; 0: never).
+        #[serde(default)]
+        expires_ms: u64,
+    },
+    /// Forget a token: it no longer works anywhere once applied.
+    RevokeToken {
+        /// The token's id.
+        id: String,
+    },
     /// Append an event.
     RecordEvent {
         /// Kind.
@@ -500,6 +543,9 @@ pub struct Proposal {
     /// write with the same id is applied once (the state machine remembers recent ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Who asked for it, when a client did: events it writes name them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// Proposals committed together as one Raft entry (the leader batches concurrent writes so
@@ -688,6 +734,9 @@ pub struct ClusterState {
     /// [`MAX_VERSIONS`](crate::model::rollout::MAX_VERSIONS)), with how each rolled out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub versions: BTreeMap<String, VecDeque<SpecVersion>>,
+    /// Bearer tokens by id (hashes only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, TokenRecord>,
 }
 
 use crate::model::rollout::{RolloutStatus, SpecVersion};
@@ -768,6 +817,8 @@ impl Command {
             Command::NoteUnplaced { .. } => "note_unplaced",
             Command::RollbackSpec { .. } => "rollback_spec",
             Command::PurgeSpec { .. } => "purge_spec",
+            Command::CreateToken { .. } => "create_token",
+            Command::RevokeToken { .. } => "revoke_token",
             Command::RecordEvent { .. } => "record_event",
         }
     }
@@ -789,6 +840,7 @@ impl ClusterState {
             removed: self.removed.clone(),
             heartbeat_grace_ms: self.heartbeat_grace_ms,
             versions: self.versions.clone(),
+            tokens: self.tokens.clone(),
         }
     }
 
@@ -808,7 +860,17 @@ impl ClusterState {
                 };
             }
         }
+        let first_event = self.next_event_seq;
         let outcome = self.apply_command(proposal, index);
+        if let Some(by) = &proposal.by {
+            // The events this change wrote name who asked for it.
+            for e in self.events.iter_mut().rev() {
+                if e.seq < first_event {
+                    break;
+                }
+                e.by = Some(by.clone());
+            }
+        }
         if let Some(id) = &proposal.request_id {
             self.requests.remember(id, &outcome);
         }
@@ -1240,6 +1302,7 @@ impl ClusterState {
                         command,
                         trace: None,
                         request_id: None,
+                        by: None,
                     };
                     if self.apply_command(&one, index).ok {
                         applied += 1;
@@ -1429,6 +1492,24 @@ impl ClusterState {
                 *revert_of,
                 reason.as_deref(),
             ),
+            Command::CreateToken {
+                id,
+                name,
+                role,
+                hash,
+                expires_ms,
+            } => self.create_token(at, id, name, role, hash, *expires_ms, proposal.by.clone()),
+            Command::RevokeToken { id } => match self.tokens.remove(id) {
+                Some(t) => {
+                    let message = format!("token {id} ('{}', {}) revoked", t.name, t.role);
+                    self.event(at, "token-revoked", &message, None, None);
+                    CommandResult::ok(message)
+                }
+                None => CommandResult::refused_as(
+                    Refusal::NotFound,
+                    format!("no token {id}: `modectl token ls` lists them"),
+                ),
+            },
             Command::RecordEvent {
                 kind,
                 message,
@@ -1909,6 +1990,55 @@ impl ClusterState {
             .collect())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn create_token(
+        &mut self,
+        at: u64,
+        id: &str,
+        name: &str,
+        role: &str,
+        hash: &str,
+        expires_ms: u64,
+        by: Option<String>,
+    ) -> CommandResult {
+        if let Err(e) = crate::security::pki::check_client_name(name) {
+            return CommandResult::refused(e.replace("client name", "token name"));
+        }
+        if let Err(e) = crate::security::Role::parse(role) {
+            return CommandResult::refused(e);
+        }
+        if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return CommandResult::refused(format!("token id '{id}' is not 1-32 hex digits"));
+        }
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return CommandResult::refused("a token's hash is 64 hex digits (SHA-256)");
+        }
+        if self.tokens.contains_key(id) {
+            return CommandResult::refused(format!("token {id} exists already"));
+        }
+        if self.tokens.len() >= crate::model::limits::MAX_TOKENS {
+            return CommandResult::refused(format!(
+                "the cluster holds {} tokens, the most it keeps: revoke unused ones first (`modectl token ls`, `modectl token revoke ID`)",
+                self.tokens.len()
+            ));
+        }
+        self.tokens.insert(
+            id.to_string(),
+            TokenRecord {
+                id: id.to_string(),
+                name: name.to_string(),
+                role: role.to_string(),
+                hash: hash.to_string(),
+                created_ms: at,
+                expires_ms,
+                created_by: by,
+            },
+        );
+        let message = format!("token {id} ('{name}', {role}) created");
+        self.event(at, "token-created", &message, None, None);
+        CommandResult::ok(message)
+    }
+
     fn event(
         &mut self,
         at: u64,
@@ -1924,6 +2054,7 @@ impl ClusterState {
             message: crate::model::limits::bounded_message(message).into_owned(),
             service,
             node,
+            by: None,
         });
         self.next_event_seq += 1;
         while self.events.len() > MAX_EVENTS {
@@ -2076,6 +2207,7 @@ mod tests {
             at_ms: 1000,
             command,
             request_id: None,
+            by: None,
         }
     }
 

@@ -87,6 +87,7 @@ pub(crate) async fn write(
     let mut req = forwarded(pb::ProposeRequest {
         command_json,
         request_id: proposal.request_id.clone().unwrap_or_default(),
+        by: proposal.by.clone().unwrap_or_default(),
     });
     if let Some(id) = proposal
         .request_id

@@ -20,7 +20,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::types::TypeConfig;
 use crate::model::limits::{APPEND_TARGET_BYTES, MAX_RAFT_MESSAGE_BYTES};
@@ -57,28 +57,44 @@ pub struct Peers {
     health: Mutex<HashMap<u64, PeerHealth>>,
     /// Peers that refused this node's vote requests because it is not a member.
     refused_membership: Mutex<std::collections::BTreeSet<u64>>,
+    /// The node's TLS for its calls (None: plaintext).
+    tls: Option<crate::security::tls::ClientTls>,
 }
 
 impl Peers {
+    /// Peers reached over TLS with `tls` when given, else in plaintext.
+    pub fn new(tls: Option<crate::security::tls::ClientTls>) -> Peers {
+        Peers {
+            tls,
+            ..Peers::default()
+        }
+    }
+
+    /// The TLS this node calls other nodes with (None: plaintext).
+    pub fn tls(&self) -> Option<&crate::security::tls::ClientTls> {
+        self.tls.as_ref()
+    }
+
     /// The cached channel to `address` (`host:port`), created lazily on first use.
     pub fn channel(&self, address: &str) -> Result<Channel, String> {
-        Self::cached(&self.channels, address)
+        self.cached(&self.channels, address)
     }
 
     /// A cached channel to `address` for client work forwarded to the leader (writes, relayed
     /// heartbeats): thousands of agents' calls, some cancelled when they time out, must not
     /// share Raft's connection (a burst of cancelled streams makes the server close it).
     pub fn forward_channel(&self, address: &str) -> Result<Channel, String> {
-        Self::cached(&self.forward_channels, address)
+        self.cached(&self.forward_channels, address)
     }
 
     /// A second cached channel to `address`, for bulky calls that must not share Raft's
     /// connection (the graph fan-out).
     pub fn side_channel(&self, address: &str) -> Result<Channel, String> {
-        Self::cached(&self.side_channels, address)
+        self.cached(&self.side_channels, address)
     }
 
     fn cached(
+        &self,
         channels: &Mutex<HashMap<String, Channel>>,
         address: &str,
     ) -> Result<Channel, String> {
@@ -86,13 +102,13 @@ impl Peers {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("invalid peer address '{address}': {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = crate::security::tls::channel(address, self.tls.clone(), |e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
+        .map_err(|e| format!("invalid peer address '{address}': {e}"))?;
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

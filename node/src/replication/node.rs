@@ -133,6 +133,8 @@ pub struct ClusterConfig {
     /// How long an AppendEntries carrying entries may take (a large entry, a slow fsync);
     /// openraft's own timeout is one heartbeat, which is kept for heartbeats.
     pub replication_timeout: Duration,
+    /// TLS for calls to other nodes (None: plaintext).
+    pub tls: Option<crate::security::tls::ClientTls>,
 }
 
 impl ClusterConfig {
@@ -152,6 +154,7 @@ impl ClusterConfig {
             lease: Duration::from_millis(900),
             rejoin: false,
             replication_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -399,7 +402,7 @@ impl ClusterNode {
         }
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
-        let peers = Arc::new(Peers::default());
+        let peers = Arc::new(Peers::new(config.tls.clone()));
         let refused: Refusal = Default::default();
         let network = Network {
             my_id: config.id,
@@ -845,7 +848,7 @@ impl ClusterNode {
         command: Command,
         may_forward: bool,
     ) -> Result<WriteOutcome, ClusterError> {
-        self.write_request(command, may_forward, None).await
+        self.write_request(command, may_forward, None, None).await
     }
 
     /// [`ClusterNode::write`] of a client request: the state machine applies a request id
@@ -856,6 +859,7 @@ impl ClusterNode {
         command: Command,
         may_forward: bool,
         request_id: Option<String>,
+        by: Option<String>,
     ) -> Result<WriteOutcome, ClusterError> {
         if let Some(id) = &request_id {
             if id.len() > MAX_REQUEST_ID {
@@ -888,6 +892,7 @@ impl ClusterNode {
             trace: crate::telemetry::traceparent(&span),
             command,
             request_id,
+            by,
         };
         self.write_proposal(proposal, may_forward)
             .instrument(span)
@@ -1059,6 +1064,17 @@ impl ClusterNode {
         self.counters
             .leader_changes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether node `id` is a member (voter or learner) of the Raft group as this node sees it.
+    pub fn is_raft_member(&self, id: u64) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
     }
 
     /// Ready to serve: a member of a cluster with a leader, and caught up with the commit index.

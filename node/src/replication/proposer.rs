@@ -176,6 +176,7 @@ mod tests {
             at_ms: 0,
             trace: None,
             request_id: None,
+            by: None,
             command: Command::RecordEvent {
                 kind: "k".into(),
                 message: "m".repeat(MAX_WRITE_BYTES),

@@ -43,11 +43,13 @@ impl RaftService {
             *refused = Some(why.clone());
             return Err(Status::failed_precondition(format!("{WIPED} {why}")));
         }
-        let (known, member, initialized) = self.sm.read(|a| {
+        let (known, member, initialized, server) = self.sm.read(|a| {
+            let node = a.state.nodes.get(&req.from);
             (
-                a.state.nodes.get(&req.from).map_or(0, |n| n.incarnation),
+                node.map_or(0, |n| n.incarnation),
                 a.membership.membership().get_node(&req.from).is_some(),
                 a.membership.membership().nodes().next().is_some(),
+                node.is_some_and(|n| n.role == crate::model::state::NodeRole::Server),
             )
         });
         if known != 0 && req.incarnation != 0 && known != req.incarnation {
@@ -70,7 +72,31 @@ impl RaftService {
                 req.from, self.me
             )));
         }
+        // Entries and snapshots only from members: a stranger (or a removed node) must never
+        // write into this node's log. A node that has no membership yet (joining) takes them
+        // from anyone; a registered server is let through too, for a follower that missed
+        // the entry adding its new leader while it was away.
+        if !is_vote && initialized && !member && !effective_member && !server {
+            return Err(Status::permission_denied(format!(
+                "{NOT_A_MEMBER} node {} is not a member of this cluster; node {} takes no Raft entries from it",
+                req.from, self.me
+            )));
+        }
         Ok(())
+    }
+}
+
+/// A Raft message's vote names its sender: a node cannot campaign or lead as another.
+fn speaks_for_itself(req: &RaftRequest, voted_for: Option<u64>) -> Result<(), Status> {
+    speaks_for_itself_from(req.from, voted_for)
+}
+
+fn speaks_for_itself_from(from: u64, voted_for: Option<u64>) -> Result<(), Status> {
+    match voted_for {
+        Some(v) if v != from => Err(Status::permission_denied(format!(
+            "a Raft message from node {from} speaks for node {v}: refused"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -122,7 +148,8 @@ impl RaftService {
     /// A vote request.
     pub async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), true)?;
-        let rpc = decode(request.get_ref())?;
+        let rpc: openraft::raft::VoteRequest<u64> = decode(request.get_ref())?;
+        speaks_for_itself(request.get_ref(), rpc.vote.leader_id().voted_for())?;
         reply(self.raft.vote(rpc).await)
     }
 
@@ -142,7 +169,10 @@ impl RaftService {
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
-        let rpc = decode_big(request).await?;
+        let from = request.get_ref().from;
+        let rpc: openraft::raft::AppendEntriesRequest<super::types::TypeConfig> =
+            decode_big(request).await?;
+        speaks_for_itself_from(from, rpc.vote.leader_id().voted_for())?;
         let result = self.raft.append_entries(rpc).await;
         if matches!(&result, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)))
         {
@@ -157,7 +187,10 @@ impl RaftService {
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         self.admit(request.get_ref(), false)?;
-        let rpc = decode_big(request).await?;
+        let from = request.get_ref().from;
+        let rpc: openraft::raft::InstallSnapshotRequest<super::types::TypeConfig> =
+            decode_big(request).await?;
+        speaks_for_itself_from(from, rpc.vote.leader_id().voted_for())?;
         let result = self.raft.install_snapshot(rpc).await;
         if result.is_ok() {
             self.pre_voter.contact.heard();

@@ -61,7 +61,9 @@ impl Touched {
             Command::ReportInstances { reports, .. } => reports
                 .iter()
                 .any(|r| r.state == "failed" || !r.move_.is_empty()),
-            Command::RecordEvent { .. } => false,
+            Command::RecordEvent { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. } => false,
             _ => true,
         };
         let mut slot = |s: &str, n: u32| {
@@ -73,6 +75,8 @@ impl Touched {
             | Command::RemoveNode { .. }
             | Command::FinishRollout { .. }
             | Command::NoteUnplaced { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
             | Command::RecordEvent { .. } => {}
             Command::RollInstances { service, slots, .. } => {
                 for n in slots {
@@ -636,6 +640,7 @@ mod tests {
                 command,
                 trace: None,
                 request_id: None,
+                by: None,
             },
             index,
         );

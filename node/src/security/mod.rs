@@ -7,6 +7,12 @@
 
 use std::fmt;
 
+pub mod auth;
+pub mod identity;
+pub mod pki;
+pub mod tls;
+pub mod tokens;
+
 /// What a client may do. Ordered: each role may do everything the ones below it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
@@ -133,4 +139,32 @@ impl fmt::Display for Caller {
             Caller::Node(id) => write!(f, "node {id}"),
         }
     }
+}
+
+/// The caller a bearer token stands for, among the cluster's token `records`, at `now_ms`.
+pub fn caller_for_token(
+    records: &std::collections::BTreeMap<String, crate::model::state::TokenRecord>,
+    token: &str,
+    now_ms: u64,
+) -> Result<Caller, String> {
+    let id = tokens::id_of(token)
+        .ok_or("the bearer token is not a mode token (mode-<id>-<secret>): make one with `modectl token create`")?;
+    let record = records
+        .get(id)
+        .filter(|r| tokens::matches(token, &r.hash))
+        .ok_or_else(|| {
+            format!("token {id} is unknown or revoked (`modectl token ls` lists the valid ones)")
+        })?;
+    if record.expires_ms != 0 && now_ms >= record.expires_ms {
+        return Err(format!(
+            "token {id} ('{}') has expired: make a new one",
+            record.name
+        ));
+    }
+    let role = Role::parse(&record.role)?;
+    Ok(Caller::Client {
+        name: record.name.clone(),
+        role,
+        proof: Proof::Token(id.to_string()),
+    })
 }
