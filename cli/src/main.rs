@@ -191,7 +191,7 @@ impl Failure {
             tonic::Code::Unavailable if conn::is_connect_error(status) => {
                 let cause = conn::root_cause(status);
                 match mode::security::tls::connection_hint(&cause) {
-                    Some(hint) => format!("cannot talk to {endpoint} ({cause}): {hint}"),
+                    Some(_) => format!("cannot talk to {endpoint} ({cause})"),
                     None => format!(
                         "no mode node answers at {endpoint} ({cause}): start one with `mode-node`, or point --endpoint / MODE_ENDPOINT at a running node"
                     ),
@@ -210,6 +210,12 @@ impl Failure {
                 "{endpoint} did not answer within --timeout: if this was a change, its outcome is unknown (check with `modectl svc get` or `events`)"
             ),
             _ => status.message().to_string(),
+        };
+        // A TLS problem says what to do about it, whatever status carried it.
+        let cause = format!("{} {}", status.message(), conn::root_cause(status));
+        let message = match mode::security::tls::connection_hint(&cause) {
+            Some(hint) if !message.contains(hint) => format!("{message}: {hint}"),
+            _ => message,
         };
         Failure {
             code,

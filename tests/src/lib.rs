@@ -217,6 +217,9 @@ pub(crate) fn serial() -> MutexGuard<'static, ()> {
 pub struct TestCluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     pub scratch: Scratch,
+    /// The cluster's certificates when it runs with mutual TLS ([`TestCluster::start_tls`]):
+    /// [`TestCluster::client`] and [`TestCluster::modectl`] then call as an admin client.
+    pub tls: Option<TlsMaterial>,
     pub(crate) peers: String,
     pub(crate) launcher: Launcher,
     _serial: MutexGuard<'static, ()>,
@@ -244,13 +247,57 @@ impl TestCluster {
         TestCluster {
             nodes: BTreeMap::new(),
             scratch: Scratch::new("cluster"),
+            tls: None,
             peers,
             launcher,
             _serial: serial(),
         }
     }
 
+    /// [`TestCluster::start_with_http`] with mutual TLS: a CA and node certificates made in
+    /// the scratch directory, every node started with `--tls-ca/--tls-cert/--tls-key`.
+    pub fn start_tls(n: u64, extra: &[&str]) -> TestCluster {
+        let scratch = Scratch::new("cluster");
+        let tls = TlsMaterial::new(&scratch.0.join("tls"));
+        let mut c = TestCluster::build(
+            Launcher::mode_node(),
+            n,
+            extra,
+            true,
+            |id| tls.node_flags(id),
+            scratch,
+        );
+        c.tls = Some(tls);
+        for node in c.nodes.values_mut() {
+            node.start();
+        }
+        c
+    }
+
     fn launch(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
+        let mut c = TestCluster::build(
+            launcher,
+            n,
+            extra,
+            http,
+            |_| Vec::new(),
+            Scratch::new("cluster"),
+        );
+        for node in c.nodes.values_mut() {
+            node.start();
+        }
+        c
+    }
+
+    /// `n` nodes registered (not started), with `per_node(id)` flags after `extra`.
+    fn build(
+        launcher: Launcher,
+        n: u64,
+        extra: &[&str],
+        http: bool,
+        per_node: impl Fn(u64) -> Vec<String>,
+        scratch: Scratch,
+    ) -> TestCluster {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let peers = (1..=n)
             .zip(&ports)
@@ -258,9 +305,11 @@ impl TestCluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut c = TestCluster::empty(launcher, peers.clone());
+        c.scratch = scratch;
         for (id, (port, peer_port)) in (1..=n).zip(ports) {
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(per_node(id));
             let http_port = http.then(free_port);
             if let Some(h) = http_port {
                 args.extend(["--http-listen".to_string(), format!("127.0.0.1:{h}")]);
@@ -268,9 +317,6 @@ impl TestCluster {
             let launcher = c.launcher.clone();
             c.add_node_at(id, "127.0.0.1", (port, peer_port), launcher, args)
                 .http = http_port;
-        }
-        for node in c.nodes.values_mut() {
-            node.start();
         }
         c
     }
@@ -404,14 +450,26 @@ impl TestCluster {
         }
     }
 
-    /// A typed public API client for node `id`.
+    /// A typed public API client for node `id` (an admin client when the cluster has TLS).
     pub async fn client(&self, id: u64) -> ControlClient<Channel> {
-        client(&self.nodes[&id].address())
+        match &self.tls {
+            Some(tls) => {
+                ControlClient::new(tls.channel(&self.nodes[&id].address(), Some(Who::admin())))
+                    .max_decoding_message_size(256 << 20)
+            }
+            None => client(&self.nodes[&id].address()),
+        }
     }
 
-    /// A peer API client for node `id` (raw state-machine commands and queries).
+    /// A peer API client for node `id` (raw state-machine commands and queries); with TLS,
+    /// it presents node `id`'s own certificate.
     pub fn peer_client(&self, id: u64) -> PeerClient<Channel> {
-        peer_client(&self.nodes[&id].peer_address())
+        match &self.tls {
+            Some(tls) => {
+                peer_client_on(tls.channel(&self.nodes[&id].peer_address(), Some(Who::Node(id))))
+            }
+            None => peer_client(&self.nodes[&id].peer_address()),
+        }
     }
 
     /// Wait until `id` reports a leader (its own view); returns it.
@@ -656,11 +714,15 @@ impl TestCluster {
         self.modectl_in(via, args, None)
     }
 
-    /// Run modectl against node `via` in directory `dir`.
+    /// Run modectl against node `via` in directory `dir` (as an admin client when the
+    /// cluster has TLS).
     pub fn modectl_in(&self, via: u64, args: &[&str], dir: Option<&Path>) -> Output {
         let mut cmd = Command::new(binary("modectl"));
         if let Some(d) = dir {
             cmd.current_dir(d);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.args(tls.modectl_flags(Some(&Who::admin())));
         }
         cmd.arg("--endpoint")
             .arg(self.nodes[&via].address())
@@ -685,9 +747,145 @@ pub fn client(address: &str) -> ControlClient<Channel> {
 
 /// A peer API client for `address`, a node's [`NodeProc::peer_address`] (lazy connection).
 pub fn peer_client(address: &str) -> PeerClient<Channel> {
-    PeerClient::new(lazy_channel(address))
+    peer_client_on(lazy_channel(address))
+}
+
+/// A peer API client on `channel`.
+pub fn peer_client_on(channel: Channel) -> PeerClient<Channel> {
+    PeerClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20)
+}
+
+/// Whom a test's certificate names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Who {
+    /// A node certificate.
+    Node(u64),
+    /// A client certificate with a role (`viewer`, `operator`, `admin`).
+    Client(String, String),
+}
+
+impl Who {
+    /// The admin client the harness calls as.
+    pub fn admin() -> Who {
+        Who::Client("test-admin".into(), "admin".into())
+    }
+
+    fn stem(&self) -> String {
+        match self {
+            Who::Node(id) => format!("node-{id}"),
+            Who::Client(name, _) => name.clone(),
+        }
+    }
+}
+
+/// A test cluster's CA, and certificates made on demand in its directory (`ca.pem`,
+/// `node-ID.pem`, `NAME.pem`, each with `-key.pem`), as `modectl tls` lays them out.
+pub struct TlsMaterial {
+    pub dir: PathBuf,
+    ca: mode::security::pki::Pem,
+}
+
+impl TlsMaterial {
+    /// A new CA in `dir`.
+    pub fn new(dir: &Path) -> TlsMaterial {
+        std::fs::create_dir_all(dir).expect("TLS directory");
+        let ca = mode::security::pki::create_ca("test CA", mode::security::pki::Validity::days(2))
+            .expect("a CA");
+        std::fs::write(dir.join("ca.pem"), &ca.cert).expect("write ca.pem");
+        std::fs::write(dir.join("ca-key.pem"), &ca.key).expect("write ca-key.pem");
+        TlsMaterial {
+            dir: dir.to_path_buf(),
+            ca,
+        }
+    }
+
+    /// The CA certificate's path.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The (certificate, key) paths of `who`, made (valid for a day) if missing.
+    pub fn cert(&self, who: &Who) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            self.dir.join(format!("{}.pem", who.stem())),
+            self.dir.join(format!("{}-key.pem", who.stem())),
+        );
+        if !cert.exists() {
+            let validity = mode::security::pki::Validity::days(1);
+            self.write(who, validity, &cert, &key);
+        }
+        (cert, key)
+    }
+
+    /// Make a certificate for `who` valid as `validity` says, at `cert` and `key`.
+    pub fn write(
+        &self,
+        who: &Who,
+        validity: mode::security::pki::Validity,
+        cert: &Path,
+        key: &Path,
+    ) {
+        use mode::security::pki::Subject;
+        let subject = match who {
+            Who::Node(id) => Subject::Node(*id),
+            Who::Client(name, role) => Subject::Client {
+                name: name.clone(),
+                role: mode::security::Role::parse(role).expect("a role"),
+            },
+        };
+        let pem =
+            mode::security::pki::issue(&self.ca, &subject, &[], validity).expect("a certificate");
+        std::fs::write(cert, pem.cert).expect("write certificate");
+        std::fs::write(key, pem.key).expect("write key");
+    }
+
+    /// `--tls-ca/--tls-cert/--tls-key` for node `id`.
+    pub fn node_flags(&self, id: u64) -> Vec<String> {
+        let (cert, key) = self.cert(&Who::Node(id));
+        vec![
+            "--tls-ca".into(),
+            self.ca_path().display().to_string(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]
+    }
+
+    /// modectl's `--ca`, and `--cert/--key` of `who` when given.
+    pub fn modectl_flags(&self, who: Option<&Who>) -> Vec<String> {
+        let mut flags = vec!["--ca".to_string(), self.ca_path().display().to_string()];
+        if let Some(who) = who {
+            let (cert, key) = self.cert(who);
+            flags.extend([
+                "--cert".to_string(),
+                cert.display().to_string(),
+                "--key".to_string(),
+                key.display().to_string(),
+            ]);
+        }
+        flags
+    }
+
+    /// A lazy TLS channel to `address`, presenting `who`'s certificate when given.
+    pub fn channel(&self, address: &str, who: Option<Who>) -> Channel {
+        let paths = who.map(|w| self.cert(&w));
+        let config = mode::security::tls::client_config(
+            &self.ca_path(),
+            paths.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .expect("a TLS client configuration");
+        mode::security::tls::channel(
+            address,
+            Some(mode::security::tls::ClientTls::Fixed(std::sync::Arc::new(
+                config,
+            ))),
+            |e| e.connect_timeout(Duration::from_secs(1)),
+        )
+        .expect("a channel")
+    }
 }
 
 /// Commit a raw state-machine command through a peer (`Propose`, what servers forward to the

@@ -329,7 +329,12 @@ impl NetClusterBuilder {
                 prefix,
                 env: inner.env.clone(),
             };
-            let mut args = vec!["--peers".to_string(), peers.clone()];
+            // Namespaces of the test's own: an isolated network, so no TLS (--insecure).
+            let mut args = vec![
+                "--peers".to_string(),
+                peers.clone(),
+                "--insecure".to_string(),
+            ];
             args.extend(self.flags.iter().cloned());
             args.extend(self.node_flags.get(&id).into_iter().flatten().cloned());
             if self.http {
