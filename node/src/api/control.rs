@@ -1036,6 +1036,9 @@ pub fn public_extras(
     (health, v1, v1alpha, follow)
 }
 
+/// Calls one client connection may have open at once on the public listener.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// The public API's gRPC service name.
 pub const CONTROL_SERVICE: &str = "mode.v1.Control";
 
@@ -1063,6 +1066,9 @@ pub async fn serve(
     let (health, reflection, reflection_alpha, follow) = public_extras(inspector.node().clone());
     let served = tonic::transport::Server::builder()
         .trace_fn(crate::telemetry::server_span)
+        // One client connection may not hold more calls open at once than this (watches
+        // included); beyond it, HTTP/2 makes the client wait.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(AuthLayer::new(policy))
         .add_service(ControlService::new(inspector, kinds).into_server())
         .add_service(health)

@@ -28,6 +28,43 @@ pub enum Surface {
 /// Finds the caller a bearer token stands for (the node's replicated token records).
 pub type TokenLookup = Arc<dyn Fn(&str) -> Result<Caller, String> + Send + Sync>;
 
+/// How much one client identity may ask of a node (abuse limits; see [`Limits::default`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Changes (operator and admin calls) per second, sustained.
+    pub writes_per_s: f64,
+    /// Changes allowed at once after a quiet time.
+    pub write_burst: f64,
+    /// Open watch streams (WatchEvents, WatchService) at once.
+    pub streams: usize,
+}
+
+impl Default for Limits {
+    /// 50 changes a second (bursts of 200), 32 open watches: far above what people and
+    /// deploy scripts do, far below what floods the event log or the leader.
+    fn default() -> Self {
+        Limits {
+            writes_per_s: 50.0,
+            write_burst: 200.0,
+            streams: 32,
+        }
+    }
+}
+
+/// The use each identity is making of its limits.
+#[derive(Default, Debug)]
+struct Usage {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+    streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A token bucket: `tokens` left at `at`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
 /// What a layer checks.
 #[derive(Clone)]
 pub struct Policy {
@@ -35,6 +72,8 @@ pub struct Policy {
     /// Off: every caller is the anonymous admin (no TLS: `--dev`, loopback, `--insecure`).
     enabled: bool,
     tokens: Option<TokenLookup>,
+    limits: Limits,
+    usage: Arc<Usage>,
 }
 
 impl Policy {
@@ -44,6 +83,73 @@ impl Policy {
             surface,
             enabled,
             tokens,
+            limits: Limits::default(),
+            usage: Arc::default(),
+        }
+    }
+
+    /// With these abuse limits instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Policy {
+        self.limits = limits;
+        self
+    }
+
+    /// Take one change from `caller`'s bucket, or say how long to wait.
+    fn take_write(&self, caller: &str) -> Result<(), Status> {
+        let now = std::time::Instant::now();
+        let mut buckets = self.usage.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 10_000 {
+            // Forget identities that have been quiet long enough to have a full bucket.
+            let refill = self.limits.write_burst / self.limits.writes_per_s;
+            buckets.retain(|_, b| now.duration_since(b.at).as_secs_f64() < refill);
+        }
+        let bucket = buckets.entry(caller.to_string()).or_insert(Bucket {
+            tokens: self.limits.write_burst,
+            at: now,
+        });
+        let elapsed = now.duration_since(bucket.at).as_secs_f64();
+        bucket.tokens =
+            (bucket.tokens + elapsed * self.limits.writes_per_s).min(self.limits.write_burst);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            return Err(Status::resource_exhausted(format!(
+                "{caller} makes changes faster than this node takes them from one client ({} a second, bursts of {}): slow down and retry",
+                self.limits.writes_per_s, self.limits.write_burst
+            )));
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Open one watch stream for `caller`; it closes when the guard is dropped.
+    fn open_stream(&self, caller: &str) -> Result<StreamGuard, Status> {
+        let mut streams = self.usage.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let open = streams.entry(caller.to_string()).or_insert(0);
+        if *open >= self.limits.streams {
+            return Err(Status::resource_exhausted(format!(
+                "{caller} has {open} watch streams open on this node, the most one client may: close some first"
+            )));
+        }
+        *open += 1;
+        Ok(StreamGuard {
+            usage: self.usage.clone(),
+            caller: caller.to_string(),
+        })
+    }
+
+    /// Apply the abuse limits to a call of `caller` to `path`: a change takes from its
+    /// bucket, a watch holds one of its streams until the guard is dropped.
+    fn limit(&self, caller: &Caller, path: &str) -> Result<Option<StreamGuard>, Status> {
+        if !self.enabled || self.surface != Surface::Public {
+            return Ok(None);
+        }
+        let who = caller.to_string();
+        match required_role(path) {
+            Need::Role(Role::Operator | Role::Admin) => self.take_write(&who).map(|()| None),
+            _ if path.ends_with("/WatchEvents") || path.ends_with("/WatchService") => {
+                self.open_stream(&who).map(Some)
+            }
+            _ => Ok(None),
         }
     }
 
@@ -217,6 +323,55 @@ pub struct Auth<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
+/// One open watch stream of a caller (see [`Policy::open_stream`]).
+#[derive(Debug)]
+struct StreamGuard {
+    usage: Arc<Usage>,
+    caller: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = self.usage.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = streams.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// A response body that holds a [`StreamGuard`] for as long as it is sent.
+struct Guarded {
+    body: tonic::body::Body,
+    _guard: StreamGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes_of::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+mod bytes_of {
+    pub type Bytes = <tonic::body::Body as http_body::Body>::Data;
+}
+
 impl<S, B> tower::Service<http::Request<B>> for Auth<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -235,18 +390,36 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let verdict = self.policy.authorize(
-            req.uri().path(),
-            req.headers(),
-            req.extensions().get::<ConnInfo>(),
-        );
+        let verdict = self
+            .policy
+            .authorize(
+                req.uri().path(),
+                req.headers(),
+                req.extensions().get::<ConnInfo>(),
+            )
+            .and_then(|caller| {
+                let guard = self.policy.limit(&caller, req.uri().path())?;
+                Ok((caller, guard))
+            });
         match verdict {
-            Ok(caller) => {
+            Ok((caller, guard)) => {
                 req.extensions_mut().insert(caller);
                 // The service that was polled ready takes the call; a fresh clone waits.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                let call = inner.call(req);
+                Box::pin(async move {
+                    let response = call.await?;
+                    Ok(match guard {
+                        Some(guard) => response.map(|body| {
+                            tonic::body::Body::new(Guarded {
+                                body,
+                                _guard: guard,
+                            })
+                        }),
+                        None => response,
+                    })
+                })
             }
             Err(status) => {
                 tracing::debug!(
@@ -282,6 +455,47 @@ mod tests {
             );
         }
         assert_eq!(required_role("/mode.v1.Peer/AppendEntries"), Need::Unknown);
+    }
+
+    #[test]
+    fn each_identity_has_a_write_rate_and_a_number_of_streams() {
+        let policy = Policy::new(Surface::Public, true, None).with_limits(Limits {
+            writes_per_s: 0.001,
+            write_burst: 3.0,
+            streams: 2,
+        });
+        let alice = Caller::Client {
+            name: "alice".into(),
+            role: Role::Admin,
+            proof: Proof::Certificate,
+        };
+        let bob = Caller::Client {
+            name: "bob".into(),
+            role: Role::Admin,
+            proof: Proof::Certificate,
+        };
+        let apply = "/mode.v1.Control/ApplyServices";
+        for _ in 0..3 {
+            assert!(policy.limit(&alice, apply).is_ok());
+        }
+        let e = policy.limit(&alice, apply).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // Reads are not counted; another identity has its own bucket.
+        assert!(policy
+            .limit(&alice, "/mode.v1.Control/ListServices")
+            .is_ok());
+        assert!(policy.limit(&bob, apply).is_ok());
+        let watch = "/mode.v1.Control/WatchEvents";
+        let first = policy.limit(&alice, watch).unwrap();
+        let _second = policy.limit(&alice, watch).unwrap();
+        assert!(policy.limit(&alice, watch).is_err());
+        drop(first);
+        assert!(policy.limit(&alice, watch).unwrap().is_some());
+        // Off (no TLS): no limits.
+        let off = Policy::new(Surface::Public, false, None);
+        for _ in 0..1000 {
+            assert!(off.limit(&alice, apply).is_ok());
+        }
     }
 
     #[test]
