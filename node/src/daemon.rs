@@ -575,6 +575,7 @@ async fn run(
             ServiceHandle::builder(HttpServer {
                 inspector: inspector.clone(),
                 listen: addr,
+                tls: tls.clone(),
             })
             .label("HttpServer")
             .build(),
@@ -811,6 +812,8 @@ async fn run_agent(
 struct HttpServer {
     inspector: Arc<Inspector>,
     listen: SocketAddr,
+    /// HTTPS with this, and the web view only for clients.
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
 }
 
 impl Service for HttpServer {
@@ -824,17 +827,18 @@ impl Service for HttpServer {
                 )
             })?;
         tracing::info!(
-            "[{}]: HTTP on {} (/, /api/graph, /healthz, /readyz, /metrics)",
+            "[{}]: {} on {} (/, /api/graph, /healthz, /readyz, /metrics)",
             ctx.handle().log_prefix(),
+            if self.tls.is_some() { "HTTPS" } else { "HTTP" },
             self.listen
         );
-        let (inspector, c) = (self.inspector.clone(), ctx.clone());
+        let (inspector, c, tls) = (self.inspector.clone(), ctx.clone(), self.tls.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve_http(inspector, listener, shutdown).await?;
+            crate::api::serve_http(inspector, listener, tls, shutdown).await?;
             Ok(())
         });
         Ok(())

@@ -1039,6 +1039,16 @@ pub fn public_extras(
 /// Calls one client connection may have open at once on the public listener.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
+/// Finds the caller a bearer token stands for among `node`'s replicated token records (what
+/// the public API and the HTTP side port accept).
+pub(super) fn token_lookup(node: &Arc<ClusterNode>) -> crate::security::auth::TokenLookup {
+    let node = node.clone();
+    Arc::new(move |token: &str| {
+        let now = crate::replication::now_ms();
+        node.local_state(|s| crate::security::caller_for_token(&s.tokens, token, now))
+    })
+}
+
 /// The public API's gRPC service name.
 pub const CONTROL_SERVICE: &str = "mode.v1.Control";
 
@@ -1055,11 +1065,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     use crate::security::auth::{AuthLayer, Policy, Surface};
     use crate::security::tls::ClientCerts;
-    let node = inspector.node().clone();
-    let tokens: crate::security::auth::TokenLookup = Arc::new(move |token: &str| {
-        let now = crate::replication::now_ms();
-        node.local_state(|s| crate::security::caller_for_token(&s.tokens, token, now))
-    });
+    let tokens = token_lookup(inspector.node());
     let policy = Policy::new(Surface::Public, tls.is_some(), Some(tokens));
     let incoming =
         crate::security::tls::incoming(listener, tls.map(|t| (t, ClientCerts::Optional)));

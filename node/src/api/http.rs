@@ -1,18 +1,134 @@
 //! The HTTP side port: `/healthz` (the process is up), `/readyz` (a member of a cluster with a
 //! leader, caught up), `/metrics` (Prometheus text), and the web view: `/` (the live cluster
 //! graph and the event log), `/api/graph` (JSON), `/api/graph.svg` and `/api/events`.
+//!
+//! When the node has TLS the port speaks HTTPS with the node's certificate, and the web view
+//! and `/api/*` need a client credential (any role): a client certificate, or a token as
+//! `Authorization: Bearer` or as the password of Basic auth (a browser asks for it). Health,
+//! readiness and metrics stay open for probes and scrapers: they carry no secrets.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 
 use super::inspect::{Inspector, DEFAULT_DEADLINE};
 use crate::graph::{svg, GraphFilter};
+use crate::security::auth::{credentials, TokenLookup};
+use crate::security::tls::{ConnInfo, NodeTls, ServerConn, Transport};
+use crate::security::Caller;
+
+/// Paths anyone may read, even when auth is on: probes and scrapes, which carry no secrets.
+const OPEN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// Who may read what on the side port.
+#[derive(Clone)]
+struct Gate {
+    /// Off without TLS (`--dev`, loopback, `--insecure`): everyone reads everything.
+    enabled: bool,
+    tokens: TokenLookup,
+}
+
+/// Lets a request through to its route, or answers it: plaintext on the HTTPS port, and the
+/// web view and `/api/*` without a client credential, are refused.
+async fn admit(
+    State(gate): State<Gate>,
+    ConnectInfo(conn): ConnectInfo<ConnInfo>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !gate.enabled {
+        return next.run(request).await;
+    }
+    if matches!(conn.transport, Transport::PlainOnTlsListener) {
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::CONNECTION, "close")],
+            "this port speaks HTTPS: use https:// and trust the cluster's CA (curl --cacert ca.pem)\n",
+        )
+            .into_response();
+    }
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let refusal = match credentials(request.headers(), Some(&conn.transport), Some(&gate.tokens)) {
+        Ok(Some(Caller::Client { .. })) => return next.run(request).await,
+        Ok(Some(node @ Caller::Node(_))) => (
+            StatusCode::FORBIDDEN,
+            format!("{node}'s certificate is for the peer API, not for the web view: use a client certificate or a token\n"),
+        )
+            .into_response(),
+        Ok(None) => unauthorized(
+            "credentials needed: a client certificate, or a token (`modectl token create --role viewer`) as `Authorization: Bearer <token>` or as the password of Basic auth",
+        ),
+        Err(why) => unauthorized(&why),
+    };
+    tracing::debug!(
+        "refused HTTP {} from {:?}: {}",
+        request.uri().path(),
+        conn.remote,
+        refusal.status()
+    );
+    refusal
+}
+
+/// A 401 saying `why`, asking a browser for a user name and password (the token).
+fn unauthorized(why: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"mode\", charset=\"UTF-8\"",
+        )],
+        format!("{why}\n"),
+    )
+        .into_response()
+}
+
+/// The side port's connections (HTTPS when the node has TLS), for `axum::serve`.
+struct Connections {
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<ServerConn>>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Connections {
+    type Io = ServerConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (ServerConn, SocketAddr) {
+        use tonic::transport::server::Connected as _;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let remote = conn.connect_info().remote.unwrap_or(self.local);
+                    return (conn, remote);
+                }
+                Some(Err(e)) => tracing::debug!("an HTTP connection failed: {e}"),
+                // The stream ends only after this listener is dropped: never while accepting.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Connections>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Connections>) -> ConnInfo {
+        tonic::transport::server::Connected::connect_info(stream.io())
+    }
+}
 
 async fn healthz() -> &'static str {
     "ok\n"
@@ -124,12 +240,18 @@ async fn events(State(inspector): State<Arc<Inspector>>) -> Response {
     }
 }
 
-/// Serve the side port for the node `inspector` looks at on `listener` until `shutdown`.
+/// Serve the side port for the node `inspector` looks at on `listener` until `shutdown`; with
+/// `tls`, HTTPS, and the web view and `/api/*` only for clients (see the module doc).
 pub async fn serve_http(
     inspector: Arc<Inspector>,
     listener: TcpListener,
+    tls: Option<Arc<NodeTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let gate = Gate {
+        enabled: tls.is_some(),
+        tokens: super::control::token_lookup(inspector.node()),
+    };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -138,10 +260,18 @@ pub async fn serve_http(
         .route("/api/graph", get(graph_json))
         .route("/api/graph.svg", get(graph_svg))
         .route("/api/events", get(events))
-        .with_state(inspector);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+        .with_state(inspector)
+        .layer(axum::middleware::from_fn_with_state(gate, admit));
+    let connections = Connections {
+        local: listener.local_addr()?,
+        incoming: crate::security::tls::incoming_http(listener, tls),
+    };
+    axum::serve(
+        connections,
+        app.into_make_service_with_connect_info::<ConnInfo>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]

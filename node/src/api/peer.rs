@@ -91,7 +91,7 @@ impl PeerService {
     }
 
     /// Server-to-server calls (forwarding, relays, membership) come from Raft members only.
-    fn from_member<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
+    fn require_member<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
         match calling_node(req)? {
             Some(id) if !self.node()?.is_raft_member(id) => Err(Status::permission_denied(
                 format!("{what} is for the cluster's servers; node {id} is not a Raft member"),
@@ -188,7 +188,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeReply>, Status> {
-        self.from_member(&request, "Propose")?;
+        self.require_member(&request, "Propose")?;
         let forward = may_forward(&request);
         let id = request_id(&request)
             .or_else(|| Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty()));
@@ -216,7 +216,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryReply>, Status> {
-        self.from_member(&request, "Query")?;
+        self.require_member(&request, "Query")?;
         let forward = may_forward(&request);
         let r = request.into_inner();
         let (value, applied) = self
@@ -247,7 +247,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
-        self.from_member(&request, "MemberStatus")?;
+        self.require_member(&request, "MemberStatus")?;
         let forward = may_forward(&request);
         let status = self
             .node()?
@@ -264,7 +264,7 @@ impl Peer for PeerService {
         if forward {
             speaks_for(&request, request.get_ref().id, "join request")?;
         } else {
-            self.from_member(&request, "a forwarded Join")?;
+            self.require_member(&request, "a forwarded Join")?;
         }
         let r = request.into_inner();
         let (voter, message) = self
@@ -279,7 +279,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
-        self.from_member(&request, "RemoveMember")?;
+        self.require_member(&request, "RemoveMember")?;
         let forward = may_forward(&request);
         let message = self
             .node()?
@@ -340,7 +340,7 @@ impl Peer for PeerService {
             speaks_for(&request, request.get_ref().node, "heartbeat")?;
         } else {
             // Relayed by a server for one of its agents.
-            self.from_member(&request, "a relayed heartbeat")?;
+            self.require_member(&request, "a relayed heartbeat")?;
         }
         let node = self.node()?;
         let r = request.into_inner();
@@ -363,7 +363,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::RelayHeartbeatsRequest>,
     ) -> Result<Response<pb::RelayHeartbeatsReply>, Status> {
-        self.from_member(&request, "RelayHeartbeats")?;
+        self.require_member(&request, "RelayHeartbeats")?;
         let node = self.node()?;
         if !node.is_leader() {
             return Err(Status::unavailable(format!(

@@ -2899,6 +2899,7 @@ mod rollout_tests {
             at_ms: 5_000,
             command,
             request_id: None,
+            by: None,
         }
     }
 

@@ -186,35 +186,46 @@ impl Policy {
             }
             Surface::Public => {
                 let need = required_role(path);
-                let caller = match bearer(headers)? {
-                    Some(token) => match &self.tokens {
-                        Some(lookup) => lookup(token).map_err(Status::unauthenticated)?,
-                        None => {
-                            return Err(Status::unauthenticated(
-                                "this node does not take tokens",
-                            ))
-                        }
-                    },
-                    None => match cert {
-                        Some(cert) => identity_of(cert).map_err(Status::unauthenticated)?,
-                        None if need == Need::Anyone => {
-                            return Ok(Caller::Client {
-                                name: "unauthenticated".into(),
-                                role: Role::Viewer,
-                                proof: Proof::None,
-                            })
-                        }
-                        None => {
-                            return Err(Status::unauthenticated(
-                                "no credentials: give a client certificate (modectl --cert/--key, MODE_CERT/MODE_KEY) or a token (modectl --token, MODE_TOKEN)",
-                            ))
-                        }
-                    },
+                let caller = match credentials(headers, transport, self.tokens.as_ref())
+                    .map_err(Status::unauthenticated)?
+                {
+                    Some(caller) => caller,
+                    None if need == Need::Anyone => {
+                        return Ok(Caller::Client {
+                            name: "unauthenticated".into(),
+                            role: Role::Viewer,
+                            proof: Proof::None,
+                        })
+                    }
+                    None => {
+                        return Err(Status::unauthenticated(
+                            "no credentials: give a client certificate (modectl --cert/--key, MODE_CERT/MODE_KEY) or a token (modectl --token, MODE_TOKEN)",
+                        ))
+                    }
                 };
                 check(&caller, need, path)?;
                 Ok(caller)
             }
         }
+    }
+}
+
+/// The caller a request's credentials name: its token (`Authorization: Bearer <token>`, or
+/// `Basic` with the token as the password, what a browser sends) if it has one, else its
+/// client certificate; `None` when it carries neither. An error says why the credential it
+/// carries does not hold. The gRPC layer and the HTTP side port both ask here.
+pub fn credentials(
+    headers: &http::HeaderMap,
+    transport: Option<&Transport>,
+    tokens: Option<&TokenLookup>,
+) -> Result<Option<Caller>, String> {
+    if let Some(token) = token(headers)? {
+        let lookup = tokens.ok_or("this node does not take tokens")?;
+        return lookup(&token).map(Some);
+    }
+    match transport.and_then(Transport::peer_cert) {
+        Some(cert) => identity_of(cert).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -273,20 +284,32 @@ fn check(caller: &Caller, need: Need, path: &str) -> Result<(), Status> {
     }
 }
 
-/// The token of an `authorization: Bearer <token>` header.
-fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
+/// The token of an `authorization` header: `Bearer <token>`, or `Basic` whose password (or,
+/// with an empty password, user name) is the token.
+fn token(headers: &http::HeaderMap) -> Result<Option<String>, String> {
+    use base64::Engine as _;
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value
         .to_str()
-        .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
-        _ => Err(Status::unauthenticated(
-            "the authorization header must be `Bearer <token>`",
-        )),
+        .map_err(|_| "the authorization header is not text")?;
+    const FORMS: &str = "the authorization header must be `Bearer <token>`, or `Basic` with the token as the password";
+    let (scheme, rest) = value.split_once(' ').ok_or(FORMS)?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(Some(rest.trim().to_string()));
     }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(FORMS.to_string());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or("the Basic credentials are not base64 of `user:password`")?;
+    let (user, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
+    let token = if password.is_empty() { user } else { password };
+    Ok(Some(token.trim().to_string()))
 }
 
 /// A tower layer applying a [`Policy`] to every request of a tonic server.
@@ -549,5 +572,28 @@ mod tests {
                 .unwrap(),
             Caller::anonymous()
         );
+    }
+
+    #[test]
+    fn tokens_come_as_bearer_or_as_the_basic_password() {
+        use base64::Engine as _;
+        let with = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            token(&headers)
+        };
+        let basic = |text: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(text)
+            )
+        };
+        assert_eq!(token(&http::HeaderMap::new()), Ok(None));
+        assert_eq!(with("Bearer mode-1-x"), Ok(Some("mode-1-x".into())));
+        assert_eq!(with(&basic("me:mode-1-x")), Ok(Some("mode-1-x".into())));
+        // Pasted into the user name field of a browser's prompt.
+        assert_eq!(with(&basic("mode-1-x:")), Ok(Some("mode-1-x".into())));
+        assert!(with("Digest x").unwrap_err().contains("Bearer <token>"));
+        assert!(with("Basic !!").unwrap_err().contains("base64"));
     }
 }

@@ -175,6 +175,20 @@ fn san(host: &str) -> Result<SanType, String> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let mut labels = host.split('.');
+    let first_ok = labels.next().is_some_and(|l| l == "*" || label_ok(l));
+    if !first_ok || !labels.all(label_ok) || host.len() > 253 {
+        return Err(format!(
+            "'{host}' is neither an IP address nor a DNS name (letters, digits and '-' between dots)"
+        ));
+    }
     host.to_string()
         .try_into()
         .map(SanType::DnsName)

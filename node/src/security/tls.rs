@@ -170,6 +170,8 @@ pub struct NodeTls {
 struct Configs {
     public: Arc<ServerConfig>,
     peer: Arc<ServerConfig>,
+    /// The HTTP side port's: the public one's, speaking HTTP/1.1 instead of h2.
+    http: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
 }
 
@@ -186,8 +188,12 @@ impl NodeTls {
     }
 
     fn configs(files: &TlsFiles) -> Result<Configs, String> {
+        let public = server_config(files, ClientCerts::Optional)?;
+        let mut http = public.clone();
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Configs {
-            public: Arc::new(server_config(files, ClientCerts::Optional)?),
+            public: Arc::new(public),
+            http: Arc::new(http),
             peer: Arc::new(server_config(files, ClientCerts::Required)?),
             client: Arc::new(client_config(&files.ca, Some((&files.cert, &files.key)))?),
         })
@@ -219,6 +225,11 @@ impl NodeTls {
             ClientCerts::Required => c.peer,
             ClientCerts::Optional => c.public,
         }
+    }
+
+    /// The server configuration of the HTTP side port (client certificates optional).
+    pub fn http_server(&self) -> Arc<ServerConfig> {
+        self.get().http
     }
 
     /// The configuration of this node's calls to other nodes.
@@ -346,11 +357,36 @@ macro_rules! delegate_io {
 
 delegate_io!(ServerConn, io, ServerIo::Plain, ServerIo::Tls);
 
-/// The connections of `listener`, TLS-terminated with `tls` when given (handshakes run
+/// What a listener serves, which decides its server configuration.
+#[derive(Clone, Copy)]
+enum Served {
+    /// gRPC (h2), asking callers for certificates as given.
+    Grpc(ClientCerts),
+    /// The HTTP side port (HTTP/1.1, client certificates optional).
+    Http,
+}
+
+/// The connections of a gRPC `listener`, TLS-terminated with `tls` when given (handshakes run
 /// concurrently, each bounded by a timeout, so a slow caller holds up nobody else).
 pub fn incoming(
     listener: TcpListener,
     tls: Option<(Arc<NodeTls>, ClientCerts)>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerConn>> {
+    accept_all(listener, tls.map(|(tls, certs)| (tls, Served::Grpc(certs))))
+}
+
+/// [`incoming`] for the HTTP side port: HTTPS with `tls` when given, client certificates
+/// optional.
+pub fn incoming_http(
+    listener: TcpListener,
+    tls: Option<Arc<NodeTls>>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerConn>> {
+    accept_all(listener, tls.map(|tls| (tls, Served::Http)))
+}
+
+fn accept_all(
+    listener: TcpListener,
+    tls: Option<(Arc<NodeTls>, Served)>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     tokio::spawn(async move {
@@ -368,7 +404,7 @@ pub fn incoming(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let Some((tls, client_certs)) = tls.clone() else {
+            let Some((tls, served)) = tls.clone() else {
                 let conn = ServerConn {
                     io: ServerIo::Plain(tcp),
                     info: ConnInfo {
@@ -383,11 +419,8 @@ pub fn incoming(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
-                    accept_tls(tcp, remote, &tls, client_certs),
-                )
-                .await
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_tls(tcp, remote, &tls, served))
+                    .await
                 {
                     Ok(Ok(conn)) => {
                         let _ = tx.send(Ok(conn)).await;
@@ -405,7 +438,7 @@ async fn accept_tls(
     tcp: TcpStream,
     remote: SocketAddr,
     tls: &NodeTls,
-    client_certs: ClientCerts,
+    served: Served,
 ) -> io::Result<ServerConn> {
     // A TLS connection starts with a handshake record (0x16); anything else is plaintext,
     // served only to be told that this listener wants TLS.
@@ -425,9 +458,11 @@ async fn accept_tls(
             },
         });
     }
-    let stream = tokio_rustls::TlsAcceptor::from(tls.server(client_certs))
-        .accept(tcp)
-        .await?;
+    let config = match served {
+        Served::Grpc(client_certs) => tls.server(client_certs),
+        Served::Http => tls.http_server(),
+    };
+    let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
     let chain = stream
         .get_ref()
         .1
