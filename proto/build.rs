@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("mode_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Its `secrets` must not show in `{:?}`: Debug is written by hand (src/lib.rs).
+        .skip_debug(["mode.v1.ServiceSpec"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -12,6 +12,8 @@ pub(crate) fn spec(s: &pb::ServiceSpec) -> Value {
         "name": s.name,
         "kind": s.kind,
         "config": s.config.as_ref().map(struct_to_json),
+        // As the server sent them: "(secret)" for each value unless the caller may see them.
+        "secrets": s.secrets.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "replicas": s.replicas,
         "singleton": s.singleton,
         "constraints": s.constraints.iter().map(|c| json!({

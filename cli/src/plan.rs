@@ -1,7 +1,10 @@
 //! `modectl svc plan -f FILE` (alias `diff`): what applying a file would change — each field
-//! that differs from the stored spec, old and new value, and what would happen to the
-//! instances (placed, moved, removed, replaced by a rollout, unplaced) — writing nothing.
+//! that differs from the stored spec, old and new value (a secret: only that it was added,
+//! removed or changed), and what would happen to the instances (placed, moved, removed,
+//! replaced by a rollout, unplaced) — writing nothing.
 
+use mode::model::secret::PLACEHOLDER;
+use mode::model::spec::ServiceSpec;
 use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -49,6 +52,43 @@ fn walk(path: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec<Fiel
             old: a.cloned(),
             new: b.cloned(),
         }),
+    }
+}
+
+/// `fields` with the secrets by name only. The local diff of `secrets` is dropped: it would
+/// print values, and a reader who may not see them holds placeholders. In its place, the
+/// secrets the server says changed (`changed`: its `secrets.NAME` fields, from the real
+/// values), each side [`PLACEHOLDER`] or absent.
+pub(crate) fn hide_secrets(
+    mut fields: Vec<FieldDiff>,
+    changed: &[String],
+    old: Option<&ServiceSpec>,
+    new: &ServiceSpec,
+) -> Vec<FieldDiff> {
+    fields.retain(|d| d.path != "secrets" && !d.path.starts_with("secrets."));
+    let side = |spec: Option<&ServiceSpec>, name: &str| {
+        spec.is_some_and(|s| s.secrets.contains_key(name))
+            .then(|| json!(PLACEHOLDER))
+    };
+    for path in changed {
+        if let Some(name) = path.strip_prefix("secrets.") {
+            fields.push(FieldDiff {
+                path: path.clone(),
+                old: side(old, name),
+                new: side(Some(new), name),
+            });
+        }
+    }
+    fields.sort_by(|a, b| a.path.cmp(&b.path));
+    fields
+}
+
+/// A changed secret, for people: whether it was added, removed or changed.
+fn secret_change(d: &FieldDiff) -> &'static str {
+    match (&d.old, &d.new) {
+        (None, Some(_)) => "added",
+        (Some(_), None) => "removed",
+        _ => "changed",
     }
 }
 
@@ -108,8 +148,13 @@ pub(crate) async fn run(
         let change = reply.changes.iter().find(|c| c.name == spec.name);
         let fields = match &stored {
             Some(old) => {
-                let old = serde_json::to_value(old).map_err(|e| fail(1, e.to_string()))?;
-                diff(&old, &new)
+                let old_json = serde_json::to_value(old).map_err(|e| fail(1, e.to_string()))?;
+                hide_secrets(
+                    diff(&old_json, &new),
+                    change.map_or(&[][..], |c| &c.changed_fields),
+                    Some(old),
+                    spec,
+                )
             }
             None => Vec::new(),
         };
@@ -139,7 +184,11 @@ pub(crate) async fn run(
             None => say!("{}:", spec.name),
         }
         for d in &fields {
-            say!("  {}: {} -> {}", d.path, show(&d.old), show(&d.new));
+            if d.path.starts_with("secrets.") {
+                say!("  {}: {} (value not shown)", d.path, secret_change(d));
+            } else {
+                say!("  {}: {} -> {}", d.path, show(&d.old), show(&d.new));
+            }
         }
         for p in &instances {
             let label = format!("{}#{}", p.service, p.slot);
@@ -180,5 +229,62 @@ mod tests {
         assert_eq!(d[0].new, Some(json!("/bin/python9")));
         assert_eq!(d[1].old, None);
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_plan_names_changed_secrets_without_their_values() {
+        use mode::model::secret::Secret;
+        let spec = |pairs: &[(&str, &str)]| {
+            let mut s = ServiceSpec::new("db", "exec");
+            for (k, v) in pairs {
+                s.secrets.insert(k.to_string(), Secret::new(*v));
+            }
+            s
+        };
+        let old = spec(&[
+            ("DB_PASSWORD", "hunter2"),
+            ("GONE", "bye-1"),
+            ("SAME", "same-1"),
+        ]);
+        let new = spec(&[
+            ("DB_PASSWORD", "hunter3"),
+            ("NEW", "fresh-1"),
+            ("SAME", "same-1"),
+        ]);
+        let local = diff(
+            &serde_json::to_value(&old).unwrap(),
+            &serde_json::to_value(&new).unwrap(),
+        );
+        let changed: Vec<String> = ["secrets.DB_PASSWORD", "secrets.GONE", "secrets.NEW"]
+            .map(String::from)
+            .to_vec();
+        let d = hide_secrets(local, &changed, Some(&old), &new);
+        let shown: Vec<(&str, &str)> = d
+            .iter()
+            .map(|d| (d.path.as_str(), secret_change(d)))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("secrets.DB_PASSWORD", "changed"),
+                ("secrets.GONE", "removed"),
+                ("secrets.NEW", "added")
+            ]
+        );
+        let text = format!("{d:?}");
+        for value in ["hunter", "bye-1", "fresh-1", "same-1"] {
+            assert!(!text.contains(value), "{text}");
+        }
+        // A first secret: the local diff is the whole map, dropped all the same.
+        let d = hide_secrets(
+            diff(
+                &serde_json::to_value(spec(&[])).unwrap(),
+                &serde_json::to_value(&new).unwrap(),
+            ),
+            &[],
+            Some(&spec(&[])),
+            &new,
+        );
+        assert!(d.is_empty(), "{d:?}");
     }
 }

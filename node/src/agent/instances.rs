@@ -648,6 +648,7 @@ async fn pass(
             slot: key.1,
             node: me,
             config: spec.config.clone(),
+            secrets: spec.secrets.clone(),
             grace: spec.stop_grace(),
             fencing_token: d.epoch,
             kill: kill.clone(),

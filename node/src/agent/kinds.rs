@@ -30,6 +30,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::model::secret::Secret;
 use crate::service::ServiceHandle;
 
 /// What a node needs to start one instance of a service.
@@ -43,6 +44,9 @@ pub struct InstanceSpec {
     pub node: u64,
     /// The spec's free-form config, interpreted by the kind.
     pub config: Value,
+    /// The spec's `secrets`, by name (`exec` puts them in the process's environment). Their
+    /// `{:?}` shows no value: read one with [`Secret::expose`], and do not log it.
+    pub secrets: BTreeMap<String, Secret>,
     /// How long the instance may take to stop before it is killed.
     pub grace: Duration,
     /// The placement's fencing token: it only grows from one assignment of this instance to
@@ -166,6 +170,7 @@ impl InstanceSpec {
     ///     slot: 2,
     ///     node: 1,
     ///     config: serde_json::Value::Null,
+    ///     secrets: Default::default(),
     ///     grace: std::time::Duration::from_secs(5),
     ///     fencing_token: 7,
     ///     kill: Default::default(),

@@ -126,6 +126,11 @@ mod tests {
         spec.singleton = true;
         spec.depends_on = vec!["db".into()];
         spec.generation = 5;
+        // Agents run the instances: they get the secret values.
+        spec.secrets.insert(
+            "DB_PASSWORD".into(),
+            crate::model::secret::Secret::new("hunter2"),
+        );
         let mut old = spec.clone();
         old.generation = 4;
         old.config = serde_json::json!({"cmd": ["sh", "-c", "old"]});

@@ -2,6 +2,7 @@
 //! server; writes go to the leader through Raft, reads are linearizable unless `stale`.
 //! Messages are converted to domain types in [`super::convert`]; every change is a typed
 //! state-machine command validated where it is applied, never a raw command from the client.
+//! Specs go out through [`convert::spec_for`]: secret values only to a caller who may see them.
 //! Also: grpc.health.v1 and server reflection for the public listener ([`public_extras`]).
 
 use std::collections::BTreeMap;
@@ -322,11 +323,18 @@ impl Control for ControlService {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::Service>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let applied = self.barrier(r.stale).await?;
         self.node
             .local_state(|s| {
-                convert::service_to_proto(s, &r.name, applied, crate::replication::now_ms())
+                convert::service_to_proto(
+                    s,
+                    &r.name,
+                    applied,
+                    crate::replication::now_ms(),
+                    &caller,
+                )
             })
             .map(Response::new)
             .ok_or_else(|| no_service(&r.name))
@@ -336,12 +344,19 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesReply>, Status> {
+        let caller = Caller::of(&request);
         let applied = self.barrier(request.into_inner().stale).await?;
         let services = self.node.local_state(|s| {
             s.specs
                 .keys()
                 .filter_map(|name| {
-                    convert::service_to_proto(s, name, applied, crate::replication::now_ms())
+                    convert::service_to_proto(
+                        s,
+                        name,
+                        applied,
+                        crate::replication::now_ms(),
+                        &caller,
+                    )
                 })
                 .collect()
         });
@@ -377,6 +392,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ServiceHistoryRequest>,
     ) -> Result<Response<pb::ServiceHistoryReply>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         self.barrier(false).await?;
         let now = crate::replication::now_ms();
@@ -393,7 +409,7 @@ impl Control for ControlService {
                             .map(|v| {
                                 let current = v.spec.generation == spec.generation;
                                 pb::ServiceVersion {
-                                    spec: Some(convert::spec_to_proto(&v.spec)),
+                                    spec: Some(convert::spec_for(&caller, &v.spec)),
                                     rollout: Some(convert::rollout_to_proto(
                                         v,
                                         current.then(|| {
@@ -813,6 +829,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::WatchServiceRequest>,
     ) -> Result<Response<Self::WatchServiceStream>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().name;
         self.barrier(false).await?;
         let node = self.node.clone();
@@ -824,6 +841,7 @@ impl Control for ControlService {
                     &name,
                     node.applied_index(),
                     crate::replication::now_ms(),
+                    &caller,
                 )
             })
             .ok_or_else(|| no_service(&name))?;
@@ -844,7 +862,13 @@ impl Control for ControlService {
                 }
                 let index = *applied.borrow_and_update();
                 let Some(now) = node.local_state(|s| {
-                    convert::service_to_proto(s, &name, index, crate::replication::now_ms())
+                    convert::service_to_proto(
+                        s,
+                        &name,
+                        index,
+                        crate::replication::now_ms(),
+                        &caller,
+                    )
                 }) else {
                     // Purged: the watch ends.
                     return;
@@ -1085,3 +1109,6 @@ pub async fn serve(
     follow.abort();
     served
 }
+
+#[cfg(test)]
+mod tests;

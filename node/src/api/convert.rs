@@ -8,10 +8,12 @@ use mode_proto::v1 as pb;
 
 use crate::graph;
 use crate::model::rollout::SpecVersion;
+use crate::model::secret::Secret;
 use crate::model::spec::{
     Amount, ConstraintSpec, HealthCheck, Probe, RestartPolicy, ServiceSpec, SpecError, UpdatePolicy,
 };
 use crate::model::state::{ClusterState, Event, NodeInfo, NodeStatus, Placement, SpecChange};
+use crate::security::Caller;
 use crate::service::BeaconNode;
 
 // ---------------------------------------------------------------- JSON <-> Struct
@@ -147,6 +149,11 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         .as_ref()
         .map(struct_to_json)
         .unwrap_or(serde_json::Value::Null);
+    spec.secrets = p
+        .secrets
+        .into_iter()
+        .map(|(k, v)| (k, Secret::new(v)))
+        .collect();
     if let Some(r) = p.replicas {
         spec.replicas = r;
     }
@@ -269,12 +276,28 @@ fn health_to_proto(h: &HealthCheck) -> pb::HealthCheck {
     }
 }
 
-/// A stored spec as sent to clients (every field set).
+/// A spec as `caller` may read it: with the secret values only for a caller who
+/// [sees secrets](Caller::sees_secrets), else [redacted](ServiceSpec::redacted).
+pub fn spec_for(caller: &Caller, s: &ServiceSpec) -> pb::ServiceSpec {
+    if caller.sees_secrets() {
+        spec_to_proto(s)
+    } else {
+        spec_to_proto(&s.redacted())
+    }
+}
+
+/// A spec as sent (every field set), secret values included: to a client through
+/// [`spec_for`] only; as is to the nodes that run it and by clients sending their own.
 pub fn spec_to_proto(s: &ServiceSpec) -> pb::ServiceSpec {
     pb::ServiceSpec {
         name: s.name.clone(),
         kind: s.kind.clone(),
         config: json_to_struct(&s.config),
+        secrets: s
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_string()))
+            .collect(),
         replicas: Some(s.replicas),
         singleton: s.singleton,
         constraints: s
@@ -395,6 +418,7 @@ pub fn service_to_proto(
     name: &str,
     applied: u64,
     now_ms: u64,
+    caller: &Caller,
 ) -> Option<pb::Service> {
     let spec = state.specs.get(name)?;
     let rollout = state.current_version(name).map(|v| {
@@ -413,7 +437,7 @@ pub fn service_to_proto(
         .map(|(slot, p)| instance_to_proto(name, *slot, p))
         .collect();
     Some(pb::Service {
-        spec: Some(spec_to_proto(spec)),
+        spec: Some(spec_for(caller, spec)),
         deleting: state.deleting.contains(name),
         running: instances.iter().filter(|i| i.state == "running").count() as u32,
         instances,
@@ -729,6 +753,7 @@ cost: 2
 depends_on: [db]
 restart: {max_restarts: 3, within_s: 10}
 stop_grace_s: 5
+secrets: {DB_PASSWORD: hunter2}
 "#;
         let spec = crate::model::spec::parse_specs("web.yaml", text)
             .unwrap()
@@ -772,6 +797,33 @@ stop_grace_s: 5
         assert_eq!(
             e,
             "spec 'web': field 'constraints[0]': set exactly one of `equals` and `in`, not both"
+        );
+    }
+
+    #[test]
+    fn only_callers_who_see_secrets_read_their_values() {
+        use crate::security::{Proof, Role};
+        let mut spec = ServiceSpec::new("db", "exec");
+        spec.secrets
+            .insert("DB_PASSWORD".into(), Secret::new("hunter2"));
+        let mut state = ClusterState::default();
+        state.specs.insert("db".into(), spec.clone());
+        let client = |role| Caller::Client {
+            name: "alice".into(),
+            role,
+            proof: Proof::Certificate,
+        };
+        let read = |caller: &Caller| {
+            let s = service_to_proto(&state, "db", 1, 0, caller).unwrap();
+            s.spec.unwrap().secrets["DB_PASSWORD"].clone()
+        };
+        assert_eq!(read(&client(Role::Viewer)), "(secret)");
+        assert_eq!(read(&Caller::Node(2)), "(secret)");
+        assert_eq!(read(&client(Role::Operator)), "hunter2");
+        assert_eq!(read(&Caller::anonymous()), "hunter2");
+        assert_eq!(
+            spec_for(&client(Role::Viewer), &spec),
+            spec_to_proto(&spec.redacted())
         );
     }
 }

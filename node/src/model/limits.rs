@@ -12,6 +12,7 @@
 //! | `cost` per instance / node `capacity` | [`MAX_COST`] / [`MAX_CAPACITY`] | apply, validation |
 //! | a service name | 63 bytes ([`crate::model::spec::MAX_NAME_LEN`]) | apply, validation |
 //! | a spec's `config`, JSON | [`MAX_CONFIG_BYTES`] (64 KiB) | apply, validation |
+//! | a spec's `secrets`: entries / all of them, JSON / a name | [`MAX_LIST_LEN`] (64) / [`MAX_SECRETS_BYTES`] (64 KiB) / [`MAX_LABEL_BYTES`] (253) | apply, validation |
 //! | a whole spec, JSON | [`MAX_SPEC_BYTES`] (256 KiB) | apply, validation |
 //! | list fields (constraints, `in`, anti-affinity, dependencies, labels, kinds) | [`MAX_LIST_LEN`] (64) entries | apply, validation |
 //! | a label key or value, a kind, a constraint value | [`MAX_LABEL_BYTES`] (253) | apply, validation |
@@ -51,6 +52,8 @@ pub const MAX_COST: u64 = 1_000_000;
 pub const MAX_CAPACITY: u64 = 1_000_000_000_000;
 /// Largest `config` of a spec, as JSON.
 pub const MAX_CONFIG_BYTES: usize = 64 << 10;
+/// Largest `secrets` of a spec (names and values), as JSON.
+pub const MAX_SECRETS_BYTES: usize = 64 << 10;
 /// Largest spec, as JSON.
 pub const MAX_SPEC_BYTES: usize = 256 << 10;
 /// Most entries of a list field.
@@ -223,6 +226,22 @@ pub fn check_spec(spec: &ServiceSpec) -> Result<(), LimitError> {
         "config",
         json_len(&spec.config) as u64,
         MAX_CONFIG_BYTES as u64,
+        "bytes",
+    )?;
+    // Counts and sizes only: no message may repeat a secret value.
+    at_most(
+        "secrets",
+        spec.secrets.len() as u64,
+        MAX_LIST_LEN as u64,
+        "entries",
+    )?;
+    for name in spec.secrets.keys() {
+        bytes("secret name", name, MAX_LABEL_BYTES)?;
+    }
+    at_most(
+        "secrets",
+        json_len(&spec.secrets) as u64,
+        MAX_SECRETS_BYTES as u64,
         "bytes",
     )?;
     at_most(

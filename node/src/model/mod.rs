@@ -4,5 +4,6 @@
 
 pub mod limits;
 pub mod rollout;
+pub mod secret;
 pub mod spec;
 pub mod state;

@@ -9,6 +9,8 @@
 //! config:                   # free-form, validated by the kind
 //!   command: /bin/sleep
 //!   args: ["1000"]
+//! secrets:                  # values every instance gets (`exec`: in its environment), shown
+//!   DB_PASSWORD: hunter2    #   only to operators and admins, never in events, logs or the graph
 //! replicas: 3               # default 1; 0 (stopped) to 50,000; not with `singleton: true`
 //! singleton: false          # exactly one instance, never two at once
 //! constraints:              # all must hold on a node's labels
@@ -53,6 +55,7 @@ use std::time::Duration;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::model::secret::{self, Secret};
 use crate::schedule::{Constraint, SpecView};
 
 /// The longest service name.
@@ -66,7 +69,7 @@ const NAME_RULE: &str =
 /// A declared service, as stored in the replicated state (serde: JSON in Raft, snake_case).
 ///
 /// Every field but `name` and `kind` has a default, so specs stored by older versions (with
-/// fewer fields) still read.
+/// fewer fields) still read. `{:?}` shows the names of the `secrets`, never their values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     /// Unique name: 1-63 lowercase letters, digits and '-', starting with a letter.
@@ -76,6 +79,11 @@ pub struct ServiceSpec {
     /// Kind-specific configuration, validated by the kind.
     #[serde(default)]
     pub config: serde_json::Value,
+    /// Secret values by name, given to every instance (`exec`: as environment variables;
+    /// other kinds: [`InstanceSpec::secrets`](crate::agent::InstanceSpec::secrets)). Readers who
+    /// may not see them get [`redacted`](ServiceSpec::redacted) specs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
     /// Desired number of instances (0: stopped). Ignored for a singleton.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
@@ -198,8 +206,8 @@ impl<'de> Deserialize<'de> for Amount {
     }
 }
 
-/// How a change that replaces instances (kind, config, restart policy, stop grace, health
-/// check) rolls out: a few instances at a time, each replacement waited for until it has
+/// How a change that replaces instances (kind, config, secrets, restart policy, stop grace,
+/// health check) rolls out: a few instances at a time, each replacement waited for until it has
 /// run (and been healthy) for `min_healthy_ms`. A change of the replica count alone (or of
 /// placement rules) replaces nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -536,6 +544,7 @@ impl ServiceSpec {
             name: name.into(),
             kind: kind.into(),
             config: serde_json::Value::Null,
+            secrets: BTreeMap::new(),
             replicas: default_replicas(),
             singleton: false,
             constraints: Vec::new(),
@@ -553,14 +562,34 @@ impl ServiceSpec {
 
     /// What an instance is built from: a change of any of these replaces instances (under
     /// the update policy); other changes (replicas, placement rules, the policy) do not.
+    /// It holds the secret values: compare it, never show it.
     pub fn runtime(&self) -> serde_json::Value {
         serde_json::json!([
             self.kind,
             self.config,
             self.restart,
             self.stop_grace_s,
-            self.health
+            self.health,
+            self.secrets
         ])
+    }
+
+    /// The spec as readers who may not see secret values get it: every value replaced by
+    /// [`secret::PLACEHOLDER`], the names kept. The one place that decides what hides a
+    /// secret (the API calls it for such readers).
+    ///
+    /// ```
+    /// use mode::model::{secret::Secret, spec::ServiceSpec};
+    /// let mut spec = ServiceSpec::new("db", "exec");
+    /// spec.secrets.insert("DB_PASSWORD".into(), Secret::new("hunter2"));
+    /// assert_eq!(spec.redacted().secrets["DB_PASSWORD"].expose(), "(secret)");
+    /// ```
+    pub fn redacted(&self) -> ServiceSpec {
+        let mut spec = self.clone();
+        for value in spec.secrets.values_mut() {
+            *value = Secret::placeholder();
+        }
+        spec
     }
 
     /// Instances wanted (1 for a singleton), never more than
@@ -757,6 +786,46 @@ impl ServiceSpec {
                 None => err,
             }
         })?;
+        self.check_secrets()
+    }
+
+    /// The secrets' names, and what their values may hold. No message repeats a value.
+    fn check_secrets(&self) -> Result<(), SpecError> {
+        let name = self.name.as_str();
+        let env = self
+            .config
+            .get("env")
+            .and_then(serde_json::Value::as_object);
+        for (key, value) in &self.secrets {
+            let field = format!("secrets.{key}");
+            secret::check_name(key).map_err(|e| field_error(name, &field, e))?;
+            if value.expose().contains('\0') {
+                return Err(field_error(
+                    name,
+                    field,
+                    "the value holds a NUL byte, which an environment variable cannot hold",
+                ));
+            }
+            if value.expose() == secret::PLACEHOLDER {
+                return Err(field_error(
+                    name,
+                    field,
+                    format!(
+                        "the value is `{}`, what reads show to those who may not see secrets: give the real value",
+                        secret::PLACEHOLDER
+                    ),
+                ));
+            }
+            if env.is_some_and(|env| env.contains_key(key)) {
+                return Err(field_error(
+                    name,
+                    field,
+                    format!(
+                        "`{key}` is also in config.env: give it once, under `secrets` if it is secret (config.env is shown to every reader)"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -842,6 +911,8 @@ struct RawSpec {
     kind: String,
     #[serde(default)]
     config: serde_json::Value,
+    #[serde(default)]
+    secrets: Option<BTreeMap<String, Secret>>,
     #[serde(default)]
     replicas: Option<u32>,
     #[serde(default)]
@@ -1010,6 +1081,7 @@ impl TryFrom<RawSpec> for ServiceSpec {
             name: raw.name,
             kind: raw.kind,
             config: raw.config,
+            secrets: raw.secrets.unwrap_or_default(),
             replicas: raw.replicas.unwrap_or_else(default_replicas),
             singleton: raw.singleton.unwrap_or(false),
             constraints: raw
@@ -1390,6 +1462,8 @@ kind: exec
 config:
   command: /bin/sleep
   args: ["1000"]
+secrets:
+  DB_PASSWORD: hunter2
 replicas: 3
 singleton: false
 constraints:
@@ -1492,6 +1566,7 @@ health:
             name: "web".into(),
             kind: "exec".into(),
             config: json!({"command": "/bin/sleep", "args": ["1000"]}),
+            secrets: BTreeMap::from([("DB_PASSWORD".into(), Secret::new("hunter2"))]),
             replicas: 3,
             singleton: false,
             constraints: vec![
@@ -2120,6 +2195,126 @@ health:
                 label: "zone".into(),
                 values: BTreeSet::new()
             }]
+        );
+    }
+
+    fn with_secret(name: &str, value: &str) -> ServiceSpec {
+        let mut s = spec("web");
+        s.secrets.insert(name.into(), Secret::new(value));
+        s
+    }
+
+    #[test]
+    fn debug_of_a_spec_names_its_secrets_but_never_shows_a_value() {
+        let s = parse_one(FULL).unwrap();
+        for text in [format!("{s:?}"), format!("{s:#?}")] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("DB_PASSWORD"), "{text}");
+        }
+    }
+
+    #[test]
+    fn redacted_replaces_every_value_and_keeps_the_names() {
+        let mut s = with_secret("DB_PASSWORD", "hunter2");
+        s.secrets.insert("API_KEY".into(), Secret::new("k-123"));
+        let r = s.redacted();
+        assert_eq!(
+            r.secrets.keys().collect::<Vec<_>>(),
+            ["API_KEY", "DB_PASSWORD"]
+        );
+        assert!(r
+            .secrets
+            .values()
+            .all(|v| v.expose() == secret::PLACEHOLDER));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            !json.contains("hunter2") && !json.contains("k-123"),
+            "{json}"
+        );
+        // Everything else is as it was; the original keeps its values.
+        assert_eq!(
+            ServiceSpec {
+                secrets: s.secrets.clone(),
+                ..r
+            },
+            s
+        );
+        assert_eq!(s.secrets["DB_PASSWORD"].expose(), "hunter2");
+    }
+
+    #[test]
+    fn a_changed_secret_replaces_instances() {
+        let a = with_secret("DB_PASSWORD", "hunter2");
+        let b = with_secret("DB_PASSWORD", "hunter3");
+        assert_ne!(a.runtime(), b.runtime());
+        assert_eq!(a.runtime(), a.clone().runtime());
+    }
+
+    #[test]
+    fn secrets_are_checked_without_repeating_a_value() {
+        let e = invalid(|s| {
+            s.secrets
+                .insert("DB-PASSWORD".into(), Secret::new("hunter2"));
+        });
+        assert_eq!(e.field.as_deref(), Some("secrets.DB-PASSWORD"));
+        let e = invalid(|s| {
+            s.secrets.insert("MODE_SLOT".into(), Secret::new("hunter2"));
+        });
+        assert!(e.problem.contains("MODE_"), "{e}");
+        let e = invalid(|s| {
+            s.secrets.insert("A".into(), Secret::new("hun\0ter2"));
+        });
+        assert!(e.problem.contains("NUL"), "{e}");
+        let e = invalid(|s| {
+            s.secrets.insert("A".into(), Secret::placeholder());
+        });
+        assert!(e.problem.contains("real value"), "{e}");
+        // Not a string: refused by the parser, without the value.
+        let e = parse_err("name: web\nkind: exec\nsecrets: {PIN: 4711}\n").to_string();
+        assert!(e.contains("must be a string") && !e.contains("4711"), "{e}");
+        let e = parse_err("name: web\nkind: exec\nsecrets: [hunter2]\n").to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert_eq!(
+            parse_one("name: web\nkind: exec\nsecrets: {PIN: \"0123\", EMPTY: \"\"}\n")
+                .unwrap()
+                .secrets["PIN"]
+                .expose(),
+            "0123"
+        );
+    }
+
+    #[test]
+    fn a_name_in_both_secrets_and_config_env_is_refused() {
+        let e = invalid(|s| {
+            s.config = json!({"command": "/bin/env", "env": {"DB_PASSWORD": "visible"}});
+            s.secrets
+                .insert("DB_PASSWORD".into(), Secret::new("hunter2"));
+        });
+        assert_eq!(e.field.as_deref(), Some("secrets.DB_PASSWORD"));
+        assert!(e.problem.contains("config.env"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let mut ok = with_secret("DB_PASSWORD", "hunter2");
+        ok.config = json!({"command": "/bin/env", "env": {"DB_USER": "app"}});
+        ok.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_have_limits() {
+        let e = invalid(|s| {
+            for i in 0..=crate::model::limits::MAX_LIST_LEN {
+                s.secrets.insert(format!("S{i}"), Secret::new("x"));
+            }
+        });
+        assert_eq!(e.field.as_deref(), Some("secrets"));
+        assert!(e.problem.contains("entries"), "{e}");
+        let big = "x".repeat(crate::model::limits::MAX_SECRETS_BYTES);
+        let e = invalid(|s| {
+            s.secrets.insert("BIG".into(), Secret::new(big));
+        });
+        assert_eq!(e.field.as_deref(), Some("secrets"));
+        assert!(
+            e.problem.contains("bytes") && !e.problem.contains("xxx"),
+            "{e}"
         );
     }
 }

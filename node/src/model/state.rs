@@ -627,7 +627,8 @@ pub struct SpecChange {
     pub action: ChangeAction,
     /// The generation stored (or that it would get).
     pub generation: u64,
-    /// The top-level fields that differ from the stored spec (for `updated`).
+    /// The top-level fields that differ from the stored spec (for `updated`); each secret
+    /// added, removed or changed as `secrets.NAME` (never its value).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changed_fields: Vec<String>,
 }
@@ -655,17 +656,33 @@ impl SpecChange {
 }
 
 /// The fields of `new` that differ from `old`, ignoring the generation (top-level names, in
-/// the spec's field order).
+/// the spec's field order), secrets by name (`secrets.DB_PASSWORD`): these names go into
+/// events and plans, which every reader sees, so they never carry a value.
 fn changed_fields(old: &ServiceSpec, new: &ServiceSpec) -> Vec<String> {
     let as_map = |s: &ServiceSpec| match serde_json::to_value(s) {
         Ok(serde_json::Value::Object(m)) => m,
         _ => serde_json::Map::new(),
     };
-    let (old, new) = (as_map(old), as_map(new));
+    let (old_map, new_map) = (as_map(old), as_map(new));
     let mut names: Vec<String> = Vec::new();
-    for key in new.keys().chain(old.keys()) {
-        if key != "generation" && old.get(key) != new.get(key) && !names.contains(key) {
-            names.push(key.clone());
+    for key in new_map.keys().chain(old_map.keys()) {
+        if key == "generation" || old_map.get(key) == new_map.get(key) {
+            continue;
+        }
+        let changed = if key == "secrets" {
+            let keys: std::collections::BTreeSet<&String> =
+                old.secrets.keys().chain(new.secrets.keys()).collect();
+            keys.into_iter()
+                .filter(|k| old.secrets.get(*k) != new.secrets.get(*k))
+                .map(|k| format!("secrets.{k}"))
+                .collect()
+        } else {
+            vec![key.clone()]
+        };
+        for name in changed {
+            if !names.contains(&name) {
+                names.push(name);
+            }
         }
     }
     names
@@ -2692,6 +2709,53 @@ mod tests {
         assert_eq!(r.changes[0].generation, 2);
         assert_eq!(r.changes[0].changed_fields, ["config", "replicas"]);
         assert_eq!(s.specs["a"].replicas, 5);
+    }
+
+    #[test]
+    fn a_changed_secret_is_named_but_its_value_is_in_no_event_or_result() {
+        use crate::model::secret::Secret;
+        let with = |pairs: &[(&str, &str)]| {
+            let mut a = spec("a");
+            for (k, v) in pairs {
+                a.secrets.insert(k.to_string(), Secret::new(*v));
+            }
+            a
+        };
+        let mut s = with_ticker_node();
+        let r = s.apply(&p(apply_specs(
+            vec![with(&[("DB_PASSWORD", "hunter2"), ("KEEP", "same-1")])],
+            &[],
+        )));
+        assert!(r.ok, "{r:?}");
+        let next = with(&[
+            ("DB_PASSWORD", "hunter3"),
+            ("KEEP", "same-1"),
+            ("NEW", "fresh-9"),
+        ]);
+        let planned = s.plan_apply(std::slice::from_ref(&next), &BTreeMap::new());
+        let r = s.apply(&p(apply_specs(vec![next], &[])));
+        assert!(r.ok, "{r:?}");
+        let fields = ["secrets.DB_PASSWORD", "secrets.NEW"];
+        assert_eq!(r.changes[0].changed_fields, fields);
+        assert_eq!(planned.unwrap()[0].changed_fields, fields);
+        let removed = s.apply(&p(apply_specs(vec![with(&[("KEEP", "same-1")])], &[])));
+        assert_eq!(
+            removed.changes[0].changed_fields,
+            ["secrets.DB_PASSWORD", "secrets.NEW"]
+        );
+        let said = format!(
+            "{:?} {:?} {}",
+            s.events,
+            s.versions,
+            serde_json::to_string(&s.events).unwrap()
+        );
+        assert!(said.contains("secrets.DB_PASSWORD"), "{said}");
+        for value in ["hunter", "same-1", "fresh-9"] {
+            assert!(!said.contains(value), "{value} in {said}");
+            assert!(!format!("{r:?} {removed:?}").contains(value));
+        }
+        // The stored spec keeps the values (the nodes need them).
+        assert_eq!(s.specs["a"].secrets["KEEP"].expose(), "same-1");
     }
 
     #[test]

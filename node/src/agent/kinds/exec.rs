@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
 use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
+use crate::model::secret::Secret;
 use crate::service::{Context, Result, Service, ServiceHandle};
 
 /// Added to the instance's grace period for the framework's own, so that the framework never
@@ -114,6 +115,7 @@ impl Kind for ExecKind {
                 ("MODE_SLOT", instance.slot.to_string()),
                 ("MODE_NODE_ID", instance.node.to_string()),
             ],
+            secrets: instance.secrets.clone(),
             kill: instance.kill.clone(),
             lease: instance.lease.clone(),
             ledger: self.ledger.clone(),
@@ -132,6 +134,8 @@ struct Exec {
     grace: Duration,
     /// What the process learns of its instance (`MODE_FENCING_TOKEN`, ...).
     env: Vec<(&'static str, String)>,
+    /// The spec's secrets, set in the environment beside `config.env` (never logged).
+    secrets: BTreeMap<String, Secret>,
     kill: super::KillSwitch,
     lease: Option<super::LeaseDeadline>,
     ledger: ProcessLedger,
@@ -159,6 +163,7 @@ impl Service for Exec {
             .args(&config.args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .envs(&config.env)
+            .envs(self.secrets.iter().map(|(k, v)| (k, v.expose())))
             .env(ledger::RUN_ID_VAR, &run_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -22,6 +22,7 @@ fn spec(config: Value, grace: Duration) -> InstanceSpec {
         slot: 0,
         node: 1,
         config,
+        secrets: Default::default(),
         grace,
         fencing_token: 1,
         kill: Default::default(),
@@ -400,6 +401,21 @@ async fn exec_logs_stdout_at_info_and_stderr_at_warn() {
     assert_eq!(svc.state(), ServiceState::Shutdown);
 }
 
+/// What a script wrote to `out` in `dir` (waiting up to 5 s for the file).
+async fn output(dir: &TempDir) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(out) = std::fs::read_to_string(dir.path("out")) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the script never wrote its output"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn exec_uses_env_and_cwd() {
     let dir = TempDir::new();
@@ -411,21 +427,36 @@ async fn exec_uses_env_and_cwd() {
     });
     let svc = create("exec", config, Duration::from_secs(2));
     svc.start().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        if let Ok(out) = std::fs::read_to_string(dir.path("out")) {
-            break out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the script never wrote its output"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let out = output(&dir).await;
     let cwd = std::fs::canonicalize(&dir.0).unwrap();
     assert_eq!(out, format!("bonjour\n{}\n", cwd.display()));
     svc.stop().await;
     assert_eq!(svc.state(), ServiceState::Shutdown);
+}
+
+#[tokio::test]
+async fn exec_gets_the_secrets_in_its_environment_and_logs_none() {
+    let (logs, _guard) = Logs::capture();
+    let dir = TempDir::new();
+    let mut instance = spec(
+        json!({
+            "command": "/bin/sh",
+            "args": ["-c", "echo \"$DB_PASSWORD\" > out.tmp; mv out.tmp out; exec sleep 1000"],
+            "cwd": dir.0,
+        }),
+        Duration::from_secs(2),
+    );
+    instance.secrets.insert(
+        "DB_PASSWORD".into(),
+        crate::model::secret::Secret::new("hunter2"),
+    );
+    assert!(!format!("{instance:?}").contains("hunter2"));
+    let svc = KindRegistry::stock().create("exec", &instance).unwrap();
+    svc.start().await.unwrap();
+    let out = output(&dir).await;
+    assert_eq!(out, "hunter2\n");
+    svc.stop().await;
+    assert!(!logs.text().contains("hunter2"), "{}", logs.text());
 }
 
 #[tokio::test]
