@@ -12,11 +12,23 @@
 //! `kill -9` kills whatever escaped both. Each run gets a fresh `MODE_RUN_ID` in its
 //! environment, which what it starts inherits: that is how the restarted node recognises a
 //! re-parented grandchild as its own.
+//!
+//! **What a process gets.** Not the node's environment: a workload must not read the node's
+//! secrets (cloud credentials, tokens) from it. Its environment is a minimal base (`PATH` =
+//! [`program::BASE_PATH`], `HOME` = the home directory `/etc/passwd` gives the user it runs as,
+//! else `/`), then its config's `env` (which may replace both), then what the node tells each
+//! run: `MODE_SERVICE`, `MODE_SLOT`, `MODE_NODE_ID`, `MODE_FENCING_TOKEN` and `MODE_RUN_ID`
+//! (these win over `env`). `LANG`, `TZ` and the rest are not set: programs use the C locale
+//! and `/etc/localtime` unless `env` says otherwise. A command given by name is looked up in
+//! that `PATH`. With `user` (and `group`) it runs as that account, which only a node running
+//! as root can do (see [`users`]); with `--exec-allow` on the node, only the programs the
+//! node allows run (see [`program`]).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,7 +40,13 @@ use tokio::time::Instant;
 use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
 use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
-use crate::service::{Context, Result, Service, ServiceHandle};
+use crate::service::{lock, Context, Result, Service, ServiceHandle};
+
+pub(crate) mod program;
+pub(super) mod users;
+
+use program::AllowList;
+use users::{Account, Credentials};
 
 /// Added to the instance's grace period for the framework's own, so that the framework never
 /// aborts the process task before it has sent SIGKILL and reaped the process.
@@ -47,22 +65,47 @@ const REASON_LINE: usize = 200;
 /// The `exec` kind (see the module docs), recording its process groups in `ledger`.
 pub(crate) struct ExecKind {
     pub(crate) ledger: ProcessLedger,
+    pub(crate) policy: ExecPolicy,
 }
 
-/// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}`.
+/// What this node lets `exec` processes run (its `--exec-allow`), shared by the registry that
+/// sets it at the node's start and the kind that reads it at each start of a process.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExecPolicy(Arc<Mutex<Option<Arc<AllowList>>>>);
+
+impl ExecPolicy {
+    /// Only programs `allow` permits may run from now on.
+    pub(crate) fn restrict(&self, allow: AllowList) {
+        *lock(&self.0) = Some(Arc::new(allow));
+    }
+
+    fn allow_list(&self) -> Option<Arc<AllowList>> {
+        lock(&self.0).clone()
+    }
+}
+
+/// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp",
+/// "user": "nobody", "group": "nogroup"}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExecConfig {
-    /// The program: a path, or a name looked up in `PATH`.
+    /// The program: a path, or a name looked up in the process's `PATH`.
     command: String,
     #[serde(default)]
     args: Vec<String>,
-    /// Added to the node's environment.
+    /// Added to the base environment (see the module docs).
     #[serde(default)]
     env: BTreeMap<String, String>,
     /// Working directory (default: the node's).
     #[serde(default)]
     cwd: Option<PathBuf>,
+    /// Run as this user (a name or a uid); only a node running as root can.
+    #[serde(default)]
+    user: Option<Account>,
+    /// With `user`: run with this group (a name or a gid) as the only group, instead of the
+    /// user's own groups.
+    #[serde(default)]
+    group: Option<Account>,
 }
 
 impl ExecConfig {
@@ -92,6 +135,11 @@ impl ExecConfig {
                 "invalid exec config: field `env`: `{key}` is not a variable name (empty, or contains '=' or NUL)"
             ));
         }
+        if config.group.is_some() && config.user.is_none() {
+            return Err(
+                "invalid exec config: field `group` needs `user`: a group alone would leave the process running as the node's user; give `user` too".into(),
+            );
+        }
         Ok(config)
     }
 }
@@ -114,6 +162,7 @@ impl Kind for ExecKind {
                 ("MODE_SLOT", instance.slot.to_string()),
                 ("MODE_NODE_ID", instance.node.to_string()),
             ],
+            allow: self.policy.allow_list(),
             kill: instance.kill.clone(),
             lease: instance.lease.clone(),
             ledger: self.ledger.clone(),
@@ -132,9 +181,91 @@ struct Exec {
     grace: Duration,
     /// What the process learns of its instance (`MODE_FENCING_TOKEN`, ...).
     env: Vec<(&'static str, String)>,
+    /// The node's `--exec-allow`, if it has one.
+    allow: Option<Arc<AllowList>>,
     kill: super::KillSwitch,
     lease: Option<super::LeaseDeadline>,
     ledger: ProcessLedger,
+}
+
+/// What one run starts: which program, with what environment, as whom.
+struct Launch {
+    /// Its absolute path (its real location when the node has an allow-list).
+    program: PathBuf,
+    env: BTreeMap<String, String>,
+    switch: Option<Credentials>,
+}
+
+impl Exec {
+    /// Resolve the program, the environment and the account of run `run_id`, and check them
+    /// against what this node allows.
+    fn prepare(&self, run_id: &str) -> std::result::Result<Launch, String> {
+        let config = &self.config;
+        let run_as = users::run_as(config.user.as_ref(), config.group.as_ref())?;
+        let node_vars = self
+            .env
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain([(ledger::RUN_ID_VAR, run_id)]);
+        let env = environment(&config.env, &run_as.home, node_vars);
+        let cwd = match config.cwd.as_deref() {
+            Some(dir) if dir.is_absolute() => dir.to_path_buf(),
+            dir => std::env::current_dir()
+                .map(|here| dir.map_or_else(|| here.clone(), |d| here.join(d)))
+                .map_err(|e| {
+                    format!(
+                        "cannot tell this node's working directory ({e}): give an absolute `cwd`"
+                    )
+                })?,
+        };
+        let path = env.get("PATH").map_or(program::BASE_PATH, String::as_str);
+        let located = program::locate(&config.command, path, &cwd)?;
+        let program = match &self.allow {
+            None => located,
+            Some(allow) => {
+                let real = program::real_location(&located).map_err(|e| {
+                    format!(
+                        "cannot run `{}` ({}): {e}",
+                        config.command,
+                        located.display()
+                    )
+                })?;
+                if !allow.permits(&real) {
+                    return Err(format!(
+                        "`{}` ({}) is not allowed on this node: its --exec-allow permits only {}; run it on a node that allows it, or ask the node's operator to add it to --exec-allow",
+                        config.command,
+                        real.display(),
+                        allow.describe()
+                    ));
+                }
+                real
+            }
+        };
+        Ok(Launch {
+            program,
+            env,
+            switch: run_as.switch,
+        })
+    }
+}
+
+/// A run's whole environment: the base (`PATH`, `HOME`), then the config's `env`, then what
+/// the node sets for the run (which wins).
+fn environment<'a>(
+    config: &BTreeMap<String, String>,
+    home: &str,
+    node: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_string(), program::BASE_PATH.to_string()),
+        ("HOME".to_string(), home.to_string()),
+    ]);
+    env.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(
+        node.into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
 }
 
 impl Service for Exec {
@@ -154,12 +285,13 @@ impl Service for Exec {
             .into());
         }
         let run_id = ledger::new_run_id();
-        let mut command = Command::new(&config.command);
+        let launch = self.prepare(&run_id)?;
+        let mut command = Command::new(&launch.program);
         command
+            .arg0(&config.command)
             .args(&config.args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .envs(&config.env)
-            .env(ledger::RUN_ID_VAR, &run_id)
+            .env_clear()
+            .envs(&launch.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -168,11 +300,21 @@ impl Service for Exec {
         if let Some(cwd) = &config.cwd {
             command.current_dir(cwd);
         }
-        let spawned = spawner::spawn(command, self.lease.as_ref().map(|l| l.cell()))
+        let lease = self.lease.as_ref().map(|l| l.cell());
+        let spawned = spawner::spawn(command, lease, launch.switch)
             .await
-            .map_err(|e| match &config.cwd {
-                Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),
-                None => format!("cannot run `{}`: {e}", config.command),
+            .map_err(|e| {
+                let place = config
+                    .cwd
+                    .as_ref()
+                    .map(|cwd| format!(" in {}", cwd.display()))
+                    .unwrap_or_default();
+                let user = config
+                    .user
+                    .as_ref()
+                    .map(|user| format!(" as user `{user}`"))
+                    .unwrap_or_default();
+                format!("cannot run `{}`{place}{user}: {e}", config.command)
             })?;
         let mut child = spawned.child;
         let keeper = spawned.keeper.map_err(|e| {
