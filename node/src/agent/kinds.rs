@@ -20,7 +20,7 @@ mod spawner;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use exec::program::{check_pattern as check_exec_pattern, AllowList};
+pub(crate) use exec::program::{check_pattern as check_exec_pattern, AllowList, BASE_PATH};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::model::spec::{HealthCheck, Probe};
 use crate::service::ServiceHandle;
 
 /// What a node needs to start one instance of a service.
@@ -298,6 +299,30 @@ impl KindRegistry {
     /// Let the stock `exec` kind run only the programs `allow` permits (`--exec-allow`).
     pub(crate) fn restrict_exec(&self, allow: AllowList) {
         self.exec_policy.restrict(allow);
+    }
+
+    /// A health check as this node runs it: a `command` probe is a program the node runs,
+    /// under the rules its `exec` instances follow (none with `--no-exec`, only the allowed
+    /// ones with `--exec-allow`); its program is resolved here, in [`BASE_PATH`].
+    pub(crate) fn health_check(&self, check: &HealthCheck) -> Result<HealthCheck, String> {
+        let mut check = check.clone();
+        let Probe::Command(argv) = &mut check.probe else {
+            return Ok(check);
+        };
+        let Some(command) = argv.first_mut() else {
+            return Ok(check);
+        };
+        if let Some(why) = self.disabled.get("exec") {
+            return Err(format!(
+                "its health check runs a command (`{command}`), and this node runs none ({why})"
+            ));
+        }
+        let program = self
+            .exec_policy
+            .program(command, BASE_PATH)
+            .map_err(|e| format!("its health check: {e}"))?;
+        *command = program.to_string_lossy().into_owned();
+        Ok(check)
     }
 
     /// Add `kind` as `name`, replacing a kind of that name.

@@ -82,6 +82,43 @@ impl ExecPolicy {
     fn allow_list(&self) -> Option<Arc<AllowList>> {
         lock(&self.0).clone()
     }
+
+    /// The program `command` runs on this node when looked up in `path` from the node's
+    /// working directory, if the node allows it (for what the node runs besides instances:
+    /// health check commands).
+    pub(crate) fn program(
+        &self,
+        command: &str,
+        path: &str,
+    ) -> std::result::Result<PathBuf, String> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| format!("cannot tell this node's working directory ({e})"))?;
+        checked_program(self.allow_list().as_deref(), command, path, &cwd)
+    }
+}
+
+/// The program `command` names (found in `path`, from `cwd`), checked against the node's
+/// allow-list: with one, its real location, which is then what runs.
+fn checked_program(
+    allow: Option<&AllowList>,
+    command: &str,
+    path: &str,
+    cwd: &std::path::Path,
+) -> std::result::Result<PathBuf, String> {
+    let located = program::locate(command, path, cwd)?;
+    let Some(allow) = allow else {
+        return Ok(located);
+    };
+    let real = program::real_location(&located)
+        .map_err(|e| format!("cannot run `{command}` ({}): {e}", located.display()))?;
+    if !allow.permits(&real) {
+        return Err(format!(
+            "`{command}` ({}) is not allowed on this node: its --exec-allow permits only {}; run it on a node that allows it, or ask the node's operator to add it to --exec-allow",
+            real.display(),
+            allow.describe()
+        ));
+    }
+    Ok(real)
 }
 
 /// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp",
@@ -219,28 +256,7 @@ impl Exec {
                 })?,
         };
         let path = env.get("PATH").map_or(program::BASE_PATH, String::as_str);
-        let located = program::locate(&config.command, path, &cwd)?;
-        let program = match &self.allow {
-            None => located,
-            Some(allow) => {
-                let real = program::real_location(&located).map_err(|e| {
-                    format!(
-                        "cannot run `{}` ({}): {e}",
-                        config.command,
-                        located.display()
-                    )
-                })?;
-                if !allow.permits(&real) {
-                    return Err(format!(
-                        "`{}` ({}) is not allowed on this node: its --exec-allow permits only {}; run it on a node that allows it, or ask the node's operator to add it to --exec-allow",
-                        config.command,
-                        real.display(),
-                        allow.describe()
-                    ));
-                }
-                real
-            }
-        };
+        let program = checked_program(self.allow.as_deref(), &config.command, path, &cwd)?;
         Ok(Launch {
             program,
             env,

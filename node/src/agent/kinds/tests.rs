@@ -763,6 +763,58 @@ async fn a_disabled_kind_is_not_offered_and_not_created_but_still_checked() {
     );
 }
 
+#[test]
+fn health_check_commands_follow_the_nodes_exec_rules() {
+    let check =
+        |probe: Value| serde_json::from_value::<crate::model::spec::HealthCheck>(probe).unwrap();
+    let argv = |c: &crate::model::spec::HealthCheck| match &c.probe {
+        crate::model::spec::Probe::Command(argv) => argv.clone(),
+        other => panic!("not a command: {other:?}"),
+    };
+    let dir = TempDir::new();
+    let root = std::fs::canonicalize(&dir.0).unwrap();
+    script(&root.join("probe"), "exit 0");
+    let http = check(json!({"http": {"port": 8080}}));
+    let by_name = check(json!({"command": ["sh", "-c", "true"]}));
+    let by_path = check(json!({"command": [root.join("probe")]}));
+
+    // Resolved in the base PATH, the rest untouched.
+    let kinds = KindRegistry::stock();
+    let resolved = argv(&kinds.health_check(&by_name).unwrap());
+    assert!(
+        resolved[0].ends_with("/sh") && resolved[0].starts_with('/'),
+        "{resolved:?}"
+    );
+    assert_eq!(resolved[1..], ["-c", "true"]);
+    assert_eq!(kinds.health_check(&http).unwrap(), http);
+
+    // --exec-allow: only what it allows.
+    let kinds = KindRegistry::stock();
+    let pattern = format!("{}/*", root.display());
+    kinds.restrict_exec(super::AllowList::new(std::slice::from_ref(&pattern)).unwrap());
+    assert_eq!(
+        argv(&kinds.health_check(&by_path).unwrap()),
+        [root.join("probe").display().to_string()]
+    );
+    let e = kinds.health_check(&by_name).unwrap_err();
+    assert!(
+        e.starts_with("its health check: `sh` (/")
+            && e.contains(&format!(
+                "is not allowed on this node: its --exec-allow permits only {pattern}"
+            )),
+        "{e}"
+    );
+
+    // --no-exec: no commands at all; other probes still run.
+    let mut kinds = KindRegistry::stock();
+    kinds.disable("exec", "--no-exec");
+    assert_eq!(
+        kinds.health_check(&by_name).unwrap_err(),
+        "its health check runs a command (`sh`), and this node runs none (--no-exec)"
+    );
+    assert_eq!(kinds.health_check(&http).unwrap(), http);
+}
+
 #[tokio::test]
 async fn exec_runs_as_the_configured_user_with_its_parent_death_signal() {
     // SAFETY: geteuid cannot fail.
