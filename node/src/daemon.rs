@@ -903,6 +903,33 @@ mod tests {
     }
 
     #[test]
+    fn exec_flags_parse_check_their_patterns_and_exclude_each_other() {
+        let args =
+            NodeArgs::try_parse_from(["mode-node", "--exec-allow", "/usr/bin/sleep,/opt/app/*"])
+                .unwrap();
+        assert_eq!(args.exec_allow, ["/usr/bin/sleep", "/opt/app/*"]);
+        let mut kinds = KindRegistry::stock();
+        let said = args.limit_exec(&mut kinds).unwrap().unwrap();
+        assert!(
+            said.contains("may run only /usr/bin/sleep, /opt/app/*"),
+            "{said}"
+        );
+        assert!(kinds.names().contains(&"exec".to_string()));
+
+        let bad = NodeArgs::try_parse_from(["mode-node", "--exec-allow", "sleep"]).unwrap_err();
+        assert!(bad.to_string().contains("is not an absolute path"), "{bad}");
+        let both = NodeArgs::try_parse_from(["mode-node", "--no-exec", "--exec-allow", "/x"]);
+        assert!(both.is_err());
+
+        let args = NodeArgs::try_parse_from(["mode-node", "--no-exec"]).unwrap();
+        let mut kinds = KindRegistry::stock();
+        assert!(args.limit_exec(&mut kinds).unwrap().is_some());
+        assert!(!kinds.names().contains(&"exec".to_string()));
+        let plain = NodeArgs::try_parse_from(["mode-node"]).unwrap();
+        assert_eq!(plain.limit_exec(&mut KindRegistry::stock()), Ok(None));
+    }
+
+    #[test]
     fn a_wildcard_listen_address_needs_an_advertised_one() {
         let args = NodeArgs::try_parse_from(["mode-node", "--listen", "0.0.0.0:7070"]).unwrap();
         assert!(args.cluster_config().unwrap_err().contains("--advertise"));
