@@ -319,7 +319,7 @@ pub(crate) async fn token(cmd: &TokenCmd, conn: &mut Conn, json: bool) -> Result
                 );
             } else {
                 say!("{}", r.token);
-                eprintln!(
+                say_err!(
                     "token {} for '{}' ({}): shown only now; use it as MODE_TOKEN or `modectl --token`, revoke it with `modectl token revoke {}`",
                     info.id, info.name, info.role, info.id
                 );

@@ -22,6 +22,13 @@ macro_rules! say {
     };
 }
 
+/// `say_err!("...", args)`: a line on stderr (see [`crate::output::say_err`]).
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        $crate::output::say_err(format_args!($($arg)*))
+    };
+}
+
 /// `rpc!(conn, Call::Read, method, request)`: [`Conn::call`] of one Control RPC, the request
 /// built anew for each endpoint tried.
 macro_rules! rpc {

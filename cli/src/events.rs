@@ -81,7 +81,7 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
                 return Err(f)
             }
             Err(f) => {
-                eprintln!(
+                say_err!(
                     "modectl: cannot follow events through {} ({}); retrying in {backoff:?}",
                     conn.endpoint(),
                     f.message
@@ -94,7 +94,7 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
             }
         };
         if let Some(why) = broken.take() {
-            eprintln!(
+            say_err!(
                 "modectl: reconnected to {} after the event stream broke ({why}); resuming after event {}",
                 conn.endpoint(),
                 shown(last)
@@ -105,7 +105,7 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
             match stream.message().await {
                 Ok(Some(e)) => {
                     if e.gap {
-                        eprintln!(
+                        say_err!(
                             "modectl: events after {} up to {} were dropped from the bounded log before they could be shown",
                             shown(last),
                             e.seq

@@ -11,6 +11,7 @@ use mode_proto::v1 as pb;
 use tracing::Instrument as _;
 
 use crate::conn::{Call, Conn};
+use crate::output::{printable, printable_strings, Breaks};
 use crate::{convert, Failure};
 
 #[derive(Args)]
@@ -67,22 +68,39 @@ async fn fetch(conn: &mut Conn, args: &GraphArgs) -> Result<ClusterGraph, Failur
     Ok(convert::graph(&reply))
 }
 
+/// The graph drawn, with the cluster's text in it [`printable`]: the renderers draw a copy whose
+/// strings are escaped (so the tree's own colours stay), JSON is escaped as a whole.
 fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
-    match format {
+    let render = |graph: &ClusterGraph, palette| match format {
         GraphFormat::Tree => graph.render_tree(palette),
+        GraphFormat::Dot => graph.to_dot(),
+        GraphFormat::Svg => svg::render(graph),
         GraphFormat::Json => {
             let mut s = serde_json::to_string(graph).unwrap_or_default();
             s.push('\n');
             s
         }
-        GraphFormat::Dot => graph.to_dot(),
-        GraphFormat::Svg => svg::render(graph),
+    };
+    if format == GraphFormat::Json {
+        return printable(&render(graph, palette), Breaks::Keep).into_owned();
     }
+    match escaped(graph) {
+        Some(graph) => render(&graph, palette),
+        // (Never seen: the graph's own type round-trips.) Plain, and escaped as a whole.
+        None => printable(&render(graph, Palette::Plain), Breaks::Keep).into_owned(),
+    }
+}
+
+/// A copy of `graph` with each of its strings [`printable`] as one line.
+fn escaped(graph: &ClusterGraph) -> Option<ClusterGraph> {
+    let mut value = serde_json::to_value(graph).ok()?;
+    printable_strings(&mut value);
+    serde_json::from_value(value).ok()
 }
 
 fn warn_unreachable(graph: &ClusterGraph) {
     for n in graph.nodes.iter().filter(|n| !n.reachable) {
-        eprintln!(
+        say_err!(
             "warning: node {} ({}) did not answer: {}",
             n.id,
             n.address,
@@ -173,7 +191,7 @@ pub(crate) async fn run(args: &GraphArgs, conn: &mut Conn, json: bool) -> Result
             // behind) may pass: say so and keep asking.
             Err(f) if f.code == 2 => return Err(f),
             Err(f) => {
-                eprintln!("error: {} (retrying)", f.message);
+                say_err!("error: {} (retrying)", f.message);
                 failing = true;
             }
         }

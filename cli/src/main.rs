@@ -498,7 +498,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            say_err!("error: {}", f.message);
             ExitCode::from(f.code)
         }
     }

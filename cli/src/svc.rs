@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::conn::{new_request_id, with_request_id, Call, Conn};
 use crate::convert::{spec_to_proto, wanted};
-use crate::output::table;
+use crate::output::{printable, table, Breaks};
 use crate::{json as js, Failure};
 
 #[derive(Subcommand)]
@@ -535,7 +535,7 @@ async fn follow_service(
                 Ok(Ok(None)) => return Ok(None),
                 Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(None),
                 Ok(Err(s)) => {
-                    eprintln!(
+                    say_err!(
                         "warning: the watch of '{name}' broke ({}); reconnecting",
                         s.message()
                     );
@@ -766,6 +766,8 @@ impl ProgressView {
             return;
         }
         if self.terminal {
+            // Written in place, past `say`: made printable here (it holds the cluster's text).
+            let line = printable(&line, Breaks::Escape);
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();
             let _ = write!(out, "\r\x1b[2K{line}");

@@ -126,6 +126,16 @@ pub struct NodeArgs {
     /// Log format: text or json.
     #[arg(long, env = "MODE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Let `exec` instances run only these programs (comma-separated or repeated): an
+    /// absolute path allows that program, `DIR/*` the programs directly in DIR (not in its
+    /// subdirectories). A command is matched by where it really is (its directory with links
+    /// and `..` resolved, a name looked up in the workload's PATH); any other fails to start,
+    /// with a crash reason naming it.
+    #[arg(long, env = "MODE_EXEC_ALLOW", value_delimiter = ',', value_name = "PATTERN", value_parser = crate::agent::kinds::check_exec_pattern)]
+    pub exec_allow: Vec<String>,
+    /// Do not offer the `exec` kind on this node: no `exec` instance is placed here.
+    #[arg(long, env = "MODE_NO_EXEC", conflicts_with = "exec_allow")]
+    pub no_exec: bool,
 }
 
 fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
@@ -276,6 +286,27 @@ impl NodeArgs {
         ))
     }
 
+    /// Apply `--no-exec` and `--exec-allow` to `kinds`; what the node says about it in its
+    /// log, if anything.
+    fn limit_exec(&self, kinds: &mut KindRegistry) -> std::result::Result<Option<String>, String> {
+        if self.no_exec {
+            kinds.disable("exec", "--no-exec");
+            return Ok(Some(
+                "exec is off on this node (--no-exec): no exec instance is placed here".into(),
+            ));
+        }
+        if self.exec_allow.is_empty() {
+            return Ok(None);
+        }
+        let allow = crate::agent::kinds::AllowList::new(&self.exec_allow)?;
+        let said = format!(
+            "exec instances on this node may run only {}",
+            allow.describe()
+        );
+        kinds.restrict_exec(allow);
+        Ok(Some(said))
+    }
+
     /// The flags of an agent-only node make sense.
     pub fn agent_checks(&self) -> std::result::Result<(), String> {
         if self.servers.is_empty() {
@@ -414,12 +445,19 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     Node::builder().run_with_args(args)
 }
 
-fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> ExitCode {
+fn run_node(mut kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = match NodeArgs::try_parse_from(args) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let exec = match args.limit_exec(&mut kinds) {
+        Ok(said) => said,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
         }
     };
     let config = if args.is_agent() {
@@ -467,6 +505,9 @@ fn run_node(kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> Ex
     if let Err(e) = logging {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(exec) = exec {
+        tracing::info!("{exec}");
     }
     let code = rt.block_on(async {
         match &tls {
@@ -954,6 +995,33 @@ mod tests {
         assert!(parse_peer("x=a:1").unwrap_err().contains("not a node id"));
         assert_eq!(parse_label("zone=a").unwrap(), ("zone".into(), "a".into()));
         assert!(parse_label("=a").is_err());
+    }
+
+    #[test]
+    fn exec_flags_parse_check_their_patterns_and_exclude_each_other() {
+        let args =
+            NodeArgs::try_parse_from(["mode-node", "--exec-allow", "/usr/bin/sleep,/opt/app/*"])
+                .unwrap();
+        assert_eq!(args.exec_allow, ["/usr/bin/sleep", "/opt/app/*"]);
+        let mut kinds = KindRegistry::stock();
+        let said = args.limit_exec(&mut kinds).unwrap().unwrap();
+        assert!(
+            said.contains("may run only /usr/bin/sleep, /opt/app/*"),
+            "{said}"
+        );
+        assert!(kinds.names().contains(&"exec".to_string()));
+
+        let bad = NodeArgs::try_parse_from(["mode-node", "--exec-allow", "sleep"]).unwrap_err();
+        assert!(bad.to_string().contains("is not an absolute path"), "{bad}");
+        let both = NodeArgs::try_parse_from(["mode-node", "--no-exec", "--exec-allow", "/x"]);
+        assert!(both.is_err());
+
+        let args = NodeArgs::try_parse_from(["mode-node", "--no-exec"]).unwrap();
+        let mut kinds = KindRegistry::stock();
+        assert!(args.limit_exec(&mut kinds).unwrap().is_some());
+        assert!(!kinds.names().contains(&"exec".to_string()));
+        let plain = NodeArgs::try_parse_from(["mode-node"]).unwrap();
+        assert_eq!(plain.limit_exec(&mut KindRegistry::stock()), Ok(None));
     }
 
     #[test]

@@ -654,8 +654,12 @@ async fn pass(
             kill: kill.clone(),
             lease: spec.singleton.then(|| leases.deadline.clone()),
         };
-        let inner = match kinds.create(&spec.kind, &instance) {
-            Ok(h) => h,
+        let built = kinds.create(&spec.kind, &instance).and_then(|inner| {
+            let check = spec.health.as_deref().map(|c| kinds.health_check(c));
+            Ok((inner, check.transpose()?))
+        });
+        let (inner, check) = match built {
+            Ok(built) => built,
             Err(e) => {
                 agent
                     .unbuildable
@@ -670,17 +674,14 @@ async fn pass(
                 continue;
             }
         };
-        let health = spec.health.clone().map(|check| {
+        let health = check.map(|check| {
             let env = vec![
                 ("MODE_SERVICE".to_string(), spec.name.clone()),
                 ("MODE_SLOT".to_string(), key.1.to_string()),
                 ("MODE_NODE_ID".to_string(), me.to_string()),
-                (
-                    "PATH".to_string(),
-                    "/usr/local/bin:/usr/bin:/bin".to_string(),
-                ),
+                ("PATH".to_string(), super::kinds::BASE_PATH.to_string()),
             ];
-            super::health::Health::start(*check, key.1, env, inner.clone())
+            super::health::Health::start(check, key.1, env, inner.clone())
         });
         let wrapper = instance_supervisor(spec, key.1, inner.clone());
         agent.supervisor.add_dependency(wrapper.clone());

@@ -5,7 +5,7 @@
 //!
 //! | kind | config | what it runs |
 //! | --- | --- | --- |
-//! | `exec` | `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}` | a supervised OS process, its output logged; stopped with SIGTERM, then SIGKILL after the grace period |
+//! | `exec` | `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp", "user": "nobody", "group": "nogroup"}` | a supervised OS process, its output logged; stopped with SIGTERM, then SIGKILL after the grace period; not the node's environment, only a minimal base and `env` |
 //! | `ticker` | `{"every_ms": 1000, "message": "tick"}` | logs the message every period |
 //! | `counter` | `{"every_ms": 1000}` | counts and logs ticks |
 //! | `crasher` | `{"after_ms": 1000, "crash_file": "/tmp/crash"}` | crashes after `after_ms`, or whenever `crash_file` appears (the file is removed, so each new file is one crash) |
@@ -20,6 +20,8 @@ mod spawner;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use exec::program::{check_pattern as check_exec_pattern, AllowList, BASE_PATH};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -31,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::model::secret::Secret;
+use crate::model::spec::{HealthCheck, Probe};
 use crate::service::ServiceHandle;
 
 /// What a node needs to start one instance of a service.
@@ -251,8 +254,13 @@ where
 #[derive(Clone, Default)]
 pub struct KindRegistry {
     kinds: BTreeMap<String, Arc<dyn Kind>>,
+    /// Kinds this node knows but does not offer, and why (`--no-exec`): their configs are
+    /// still checked, nothing of theirs runs here.
+    disabled: BTreeMap<String, &'static str>,
     /// Where the stock `exec` kind records its process groups (shared by the clones).
     processes: ledger::ProcessLedger,
+    /// What the stock `exec` kind may run (shared by the clones).
+    exec_policy: exec::ExecPolicy,
 }
 
 impl KindRegistry {
@@ -266,8 +274,9 @@ impl KindRegistry {
     pub fn stock() -> Self {
         let mut kinds = Self::new();
         let ledger = kinds.processes.clone();
+        let policy = kinds.exec_policy.clone();
         kinds
-            .register("exec", exec::ExecKind { ledger })
+            .register("exec", exec::ExecKind { ledger, policy })
             .register("ticker", demo::TickerKind)
             .register("counter", demo::CounterKind)
             .register("crasher", demo::CrasherKind)
@@ -281,6 +290,44 @@ impl KindRegistry {
     /// it cannot check or record, it logs as a warning.
     pub(crate) fn open_process_ledger(&self, data_dir: &Path) {
         self.processes.open(data_dir);
+    }
+
+    /// Stop offering `kind` (`why`: the flag that says so): it is left out of
+    /// [`KindRegistry::names`] (what the node registers, so the scheduler places none of it
+    /// here) and `create` refuses it; its configs are still checked, for the specs this server
+    /// receives.
+    pub(crate) fn disable(&mut self, kind: &str, why: &'static str) -> &mut Self {
+        self.disabled.insert(kind.to_string(), why);
+        self
+    }
+
+    /// Let the stock `exec` kind run only the programs `allow` permits (`--exec-allow`).
+    pub(crate) fn restrict_exec(&self, allow: AllowList) {
+        self.exec_policy.restrict(allow);
+    }
+
+    /// A health check as this node runs it: a `command` probe is a program the node runs,
+    /// under the rules its `exec` instances follow (none with `--no-exec`, only the allowed
+    /// ones with `--exec-allow`); its program is resolved here, in [`BASE_PATH`].
+    pub(crate) fn health_check(&self, check: &HealthCheck) -> Result<HealthCheck, String> {
+        let mut check = check.clone();
+        let Probe::Command(argv) = &mut check.probe else {
+            return Ok(check);
+        };
+        let Some(command) = argv.first_mut() else {
+            return Ok(check);
+        };
+        if let Some(why) = self.disabled.get("exec") {
+            return Err(format!(
+                "its health check runs a command (`{command}`), and this node runs none ({why})"
+            ));
+        }
+        let program = self
+            .exec_policy
+            .program(command, BASE_PATH)
+            .map_err(|e| format!("its health check: {e}"))?;
+        *command = program.to_string_lossy().into_owned();
+        Ok(check)
     }
 
     /// Add `kind` as `name`, replacing a kind of that name.
@@ -298,9 +345,13 @@ impl KindRegistry {
         self.register(name, FnKind(create))
     }
 
-    /// The kinds' names, sorted.
+    /// The names of the kinds this node offers, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.kinds.keys().cloned().collect()
+        self.kinds
+            .keys()
+            .filter(|k| !self.disabled.contains_key(*k))
+            .cloned()
+            .collect()
     }
 
     /// Whether a kind of that name is registered.
@@ -315,6 +366,11 @@ impl KindRegistry {
 
     /// Build (not start) the service of one instance of `kind`.
     pub fn create(&self, kind: &str, instance: &InstanceSpec) -> Result<ServiceHandle, String> {
+        if let Some(why) = self.disabled.get(kind) {
+            return Err(format!(
+                "this node does not run kind `{kind}` ({why}): the instance must run on another node"
+            ));
+        }
         self.get(kind)?.create(instance)
     }
 

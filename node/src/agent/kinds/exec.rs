@@ -12,11 +12,23 @@
 //! `kill -9` kills whatever escaped both. Each run gets a fresh `MODE_RUN_ID` in its
 //! environment, which what it starts inherits: that is how the restarted node recognises a
 //! re-parented grandchild as its own.
+//!
+//! **What a process gets.** Not the node's environment: a workload must not read the node's
+//! secrets (cloud credentials, tokens) from it. Its environment is a minimal base (`PATH` =
+//! [`program::BASE_PATH`], `HOME` = the home directory `/etc/passwd` gives the user it runs as,
+//! else `/`), then its config's `env` (which may replace both), then what the node tells each
+//! run: `MODE_SERVICE`, `MODE_SLOT`, `MODE_NODE_ID`, `MODE_FENCING_TOKEN` and `MODE_RUN_ID`
+//! (these win over `env`). `LANG`, `TZ` and the rest are not set: programs use the C locale
+//! and `/etc/localtime` unless `env` says otherwise. A command given by name is looked up in
+//! that `PATH`. With `user` (and `group`) it runs as that account, which only a node running
+//! as root can do (see [`users`]); with `--exec-allow` on the node, only the programs the
+//! node allows run (see [`program`]).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -29,7 +41,13 @@ use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
 use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
 use crate::model::secret::Secret;
-use crate::service::{Context, Result, Service, ServiceHandle};
+use crate::service::{lock, Context, Result, Service, ServiceHandle};
+
+pub(crate) mod program;
+pub(super) mod users;
+
+use program::AllowList;
+use users::{Account, Credentials};
 
 /// Added to the instance's grace period for the framework's own, so that the framework never
 /// aborts the process task before it has sent SIGKILL and reaped the process.
@@ -48,22 +66,84 @@ const REASON_LINE: usize = 200;
 /// The `exec` kind (see the module docs), recording its process groups in `ledger`.
 pub(crate) struct ExecKind {
     pub(crate) ledger: ProcessLedger,
+    pub(crate) policy: ExecPolicy,
 }
 
-/// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp"}`.
+/// What this node lets `exec` processes run (its `--exec-allow`), shared by the registry that
+/// sets it at the node's start and the kind that reads it at each start of a process.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExecPolicy(Arc<Mutex<Option<Arc<AllowList>>>>);
+
+impl ExecPolicy {
+    /// Only programs `allow` permits may run from now on.
+    pub(crate) fn restrict(&self, allow: AllowList) {
+        *lock(&self.0) = Some(Arc::new(allow));
+    }
+
+    fn allow_list(&self) -> Option<Arc<AllowList>> {
+        lock(&self.0).clone()
+    }
+
+    /// The program `command` runs on this node when looked up in `path` from the node's
+    /// working directory, if the node allows it (for what the node runs besides instances:
+    /// health check commands).
+    pub(crate) fn program(
+        &self,
+        command: &str,
+        path: &str,
+    ) -> std::result::Result<PathBuf, String> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| format!("cannot tell this node's working directory ({e})"))?;
+        checked_program(self.allow_list().as_deref(), command, path, &cwd)
+    }
+}
+
+/// The program `command` names (found in `path`, from `cwd`), checked against the node's
+/// allow-list: with one, its real location, which is then what runs.
+fn checked_program(
+    allow: Option<&AllowList>,
+    command: &str,
+    path: &str,
+    cwd: &std::path::Path,
+) -> std::result::Result<PathBuf, String> {
+    let located = program::locate(command, path, cwd)?;
+    let Some(allow) = allow else {
+        return Ok(located);
+    };
+    let real = program::real_location(&located)
+        .map_err(|e| format!("cannot run `{command}` ({}): {e}", located.display()))?;
+    if !allow.permits(&real) {
+        return Err(format!(
+            "`{command}` ({}) is not allowed on this node: its --exec-allow permits only {}; run it on a node that allows it, or ask the node's operator to add it to --exec-allow",
+            real.display(),
+            allow.describe()
+        ));
+    }
+    Ok(real)
+}
+
+/// `{"command": "/bin/sleep", "args": ["1000"], "env": {"K": "V"}, "cwd": "/tmp",
+/// "user": "nobody", "group": "nogroup"}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExecConfig {
-    /// The program: a path, or a name looked up in `PATH`.
+    /// The program: a path, or a name looked up in the process's `PATH`.
     command: String,
     #[serde(default)]
     args: Vec<String>,
-    /// Added to the node's environment.
+    /// Added to the base environment (see the module docs).
     #[serde(default)]
     env: BTreeMap<String, String>,
     /// Working directory (default: the node's).
     #[serde(default)]
     cwd: Option<PathBuf>,
+    /// Run as this user (a name or a uid); only a node running as root can.
+    #[serde(default)]
+    user: Option<Account>,
+    /// With `user`: run with this group (a name or a gid) as the only group, instead of the
+    /// user's own groups.
+    #[serde(default)]
+    group: Option<Account>,
 }
 
 impl ExecConfig {
@@ -93,6 +173,11 @@ impl ExecConfig {
                 "invalid exec config: field `env`: `{key}` is not a variable name (empty, or contains '=' or NUL)"
             ));
         }
+        if config.group.is_some() && config.user.is_none() {
+            return Err(
+                "invalid exec config: field `group` needs `user`: a group alone would leave the process running as the node's user; give `user` too".into(),
+            );
+        }
         Ok(config)
     }
 }
@@ -116,6 +201,7 @@ impl Kind for ExecKind {
                 ("MODE_NODE_ID", instance.node.to_string()),
             ],
             secrets: instance.secrets.clone(),
+            allow: self.policy.allow_list(),
             kill: instance.kill.clone(),
             lease: instance.lease.clone(),
             ledger: self.ledger.clone(),
@@ -136,9 +222,76 @@ struct Exec {
     env: Vec<(&'static str, String)>,
     /// The spec's secrets, set in the environment beside `config.env` (never logged).
     secrets: BTreeMap<String, Secret>,
+    /// The node's `--exec-allow`, if it has one.
+    allow: Option<Arc<AllowList>>,
     kill: super::KillSwitch,
     lease: Option<super::LeaseDeadline>,
     ledger: ProcessLedger,
+}
+
+/// What one run starts: which program, with what environment, as whom.
+struct Launch {
+    /// Its absolute path (its real location when the node has an allow-list).
+    program: PathBuf,
+    env: BTreeMap<String, String>,
+    switch: Option<Credentials>,
+}
+
+impl Exec {
+    /// Resolve the program, the environment and the account of run `run_id`, and check them
+    /// against what this node allows.
+    fn prepare(&self, run_id: &str) -> std::result::Result<Launch, String> {
+        let config = &self.config;
+        let run_as = users::run_as(config.user.as_ref(), config.group.as_ref())?;
+        let node_vars = self
+            .env
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain([(ledger::RUN_ID_VAR, run_id)]);
+        let mut env = environment(&config.env, &run_as.home, node_vars);
+        // Secrets beside `config.env` (validation keeps their names apart, and off MODE_*).
+        env.extend(
+            self.secrets
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string())),
+        );
+        let cwd = match config.cwd.as_deref() {
+            Some(dir) if dir.is_absolute() => dir.to_path_buf(),
+            dir => std::env::current_dir()
+                .map(|here| dir.map_or_else(|| here.clone(), |d| here.join(d)))
+                .map_err(|e| {
+                    format!(
+                        "cannot tell this node's working directory ({e}): give an absolute `cwd`"
+                    )
+                })?,
+        };
+        let path = env.get("PATH").map_or(program::BASE_PATH, String::as_str);
+        let program = checked_program(self.allow.as_deref(), &config.command, path, &cwd)?;
+        Ok(Launch {
+            program,
+            env,
+            switch: run_as.switch,
+        })
+    }
+}
+
+/// A run's whole environment: the base (`PATH`, `HOME`), then the config's `env`, then what
+/// the node sets for the run (which wins).
+fn environment<'a>(
+    config: &BTreeMap<String, String>,
+    home: &str,
+    node: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_string(), program::BASE_PATH.to_string()),
+        ("HOME".to_string(), home.to_string()),
+    ]);
+    env.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(
+        node.into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
 }
 
 impl Service for Exec {
@@ -158,13 +311,13 @@ impl Service for Exec {
             .into());
         }
         let run_id = ledger::new_run_id();
-        let mut command = Command::new(&config.command);
+        let launch = self.prepare(&run_id)?;
+        let mut command = Command::new(&launch.program);
         command
+            .arg0(&config.command)
             .args(&config.args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .envs(&config.env)
-            .envs(self.secrets.iter().map(|(k, v)| (k, v.expose())))
-            .env(ledger::RUN_ID_VAR, &run_id)
+            .env_clear()
+            .envs(&launch.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -173,11 +326,21 @@ impl Service for Exec {
         if let Some(cwd) = &config.cwd {
             command.current_dir(cwd);
         }
-        let spawned = spawner::spawn(command, self.lease.as_ref().map(|l| l.cell()))
+        let lease = self.lease.as_ref().map(|l| l.cell());
+        let spawned = spawner::spawn(command, lease, launch.switch)
             .await
-            .map_err(|e| match &config.cwd {
-                Some(cwd) => format!("cannot run `{}` in {}: {e}", config.command, cwd.display()),
-                None => format!("cannot run `{}`: {e}", config.command),
+            .map_err(|e| {
+                let place = config
+                    .cwd
+                    .as_ref()
+                    .map(|cwd| format!(" in {}", cwd.display()))
+                    .unwrap_or_default();
+                let user = config
+                    .user
+                    .as_ref()
+                    .map(|user| format!(" as user `{user}`"))
+                    .unwrap_or_default();
+                format!("cannot run `{}`{place}{user}: {e}", config.command)
             })?;
         let mut child = spawned.child;
         let keeper = spawned.keeper.map_err(|e| {

@@ -35,6 +35,7 @@ use std::sync::Mutex;
 
 use tokio::process::{Child, Command};
 
+use super::exec::users::Credentials;
 use crate::service::lock;
 
 /// A process started by [`spawn`], and its group's keeper (unless that could not be set up).
@@ -155,8 +156,13 @@ fn block_every_signal() {
 /// Spawn `command` (which must put the process in a group of its own, `process_group(0)`) from
 /// the spawner thread, with a parent-death signal, and give its group a keeper.
 /// With `lease`, the keeper also kills the group once that deadline has passed (a singleton
-/// whose node holds no lease any more), whatever the node is doing.
-pub(super) async fn spawn(mut command: Command, lease: Option<Lease>) -> io::Result<Spawned> {
+/// whose node holds no lease any more), whatever the node is doing. With `switch`, the process
+/// takes those ids before it executes the program (the keeper stays the node's).
+pub(super) async fn spawn(
+    mut command: Command,
+    lease: Option<Lease>,
+    switch: Option<Credentials>,
+) -> io::Result<Spawned> {
     let node = std::process::id();
     // SAFETY: sigemptyset on a local set.
     let no_signal = unsafe {
@@ -164,11 +170,16 @@ pub(super) async fn spawn(mut command: Command, lease: Option<Lease>) -> io::Res
         libc::sigemptyset(&mut set);
         set
     };
-    // SAFETY: the hook runs in the child between fork and exec, and only calls sigprocmask,
-    // prctl and getppid, which are async-signal-safe, and builds an io::Error from an errno,
-    // which does not allocate.
+    // SAFETY: the hook runs in the child between fork and exec, and only calls setgroups,
+    // setgid, setuid (as std's own `uid`/`gid` do there), sigprocmask, prctl and getppid,
+    // and builds an io::Error from an errno, which does not allocate.
     unsafe {
         command.pre_exec(move || {
+            // First: a change of ids clears the parent-death signal (commit_creds in the
+            // kernel), so it is set after the switch.
+            if let Some(switch) = &switch {
+                switch.apply()?;
+            }
             // The program starts with no signal blocked (the spawner thread blocks them all).
             if libc::sigprocmask(libc::SIG_SETMASK, &no_signal, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());

@@ -304,7 +304,7 @@ fn exec_config_errors_name_the_field() {
     );
     assert_eq!(
         invalid("exec", json!({"comand": "/bin/sleep"})),
-        "invalid exec config: unknown field `comand`, expected one of `command`, `args`, `env`, `cwd`"
+        "invalid exec config: unknown field `comand`, expected one of `command`, `args`, `env`, `cwd`, `user`, `group`"
     );
     assert_eq!(
         invalid("exec", json!({"command": "/bin/sleep", "args": "1000"})),
@@ -330,8 +330,26 @@ fn exec_config_errors_name_the_field() {
         invalid("exec", json!(["/bin/sleep"])),
         "invalid exec config: expected a JSON object, got an array"
     );
-    let full = json!({"command": "sleep", "args": ["1"], "env": {"K": "V"}, "cwd": "/tmp"});
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "user": ""})),
+        "invalid exec config: field `user`: empty: give a name or a numeric id"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "user": -1})),
+        "invalid exec config: field `user`: -1 is not a valid id (ids are not negative)"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "user": "a:b"})),
+        "invalid exec config: field `user`: `a:b` is not an account name (it contains ':')"
+    );
+    assert_eq!(
+        invalid("exec", json!({"command": "x", "group": "nogroup"})),
+        "invalid exec config: field `group` needs `user`: a group alone would leave the process running as the node's user; give `user` too"
+    );
+    let full = json!({"command": "sleep", "args": ["1"], "env": {"K": "V"}, "cwd": "/tmp", "user": "nobody", "group": 65534});
     assert_eq!(KindRegistry::stock().validate("exec", &full), Ok(()));
+    let numeric = json!({"command": "sleep", "user": "1000"});
+    assert_eq!(KindRegistry::stock().validate("exec", &numeric), Ok(()));
 }
 
 #[test]
@@ -578,6 +596,310 @@ async fn exec_of_a_missing_program_fails_to_start() {
     assert_eq!(svc.state(), ServiceState::Crashed);
 }
 
+/// What a test's process wrote to `path` (it writes `path.tmp`, then renames it).
+async fn written(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `KEY=VALUE` lines as a map.
+fn env_lines(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn exec_gets_a_minimal_environment_not_the_nodes() {
+    // SAFETY (edition 2021: safe): a variable no other test reads.
+    std::env::set_var("MODE_KINDS_TEST_SECRET", "do-not-leak");
+    let dir = TempDir::new();
+    let config = json!({
+        "command": "/bin/sh",
+        "args": ["-c", r#"env > "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; exec sleep 1000"#],
+        "env": {"OUT": dir.path("out"), "GREETING": "hi", "MODE_SLOT": "42"},
+    });
+    let svc = create("exec", config, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let env = env_lines(&written(&dir.path("out")).await);
+    svc.stop().await;
+    assert!(!env.contains_key("MODE_KINDS_TEST_SECRET"), "{env:?}");
+    assert_eq!(
+        env["PATH"],
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    // The node's run variables win over the config's.
+    assert_eq!(env["MODE_SLOT"], "0");
+    assert_eq!(
+        (
+            env["MODE_SERVICE"].as_str(),
+            env["MODE_NODE_ID"].as_str(),
+            env["MODE_FENCING_TOKEN"].as_str(),
+            env["GREETING"].as_str()
+        ),
+        ("svc", "1", "1", "hi")
+    );
+    assert!(env["MODE_RUN_ID"].len() > 8, "{env:?}");
+    assert!(env["HOME"].starts_with('/'), "{env:?}");
+    // Nothing else, but what the shell sets itself.
+    let mut keys: Vec<&str> = env
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !["PWD", "OLDPWD", "SHLVL", "_"].contains(k))
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "GREETING",
+            "HOME",
+            "MODE_FENCING_TOKEN",
+            "MODE_NODE_ID",
+            "MODE_RUN_ID",
+            "MODE_SERVICE",
+            "MODE_SLOT",
+            "OUT",
+            "PATH"
+        ]
+    );
+}
+
+/// An executable shell script at `path`.
+fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[tokio::test]
+async fn exec_looks_names_up_in_the_workloads_path() {
+    let dir = TempDir::new();
+    script(&dir.path("bin/mode-test-tool"), r#"echo "$0 $1" > "$OUT""#);
+    let config = json!({
+        "command": "mode-test-tool",
+        "args": ["ran"],
+        "env": {"OUT": dir.path("out"), "PATH": dir.path("bin")},
+    });
+    let svc = create("exec", config, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    // (A script's interpreter gets the path the program was found at.)
+    let tool = dir.path("bin/mode-test-tool");
+    assert_eq!(
+        written(&dir.path("out")).await,
+        format!("{} ran\n", tool.display())
+    );
+    svc.stop().await;
+    // A program's argv[0] is the command as given.
+    let config = json!({
+        "command": "sh",
+        "args": ["-c", r#"tr '\0' ' ' < /proc/$$/cmdline > "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; exec sleep 1000"#],
+        "env": {"OUT": dir.path("cmdline")},
+    });
+    let svc = create("exec", config, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    assert!(
+        written(&dir.path("cmdline")).await.starts_with("sh -c "),
+        "{:?}",
+        std::fs::read_to_string(dir.path("cmdline"))
+    );
+    svc.stop().await;
+    // Not in the base PATH (the node's own PATH does not count).
+    let svc = create(
+        "exec",
+        json!({"command": "mode-test-tool"}),
+        Duration::from_secs(1),
+    );
+    let error = svc.start().await.unwrap_err().to_string();
+    assert!(
+        error.contains("`mode-test-tool` is not in the workload's PATH (/usr/local/sbin:")
+            && error.contains("set PATH in the exec config's `env`"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn exec_allow_list_runs_only_what_it_allows() {
+    let dir = TempDir::new();
+    let root = std::fs::canonicalize(&dir.0).unwrap();
+    script(&root.join("allowed/tool"), r#"echo ok > "$OUT""#);
+    script(&root.join("other/tool"), r#"echo escaped > "$OUT""#);
+    std::fs::create_dir_all(root.join("allowed/sub")).unwrap();
+    let kinds = KindRegistry::stock();
+    let patterns = vec![format!("{}/allowed/*", root.display()), "/bin/true".into()];
+    kinds.restrict_exec(super::AllowList::new(&patterns).unwrap());
+    let run = |command: String| {
+        let config = json!({"command": command, "env": {"OUT": dir.path("out")}});
+        kinds
+            .create("exec", &spec(config, Duration::from_secs(1)))
+            .unwrap()
+    };
+    for refused in [
+        root.join("other/tool"),
+        root.join("allowed/../other/tool"),
+        root.join("allowed/sub/../../other/tool"),
+    ] {
+        let command = refused.display().to_string();
+        let error = run(command.clone()).start().await.unwrap_err().to_string();
+        assert!(
+            error.contains(&format!(
+                "`{command}` ({}) is not allowed on this node: its --exec-allow permits only {}",
+                root.join("other/tool").display(),
+                patterns.join(", ")
+            )),
+            "{error}"
+        );
+    }
+    // By name, too: `sh` is found in the PATH, and is not allowed.
+    let error = run("sh".into()).start().await.unwrap_err().to_string();
+    assert!(
+        error.contains("`sh` (/") && error.contains("is not allowed"),
+        "{error}"
+    );
+    assert!(!dir.path("out").exists());
+    let svc = run(root.join("allowed/tool").display().to_string());
+    svc.start().await.unwrap();
+    assert_eq!(written(&dir.path("out")).await, "ok\n");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_disabled_kind_is_not_offered_and_not_created_but_still_checked() {
+    let mut kinds = KindRegistry::stock();
+    kinds.disable("exec", "--no-exec");
+    assert_eq!(kinds.names(), ["counter", "crasher", "ticker", "webapp"]);
+    assert!(kinds
+        .validate("exec", &json!({}))
+        .unwrap_err()
+        .contains("`command`"));
+    let config = json!({"command": "/bin/true"});
+    let error = kinds
+        .create("exec", &spec(config, Duration::from_secs(1)))
+        .err()
+        .unwrap();
+    assert_eq!(
+        error,
+        "this node does not run kind `exec` (--no-exec): the instance must run on another node"
+    );
+}
+
+#[test]
+fn health_check_commands_follow_the_nodes_exec_rules() {
+    let check =
+        |probe: Value| serde_json::from_value::<crate::model::spec::HealthCheck>(probe).unwrap();
+    let argv = |c: &crate::model::spec::HealthCheck| match &c.probe {
+        crate::model::spec::Probe::Command(argv) => argv.clone(),
+        other => panic!("not a command: {other:?}"),
+    };
+    let dir = TempDir::new();
+    let root = std::fs::canonicalize(&dir.0).unwrap();
+    script(&root.join("probe"), "exit 0");
+    let http = check(json!({"http": {"port": 8080}}));
+    let by_name = check(json!({"command": ["sh", "-c", "true"]}));
+    let by_path = check(json!({"command": [root.join("probe")]}));
+
+    // Resolved in the base PATH, the rest untouched.
+    let kinds = KindRegistry::stock();
+    let resolved = argv(&kinds.health_check(&by_name).unwrap());
+    assert!(
+        resolved[0].ends_with("/sh") && resolved[0].starts_with('/'),
+        "{resolved:?}"
+    );
+    assert_eq!(resolved[1..], ["-c", "true"]);
+    assert_eq!(kinds.health_check(&http).unwrap(), http);
+
+    // --exec-allow: only what it allows.
+    let kinds = KindRegistry::stock();
+    let pattern = format!("{}/*", root.display());
+    kinds.restrict_exec(super::AllowList::new(std::slice::from_ref(&pattern)).unwrap());
+    assert_eq!(
+        argv(&kinds.health_check(&by_path).unwrap()),
+        [root.join("probe").display().to_string()]
+    );
+    let e = kinds.health_check(&by_name).unwrap_err();
+    assert!(
+        e.starts_with("its health check: `sh` (/")
+            && e.contains(&format!(
+                "is not allowed on this node: its --exec-allow permits only {pattern}"
+            )),
+        "{e}"
+    );
+
+    // --no-exec: no commands at all; other probes still run.
+    let mut kinds = KindRegistry::stock();
+    kinds.disable("exec", "--no-exec");
+    assert_eq!(
+        kinds.health_check(&by_name).unwrap_err(),
+        "its health check runs a command (`sh`), and this node runs none (--no-exec)"
+    );
+    assert_eq!(kinds.health_check(&http).unwrap(), http);
+}
+
+#[tokio::test]
+async fn exec_runs_as_the_configured_user_with_its_parent_death_signal() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching users needs root, and this test runs as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The parent-death signal as the process itself sees it (prctl PR_GET_PDEATHSIG; a fork
+    // clears it, so the shell becomes python3), where python3 is there to ask.
+    let pdeathsig = r#"import ctypes, os, time
+s = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(s))
+out = os.environ["OUT"]
+open(out + ".tmp", "a").write("%d\n" % s.value)
+os.rename(out + ".tmp", out)
+time.sleep(1000)"#;
+    let script = r#"{ id -u; id -g; id -G; echo "$HOME"; } > "$OUT.tmp"
+if command -v python3 > /dev/null; then exec python3 -c "$PROGRAM"; fi
+echo none >> "$OUT.tmp"; mv "$OUT.tmp" "$OUT"; exec sleep 1000"#;
+    let config = json!({
+        "command": "/bin/sh",
+        "args": ["-c", script],
+        "env": {"OUT": dir.path("out"), "PROGRAM": pdeathsig},
+        "user": "nobody",
+    });
+    let svc = create("exec", config, Duration::from_secs(2));
+    svc.start().await.unwrap();
+    let out = written(&dir.path("out")).await;
+    svc.stop().await;
+    let lines: Vec<&str> = out.lines().collect();
+    let files = super::exec::users::AccountFiles::read().unwrap();
+    let (nobody, home) = files
+        .credentials(&super::exec::users::Account::Name("nobody".into()), None)
+        .unwrap();
+    let groups: Vec<String> = nobody.groups.iter().map(u32::to_string).collect();
+    assert_eq!(
+        lines[..4],
+        [
+            nobody.uid.to_string(),
+            nobody.gid.to_string(),
+            groups.join(" "),
+            home
+        ],
+        "{out}"
+    );
+    match lines[4] {
+        "none" => eprintln!("parent-death signal not checked: no python3"),
+        signal => assert_eq!(signal, libc::SIGKILL.to_string(), "{out}"),
+    }
+}
+
 #[test]
 fn exec_process_does_not_outlive_its_runtime() {
     let dir = TempDir::new();
@@ -720,7 +1042,7 @@ fn exec_processes_outlive_the_thread_that_asked_for_them() {
                     .env("PIDFILE", &pidfile)
                     .process_group(0)
                     .kill_on_drop(true);
-                super::spawner::spawn(command, None).await.unwrap()
+                super::spawner::spawn(command, None, None).await.unwrap()
             })
         })
         .await

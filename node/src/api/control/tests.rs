@@ -32,7 +32,7 @@ async fn one_node() -> (ControlService, Arc<ClusterNode>, std::path::PathBuf) {
         role: Default::default(),
     };
     assert!(
-        node.write_request(register, true, None)
+        node.write_request(register, true, None, None)
             .await
             .unwrap()
             .result
