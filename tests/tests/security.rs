@@ -212,6 +212,31 @@ async fn clients_need_credentials_and_a_role_that_allows_the_call() {
         }
     }
 
+    // Secret values: read back by operators and admins, hidden from viewers.
+    let path = c.scratch.0.join("db.yaml");
+    std::fs::write(
+        &path,
+        "name: db\nkind: ticker\nreplicas: 1\nsecrets: {DB_PASSWORD: hunter2}\n",
+    )
+    .unwrap();
+    let o = modectl_with(
+        &c,
+        &operator,
+        &["svc", "apply", "-f", &path.display().to_string()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = modectl_with(&c, &operator, &["svc", "get", "db", "-o", "json"]);
+    assert!(stdout(&o).contains("hunter2"), "{}", stdout(&o));
+    let o = modectl_with(&c, &viewer, &["svc", "get", "db", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        !stdout(&o).contains("hunter2") && stdout(&o).contains("DB_PASSWORD"),
+        "{}",
+        stdout(&o)
+    );
+    let o = modectl_with(&c, &viewer, &["events", "-o", "json"]);
+    assert!(!stdout(&o).contains("hunter2"), "{}", stdout(&o));
+
     // Nothing the refused calls asked for was stored; events name who made each change.
     let names = spec_names(&c, 1).await;
     assert!(

@@ -595,3 +595,63 @@ pub fn connection_hint(error: &str) -> Option<&'static str> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::pki::{create_ca, issue, Subject, Validity};
+
+    fn write_node_cert(dir: &Path, ca: &crate::security::pki::Pem, id: u64) -> TlsFiles {
+        let pem = issue(ca, &Subject::Node(id), &[], Validity::days(1)).unwrap();
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node-key.pem"),
+        };
+        std::fs::write(&files.ca, &ca.cert).unwrap();
+        std::fs::write(&files.cert, pem.cert).unwrap();
+        std::fs::write(&files.key, pem.key).unwrap();
+        files
+    }
+
+    #[test]
+    fn changed_certificate_files_are_loaded_and_broken_ones_are_not() {
+        let dir = std::env::temp_dir().join(format!("mode-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = create_ca("test", Validity::days(1)).unwrap();
+        let files = write_node_cert(&dir, &ca, 1);
+        let tls = NodeTls::load(files.clone()).unwrap();
+        let before = tls.server(ClientCerts::Required);
+        assert!(!tls.reload_if_changed(), "nothing changed yet");
+        std::thread::sleep(Duration::from_millis(20));
+        write_node_cert(&dir, &ca, 1);
+        assert!(tls.reload_if_changed(), "a rewritten certificate is loaded");
+        assert!(!Arc::ptr_eq(&before, &tls.server(ClientCerts::Required)));
+        // A broken file keeps the working configuration.
+        let current = tls.server(ClientCerts::Required);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&files.key, "not a key").unwrap();
+        assert!(!tls.reload_if_changed());
+        assert!(Arc::ptr_eq(&current, &tls.server(ClientCerts::Required)));
+        // Loading names the file that is wrong.
+        let e = NodeTls::load(files.clone()).err().unwrap();
+        assert!(e.contains("node-key.pem"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hints_name_the_tls_problem() {
+        assert!(
+            connection_hint("received corrupt message of type InvalidContentType")
+                .unwrap()
+                .contains("does not speak TLS")
+        );
+        assert!(connection_hint("invalid peer certificate: UnknownIssuer")
+            .unwrap()
+            .contains("CA"));
+        assert!(connection_hint("invalid peer certificate: Expired")
+            .unwrap()
+            .contains("expired"));
+        assert_eq!(connection_hint("connection refused"), None);
+    }
+}
