@@ -41,6 +41,18 @@ fn modectl_at(c: &TestCluster, via: u64, flags: &[String], args: &[&str]) -> std
         .expect("run modectl")
 }
 
+/// modectl's flags trusting `tls`'s CA and presenting the certificate at `cert`/`key`.
+fn with_cert(tls: &TlsMaterial, cert: &std::path::Path, key: &std::path::Path) -> Vec<String> {
+    let mut flags = tls.modectl_flags(None);
+    flags.extend([
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ]);
+    flags
+}
+
 fn spec_file(c: &TestCluster, name: &str) -> String {
     let path = c.scratch.0.join(format!("{name}.yaml"));
     std::fs::write(&path, format!("name: {name}\nkind: ticker\nreplicas: 1\n")).unwrap();
@@ -89,14 +101,8 @@ async fn clients_need_credentials_and_a_role_that_allows_the_call() {
 
     // A client certificate from another CA: the handshake fails, nothing is answered.
     let other = TlsMaterial::new(&c.scratch.0.join("other-ca"));
-    let mut flags = tls.modectl_flags(None);
     let (cert, key) = other.cert(&Who::admin());
-    flags.extend([
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-    ]);
+    let flags = with_cert(tls, &cert, &key);
     let o = modectl_with(
         &c,
         &flags,
@@ -124,13 +130,7 @@ async fn clients_need_credentials_and_a_role_that_allows_the_call() {
         &cert,
         &key,
     );
-    let mut flags = tls.modectl_flags(None);
-    flags.extend([
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-    ]);
+    let flags = with_cert(tls, &cert, &key);
     let o = modectl_with(
         &c,
         &flags,
