@@ -257,13 +257,20 @@ impl TestCluster {
     /// [`TestCluster::start_with_http`] with mutual TLS: a CA and node certificates made in
     /// the scratch directory, every node started with `--tls-ca/--tls-cert/--tls-key`.
     pub fn start_tls(n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::start_tls_with(Launcher::mode_node(), n, extra, true)
+    }
+
+    /// [`TestCluster::start_tls`] with another way of starting nodes, and an HTTP side port
+    /// on every node only when `http` (the benchmark's `mode-bench __node` runs without one,
+    /// like its plaintext clusters).
+    pub fn start_tls_with(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
         let scratch = Scratch::new("cluster");
         let tls = TlsMaterial::new(&scratch.0.join("tls"));
         let mut c = TestCluster::build(
-            Launcher::mode_node(),
+            launcher,
             n,
             extra,
-            true,
+            http,
             |id| tls.node_flags(id),
             scratch,
         );

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use mode_proto::v1 as pb;
+use mode_proto::v1::peer_client::PeerClient;
 use mode_tests::{put_spec, Launcher, TestCluster};
+use tonic::transport::Channel;
 use serde_json::{json, Value};
 
 /// etcd 3.4 on the same machine (bench/peers/RESULTS.md, quiet run 2).
@@ -20,17 +22,53 @@ fn launcher() -> anyhow::Result<Launcher> {
     })
 }
 
-/// Three nodes of this very build (`mode-bench __node`), quiet, with `extra` flags.
-pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
-    let mut args = vec!["--log-level", "warn"];
-    args.extend_from_slice(extra);
-    Ok(TestCluster::start_with(launcher()?, 3, &args))
+/// Plaintext or mutual TLS between the nodes and for the bench's own clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    Plain,
+    Tls,
 }
 
-/// The median of unsorted samples.
+impl Security {
+    pub fn key(self) -> &'static str {
+        match self {
+            Security::Plain => "plaintext",
+            Security::Tls => "mtls",
+        }
+    }
+}
+
+/// Three nodes of this very build (`mode-bench __node`), quiet, with `extra` flags.
+pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
+    bench_cluster_as(Security::Plain, extra)
+}
+
+/// [`bench_cluster`], with mutual TLS when `security` says so (a CA and node certificates in
+/// the cluster's scratch directory; no HTTP side port, as in plaintext).
+pub fn bench_cluster_as(security: Security, extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut args = vec!["--log-level", "warn"];
+    args.extend_from_slice(extra);
+    Ok(match security {
+        Security::Plain => TestCluster::start_with(launcher()?, 3, &args),
+        Security::Tls => TestCluster::start_tls_with(launcher()?, 3, &args, false),
+    })
+}
+
+/// The machine's load averages (1, 5, 15 min) from /proc/loadavg; the machine is shared.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The median of unsorted samples (the mean of the middle two for an even count).
 pub fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    if n > 0 && n % 2 == 0 {
+        return (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0;
+    }
     percentile(&sorted, 0.5)
 }
 
@@ -56,10 +94,13 @@ fn event_write(writer: usize, i: usize) -> pb::ProposeRequest {
     }
 }
 
-/// Run `inflight` concurrent writers of [`event_write`]s against `address` (a peer address:
-/// raw `Propose`, Raft replication alone) for `window`.
-async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Result<Value> {
-    let client = mode_tests::peer_client(address);
+/// Run `inflight` concurrent writers of [`event_write`]s through `client` (a leader's peer
+/// API: raw `Propose`, Raft replication alone; one HTTP/2 connection) for `window`.
+async fn load(
+    client: &PeerClient<Channel>,
+    inflight: usize,
+    window: Duration,
+) -> anyhow::Result<Value> {
     let deadline = Instant::now() + window;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -91,58 +132,142 @@ async fn load(address: &str, inflight: usize, window: Duration) -> anyhow::Resul
     }))
 }
 
-pub fn raft_suite(window_s: f64, endpoint: Option<&str>) -> anyhow::Result<Value> {
-    let rt = tokio::runtime::Runtime::new()?;
-    let cluster = match endpoint {
-        Some(_) => None,
-        None => Some(TestCluster::start_with(
-            launcher()?,
-            3,
-            &["--log-level", "warn"],
-        )),
-    };
+const INFLIGHT: [usize; 3] = [1, 16, 128];
+
+/// Warm up, then every in-flight level for `window` against `client`.
+async fn load_levels(client: &PeerClient<Channel>, window: Duration) -> anyhow::Result<Value> {
+    // Warm up connections and the log.
+    load(client, 8, Duration::from_millis(500)).await?;
+    let mut figures = serde_json::Map::new();
+    for inflight in INFLIGHT {
+        let v = load(client, inflight, window).await?;
+        figures.insert(format!("inflight_{inflight}"), v);
+    }
+    Ok(Value::Object(figures))
+}
+
+/// One fresh three-node cluster (`security`): the writer connects to the leader's peer API
+/// (under TLS presenting the leader's own node certificate: raw `Propose` is for members).
+fn raft_round(
+    rt: &tokio::runtime::Runtime,
+    security: Security,
+    window: Duration,
+) -> anyhow::Result<Value> {
+    let cluster = bench_cluster_as(security, &[])?;
     let out = rt.block_on(async {
-        let address = match (&cluster, endpoint) {
-            (Some(c), _) => {
-                let leader = c.wait_leader(Duration::from_secs(30)).await;
-                c.nodes[&leader].peer_address()
-            }
-            (None, Some(e)) => e.to_string(),
-            (None, None) => unreachable!("either a cluster or an endpoint"),
-        };
-        // Warm up connections and the log.
-        load(&address, 8, Duration::from_millis(500)).await?;
-        let window = Duration::from_secs_f64(window_s);
-        let mut figures = serde_json::Map::new();
-        for inflight in [1usize, 16, 128] {
-            let v = load(&address, inflight, window).await?;
-            figures.insert(format!("inflight_{inflight}"), v);
-        }
-        Ok::<_, anyhow::Error>(Value::Object(figures))
-    })?;
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        let client = cluster.peer_client(leader);
+        load_levels(&client, window).await
+    });
     drop(cluster);
-    println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B events to the leader (they schedule nothing: Raft replication alone), {window_s} s per point");
-    println!("  in flight        writes/s    p50 ms    p99 ms   etcd 3.4 same machine");
+    out
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// `mode-bench raft`: plaintext and mutual-TLS clusters alternated (plaintext, mTLS, plaintext,
+/// mTLS, ... `rounds` of each, a fresh cluster every time) so machine noise hits both; per
+/// in-flight level the median over rounds of each, and the mTLS overhead in throughput.
+/// With `endpoint`, only that existing cluster's leader (plaintext), as before.
+pub fn raft_suite(window_s: f64, endpoint: Option<&str>, rounds: usize) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let window = Duration::from_secs_f64(window_s);
+    if let Some(e) = endpoint {
+        let out = rt.block_on(load_levels(&mode_tests::peer_client(e), window))?;
+        println!("raft: existing cluster at {e}, {window_s} s per point");
+        for k in INFLIGHT {
+            let v = &out[format!("inflight_{k}")];
+            println!(
+                "  {k:<5} in flight: {:>8.0} writes/s  p50 {:.2} ms  p99 {:.2} ms",
+                f(&v["writes_per_s"]),
+                f(&v["p50_ms"]),
+                f(&v["p99_ms"])
+            );
+        }
+        return Ok(out);
+    }
+    let rounds = rounds.max(1);
+    let load_before = loadavg();
+    let mut runs: Vec<(Security, Value)> = Vec::new();
+    for round in 0..rounds {
+        for security in [Security::Plain, Security::Tls] {
+            let v = raft_round(&rt, security, window)?;
+            println!(
+                "  round {} {:<9} 1: {:>6.0}/s  16: {:>6.0}/s  128: {:>6.0}/s   (load {})",
+                round + 1,
+                security.key(),
+                f(&v["inflight_1"]["writes_per_s"]),
+                f(&v["inflight_16"]["writes_per_s"]),
+                f(&v["inflight_128"]["writes_per_s"]),
+                loadavg()
+            );
+            runs.push((security, v));
+        }
+    }
+    let load_after = loadavg();
+    let mut out = serde_json::Map::new();
+    for security in [Security::Plain, Security::Tls] {
+        let mut per_level = serde_json::Map::new();
+        for k in INFLIGHT {
+            let level = format!("inflight_{k}");
+            let pick = |field: &str| -> Vec<f64> {
+                runs.iter()
+                    .filter(|(s, _)| *s == security)
+                    .map(|(_, v)| f(&v[&level][field]))
+                    .collect()
+            };
+            let wps = pick("writes_per_s");
+            per_level.insert(
+                level.clone(),
+                json!({
+                    "writes_per_s": median(&wps),
+                    "p50_ms": median(&pick("p50_ms")),
+                    "p99_ms": median(&pick("p99_ms")),
+                    "writes_per_s_rounds": wps,
+                }),
+            );
+        }
+        out.insert(security.key().into(), Value::Object(per_level));
+    }
+    let mut overhead = serde_json::Map::new();
+    for k in INFLIGHT {
+        let level = format!("inflight_{k}");
+        let p = f(&out["plaintext"][&level]["writes_per_s"]);
+        let t = f(&out["mtls"][&level]["writes_per_s"]);
+        overhead.insert(level, json!((p - t) / p * 100.0));
+    }
+    out.insert("mtls_overhead_pct".into(), Value::Object(overhead));
+    out.insert("rounds".into(), json!(rounds));
+    out.insert("window_s".into(), json!(window_s));
+    out.insert("loadavg_before".into(), json!(load_before));
+    out.insert("loadavg_after".into(), json!(load_after));
+    let out = Value::Object(out);
+    println!("raft: 3 nodes (separate processes, loopback, fsync'd redb), writes of ~256 B events to the leader's peer API (they schedule nothing: Raft replication alone), {window_s} s per point; plaintext and mTLS clusters alternated, {rounds} fresh clusters of each, medians; load {load_before} -> {load_after}");
+    println!("  in flight   plaintext/s  p50 ms  p99 ms      mTLS/s  p50 ms  p99 ms   mTLS overhead   etcd 3.4 (RESULTS.md)");
     for (k, etcd) in [
-        ("inflight_1", format!("526/s, p50 {ETCD_P50_MS} ms")),
-        ("inflight_16", "1356/s at 8, 2944/s at 32".to_string()),
-        (
-            "inflight_128",
-            format!("{ETCD_128_WRITES_PER_S}/s, p50 33 ms"),
-        ),
+        (1, format!("526/s, p50 {ETCD_P50_MS} ms")),
+        (16, "1356/s at 8, 2944/s at 32".to_string()),
+        (128, format!("{ETCD_128_WRITES_PER_S}/s, p50 33 ms")),
     ] {
-        let v = &out[k];
+        let level = format!("inflight_{k}");
+        let (p, t) = (&out["plaintext"][&level], &out["mtls"][&level]);
         println!(
-            "  {:<12} {:>12.0} {:>9.2} {:>9.2}   {etcd}",
-            k.trim_start_matches("inflight_"),
-            v["writes_per_s"].as_f64().unwrap_or(0.0),
-            v["p50_ms"].as_f64().unwrap_or(0.0),
-            v["p99_ms"].as_f64().unwrap_or(0.0)
+            "  {k:<9} {:>12.0} {:>7.2} {:>7.2} {:>11.0} {:>7.2} {:>7.2}   {:>12.1} %   {etcd}",
+            f(&p["writes_per_s"]),
+            f(&p["p50_ms"]),
+            f(&p["p99_ms"]),
+            f(&t["writes_per_s"]),
+            f(&t["p50_ms"]),
+            f(&t["p99_ms"]),
+            f(&out["mtls_overhead_pct"][&level]),
         );
     }
-    let x = out["inflight_128"]["writes_per_s"].as_f64().unwrap_or(0.0) / ETCD_128_WRITES_PER_S;
+    let o = f(&out["mtls_overhead_pct"]["inflight_128"]);
+    let x = f(&out["mtls"]["inflight_128"]["writes_per_s"]) / ETCD_128_WRITES_PER_S;
     println!(
-        "  targets: >= 3x etcd at 128 in flight ({x:.1}x), single-client p50 <= {ETCD_P50_MS} ms"
+        "  targets: mTLS overhead <= 10% at 128 in flight ({o:.1}%); mTLS >= 3x etcd at 128 in flight ({x:.1}x the RESULTS.md figure; compare with etcd_bench.sh run the same hour)"
     );
     Ok(out)
 }
@@ -226,18 +351,19 @@ pub fn orchestration_suite(count: usize, inflight: usize) -> anyhow::Result<Valu
     Ok(out)
 }
 
-pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
+pub fn failover_suite(reps: usize, security: Security) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
-    let mut cluster = bench_cluster(&[])?;
+    let load_before = loadavg();
+    let mut cluster = bench_cluster_as(security, &[])?;
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
         for rep in 0..reps {
             let leader = cluster.wait_leader(Duration::from_secs(30)).await;
-            let survivors: Vec<String> = cluster
+            let survivors: Vec<u64> = cluster
                 .nodes
                 .values()
                 .filter(|n| n.id != leader)
-                .map(|n| n.peer_address())
+                .map(|n| n.id)
                 .collect();
             cluster.node(leader).kill9();
             let t0 = Instant::now();
@@ -250,7 +376,9 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 if let Ok(d) = rx.try_recv() {
                     break d;
                 }
-                let mut c = mode_tests::peer_client(&survivors[i % survivors.len()]);
+                // A fresh client (connection) per probe; under TLS presenting that survivor's
+                // own node certificate.
+                let mut c = cluster.peer_client(survivors[i % survivors.len()]);
                 let tx = tx.clone();
                 let name = format!("failover-{rep}-{i}");
                 probes.push(tokio::spawn(async move {
@@ -299,26 +427,26 @@ pub fn failover_suite(reps: usize) -> anyhow::Result<Value> {
                 anyhow::ensure!(Instant::now() < deadline, "node {leader} did not catch up");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let _ = put_spec(
-                &mut mode_tests::client(&cluster.nodes[&leader].address()),
-                "settle",
-            )
-            .await;
+            let _ = put_spec(&mut cluster.client(leader).await, "settle").await;
         }
         Ok::<_, anyhow::Error>(samples)
     })?;
+    drop(cluster);
     let median = median(&samples);
+    let load_after = loadavg();
     println!(
-        "failover: kill -9 the leader -> first successful write, median of {reps}: {median:.3} s (etcd 3.4 defaults: {ETCD_FAILOVER_S} s; target < 0.6 s)"
+        "failover ({}): kill -9 the leader -> first successful write, median of {reps}: {median:.3} s (etcd 3.4 defaults: {ETCD_FAILOVER_S} s; target < 0.6 s); load {load_before} -> {load_after}",
+        security.key()
     );
-    Ok(json!({ "failover_s": median, "samples_s": samples }))
+    Ok(json!({ "failover_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }))
 }
 
 /// Kill -9 a node hosting 100 instances; time until every instance runs elsewhere.
-pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
+pub fn reschedule_suite(reps: usize, security: Security) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Runtime::new()?;
+    let load_before = loadavg();
     // Room for the 300 instances on the two survivors.
-    let mut cluster = bench_cluster(&["--capacity", "1000"])?;
+    let mut cluster = bench_cluster_as(security, &["--capacity", "1000"])?;
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
         for rep in 0..reps {
@@ -365,9 +493,27 @@ pub fn reschedule_suite(reps: usize) -> anyhow::Result<Value> {
         }
         Ok::<_, anyhow::Error>(samples)
     })?;
+    drop(cluster);
     let median = median(&samples);
+    let load_after = loadavg();
     println!(
-        "reschedule: kill -9 a node hosting 100 instances -> all running elsewhere, median of {reps}: {median:.2} s (target < 3 s; Kubernetes defaults take ~6 min, Nomad 20-30 s)"
+        "reschedule ({}): kill -9 a node hosting 100 instances -> all running elsewhere, median of {reps}: {median:.2} s (target < 3 s; Kubernetes defaults take ~6 min, Nomad 20-30 s); load {load_before} -> {load_after}",
+        security.key()
     );
-    Ok(json!({ "reschedule_s": median, "samples_s": samples }))
+    Ok(json!({ "reschedule_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }))
+}
+
+/// `failover`/`reschedule` with `--tls`: the suite on a plaintext cluster, then on an mTLS one
+/// (each its own fresh cluster); both figures and the mTLS change of the median `key` in %.
+pub fn plain_vs_tls(
+    name: &str,
+    key: &str,
+    suite: impl Fn(Security) -> anyhow::Result<Value>,
+) -> anyhow::Result<Value> {
+    let plain = suite(Security::Plain)?;
+    let tls = suite(Security::Tls)?;
+    let (p, t) = (f(&plain[key]), f(&tls[key]));
+    let change = (t - p) / p * 100.0;
+    println!("{name}: plaintext {p:.3} s, mTLS {t:.3} s (medians): mTLS {change:+.1}% (target within 10%)");
+    Ok(json!({ "plaintext": plain, "mtls": tls, "mtls_change_pct": change }))
 }

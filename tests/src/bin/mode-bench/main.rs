@@ -102,6 +102,10 @@ struct Cli {
     /// starting three nodes.
     #[arg(long, global = true)]
     endpoint: Option<String>,
+    /// `failover`, `reschedule`: run the suite on a plaintext cluster and then on a mutual-TLS
+    /// one, and print both (`raft` always runs both, alternated, `--reps` rounds of each).
+    #[arg(long, global = true)]
+    tls: bool,
     /// Measured crashes per point of the `restart` suite.
     #[arg(long, global = true, default_value_t = 1000)]
     crashes: usize,
@@ -118,7 +122,8 @@ enum Suite {
     /// services, timers, restart, in that order.
     All,
     /// Raft write latency and throughput: 3 node processes, 1/16/128 writes in flight of
-    /// events that schedule nothing (replication alone).
+    /// events that schedule nothing (replication alone); plaintext and mutual-TLS clusters
+    /// alternated, `--reps` rounds of each (fresh clusters), and the mTLS overhead.
     Raft,
     /// The full path of a deploy: spec write -> placement -> agent start -> report committed.
     Orchestration {
@@ -256,14 +261,30 @@ fn main() -> anyhow::Result<()> {
         Suite::Timers => timed("timers", || timers_suite(&cli))?,
         Suite::Restart => timed("restart", || restart_suite(&cli))?,
         Suite::Raft => timed("raft", || {
-            cluster::raft_suite(cli.window_s, cli.endpoint.as_deref())
+            cluster::raft_suite(cli.window_s, cli.endpoint.as_deref(), cli.reps)
         })?,
         Suite::Orchestration { count, inflight } => timed("orchestration", || {
             cluster::orchestration_suite(*count, (*inflight).max(1))
         })?,
-        Suite::Failover => timed("failover", || cluster::failover_suite(cli.reps.max(5)))?,
+        Suite::Failover => timed("failover", || {
+            let reps = cli.reps.max(5);
+            match cli.tls {
+                true => cluster::plain_vs_tls("failover", "failover_s", |s| {
+                    cluster::failover_suite(reps, s)
+                }),
+                false => cluster::failover_suite(reps, cluster::Security::Plain),
+            }
+        })?,
         Suite::Schedule => timed("schedule", || schedule::schedule_suite(cli.reps))?,
-        Suite::Reschedule => timed("reschedule", || cluster::reschedule_suite(cli.reps.max(5)))?,
+        Suite::Reschedule => timed("reschedule", || {
+            let reps = cli.reps.max(5);
+            match cli.tls {
+                true => cluster::plain_vs_tls("reschedule", "reschedule_s", |s| {
+                    cluster::reschedule_suite(reps, s)
+                }),
+                false => cluster::reschedule_suite(reps, cluster::Security::Plain),
+            }
+        })?,
         Suite::Rollout {
             instances,
             min_healthy_ms,
