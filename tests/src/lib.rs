@@ -266,14 +266,7 @@ impl TestCluster {
     pub fn start_tls_with(launcher: Launcher, n: u64, extra: &[&str], http: bool) -> TestCluster {
         let scratch = Scratch::new("cluster");
         let tls = TlsMaterial::new(&scratch.0.join("tls"));
-        let mut c = TestCluster::build(
-            launcher,
-            n,
-            extra,
-            http,
-            |id| tls.node_flags(id),
-            scratch,
-        );
+        let mut c = TestCluster::build(launcher, n, extra, http, |id| tls.node_flags(id), scratch);
         c.tls = Some(tls);
         for node in c.nodes.values_mut() {
             node.start();

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use mode_proto::v1 as pb;
 use mode_proto::v1::peer_client::PeerClient;
 use mode_tests::{put_spec, Launcher, TestCluster};
-use tonic::transport::Channel;
 use serde_json::{json, Value};
+use tonic::transport::Channel;
 
 /// etcd 3.4 on the same machine (bench/peers/RESULTS.md, quiet run 2).
 const ETCD_P50_MS: f64 = 1.84;
@@ -66,7 +66,7 @@ pub fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let n = sorted.len();
-    if n > 0 && n % 2 == 0 {
+    if n > 0 && n.is_multiple_of(2) {
         return (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0;
     }
     percentile(&sorted, 0.5)
@@ -438,7 +438,9 @@ pub fn failover_suite(reps: usize, security: Security) -> anyhow::Result<Value> 
         "failover ({}): kill -9 the leader -> first successful write, median of {reps}: {median:.3} s (etcd 3.4 defaults: {ETCD_FAILOVER_S} s; target < 0.6 s); load {load_before} -> {load_after}",
         security.key()
     );
-    Ok(json!({ "failover_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }))
+    Ok(
+        json!({ "failover_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }),
+    )
 }
 
 /// Kill -9 a node hosting 100 instances; time until every instance runs elsewhere.
@@ -500,7 +502,9 @@ pub fn reschedule_suite(reps: usize, security: Security) -> anyhow::Result<Value
         "reschedule ({}): kill -9 a node hosting 100 instances -> all running elsewhere, median of {reps}: {median:.2} s (target < 3 s; Kubernetes defaults take ~6 min, Nomad 20-30 s); load {load_before} -> {load_after}",
         security.key()
     );
-    Ok(json!({ "reschedule_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }))
+    Ok(
+        json!({ "reschedule_s": median, "samples_s": samples, "loadavg_before": load_before, "loadavg_after": load_after }),
+    )
 }
 
 /// `failover`/`reschedule` with `--tls`: the suite on a plaintext cluster, then on an mTLS one
