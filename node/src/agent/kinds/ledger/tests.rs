@@ -54,10 +54,21 @@ impl Group {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let pids = line
+        let pids: Vec<libc::pid_t> = line
             .split_whitespace()
             .map(|p| p.parse().unwrap())
             .collect();
+        // A background command is a forked shell until it execs: wait until each process
+        // the script named runs its own program, so that members read now and later agree.
+        for pid in pids.iter().skip(1) {
+            let comm = format!("/proc/{pid}/comm");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sh")
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         (Group { child, pgid }, pids)
     }
 
