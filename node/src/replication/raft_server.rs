@@ -90,7 +90,7 @@ async fn decode_big<T: DeserializeOwned + Send + 'static>(
         .map_err(|e| Status::internal(format!("decoding a Raft message failed: {e}")))?
 }
 
-fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
+pub(super) fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     if req.protocol != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
             "node {} speaks mode protocol {}, this node speaks {PROTOCOL_VERSION}: run the same mode version on every node",
@@ -100,7 +100,7 @@ fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+pub(super) fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
     serde_json::from_slice(&req.payload).map_err(|e| {
         Status::invalid_argument(format!(
             "undecodable Raft message from node {}: {e}",
