@@ -125,7 +125,11 @@ fn read_services<'a>(state: &ClusterState, names: impl IntoIterator<Item = &'a S
 }
 
 /// Specs checked by the server (`checked_specs`): a dry run's plan, then the commit.
-fn apply_checked(mut follower: Follower, specs: Vec<ServiceSpec>, expected: BTreeMap<String, u64>) {
+fn apply_checked(
+    follower: &mut Follower,
+    specs: Vec<ServiceSpec>,
+    expected: BTreeMap<String, u64>,
+) {
     let state = follower.state();
     if let Ok(changes) = state.plan_apply(&specs, &expected) {
         let _: Vec<_> = changes.iter().map(convert::change_to_proto).collect();
@@ -133,7 +137,7 @@ fn apply_checked(mut follower: Follower, specs: Vec<ServiceSpec>, expected: BTre
         let _: Vec<_> = plan.iter().map(convert::planned_to_proto).collect();
     }
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-    commit(&mut follower, [Command::ApplySpecs { specs, expected }]);
+    commit(follower, [Command::ApplySpecs { specs, expected }]);
     read_services(follower.state(), &names);
 }
 
@@ -147,7 +151,9 @@ pub fn spec_text(data: &[u8]) {
     };
     if let Ok(specs) = crate::api::checked_specs("fuzz.yaml", Vec::new(), text.to_string(), kinds())
     {
-        apply_checked(Follower::new(small_state()), specs, BTreeMap::new());
+        let mut follower = Follower::new(small_state());
+        apply_checked(&mut follower, specs, BTreeMap::new());
+        follower.send_views();
     }
 }
 
@@ -167,7 +173,7 @@ pub fn control_request(data: &[u8]) {
             };
             let expected: BTreeMap<String, u64> = r.expected_generations.into_iter().collect();
             if let Ok(specs) = crate::api::checked_specs(&r.file, r.specs, r.text, kinds()) {
-                apply_checked(follower, specs, expected);
+                apply_checked(&mut follower, specs, expected);
             }
         }
         1 => {
@@ -292,6 +298,7 @@ pub fn control_request(data: &[u8]) {
         17 => drop(pb::CompactRequest::decode(body)),
         _ => drop(pb::ListKindsRequest::decode(body)),
     }
+    follower.send_views();
 }
 
 /// The combined graph of `state` with the nodes' `reports`, as a client receives and draws it.
@@ -379,6 +386,7 @@ pub fn peer_request(data: &[u8]) {
         13 => drop(pb::RemoveNodeRequest::decode(body)),
         _ => drop(pb::ClusterStatusRequest::decode(body)),
     }
+    follower.send_views();
 }
 
 /// An answer a node decodes from another: the first byte picks which, the rest is the
@@ -448,6 +456,7 @@ pub fn raft_message(data: &[u8]) {
         };
         let _ = follower.take_request(method, &req);
     }
+    follower.send_views();
 }
 
 /// `Propose` commands (`command_json`), one per line, committed one after another on the
@@ -461,6 +470,7 @@ pub fn command(data: &[u8]) {
         .lines()
         .filter_map(|line| crate::api::command_from_json(line).ok());
     commit(&mut follower, commands);
+    follower.send_views();
 }
 
 /// A snapshot's data, as a follower installs it or a server reads it back at start; then the
@@ -481,6 +491,7 @@ pub fn snapshot(data: &[u8]) {
     // And the state machine goes on from it.
     let mut follower = Follower::new(state);
     commit(&mut follower, small_state_commands());
+    follower.send_views();
 }
 
 /// Values as read back from the data directory, one per line: a byte picking what (0 a log
@@ -493,6 +504,7 @@ pub fn stored_log(data: &[u8]) {
             let _ = crate::replication::fuzz::stored(what, bytes, &mut follower);
         }
     }
+    follower.send_views();
 }
 
 // ---------------------------------------------------------------- seeds

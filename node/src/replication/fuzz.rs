@@ -71,8 +71,8 @@ impl Follower {
         }
     }
 
-    /// Apply `entries` as the state machine does once they are committed, then build the
-    /// views of (some of) the nodes as `WatchPlacements` would.
+    /// Apply `entries` as the state machine does once they are committed (and index them
+    /// for the per-node views).
     pub(crate) fn apply(&mut self, entries: &[Entry]) {
         let mut touched = Touched::default();
         for entry in entries {
@@ -80,7 +80,6 @@ impl Follower {
         }
         let index = self.applied.last_applied.map_or(0, |l| l.index);
         self.views.applied(&self.applied.state, touched, index);
-        self.watch_some();
     }
 
     /// Apply `proposals` as the next committed entry (what a `Propose` becomes).
@@ -134,11 +133,11 @@ impl Follower {
         all.everything();
         let index = self.applied.last_applied.map_or(0, |l| l.index);
         self.views.applied(&self.applied.state, all, index);
-        self.watch_some();
     }
 
-    /// The views of the first few nodes, as `WatchPlacements` sends them.
-    fn watch_some(&self) {
+    /// The views of the first few nodes, as `WatchPlacements` sends them (once an input's
+    /// messages are applied: building them after each would make the fuzzers slow).
+    pub(crate) fn send_views(&self) {
         for id in self.applied.state.nodes.keys().take(MAX_VIEWS) {
             let _ = self.view(*id);
         }
@@ -172,7 +171,7 @@ pub(crate) fn take_reply(method: u8, reply: &RaftReply) -> bool {
 /// `None` when it does not decode.
 pub(crate) fn snapshot(data: &[u8]) -> Option<ClusterState> {
     let follower = Follower::new(decode_snapshot(data).ok()?);
-    follower.watch_some();
+    follower.send_views();
     Some(follower.applied.state)
 }
 
