@@ -27,6 +27,7 @@ const MAX_VIEWS: usize = 16;
 pub(crate) struct Follower {
     applied: Applied,
     views: std::sync::Arc<Views>,
+    chunks: super::raft_server::SnapshotChunks,
     receiving: Option<(String, Cursor<Vec<u8>>)>,
 }
 
@@ -40,6 +41,7 @@ impl Follower {
                 membership: StoredMembership::default(),
                 state,
             },
+            chunks: Default::default(),
             receiving: None,
         }
     }
@@ -97,11 +99,19 @@ impl Follower {
         self.apply(std::slice::from_ref(&entry));
     }
 
-    /// A snapshot chunk, taken as openraft's receiver takes it (`Streaming::receive`: a new
-    /// snapshot id starts at offset 0; a chunk is written at its offset) into the buffer
-    /// [`super::store`] hands it; the last chunk installs the snapshot.
+    /// A snapshot chunk, admitted as the peer API admits it, then taken as openraft's
+    /// receiver takes it (`Streaming::receive`: a new snapshot id starts at offset 0; a chunk
+    /// is written at its offset) into the buffer [`super::store`] hands it; the last chunk
+    /// installs the snapshot.
     fn receive_chunk(&mut self, rpc: InstallSnapshotRequest<TypeConfig>) {
         let id = &rpc.meta.snapshot_id;
+        if self
+            .chunks
+            .admit(id, rpc.offset, rpc.data.len(), rpc.done)
+            .is_err()
+        {
+            return;
+        }
         if self.receiving.as_ref().map(|(current, _)| current) != Some(id) {
             if rpc.offset != 0 {
                 return;
