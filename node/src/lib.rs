@@ -18,6 +18,8 @@ pub mod agent;
 pub mod api;
 pub mod control;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graph;
 pub mod model;
 pub mod replication;

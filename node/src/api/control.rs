@@ -84,60 +84,25 @@ impl ControlService {
             .map_err(|e| to_status(&e))
     }
 
-    /// The specs of an apply request, parsed (from `text`) or converted, and checked against
-    /// the configuration rules of the kinds this node knows.
+    /// The specs of an apply request ([`checked_specs`]); a file's text is parsed off the
+    /// async threads.
     async fn request_specs(
         &self,
         r: &mut pb::ApplyServicesRequest,
     ) -> Result<Vec<ServiceSpec>, Status> {
-        let file = (!r.file.is_empty()).then(|| r.file.clone());
-        let locate = |e: SpecError| match &file {
-            Some(f) if e.file.is_none() => e.with_file(f.clone()),
-            _ => e,
-        };
-        let specs =
-            match (r.specs.is_empty(), r.text.is_empty()) {
-                (false, false) => return Err(Status::invalid_argument(
-                    "send the specs either typed (`specs`) or as a file's text (`text`), not both",
-                )),
-                (true, true) => {
-                    return Err(Status::invalid_argument(
-                        "no specs: set `specs` or `text` (a YAML or JSON file's text)",
-                    ))
-                }
-                (true, false) => {
-                    let text = std::mem::take(&mut r.text);
-                    let name = file.clone().unwrap_or_else(|| "(text)".to_string());
-                    // A big file is CPU work: off the async threads.
-                    tokio::task::spawn_blocking(move || parse_specs(&name, &text))
-                        .await
-                        .map_err(|e| Status::internal(format!("parsing the specs failed: {e}")))?
-                        .map_err(|e| Status::invalid_argument(e.to_string()))?
-                }
-                (false, true) => std::mem::take(&mut r.specs)
-                    .into_iter()
-                    .map(convert::spec_from_proto)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| Status::invalid_argument(locate(e).to_string()))?,
-            };
-        for spec in &specs {
-            spec.validate()
-                .map_err(|e| Status::invalid_argument(locate(e).to_string()))?;
-            // Kind configs are node-local knowledge: checked here, before proposing.
-            if self.kinds.contains(&spec.kind) {
-                self.kinds.validate(&spec.kind, &spec.config).map_err(|e| {
-                    Status::invalid_argument(
-                        locate(
-                            SpecError::new(e)
-                                .with_spec(spec.name.clone())
-                                .with_field("config"),
-                        )
-                        .to_string(),
-                    )
-                })?;
-            }
+        let (file, typed, text) = (
+            r.file.clone(),
+            std::mem::take(&mut r.specs),
+            std::mem::take(&mut r.text),
+        );
+        if text.is_empty() {
+            return checked_specs(&file, typed, text, &self.kinds);
         }
-        Ok(specs)
+        // A big file is CPU work: off the async threads.
+        let kinds = self.kinds.clone();
+        tokio::task::spawn_blocking(move || checked_specs(&file, typed, text, &kinds))
+            .await
+            .map_err(|e| Status::internal(format!("parsing the specs failed: {e}")))?
     }
 
     /// The service's instances now: `(slot, state, epoch)`.
@@ -198,6 +163,60 @@ fn refusal_status(r: &CommandResult) -> Status {
         Some(Refusal::OverLimit) => Status::resource_exhausted(msg),
         Some(Refusal::Precondition) | None => Status::failed_precondition(msg),
     }
+}
+
+/// The specs of an apply request, parsed (from `text`, the text of the file named `file`) or
+/// converted (from `typed`), and checked against the configuration rules of `kinds` (the
+/// kinds this node knows): everything the server does with them before proposing.
+pub(crate) fn checked_specs(
+    file: &str,
+    typed: Vec<pb::ServiceSpec>,
+    text: String,
+    kinds: &KindRegistry,
+) -> Result<Vec<ServiceSpec>, Status> {
+    let locate = |e: SpecError| match file {
+        f if !f.is_empty() && e.file.is_none() => e.with_file(f.to_string()),
+        _ => e,
+    };
+    let specs = match (typed.is_empty(), text.is_empty()) {
+        (false, false) => {
+            return Err(Status::invalid_argument(
+                "send the specs either typed (`specs`) or as a file's text (`text`), not both",
+            ))
+        }
+        (true, true) => {
+            return Err(Status::invalid_argument(
+                "no specs: set `specs` or `text` (a YAML or JSON file's text)",
+            ))
+        }
+        (true, false) => {
+            let name = if file.is_empty() { "(text)" } else { file };
+            parse_specs(name, &text).map_err(|e| Status::invalid_argument(e.to_string()))?
+        }
+        (false, true) => typed
+            .into_iter()
+            .map(convert::spec_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(locate(e).to_string()))?,
+    };
+    for spec in &specs {
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(locate(e).to_string()))?;
+        // Kind configs are node-local knowledge: checked here, before proposing.
+        if kinds.contains(&spec.kind) {
+            kinds.validate(&spec.kind, &spec.config).map_err(|e| {
+                Status::invalid_argument(
+                    locate(
+                        SpecError::new(e)
+                            .with_spec(spec.name.clone())
+                            .with_field("config"),
+                    )
+                    .to_string(),
+                )
+            })?;
+        }
+    }
+    Ok(specs)
 }
 
 /// The request id of a write: the request's field, else the metadata's.

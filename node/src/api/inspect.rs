@@ -232,6 +232,15 @@ async fn ask_node<T: TreeForm>(
         .await
         .map_err(|s| crate::replication::describe_status(address, &s))?
         .into_inner();
+    report_from_reply(&reply, id, address)
+}
+
+/// The report in node `id`'s answer (from `address`) to a beacon request.
+pub(crate) fn report_from_reply<T: TreeForm>(
+    reply: &pb::NodeBeaconReply,
+    id: u64,
+    address: &str,
+) -> Result<NodeReport<T>, String> {
     if reply.node != id {
         return Err(format!(
             "{address} answered as node {} (is node {id} registered with a stale address?)",

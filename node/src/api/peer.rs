@@ -192,12 +192,8 @@ impl Peer for PeerService {
         let forward = may_forward(&request);
         let id = request_id(&request)
             .or_else(|| Some(request.get_ref().request_id.clone()).filter(|id| !id.is_empty()));
-        let text = &request.get_ref().command_json;
         let by = Some(request.get_ref().by.clone()).filter(|b| !b.is_empty());
-        limits::check_write_bytes(text.len())
-            .map_err(|e| Status::invalid_argument(format!("{e}: send less in one write")))?;
-        let command: Command = serde_json::from_str(text)
-            .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        let command = command_from_json(&request.get_ref().command_json)?;
         let out = self
             .node()?
             .write_request(command, forward, id, by)
@@ -295,32 +291,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::RegisterReply>, Status> {
         speaks_for(&request, request.get_ref().node, "registration")?;
         let node = self.node()?;
-        let r = request.into_inner();
-        let role = match r.role.as_str() {
-            "" | "server" => NodeRole::Server,
-            "agent" => NodeRole::Agent,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "role '{other}' is neither \"server\" nor \"agent\""
-                )))
-            }
-        };
-        if r.node == 0 {
-            return Err(Status::invalid_argument("node ids start at 1"));
-        }
-        crate::replication::check_address("the node's peer address", &r.address)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let command = Command::RegisterNode {
-            id: r.node,
-            address: r.address,
-            labels: r.labels.into_iter().collect(),
-            capacity: r.capacity,
-            kinds: r.kinds,
-            incarnation: r.incarnation,
-            heartbeat_grace_ms: r.heartbeat_grace_ms,
-            api_address: r.api_address,
-            role,
-        };
+        let command = register_command(request.into_inner())?;
         let out = node.write(command, true).await.map_err(|e| to_status(&e))?;
         if !out.result.ok {
             return Err(Status::failed_precondition(out.result.message));
@@ -401,21 +372,7 @@ impl Peer for PeerService {
         let r = request.into_inner();
         node.check_incarnation(r.node, r.incarnation)
             .map_err(|e| heartbeat_status(&e))?;
-        let reports: Vec<_> = r
-            .reports
-            .iter()
-            .map(crate::agent::report_from_proto)
-            .collect();
-        for report in &reports {
-            report
-                .to_command(r.node)
-                .map_err(Status::invalid_argument)?;
-        }
-        let command = Command::ReportInstances {
-            node: r.node,
-            incarnation: r.incarnation,
-            reports,
-        };
+        let command = reports_command(&r)?;
         // One command for the whole batch: one Raft write.
         let out = node.write(command, true).await.map_err(|e| to_status(&e))?;
         if !out.result.ok {
@@ -520,6 +477,62 @@ impl Peer for PeerService {
             report_json,
         }))
     }
+}
+
+/// The command a `Propose` carries (its `command_json`), within the write limit.
+pub(crate) fn command_from_json(text: &str) -> Result<Command, Status> {
+    limits::check_write_bytes(text.len())
+        .map_err(|e| Status::invalid_argument(format!("{e}: send less in one write")))?;
+    serde_json::from_str(text)
+        .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))
+}
+
+/// The command a `Register` asks for, once its role, id and address are checked.
+pub(crate) fn register_command(r: pb::RegisterRequest) -> Result<Command, Status> {
+    let role = match r.role.as_str() {
+        "" | "server" => NodeRole::Server,
+        "agent" => NodeRole::Agent,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "role '{other}' is neither \"server\" nor \"agent\""
+            )))
+        }
+    };
+    if r.node == 0 {
+        return Err(Status::invalid_argument("node ids start at 1"));
+    }
+    crate::replication::check_address("the node's peer address", &r.address)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Command::RegisterNode {
+        id: r.node,
+        address: r.address,
+        labels: r.labels.into_iter().collect(),
+        capacity: r.capacity,
+        kinds: r.kinds,
+        incarnation: r.incarnation,
+        heartbeat_grace_ms: r.heartbeat_grace_ms,
+        api_address: r.api_address,
+        role,
+    })
+}
+
+/// The one command a `ReportInstances` batch is committed as, once every report is checked.
+pub(crate) fn reports_command(r: &pb::ReportInstancesRequest) -> Result<Command, Status> {
+    let reports: Vec<_> = r
+        .reports
+        .iter()
+        .map(crate::agent::report_from_proto)
+        .collect();
+    for report in &reports {
+        report
+            .to_command(r.node)
+            .map_err(Status::invalid_argument)?;
+    }
+    Ok(Command::ReportInstances {
+        node: r.node,
+        incarnation: r.incarnation,
+        reports,
+    })
 }
 
 /// A refusal of the node itself (another incarnation) is FAILED_PRECONDITION, so that agents

@@ -7,6 +7,7 @@
 
 mod election;
 mod forward;
+pub(crate) mod fuzz;
 mod heartbeats;
 mod metrics;
 mod network;

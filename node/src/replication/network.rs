@@ -460,13 +460,24 @@ impl Caller {
         };
         self.peers.record(self.target, Ok(()));
         lock(&self.peers.refused_membership).remove(&self.target);
-        if reply.is_error {
-            let e: RaftError<u64, E> = serde_json::from_slice(&reply.payload)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-            return Err(RPCError::RemoteError(RemoteError::new(self.target, e)));
-        }
-        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        decode_reply(&reply)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// A peer's answer to a Raft RPC: what it answered, or the Raft error it sent.
+pub(super) fn decode_reply<Resp, E>(
+    reply: &RaftReply,
+) -> serde_json::Result<Result<Resp, RaftError<u64, E>>>
+where
+    Resp: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    if reply.is_error {
+        return serde_json::from_slice(&reply.payload).map(Err);
+    }
+    serde_json::from_slice(&reply.payload).map(Ok)
 }
 
 /// Whether a failed call never reached the peer (the connection could not be made), so the

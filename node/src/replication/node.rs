@@ -281,6 +281,7 @@ pub struct ClusterNode {
     /// directory was wiped), once one has said so.
     refused: Refusal,
     contact: super::election::LeaderContact,
+    snapshot_chunks: Arc<super::raft_server::SnapshotChunks>,
     /// The last applied log index, published each time it changes (watchers wake on applies
     /// only, not on every Raft metrics update).
     applied: tokio::sync::watch::Receiver<u64>,
@@ -457,6 +458,7 @@ impl ClusterNode {
             quorum,
             refused,
             contact,
+            snapshot_chunks: Default::default(),
         });
         ClusterNode::relay_heartbeats(Arc::downgrade(&node), relay);
         Ok(node)
@@ -586,6 +588,7 @@ impl ClusterNode {
                 contact: self.contact.clone(),
                 lease: self.config.election_timeout.1,
             },
+            snapshot_chunks: self.snapshot_chunks.clone(),
         }
     }
 

@@ -19,6 +19,45 @@ pub struct RaftService {
     pub(crate) sm: StateMachineStore,
     pub(crate) refused: Refusal,
     pub(crate) pre_voter: super::election::PreVoter,
+    pub(crate) snapshot_chunks: std::sync::Arc<SnapshotChunks>,
+}
+
+/// How much of the snapshot being received has arrived, so that each chunk continues it.
+/// openraft writes a chunk at its offset into the receiving buffer (a `Cursor<Vec<u8>>`): a
+/// chunk far past the end would have it allocate and zero the whole gap (a terabyte for an
+/// offset of 2^40) and take the node down.
+#[derive(Default)]
+pub(crate) struct SnapshotChunks(std::sync::Mutex<Option<(String, u64)>>);
+
+impl SnapshotChunks {
+    /// Admit a chunk of `len` bytes at `offset` of snapshot `id` (the last one when `done`):
+    /// it must start within what arrived of that snapshot (a new snapshot starts at 0; a
+    /// chunk sent again overlaps).
+    pub(crate) fn admit(
+        &self,
+        id: &str,
+        offset: u64,
+        len: usize,
+        done: bool,
+    ) -> Result<(), String> {
+        let mut receiving = crate::service::lock(&self.0);
+        let arrived = match &*receiving {
+            Some((current, arrived)) if current == id => *arrived,
+            _ => 0,
+        };
+        if offset > arrived {
+            return Err(format!(
+                "snapshot {id}: a chunk at byte {offset} would leave a gap after the {arrived} bytes received (chunks follow each other from byte 0)"
+            ));
+        }
+        *receiving = (!done).then(|| {
+            (
+                id.to_string(),
+                arrived.max(offset.saturating_add(len as u64)),
+            )
+        });
+        Ok(())
+    }
 }
 
 /// The marker in a refusal that tells the sender its data directory is not the member's.
@@ -116,7 +155,7 @@ async fn decode_big<T: DeserializeOwned + Send + 'static>(
         .map_err(|e| Status::internal(format!("decoding a Raft message failed: {e}")))?
 }
 
-fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
+pub(super) fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     if req.protocol != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
             "node {} speaks mode protocol {}, this node speaks {PROTOCOL_VERSION}: run the same mode version on every node",
@@ -126,7 +165,7 @@ fn check_protocol(req: &RaftRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+pub(super) fn decode<T: DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
     serde_json::from_slice(&req.payload).map_err(|e| {
         Status::invalid_argument(format!(
             "undecodable Raft message from node {}: {e}",
@@ -191,10 +230,62 @@ impl RaftService {
         let rpc: openraft::raft::InstallSnapshotRequest<super::types::TypeConfig> =
             decode_big(request).await?;
         speaks_for_itself_from(from, rpc.vote.leader_id().voted_for())?;
+        self.snapshot_chunks
+            .admit(&rpc.meta.snapshot_id, rpc.offset, rpc.data.len(), rpc.done)
+            .map_err(Status::invalid_argument)?;
         let result = self.raft.install_snapshot(rpc).await;
         if result.is_ok() {
             self.pre_voter.contact.heard();
         }
         reply(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_chunks_must_follow_each_other() {
+        let chunks = SnapshotChunks::default();
+        chunks.admit("2-200-0", 0, 100, false).unwrap();
+        chunks.admit("2-200-0", 100, 100, false).unwrap();
+        // Sent again after a lost answer: overlaps what arrived.
+        chunks.admit("2-200-0", 100, 100, false).unwrap();
+        let gap = chunks.admit("2-200-0", 1 << 40, 1, false).unwrap_err();
+        assert!(gap.contains("gap after the 200 bytes"), "{gap}");
+        // Another snapshot starts at byte 0.
+        assert!(chunks.admit("2-300-0", 200, 1, false).is_err());
+        chunks.admit("2-200-0", 200, 10, true).unwrap();
+        // Once complete, the same id starts again from byte 0.
+        assert!(chunks.admit("2-200-0", 100, 1, false).is_err());
+    }
+
+    /// A peer sent a first chunk, then one at byte 2^40: the receiver (openraft writes each
+    /// chunk at its offset into a `Cursor<Vec<u8>>`) allocated a terabyte and the node died.
+    #[test]
+    fn a_snapshot_chunk_past_the_end_is_refused_before_it_is_written() {
+        let mut follower = super::super::fuzz::Follower::new(Default::default());
+        let chunk = |offset: usize, data: &[u8], done: bool| {
+            let rpc = serde_json::json!({
+                "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": true},
+                "meta": {"last_log_id": null, "last_membership": {"log_id": null,
+                    "membership": {"configs": [], "nodes": {}}}, "snapshot_id": "2-200-0"},
+                "offset": offset, "data": data, "done": done});
+            RaftRequest {
+                protocol: PROTOCOL_VERSION,
+                payload: serde_json::to_vec(&rpc).unwrap(),
+                ..Default::default()
+            }
+        };
+        let head = br#"{"nodes": {}, "specs": {}, "events": [], "next_event_seq": 7"#;
+        assert!(follower.take_request(2, &chunk(0, head, false)));
+        assert!(follower.take_request(2, &chunk(1 << 40, b"}", true)));
+        assert!(follower.take_request(2, &chunk(head.len(), b"}", true)));
+        assert_eq!(
+            follower.state().next_event_seq,
+            7,
+            "the snapshot was installed"
+        );
     }
 }

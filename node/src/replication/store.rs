@@ -227,30 +227,21 @@ fn recover(db: &Database) -> Result<Recovered, String> {
                 .map_err(|e| e.to_string())?
                 .map(|v| v.value().to_vec()))
         };
-        let parse = |key: &str| -> Result<Option<serde_json::Value>, String> {
-            get(key)?
-                .map(|b| serde_json::from_slice(&b).map_err(|e| format!("{key}: {e}")))
-                .transpose()
-        };
-        r.vote = parse("vote")?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        r.committed = parse("committed")?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        r.purged = parse("purged")?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| e.to_string())?;
+        r.vote = get("vote")?.map(|b| decode_meta("vote", &b)).transpose()?;
+        r.committed = get("committed")?
+            .map(|b| decode_meta::<Option<LogId>>("committed", &b))
+            .transpose()?
+            .flatten();
+        r.purged = get("purged")?
+            .map(|b| decode_meta("purged", &b))
+            .transpose()?;
     }
     match txn.open_table(LOG) {
         Ok(log) => {
             for item in log.iter().map_err(|e| e.to_string())? {
                 let (k, v) = item.map_err(|e| e.to_string())?;
-                let entry: Entry = serde_json::from_slice(v.value())
-                    .map_err(|e| format!("log entry {}: {e}", k.value()))?;
+                let entry =
+                    decode_entry(v.value()).map_err(|e| format!("log entry {}: {e}", k.value()))?;
                 r.entries.insert(k.value(), entry);
             }
         }
@@ -268,8 +259,7 @@ fn recover(db: &Database) -> Result<Recovered, String> {
                 .map_err(|e| e.to_string())?
                 .map(|v| v.value().to_vec());
             if let (Some(meta), Some(data)) = (meta, data) {
-                let meta =
-                    serde_json::from_slice(&meta).map_err(|e| format!("snapshot meta: {e}"))?;
+                let meta = decode_meta("snapshot meta", &meta)?;
                 r.snapshot = Some((meta, data));
             }
         }
@@ -277,6 +267,25 @@ fn recover(db: &Database) -> Result<Recovered, String> {
         Err(e) => return Err(e.to_string()),
     }
     Ok(r)
+}
+
+/// A log entry as stored in the `log` table.
+pub(super) fn decode_entry(bytes: &[u8]) -> serde_json::Result<Entry> {
+    serde_json::from_slice(bytes)
+}
+
+/// A value of the `meta` table (the vote, the committed and purged log ids) or a snapshot's
+/// metadata, as stored; `key` names it in the error.
+pub(super) fn decode_meta<T: serde::de::DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("{key}: {e}"))
+}
+
+/// A snapshot's state, as stored or as received from the leader.
+pub(super) fn decode_snapshot(bytes: &[u8]) -> serde_json::Result<ClusterState> {
+    serde_json::from_slice(bytes)
 }
 
 // ---- the writer thread ----------------------------------------------------------------------
@@ -634,7 +643,7 @@ pub(crate) fn stores(
         state: ClusterState::default(),
     };
     if let Some((meta, data)) = &r.snapshot {
-        applied.state = serde_json::from_slice(data).map_err(|e| DataDirError::Corrupt {
+        applied.state = decode_snapshot(data).map_err(|e| DataDirError::Corrupt {
             path: PathBuf::from(DATABASE_FILE),
             problem: format!("snapshot data: {e}"),
         })?;
@@ -684,6 +693,48 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Apply one committed entry to `a`, noting in `touched` what it changed for the views.
+pub(super) fn apply_entry(
+    a: &mut Applied,
+    entry: &Entry,
+    touched: &mut super::views::Touched,
+) -> Vec<CommandResult> {
+    a.last_applied = Some(entry.log_id);
+    match &entry.payload {
+        EntryPayload::Blank => Vec::new(),
+        EntryPayload::Normal(batch) => {
+            for p in batch.proposals.iter() {
+                touched.note(&p.command);
+            }
+            batch
+                .proposals
+                .iter()
+                .map(|p| match &p.trace {
+                    // A traced proposal shows being applied on every replica, but not when
+                    // the log is replayed after a restart.
+                    Some(parent) if super::node::now_ms().saturating_sub(p.at_ms) < 60_000 => {
+                        let span = tracing::info_span!(
+                            target: crate::telemetry::TARGET,
+                            "raft.apply",
+                            otel.name = "raft.apply",
+                            op = p.command.op(),
+                            index = entry.log_id.index,
+                        );
+                        crate::telemetry::set_parent(&span, Some(parent));
+                        let _in = span.enter();
+                        a.state.apply_at(p, entry.log_id.index)
+                    }
+                    _ => a.state.apply_at(p, entry.log_id.index),
+                })
+                .collect()
+        }
+        EntryPayload::Membership(m) => {
+            a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+            Vec::new()
+        }
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
@@ -702,41 +753,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let locked = std::time::Instant::now();
         let mut touched = super::views::Touched::default();
         for entry in entries {
-            a.last_applied = Some(entry.log_id);
-            if let EntryPayload::Normal(ref batch) = entry.payload {
-                for p in batch.proposals.iter() {
-                    touched.note(&p.command);
-                }
-            }
-            let result = match entry.payload {
-                EntryPayload::Blank => Vec::new(),
-                EntryPayload::Normal(ref batch) => batch
-                    .proposals
-                    .iter()
-                    .map(|p| match &p.trace {
-                        // A traced proposal shows being applied on every replica, but not
-                        // when the log is replayed after a restart.
-                        Some(parent) if super::node::now_ms().saturating_sub(p.at_ms) < 60_000 => {
-                            let span = tracing::info_span!(
-                                target: crate::telemetry::TARGET,
-                                "raft.apply",
-                                otel.name = "raft.apply",
-                                op = p.command.op(),
-                                index = entry.log_id.index,
-                            );
-                            crate::telemetry::set_parent(&span, Some(parent));
-                            let _in = span.enter();
-                            a.state.apply_at(p, entry.log_id.index)
-                        }
-                        _ => a.state.apply_at(p, entry.log_id.index),
-                    })
-                    .collect(),
-                EntryPayload::Membership(ref m) => {
-                    a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    Vec::new()
-                }
-            };
-            results.push(result);
+            results.push(apply_entry(&mut a, &entry, &mut touched));
         }
         let index = a.last_applied.map(|l| l.index).unwrap_or(0);
         self.views.applied(&a.state, touched, index);
@@ -765,11 +782,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         // Megabytes of state: decoded off the async threads.
-        let (state, data) = tokio::task::spawn_blocking(move || {
-            (serde_json::from_slice::<ClusterState>(&data), data)
-        })
-        .await
-        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let (state, data) = tokio::task::spawn_blocking(move || (decode_snapshot(&data), data))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist_snapshot(meta, &data).await?;
         {
