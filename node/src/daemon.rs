@@ -19,6 +19,9 @@ use crate::replication::{ClusterConfig, ClusterError, ClusterNode};
 use crate::service::{Context, Result, Service, ServiceHandle, Strategy, Supervisor};
 use crate::worker::{init_logging, LogConfig, LogFormat, Worker, WorkerExit};
 
+mod notify;
+pub use notify::{notify, Notifier, ReadyCheck};
+
 /// Flags of `mode-node`; each can also be set by the environment variable named after it.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -34,6 +37,10 @@ pub struct NodeArgs {
     /// This node's id (a positive integer, unique in the cluster, never reused after its data is lost).
     #[arg(long, env = "MODE_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub id: u64,
+    /// Take the node id from the hostname's trailing ordinal plus BASE: pod `mode-2` of a
+    /// StatefulSet with BASE 1 is node 3. Instead of --id.
+    #[arg(long, env = "MODE_ID_FROM_ORDINAL", value_name = "BASE", conflicts_with = "id", value_parser = clap::value_parser!(u64).range(1..))]
+    pub id_from_ordinal: Option<u64>,
     /// `server` (Raft member, public API and agent) or `agent` (only runs instances; needs
     /// --servers; no Raft, no public API).
     #[arg(long, env = "MODE_ROLE", default_value = "server", value_parser = ["server", "agent"])]
@@ -65,6 +72,10 @@ pub struct NodeArgs {
     /// Join an existing cluster through any of its servers (its peer address, HOST:PORT).
     #[arg(long, env = "MODE_JOIN")]
     pub join: Option<String>,
+    /// When this node's id is not listed in --peers (a StatefulSet scaled past its first
+    /// size), join the cluster through the listed peers instead of refusing to start.
+    #[arg(long, env = "MODE_JOIN_IF_NEW", requires = "peers")]
+    pub join_if_new: bool,
     /// This node's data directory was lost: come back as a new learner, replacing the member
     /// of the same id (which is removed first, so it can never vote with blank data). Only
     /// acts when the data directory is new.
@@ -184,6 +195,28 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The ordinal a StatefulSet gives its pods: the number after the hostname's last `-`
+/// (`mode-2` is 2; a fully qualified name counts by its first label).
+fn ordinal_of(hostname: &str) -> std::result::Result<u64, String> {
+    let pod = hostname.split('.').next().unwrap_or(hostname);
+    pod.rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .ok_or_else(|| {
+            format!(
+                "hostname '{hostname}' does not end in -N (a StatefulSet pod's ordinal), so --id-from-ordinal cannot take a node id from it: give --id instead"
+            )
+        })
+}
+
+/// The host's name: `HOSTNAME` (Kubernetes sets it to the pod's name), else the kernel's.
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// `$XDG_DATA_HOME/mode/node-ID`, else `~/.local/share/mode/node-ID`, else `./mode-data/node-ID`.
 pub fn default_data_dir(id: u64) -> PathBuf {
     // The XDG spec treats an empty variable as unset.
@@ -197,6 +230,30 @@ pub fn default_data_dir(id: u64) -> PathBuf {
 }
 
 impl NodeArgs {
+    /// Settle what the flags leave to the environment: the id from the hostname's ordinal
+    /// (--id-from-ordinal), then `{id}` in the TLS and data paths.
+    pub fn resolve(&mut self, hostname: Option<&str>) -> std::result::Result<(), String> {
+        if let Some(base) = self.id_from_ordinal {
+            let host = hostname.ok_or(
+                "--id-from-ordinal needs the hostname (HOSTNAME, or the kernel's): none is set",
+            )?;
+            let ordinal = ordinal_of(host)?;
+            self.id = base.checked_add(ordinal).ok_or_else(|| {
+                format!("--id-from-ordinal {base} + ordinal {ordinal} is not a node id")
+            })?;
+        }
+        let id = self.id.to_string();
+        for path in [&mut self.tls_cert, &mut self.tls_key, &mut self.data_dir]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(text) = path.to_str().filter(|t| t.contains("{id}")) {
+                *path = PathBuf::from(text.replace("{id}", &id));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether this node is agent-only.
     pub fn is_agent(&self) -> bool {
         self.role == "agent"
@@ -347,6 +404,9 @@ impl NodeArgs {
                 .clone()
                 .unwrap_or_else(|| default_data_dir(self.id)),
         );
+        if self.join_if_new && !peers.contains_key(&self.id) {
+            config.join_seeds = std::mem::take(&mut peers).into_values().collect();
+        }
         config.peers = peers;
         config.join = self.join.clone();
         config.max_voters = self.max_voters.max(1);
@@ -446,13 +506,17 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 }
 
 fn run_node(mut kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args = match NodeArgs::try_parse_from(args) {
+    let mut args = match NodeArgs::try_parse_from(args) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    if let Err(e) = args.resolve(hostname().as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let exec = match args.limit_exec(&mut kinds) {
         Ok(said) => said,
         Err(e) => {
@@ -626,6 +690,18 @@ async fn run(
     if !args.no_control_loop {
         services.push(control);
     }
+    let ready: ReadyCheck = {
+        let node = node.clone();
+        Arc::new(move || node.readiness())
+    };
+    services.push(
+        ServiceHandle::builder(Notifier {
+            ready,
+            status: format!("server {} serving on {}", args.id, args.listen),
+        })
+        .label("Notifier")
+        .build(),
+    );
     inspector.set_daemon_services(services.clone());
     let exit = Worker::with_services(services)
         .without_logging()
@@ -818,7 +894,7 @@ async fn run_agent(
     let peer_grpc = ServiceHandle::builder(PeerServer {
         service: Some(crate::api::PeerService::agent(beacon.clone())),
         listen: peer_listen,
-        tls,
+        tls: tls.clone(),
     })
     .label("PeerServer")
     .build();
@@ -831,16 +907,44 @@ async fn run_agent(
         incarnation,
         args.heartbeat_grace,
     );
+    let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let agent = ServiceHandle::builder(crate::agent::RemoteAgent {
         servers,
         register,
         kinds,
         instances: instances.clone(),
         incarnation,
+        registered: registered.clone(),
     })
     .label("Agent")
     .build();
-    let services = vec![peer_grpc, instances, agent];
+    let ready: ReadyCheck = Arc::new(move || {
+        if registered.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err("not registered with the servers yet".to_string())
+        }
+    });
+    let mut services = vec![peer_grpc, instances, agent];
+    if let Some(addr) = args.http_listen {
+        services.push(
+            ServiceHandle::builder(AgentHttpServer {
+                ready: ready.clone(),
+                listen: addr,
+                tls: tls.clone(),
+            })
+            .label("HttpServer")
+            .build(),
+        );
+    }
+    services.push(
+        ServiceHandle::builder(Notifier {
+            ready,
+            status: format!("agent {} running instances", args.id),
+        })
+        .label("Notifier")
+        .build(),
+    );
     beacon.set_daemon_services(services.clone());
     Worker::with_services(services)
         .without_logging()
@@ -880,6 +984,42 @@ impl Service for HttpServer {
                 async move { c.stopped().await }
             };
             crate::api::serve_http(inspector, listener, tls, shutdown).await?;
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+/// Serves an agent-only node's side port: health and readiness.
+struct AgentHttpServer {
+    ready: ReadyCheck,
+    listen: SocketAddr,
+    tls: Option<Arc<crate::security::tls::NodeTls>>,
+}
+
+impl Service for AgentHttpServer {
+    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} for HTTP: {e} (choose another --http-listen)",
+                    self.listen
+                )
+            })?;
+        tracing::info!(
+            "[{}]: {} on {} (/healthz, /readyz)",
+            ctx.handle().log_prefix(),
+            if self.tls.is_some() { "HTTPS" } else { "HTTP" },
+            self.listen
+        );
+        let (ready, c, tls) = (self.ready.clone(), ctx.clone(), self.tls.clone());
+        ctx.spawn("serve", async move {
+            let shutdown = {
+                let c = c.clone();
+                async move { c.stopped().await }
+            };
+            crate::api::serve_agent_http(ready, listener, tls, shutdown).await?;
             Ok(())
         });
         Ok(())
@@ -982,6 +1122,99 @@ mod tests {
         assert!(parse_duration("5 parsecs")
             .unwrap_err()
             .contains("unknown unit"));
+    }
+
+    #[test]
+    fn a_statefulset_pod_takes_its_id_from_its_ordinal_and_fills_in_its_paths() {
+        let mut args = NodeArgs::try_parse_from([
+            "mode-node",
+            "--id-from-ordinal",
+            "1",
+            "--tls-ca",
+            "/tls/ca.pem",
+            "--tls-cert",
+            "/tls/node-{id}.pem",
+            "--tls-key",
+            "/tls/node-{id}-key.pem",
+            "--data-dir",
+            "/var/lib/mode/{id}",
+        ])
+        .unwrap();
+        args.resolve(Some("mode-2")).unwrap();
+        assert_eq!(args.id, 3);
+        assert_eq!(args.tls_cert.as_deref(), Some("/tls/node-3.pem".as_ref()));
+        assert_eq!(
+            args.tls_key.as_deref(),
+            Some("/tls/node-3-key.pem".as_ref())
+        );
+        assert_eq!(args.tls_ca.as_deref(), Some("/tls/ca.pem".as_ref()));
+        assert_eq!(args.data_dir.as_deref(), Some("/var/lib/mode/3".as_ref()));
+
+        let mut agent =
+            NodeArgs::try_parse_from(["mode-node", "--id-from-ordinal", "1000"]).unwrap();
+        agent
+            .resolve(Some("mode-agent-12.mode-agents.default.svc"))
+            .unwrap();
+        assert_eq!(agent.id, 1012);
+
+        let mut bad = NodeArgs::try_parse_from(["mode-node", "--id-from-ordinal", "1"]).unwrap();
+        let e = bad.resolve(Some("worker")).unwrap_err();
+        assert!(
+            e.contains("'worker' does not end in -N") && e.contains("--id"),
+            "{e}"
+        );
+        assert!(bad.resolve(None).unwrap_err().contains("hostname"));
+        let both = NodeArgs::try_parse_from(["mode-node", "--id", "2", "--id-from-ordinal", "1"]);
+        assert!(
+            both.is_err(),
+            "--id and --id-from-ordinal exclude each other"
+        );
+    }
+
+    #[test]
+    fn a_node_missing_from_its_peers_joins_through_them_only_when_told_to() {
+        let peers = "1=mode-0.p:7071,2=mode-1.p:7071,3=mode-2.p:7071";
+        let flags = |extra: &[&str]| {
+            let mut a = vec![
+                "mode-node",
+                "--id",
+                "4",
+                "--peers",
+                peers,
+                "--advertise-peer",
+                "mode-3.p:7071",
+            ];
+            a.extend_from_slice(extra);
+            NodeArgs::try_parse_from(a)
+                .unwrap()
+                .cluster_config()
+                .unwrap()
+        };
+        let joining = flags(&["--join-if-new"]);
+        assert!(joining.peers.is_empty());
+        assert_eq!(
+            joining.join_seeds,
+            ["mode-0.p:7071", "mode-1.p:7071", "mode-2.p:7071"]
+        );
+        assert!(joining.joins());
+        // Without the flag the node is refused when it opens (a typo in --id must not join).
+        let strict = flags(&[]);
+        assert!(strict.join_seeds.is_empty() && strict.peers.len() == 3);
+        // A listed node bootstraps as before.
+        let listed = NodeArgs::try_parse_from([
+            "mode-node",
+            "--id",
+            "2",
+            "--peers",
+            peers,
+            "--advertise-peer",
+            "mode-1.p:7071",
+            "--join-if-new",
+        ])
+        .unwrap()
+        .cluster_config()
+        .unwrap();
+        assert!(listed.join_seeds.is_empty() && !listed.joins());
     }
 
     #[test]

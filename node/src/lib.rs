@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod graph;
 pub mod model;
+pub mod protocol;
 pub mod replication;
 pub mod schedule;
 pub mod security;

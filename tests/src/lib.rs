@@ -163,6 +163,17 @@ impl NodeProc {
         self.args.extend(args.iter().map(|a| a.to_string()));
     }
 
+    /// Its flags, to change before its next start.
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
+    }
+
+    /// Set an environment variable for its next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.launcher.env.retain(|(k, _)| k != key);
+        self.launcher.env.push((key.to_string(), value.to_string()));
+    }
+
     /// The process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -351,6 +351,8 @@ pub(crate) struct RemoteAgent {
     pub(crate) kinds: KindRegistry,
     pub(crate) instances: ServiceHandle,
     pub(crate) incarnation: u64,
+    /// Set once the servers accepted the registration (the node's readiness).
+    pub(crate) registered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Service for RemoteAgent {
@@ -360,13 +362,14 @@ impl Service for RemoteAgent {
             (self.kinds.clone(), self.instances.clone(), self.incarnation);
         let me = register.node;
         let timings = AgentTimings::for_grace(Duration::from_millis(register.heartbeat_grace_ms));
-        let c = ctx.clone();
+        let (c, registered) = (ctx.clone(), self.registered.clone());
         ctx.spawn("register", async move {
             match c.wait(servers.register(register)).await {
                 None => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(msg)) => tracing::info!("{msg} (through {})", servers.current()),
             }
+            registered.store(true, std::sync::atomic::Ordering::Release);
             let link = Link::Remote(servers);
             super::run(c, link, me, incarnation, kinds, instances, timings).await;
             Ok(())
@@ -457,6 +460,7 @@ pub async fn run_remote(config: RemoteAgentConfig) -> Result<EmbeddedAgent, Stri
         kinds: config.kinds,
         instances: instances.clone(),
         incarnation,
+        registered: Default::default(),
     })
     .label("Agent")
     .build();

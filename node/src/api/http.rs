@@ -274,6 +274,44 @@ pub async fn serve_http(
     .await
 }
 
+/// The side port of an agent-only node: `/healthz`, and `/readyz` (registered with the
+/// servers; `ready` says why not). It keeps no cluster state, so it serves no web view and no
+/// metrics of the cluster; with `tls`, HTTPS.
+pub async fn serve_agent_http(
+    ready: crate::daemon::ReadyCheck,
+    listener: TcpListener,
+    tls: Option<Arc<NodeTls>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(
+                |State(ready): State<crate::daemon::ReadyCheck>| async move {
+                    match ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                },
+            ),
+        )
+        .with_state(ready);
+    let connections = Connections {
+        local: listener.local_addr()?,
+        incoming: crate::security::tls::incoming_http(listener, tls),
+    };
+    axum::serve(
+        connections,
+        app.into_make_service_with_connect_info::<ConnInfo>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::filter_from_query;

@@ -9,7 +9,7 @@ mod peer;
 
 pub(crate) use control::checked_specs;
 pub use control::{public_extras, serve, ControlService, CONTROL_SERVICE, RESTART_WAIT};
-pub use http::serve_http;
+pub use http::{serve_agent_http, serve_http};
 pub(crate) use inspect::report_from_reply;
 pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
 pub(crate) use peer::{command_from_json, register_command, reports_command};

@@ -114,6 +114,9 @@ pub struct ClusterConfig {
     pub peers: BTreeMap<u64, String>,
     /// Join an existing cluster through this address instead.
     pub join: Option<String>,
+    /// Join an existing cluster through the first of these that answers (a node listed in
+    /// no `--peers`, started with `--join-if-new`: a StatefulSet scaled past its first size).
+    pub join_seeds: Vec<String>,
     /// Where the Raft log, vote and snapshots live.
     pub data_dir: PathBuf,
     /// Joining nodes are promoted to voters while there are fewer than this.
@@ -146,6 +149,7 @@ impl ClusterConfig {
             advertise: advertise.into(),
             peers: BTreeMap::new(),
             join: None,
+            join_seeds: Vec::new(),
             data_dir: data_dir.into(),
             max_voters: 5,
             heartbeat: Duration::from_millis(50),
@@ -156,6 +160,11 @@ impl ClusterConfig {
             replication_timeout: Duration::from_secs(5),
             tls: None,
         }
+    }
+
+    /// Whether this node joins a cluster (rather than bootstrapping one with its peers).
+    pub fn joins(&self) -> bool {
+        self.join.is_some() || !self.join_seeds.is_empty()
     }
 
     /// Check that a singleton lease cannot outlive the moment a rival leader may move its
@@ -645,7 +654,7 @@ impl ClusterNode {
             m.membership_config.membership().get_node(&me).is_some()
         };
         let mut member = is_member(&self.raft.metrics().borrow());
-        if initialized && !member && self.config.join.is_none() {
+        if initialized && !member && !self.config.joins() {
             // A fresh member of a static cluster is initialized by the first entries the
             // leader sends it, a moment before its metrics show their membership: give
             // them that moment before calling it removed.
@@ -656,7 +665,7 @@ impl ClusterNode {
                 .await
                 .is_ok();
         }
-        if initialized && !member && self.config.join.is_none() {
+        if initialized && !member && !self.config.joins() {
             return Err(ClusterError::Conflict(format!(
                 "node {} is not a member of the cluster recorded in its data directory: it was removed. Move the data directory away and start it with --join to add it again",
                 self.config.id
@@ -666,15 +675,19 @@ impl ClusterNode {
             if !initialized {
                 self.join_via(&via, timeout).await?;
             }
-        } else if !initialized && self.config.rejoin {
-            // A member whose data was lost: come back through any other member.
-            let others: Vec<String> = self
-                .config
-                .peers
-                .iter()
-                .filter(|(id, _)| **id != self.config.id)
-                .map(|(_, a)| a.clone())
-                .collect();
+        } else if !initialized && (self.config.rejoin || !self.config.join_seeds.is_empty()) {
+            // A member whose data was lost comes back through any other member; a new node
+            // joins through any of its seeds.
+            let others: Vec<String> = if self.config.join_seeds.is_empty() {
+                self.config
+                    .peers
+                    .iter()
+                    .filter(|(id, _)| **id != self.config.id)
+                    .map(|(_, a)| a.clone())
+                    .collect()
+            } else {
+                self.config.join_seeds.clone()
+            };
             let Some(first) = others.first() else {
                 return Err(ClusterError::Config(
                     "--rejoin needs --peers (the other members) or --join".into(),

@@ -160,6 +160,12 @@ impl Policy {
         headers: &http::HeaderMap,
         conn: Option<&ConnInfo>,
     ) -> Result<Caller, Status> {
+        if self.surface == Surface::Peer {
+            let agent = headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok());
+            crate::protocol::check_peer(agent)?;
+        }
         if !self.enabled {
             return Ok(Caller::anonymous());
         }

@@ -530,6 +530,7 @@ pub fn channel(
         .trim_end_matches('/')
         .to_string();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .and_then(|e| e.user_agent(crate::protocol::user_agent()))
         .map_err(|e| format!("invalid address '{address}': {e}"))?;
     let host = host_of(&address).to_string();
     let server_name = match &tls {
