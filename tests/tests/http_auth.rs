@@ -13,7 +13,16 @@ const NO_CREDENTIALS: [&str; 0] = [];
 
 /// `curl` over HTTPS to node 1's side port with `args`: (status, response head and body).
 fn https(c: &TestCluster, path: &str, args: &[impl AsRef<std::ffi::OsStr>]) -> (u16, String) {
-    let port = c.nodes[&1].http.expect("an HTTP side port");
+    https_on(c, c.nodes[&1].http.expect("an HTTP side port"), path, args)
+}
+
+/// `curl` over HTTPS to side port `port` of a node of `c`.
+fn https_on(
+    c: &TestCluster,
+    port: u16,
+    path: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> (u16, String) {
     let ca = c.tls.as_ref().expect("a TLS cluster").ca_path();
     let out = Command::new("curl")
         .args(["-s", "-i", "--max-time", "10", "--cacert"])
@@ -135,6 +144,37 @@ async fn with_tls_the_side_port_is_https_and_the_web_view_needs_a_client() {
     // Plaintext on the HTTPS port is told what to do.
     let (code, body) = http_get(c.nodes[&1].http.unwrap(), "/healthz");
     assert_eq!(code, 400, "{body}");
+    assert!(body.contains("speaks HTTPS"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_side_port_is_https_and_ready_once_registered() {
+    let mut c = TestCluster::start_tls(1, &[]);
+    c.wait_leader(ELECTION).await;
+    let port = mode_tests::free_port();
+    let mut args = c.tls.as_ref().unwrap().node_flags(2);
+    args.extend(["--http-listen".into(), format!("127.0.0.1:{port}")]);
+    c.add_agent(2, args).start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = https_on(&c, port, "/readyz", &NO_CREDENTIALS);
+        if code == 200 {
+            assert!(body.ends_with("ready\n"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never said ready: {code} {body}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(https_on(&c, port, "/healthz", &NO_CREDENTIALS).0, 200);
+    // It keeps no cluster state: no web view, no API (and anything else needs credentials).
+    let (code, body) = https_on(&c, port, "/api/graph", &NO_CREDENTIALS);
+    assert!(code == 401 || code == 404, "{body}");
+    let (code, body) = http_get(port, "/readyz");
+    assert_eq!(code, 400, "plaintext on the agent's HTTPS port: {body}");
     assert!(body.contains("speaks HTTPS"), "{body}");
 }
 

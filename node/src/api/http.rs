@@ -299,7 +299,17 @@ pub async fn serve_agent_http(
                 },
             ),
         )
-        .with_state(ready);
+        .with_state(ready)
+        // Only open paths here: the gate just turns plaintext on the HTTPS port away.
+        .layer(axum::middleware::from_fn_with_state(
+            Gate {
+                enabled: tls.is_some(),
+                tokens: Arc::new(|_: &str| {
+                    Err("an agent-only node serves no credentialed paths".to_string())
+                }),
+            },
+            admit,
+        ));
     let connections = Connections {
         local: listener.local_addr()?,
         incoming: crate::security::tls::incoming_http(listener, tls),

@@ -584,7 +584,7 @@ pub fn connection_hint(error: &str) -> Option<&'static str> {
         || e.contains("badsignature")
     {
         Some("the server's certificate is not signed by the CA given with --ca: use the cluster's CA")
-    } else if e.contains("expired") {
+    } else if e.contains("expired") && (e.contains("certificate") || e.contains("cert")) {
         Some("a certificate has expired: make a new one (`modectl tls cert create`)")
     } else if e.contains("notvalidforname") || e.contains("not valid for name") {
         Some("the server's certificate does not name the address used: connect by a name it lists, or re-issue it with --dns/--ip")
@@ -654,5 +654,10 @@ mod tests {
             .unwrap()
             .contains("expired"));
         assert_eq!(connection_hint("connection refused"), None);
+        // A call that ran out of time says nothing about certificates.
+        assert_eq!(connection_hint("Timeout expired"), None);
+        assert!(connection_hint("received fatal alert: CertificateExpired")
+            .unwrap()
+            .contains("expired"));
     }
 }

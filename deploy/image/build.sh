@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build the container image `mode:<version>` (and `mode:latest`) from this checkout:
+#   bash deploy/image/build.sh [TAG...]
+# Static binaries (glibc, +crt-static) for the host's architecture, in an image FROM scratch:
+# nothing is pulled. Prints the image's name and size.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root="$(pwd)"
+triple="$(rustc -vV | sed -n 's/^host: //p')"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
+# A target directory of its own: the static flags would otherwise rebuild the ordinary one.
+target_dir="${MODE_IMAGE_TARGET_DIR:-$root/target/image}"
+RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+  cargo build --profile image --locked --target "$triple" -p mode-node -p modectl --bins
+bin="$target_dir/$triple/image"
+for b in mode-node modectl; do
+  case "$(ldd "$bin/$b" 2>&1 || true)" in
+    *"statically linked"* | *"not a dynamic executable"*) ;;
+    *) echo "error: $bin/$b is dynamically linked; the image has no libc" >&2; exit 1 ;;
+  esac
+done
+
+context="$(mktemp -d)"
+trap 'rm -rf "$context"' EXIT
+cp "$bin/mode-node" "$bin/modectl" deploy/image/Dockerfile "$context/"
+mkdir "$context/empty"
+printf 'root:x:0:0:root:/:/sbin/nologin\nmode:x:65532:65532:mode:/var/lib/mode:/sbin/nologin\n' >"$context/passwd"
+printf 'root:x:0:\nmode:x:65532:\n' >"$context/group"
+revision="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+tags=("mode:$version" "mode:latest" "$@")
+args=()
+for t in "${tags[@]}"; do args+=(-t "$t"); done
+docker build -q "${args[@]}" \
+  --build-arg VERSION="$version" \
+  --build-arg REVISION="$revision" \
+  --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+  --build-arg SOURCE="$(sed -n 's/^repository = "\(.*\)"/\1/p' Cargo.toml | head -n1)" \
+  "$context" >/dev/null
+size="$(docker image inspect "mode:$version" --format '{{.Size}}')"
+echo "built ${tags[*]}: $((size / 1024 / 1024)) MiB ($size bytes)"
