@@ -405,6 +405,15 @@ impl NodeArgs {
                 .unwrap_or_else(|| default_data_dir(self.id)),
         );
         if self.join_if_new && !peers.contains_key(&self.id) {
+            // Only ids past the listed ones: a pod whose id moved below them (a renamed
+            // StatefulSet, another --id-from-ordinal) is a mistake, not a new member.
+            let highest = peers.keys().next_back().copied().unwrap_or(0);
+            if self.id < highest {
+                return Err(format!(
+                    "--join-if-new: node {} is not in --peers but below its highest id ({highest}): only nodes added after the listed ones join this way; check --id / --id-from-ordinal",
+                    self.id
+                ));
+            }
             config.join_seeds = std::mem::take(&mut peers).into_values().collect();
         }
         config.peers = peers;
@@ -678,7 +687,7 @@ async fn run(
     if let Some(addr) = args.http_listen {
         services.push(
             ServiceHandle::builder(HttpServer {
-                inspector: inspector.clone(),
+                side: SidePort::Server(inspector.clone()),
                 listen: addr,
                 tls: tls.clone(),
             })
@@ -908,6 +917,7 @@ async fn run_agent(
         args.heartbeat_grace,
     );
     let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers_for_ready = servers.clone();
     let agent = ServiceHandle::builder(crate::agent::RemoteAgent {
         servers,
         register,
@@ -918,18 +928,30 @@ async fn run_agent(
     })
     .label("Agent")
     .build();
-    let ready: ReadyCheck = Arc::new(move || {
-        if registered.load(std::sync::atomic::Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err("not registered with the servers yet".to_string())
-        }
-    });
+    let ready: ReadyCheck = {
+        let (servers, grace) = (servers_for_ready, args.heartbeat_grace);
+        Arc::new(move || {
+            if !registered.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("not registered with the servers yet".to_string());
+            }
+            // Ready while a server keeps granting it leases: an agent cut off from the
+            // servers (or removed) stops its instances and says so.
+            match servers.since_last_lease() {
+                Some(age) if age < grace => Ok(()),
+                Some(age) => Err(format!(
+                    "no lease from the servers for {:.1} s (grace {:.1} s)",
+                    age.as_secs_f64(),
+                    grace.as_secs_f64()
+                )),
+                None => Err("no lease from the servers yet".to_string()),
+            }
+        })
+    };
     let mut services = vec![peer_grpc, instances, agent];
     if let Some(addr) = args.http_listen {
         services.push(
-            ServiceHandle::builder(AgentHttpServer {
-                ready: ready.clone(),
+            ServiceHandle::builder(HttpServer {
+                side: SidePort::Agent(ready.clone()),
                 listen: addr,
                 tls: tls.clone(),
             })
@@ -953,9 +975,18 @@ async fn run_agent(
         .code()
 }
 
+/// What a node's HTTP side port serves.
+#[derive(Clone)]
+enum SidePort {
+    /// A server's: health, readiness, metrics and the web view of the node `Inspector` sees.
+    Server(Arc<Inspector>),
+    /// An agent-only node's: health, and readiness as this says.
+    Agent(ReadyCheck),
+}
+
 /// Serves the HTTP side port.
 struct HttpServer {
-    inspector: Arc<Inspector>,
+    side: SidePort,
     listen: SocketAddr,
     /// HTTPS with this, and the web view only for clients.
     tls: Option<Arc<crate::security::tls::NodeTls>>,
@@ -972,54 +1003,29 @@ impl Service for HttpServer {
                 )
             })?;
         tracing::info!(
-            "[{}]: {} on {} (/, /api/graph, /healthz, /readyz, /metrics)",
+            "[{}]: {} on {} ({})",
             ctx.handle().log_prefix(),
             if self.tls.is_some() { "HTTPS" } else { "HTTP" },
-            self.listen
+            self.listen,
+            match self.side {
+                SidePort::Server(_) => "/, /api/graph, /healthz, /readyz, /metrics",
+                SidePort::Agent(_) => "/healthz, /readyz",
+            }
         );
-        let (inspector, c, tls) = (self.inspector.clone(), ctx.clone(), self.tls.clone());
+        let (side, c, tls) = (self.side.clone(), ctx.clone(), self.tls.clone());
         ctx.spawn("serve", async move {
             let shutdown = {
                 let c = c.clone();
                 async move { c.stopped().await }
             };
-            crate::api::serve_http(inspector, listener, tls, shutdown).await?;
-            Ok(())
-        });
-        Ok(())
-    }
-}
-
-/// Serves an agent-only node's side port: health and readiness.
-struct AgentHttpServer {
-    ready: ReadyCheck,
-    listen: SocketAddr,
-    tls: Option<Arc<crate::security::tls::NodeTls>>,
-}
-
-impl Service for AgentHttpServer {
-    async fn on_start(&mut self, ctx: &Context) -> Result<()> {
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot listen on {} for HTTP: {e} (choose another --http-listen)",
-                    self.listen
-                )
-            })?;
-        tracing::info!(
-            "[{}]: {} on {} (/healthz, /readyz)",
-            ctx.handle().log_prefix(),
-            if self.tls.is_some() { "HTTPS" } else { "HTTP" },
-            self.listen
-        );
-        let (ready, c, tls) = (self.ready.clone(), ctx.clone(), self.tls.clone());
-        ctx.spawn("serve", async move {
-            let shutdown = {
-                let c = c.clone();
-                async move { c.stopped().await }
-            };
-            crate::api::serve_agent_http(ready, listener, tls, shutdown).await?;
+            match side {
+                SidePort::Server(inspector) => {
+                    crate::api::serve_http(inspector, listener, tls, shutdown).await?
+                }
+                SidePort::Agent(ready) => {
+                    crate::api::serve_agent_http(ready, listener, tls, shutdown).await?
+                }
+            }
             Ok(())
         });
         Ok(())
@@ -1215,6 +1221,21 @@ mod tests {
         .cluster_config()
         .unwrap();
         assert!(listed.join_seeds.is_empty() && !listed.joins());
+        // An id below the listed ones is a mistake, not a new member.
+        let below = NodeArgs::try_parse_from([
+            "mode-node",
+            "--id",
+            "2",
+            "--peers",
+            "1=mode-0.p:7071,3=mode-2.p:7071",
+            "--advertise-peer",
+            "mode-1.p:7071",
+            "--join-if-new",
+        ])
+        .unwrap()
+        .cluster_config()
+        .unwrap_err();
+        assert!(below.contains("below its highest id (3)"), "{below}");
     }
 
     #[test]

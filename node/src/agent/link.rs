@@ -87,6 +87,8 @@ pub struct Servers {
     /// Bumped on each failover: the watch stream reconnects.
     generation: tokio::sync::watch::Sender<u64>,
     failures: AtomicU64,
+    /// When a server last granted this node a lease (its readiness).
+    last_lease: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Servers {
@@ -118,6 +120,7 @@ impl Servers {
             current: AtomicUsize::new(0),
             generation: tokio::sync::watch::channel(0).0,
             failures: AtomicU64::new(0),
+            last_lease: std::sync::Mutex::new(None),
         }))
     }
 
@@ -146,6 +149,11 @@ impl Servers {
             self.failures.store(0, Ordering::Release);
             self.generation.send_modify(|g| *g += 1);
         }
+    }
+
+    /// How long ago a server last granted this node a lease (None: never).
+    pub fn since_last_lease(&self) -> Option<Duration> {
+        crate::service::lock(&self.last_lease).map(|t| t.elapsed())
     }
 
     /// The address in use now.
@@ -200,6 +208,7 @@ impl Servers {
         match answer {
             Ok(r) => {
                 self.failures.store(0, Ordering::Release);
+                *crate::service::lock(&self.last_lease) = Some(std::time::Instant::now());
                 let r = r.into_inner();
                 Ok(LeaseGrant {
                     leader: r.leader,

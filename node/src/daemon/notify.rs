@@ -28,13 +28,27 @@ fn send(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
     let sender = UnixDatagram::unbound()?;
     let bytes = socket.as_encoded_bytes();
     if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-        sender.send_to_addr(state.as_bytes(), &addr)?;
-    } else {
-        sender.send_to(state.as_bytes(), socket)?;
+        return send_abstract(&sender, name, state);
     }
+    sender.send_to(state.as_bytes(), socket)?;
     Ok(())
+}
+
+/// `@name`: a socket in Linux's abstract namespace.
+#[cfg(target_os = "linux")]
+fn send_abstract(sender: &UnixDatagram, name: &[u8], state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    sender.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_abstract(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "abstract sockets (NOTIFY_SOCKET=@...) exist only on Linux",
+    ))
 }
 
 /// Whether the node is ready, and if not, why not.
@@ -83,6 +97,7 @@ impl Service for Notifier {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn messages_reach_a_path_socket_and_an_abstract_one() {
         let dir = std::env::temp_dir().join(format!("mode-notify-{}", std::process::id()));

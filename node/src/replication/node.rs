@@ -368,7 +368,7 @@ impl ClusterNode {
             match config.peers.get(&config.id) {
                 None => {
                     return Err(ClusterError::Config(format!(
-                        "--peers has no entry for this node (--id {}); list every member, this one included",
+                        "--peers has no entry for this node (--id {}); list every member, this one included (or, for a node added after them, give --join-if-new)",
                         config.id
                     )))
                 }
@@ -654,7 +654,7 @@ impl ClusterNode {
             m.membership_config.membership().get_node(&me).is_some()
         };
         let mut member = is_member(&self.raft.metrics().borrow());
-        if initialized && !member && !self.config.joins() {
+        if initialized && !member && self.config.join.is_none() {
             // A fresh member of a static cluster is initialized by the first entries the
             // leader sends it, a moment before its metrics show their membership: give
             // them that moment before calling it removed.
@@ -665,7 +665,7 @@ impl ClusterNode {
                 .await
                 .is_ok();
         }
-        if initialized && !member && !self.config.joins() {
+        if initialized && !member && self.config.join.is_none() {
             return Err(ClusterError::Conflict(format!(
                 "node {} is not a member of the cluster recorded in its data directory: it was removed. Move the data directory away and start it with --join to add it again",
                 self.config.id

@@ -160,13 +160,16 @@ impl Policy {
         headers: &http::HeaderMap,
         conn: Option<&ConnInfo>,
     ) -> Result<Caller, Status> {
-        if self.surface == Surface::Peer {
+        let protocol = || {
             let agent = headers
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok());
-            crate::protocol::check_peer(agent)?;
-        }
+            crate::protocol::check_peer(agent)
+        };
         if !self.enabled {
+            if self.surface == Surface::Peer {
+                protocol()?;
+            }
             return Ok(Caller::anonymous());
         }
         let transport = conn.map(|c| &c.transport);
@@ -184,7 +187,8 @@ impl Policy {
                     )
                 })?;
                 match identity_of(cert).map_err(Status::unauthenticated)? {
-                    Caller::Node(id) => Ok(Caller::Node(id)),
+                    // Versions are told only to nodes of the cluster.
+                    Caller::Node(id) => protocol().map(|()| Caller::Node(id)),
                     client => Err(Status::permission_denied(format!(
                         "the peer API takes calls from cluster nodes only; {client} is a client: use the public API's port"
                     ))),

@@ -640,6 +640,42 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn calls_between_nodes_carry_the_peer_protocol_versions() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let capture = {
+            let seen = seen.clone();
+            move |req: tonic::Request<()>| {
+                *seen.lock().unwrap() = req
+                    .metadata()
+                    .get("user-agent")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok(req)
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                health, capture,
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let served = tokio::spawn(server);
+        let mut client = tonic_health::pb::health_client::HealthClient::new(
+            channel(&address, None, |e| e).unwrap(),
+        );
+        client
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        let agent = seen.lock().unwrap().clone().expect("a user-agent");
+        assert!(agent.contains(&crate::protocol::user_agent()), "{agent}");
+        assert!(crate::protocol::check_peer(Some(&agent)).is_ok());
+        served.abort();
+    }
+
     #[test]
     fn hints_name_the_tls_problem() {
         assert!(
