@@ -16,9 +16,47 @@ pub(crate) struct EventsArgs {
     pub(crate) service: String,
     pub(crate) stale: bool,
     pub(crate) tail: u32,
+    pub(crate) filter: Filter,
+}
+
+/// The filters `events` applies itself (`--since`, `--node`, `--kind`).
+#[derive(Debug, Default)]
+pub(crate) struct Filter {
+    /// Only events at or after this time (ms since the Unix epoch).
+    since_ms: Option<u64>,
+    node: Option<u64>,
+    kind: Option<String>,
+}
+
+impl Filter {
+    pub(crate) fn new(since: Option<Duration>, node: Option<u64>, kind: Option<String>) -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Filter {
+            since_ms: since.map(|d| now_ms.saturating_sub(d.as_millis() as u64)),
+            node,
+            kind,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.since_ms.is_none() && self.node.is_none() && self.kind.is_none()
+    }
+
+    /// Whether `e` passes.
+    pub(crate) fn keeps(&self, e: &pb::Event) -> bool {
+        self.since_ms.is_none_or(|t| e.time_ms >= t)
+            && self.node.is_none_or(|n| e.node == n)
+            && self.kind.as_deref().is_none_or(|k| e.kind == k)
+    }
 }
 
 async fn fetch(conn: &mut Conn, args: &EventsArgs) -> Result<Vec<pb::Event>, Failure> {
+    // With filters of its own, modectl takes the whole log and keeps the last `tail` of what
+    // passes (the server's tail would count the events filtered out).
+    let filtered = !args.filter.is_empty();
     let reply = rpc!(
         conn,
         Call::Read,
@@ -26,11 +64,19 @@ async fn fetch(conn: &mut Conn, args: &EventsArgs) -> Result<Vec<pb::Event>, Fai
         pb::ListEventsRequest {
             service: args.service.clone(),
             stale: args.stale,
-            tail: args.tail,
+            tail: if filtered { 0 } else { args.tail },
         }
     )
     .await?;
-    Ok(reply.events)
+    let mut events = reply.events;
+    if filtered {
+        events.retain(|e| args.filter.keeps(e));
+        if args.tail > 0 {
+            let skip = events.len().saturating_sub(args.tail as usize);
+            events.drain(..skip);
+        }
+    }
+    Ok(events)
 }
 
 /// The kept events, as a table or a JSON list.
@@ -113,7 +159,9 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
                     }
                     // `after_seq` 0 replays from the start: never print an event twice.
                     if last.is_none_or(|l| e.seq > l) {
-                        print_event_line(&e, json);
+                        if args.filter.keeps(&e) {
+                            print_event_line(&e, json);
+                        }
                         last = Some(e.seq);
                     }
                 }
@@ -130,5 +178,41 @@ pub(crate) async fn follow(conn: &mut Conn, args: &EventsArgs, json: bool) -> Re
         // The node that served the stream may be going away: try the next one first.
         conn.rotate();
         tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    fn event(time_ms: u64, node: u64, kind: &str) -> pb::Event {
+        pb::Event {
+            time_ms,
+            node,
+            kind: kind.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn filters_keep_only_what_matches_each_given_one() {
+        let all = Filter::default();
+        assert!(all.is_empty() && all.keeps(&event(0, 0, "x")));
+        let f = Filter {
+            since_ms: Some(1_000),
+            node: Some(2),
+            kind: Some("node-down".into()),
+        };
+        assert!(f.keeps(&event(1_000, 2, "node-down")));
+        assert!(!f.keeps(&event(999, 2, "node-down")), "too old");
+        assert!(!f.keeps(&event(1_000, 3, "node-down")), "another node");
+        assert!(!f.keeps(&event(1_000, 2, "node-up")), "another kind");
+        let recent = Filter::new(Some(Duration::from_secs(60)), None, None);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(recent.keeps(&event(now, 0, "x")));
+        assert!(!recent.keeps(&event(now - 120_000, 0, "x")));
     }
 }

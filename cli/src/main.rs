@@ -92,9 +92,18 @@ enum Cmd {
         /// NDJSON with `-o json`).
         #[arg(short, long)]
         follow: bool,
-        /// Only the last N events (0: every event kept).
+        /// Only the last N events (0: every event kept), after the other filters.
         #[arg(long, default_value_t = 0)]
         tail: u32,
+        /// Only events of the last DURATION (e.g. 90s, 10m, 2h), by the leader's clock.
+        #[arg(long, value_name = "DURATION", value_parser = mode::daemon::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only events about this node.
+        #[arg(long, value_name = "ID")]
+        node: Option<u64>,
+        /// Only events of this kind (e.g. instance-crashed, node-down, spec-applied).
+        #[arg(long)]
+        kind: Option<String>,
     },
     /// The service kinds the nodes offer.
     Kinds,
@@ -109,6 +118,8 @@ enum Cmd {
     Token(access::TokenCmd),
     /// Who the cluster takes you for, and your role.
     Whoami,
+    /// This modectl's version, and the version of the node that answers.
+    Version,
 }
 
 #[derive(Subcommand)]
@@ -397,11 +408,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             stale,
             follow,
             tail,
+            since,
+            node,
+            kind,
         } => {
             let args = events::EventsArgs {
                 service: service.clone().unwrap_or_default(),
                 stale: *stale,
                 tail: *tail,
+                filter: events::Filter::new(*since, *node, kind.clone()),
             };
             if *follow {
                 events::follow(&mut conn, &args, json).await?;
@@ -417,6 +432,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Graph(args) => graph::run(args, &mut conn, json).await?,
         Cmd::Token(cmd) => access::token(cmd, &mut conn, json).await?,
         Cmd::Whoami => access::whoami(&mut conn, json).await?,
+        Cmd::Version => {
+            let client = env!("CARGO_PKG_VERSION");
+            let answer = rpc!(
+                conn,
+                Call::Read,
+                cluster_status,
+                pb::ClusterStatusRequest { local: true }
+            )
+            .await;
+            match answer {
+                Ok(s) => {
+                    let server = if s.version.is_empty() {
+                        "unknown (a build older than 0.1.0's version field)".to_string()
+                    } else {
+                        s.version.clone()
+                    };
+                    if json {
+                        say!(
+                            "{}",
+                            json!({"client": client, "server": {"node": s.answered_by, "endpoint": conn.endpoint(), "version": server}})
+                        );
+                    } else {
+                        say!("client: modectl {client}");
+                        say!(
+                            "server: mode-node {server} (node {}, {})",
+                            s.answered_by,
+                            conn.endpoint()
+                        );
+                    }
+                }
+                Err(f) => {
+                    say!("client: modectl {client}");
+                    return Err(f);
+                }
+            }
+        }
         Cmd::Tls(_) => unreachable!("answered above without a connection"),
     }
     Ok(())

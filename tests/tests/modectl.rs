@@ -313,3 +313,74 @@ async fn events_follow_prints_ndjson_and_resumes_after_its_node_restarts_without
         "missed events {missing:?}; printed {seqs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_filter_by_kind_node_and_time_and_version_names_both_builds() {
+    let (c, leader) = cluster(1).await;
+    for m in ["first probe", "second probe"] {
+        record(&c, leader, m).await;
+    }
+    let lines = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["-o", "json", "events"];
+        all.extend_from_slice(args);
+        let out = c.modectl(leader, &all);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "events -o json is not a JSON list ({e}): {}",
+                text(&out.stdout)
+            )
+        })
+    };
+    let everything = lines(&[]);
+    assert!(
+        everything.iter().any(|e| e["kind"] != "probe"),
+        "{everything:?}"
+    );
+
+    let probes = lines(&["--kind", "probe"]);
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert!(probes.iter().all(|e| e["kind"] == "probe"));
+    let last = lines(&["--kind", "probe", "--tail", "1"]);
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0]["message"], "second probe");
+
+    let about_node = lines(&["--node", &leader.to_string()]);
+    assert!(
+        !about_node.is_empty(),
+        "the node registered: an event about it"
+    );
+    assert!(
+        about_node.iter().all(|e| e["node"] == leader),
+        "{about_node:?}"
+    );
+    assert!(lines(&["--node", "99"]).is_empty());
+
+    assert_eq!(lines(&["--since", "1h"]).len(), everything.len());
+    // Nothing is newer than "now minus nothing" except what is recorded from now on.
+    assert!(lines(&["--since", "0s", "--kind", "probe"]).len() <= 2);
+    let bad = c.modectl(leader, &["events", "--since", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+
+    let out = c.modectl(leader, &["version"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = text(&out.stdout);
+    let v = env!("CARGO_PKG_VERSION");
+    assert!(said.contains(&format!("client: modectl {v}")), "{said}");
+    assert!(
+        said.contains(&format!("server: mode-node {v} (node {leader}")),
+        "{said}"
+    );
+    let json = c.modectl(leader, &["-o", "json", "version"]);
+    let j: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(j["server"]["version"], v);
+    assert_eq!(j["server"]["node"], leader);
+
+    // With no server to ask, the client's own version is still said, and the exit is 4.
+    let down = modectl_at(
+        &format!("127.0.0.1:{}", free_port()),
+        &["version", "--timeout", "2"],
+    );
+    assert_eq!(down.status.code(), Some(4), "{down:?}");
+    assert!(text(&down.stdout).contains("client: modectl"), "{down:?}");
+}

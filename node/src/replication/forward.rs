@@ -245,6 +245,7 @@ pub(crate) fn status_to_proto(s: &ClusterStatus) -> pb::ClusterStatusReply {
         snapshot_index: s.snapshot_index,
         purged_index: s.purged_index,
         agents: 0,
+        version: env!("CARGO_PKG_VERSION").to_string(),
         members: s
             .members
             .iter()
