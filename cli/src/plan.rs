@@ -101,7 +101,7 @@ fn show(v: &Option<Value>) -> String {
 
 pub(crate) async fn run(
     conn: &mut Conn,
-    file: &std::path::Path,
+    file: &[std::path::PathBuf],
     json: bool,
 ) -> Result<(), Failure> {
     let (file_name, specs) = read_specs(file)?;

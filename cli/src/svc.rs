@@ -17,9 +17,10 @@ pub(crate) enum SvcCmd {
     /// Validate and store the specs in a YAML or JSON file (one spec, a list, or documents),
     /// all or none.
     Apply {
-        /// The spec file.
-        #[arg(short = 'f', long = "file")]
-        file: std::path::PathBuf,
+        /// The spec file; `-` reads standard input, a directory its *.yaml, *.yml and *.json
+        /// files. Repeatable: every spec of every file is applied at once (all or nothing).
+        #[arg(short = 'f', long = "file", required = true)]
+        file: Vec<std::path::PathBuf>,
         /// Validate against the cluster and print what would change, storing nothing.
         #[arg(long)]
         dry_run: bool,
@@ -39,9 +40,9 @@ pub(crate) enum SvcCmd {
     /// placed or replaced; stores nothing.
     #[command(alias = "diff")]
     Plan {
-        /// The spec file.
-        #[arg(short = 'f', long = "file")]
-        file: std::path::PathBuf,
+        /// The spec file; `-`, a directory, and repeated -f as for `apply`.
+        #[arg(short = 'f', long = "file", required = true)]
+        file: Vec<std::path::PathBuf>,
     },
     /// The kept versions of a service, oldest first, with how each rolled out.
     History {
@@ -126,38 +127,112 @@ pub(crate) fn fail(code: u8, message: impl Into<String>) -> Failure {
 }
 
 /// Read and check a spec file as `apply` sends it: its name and specs.
-pub(crate) fn read_specs(
-    file: &std::path::Path,
-) -> Result<(String, Vec<mode::model::spec::ServiceSpec>), Failure> {
-    let cannot_read = |e: std::io::Error| fail(2, format!("cannot read {}: {e}", file.display()));
-    let size = std::fs::metadata(file).map_err(cannot_read)?.len();
-    let limit = mode::model::limits::MAX_REQUEST_BYTES as u64;
-    if size > limit {
-        return Err(fail(
-            2,
-            format!(
-                "{}: the file is {size} bytes, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
-                file.display(),
-                mode::model::limits::MAX_SPEC_BYTES
-            ),
-        ));
-    }
-    let text = std::fs::read_to_string(file).map_err(cannot_read)?;
-    let file_name = file.display().to_string();
-    let specs =
-        mode::model::spec::parse_specs(&file_name, &text).map_err(|e| fail(2, e.to_string()))?;
-    for spec in &specs {
-        if let Some(at) = mode::api::convert::inexact_number(&spec.config, "config") {
+/// The files `-f` names: `-` (standard input) and files as they are, a directory as its
+/// `*.yaml`, `*.yml` and `*.json` files in name order (not its subdirectories).
+fn spec_files(given: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, Failure> {
+    let mut files = Vec::new();
+    for path in given {
+        if path.as_os_str() == "-" || !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let listed = std::fs::read_dir(path)
+            .map_err(|e| fail(2, format!("cannot read directory {}: {e}", path.display())))?;
+        let mut found: Vec<std::path::PathBuf> = listed
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
+            })
+            .collect();
+        if found.is_empty() {
             return Err(fail(
                 2,
                 format!(
-                    "{file_name}: spec '{}': {at} is an integer beyond 2^53, which the API's JSON config (a protobuf Struct of doubles) cannot carry exactly: write it as a string",
-                    spec.name
+                    "{}: a directory with no *.yaml, *.yml or *.json files",
+                    path.display()
                 ),
             ));
         }
+        found.sort();
+        files.extend(found);
     }
-    Ok((file_name, specs))
+    Ok(files)
+}
+
+/// Read and check the specs of every file `-f` names, as one apply: the files' names joined,
+/// and all their specs (a service in two files is refused).
+pub(crate) fn read_specs(
+    given: &[std::path::PathBuf],
+) -> Result<(String, Vec<mode::model::spec::ServiceSpec>), Failure> {
+    let limit = mode::model::limits::MAX_REQUEST_BYTES;
+    let mut names = Vec::new();
+    let mut all: Vec<mode::model::spec::ServiceSpec> = Vec::new();
+    let mut from: std::collections::HashMap<String, String> = Default::default();
+    let mut total = 0usize;
+    let mut stdin_read = false;
+    for file in spec_files(given)? {
+        let stdin = file.as_os_str() == "-";
+        let file_name = if stdin {
+            if std::mem::replace(&mut stdin_read, true) {
+                return Err(fail(2, "-f - is given twice: standard input is read once"));
+            }
+            "(stdin)".to_string()
+        } else {
+            file.display().to_string()
+        };
+        let cannot_read = |e: std::io::Error| fail(2, format!("cannot read {file_name}: {e}"));
+        let text = if stdin {
+            use std::io::Read as _;
+            let mut text = String::new();
+            std::io::stdin()
+                .take(limit as u64 + 1)
+                .read_to_string(&mut text)
+                .map_err(cannot_read)?;
+            text
+        } else {
+            std::fs::read_to_string(&file).map_err(cannot_read)?
+        };
+        total += text.len();
+        if total > limit {
+            return Err(fail(
+                2,
+                format!(
+                    "{file_name}: the files come to more than {limit} bytes, the limit for one apply (and a spec is at most {} bytes): split them",
+                    mode::model::limits::MAX_SPEC_BYTES
+                ),
+            ));
+        }
+        let specs = mode::model::spec::parse_specs(&file_name, &text)
+            .map_err(|e| fail(2, e.to_string()))?;
+        for spec in specs {
+            if let Some(at) = mode::api::convert::inexact_number(&spec.config, "config") {
+                return Err(fail(
+                    2,
+                    format!(
+                        "{file_name}: spec '{}': {at} is an integer beyond 2^53, which the API's JSON config (a protobuf Struct of doubles) cannot carry exactly: write it as a string",
+                        spec.name
+                    ),
+                ));
+            }
+            if let Some(first) = from.insert(spec.name.clone(), file_name.clone()) {
+                let whence = if first == file_name {
+                    format!("twice in {file_name}")
+                } else {
+                    format!("in both {first} and {file_name}")
+                };
+                return Err(fail(
+                    2,
+                    format!("service '{}' is {whence}: keep one", spec.name),
+                ));
+            }
+            all.push(spec);
+        }
+        names.push(file_name);
+    }
+    Ok((names.join(", "), all))
 }
 
 /// Exit status of a rollout that failed (an instance failed, the deadline passed, it was

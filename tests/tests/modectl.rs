@@ -384,3 +384,80 @@ async fn events_filter_by_kind_node_and_time_and_version_names_both_builds() {
     assert_eq!(down.status.code(), Some(4), "{down:?}");
     assert!(text(&down.stdout).contains("client: modectl"), "{down:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_takes_standard_input_directories_and_several_files_at_once() {
+    let (c, leader) = cluster(1).await;
+    let dir = Scratch::new("specs");
+    let spec =
+        |name: &str| format!("name: {name}\nkind: ticker\nreplicas: 1\nconfig: {{message: hi}}\n");
+    let specs = dir.0.join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::write(specs.join("a.yaml"), spec("from-dir-a")).unwrap();
+    std::fs::write(specs.join("b.yml"), spec("from-dir-b")).unwrap();
+    std::fs::write(specs.join("notes.txt"), "not a spec").unwrap();
+    let single = dir.0.join("single.yaml");
+    std::fs::write(&single, spec("from-file")).unwrap();
+    let (specs_arg, single_arg) = (specs.display().to_string(), single.display().to_string());
+
+    // A directory and a file, one apply.
+    let out = c.modectl(
+        leader,
+        &["svc", "apply", "-f", &specs_arg, "-f", &single_arg],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // Standard input.
+    let mut child = Command::new(binary("modectl"))
+        .args([
+            "--endpoint",
+            &c.nodes[&leader].address(),
+            "svc",
+            "apply",
+            "-f",
+            "-",
+        ])
+        .env_remove("MODE_ENDPOINT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec("from-stdin").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let listed = c.modectl(leader, &["-o", "json", "svc", "ls"]);
+    let names = text(&listed.stdout);
+    for n in ["from-dir-a", "from-dir-b", "from-file", "from-stdin"] {
+        assert!(names.contains(n), "{n} missing: {names}");
+    }
+
+    // The same service in two files is refused, and nothing is stored.
+    let twice = dir.0.join("twice.yaml");
+    std::fs::write(&twice, spec("from-file").replace("hi", "changed")).unwrap();
+    let out = c.modectl(
+        leader,
+        &[
+            "svc",
+            "apply",
+            "-f",
+            &single_arg,
+            "-f",
+            &twice.display().to_string(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("is in both"), "{out:?}");
+    // A directory without specs says so.
+    let empty = dir.0.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = c.modectl(leader, &["svc", "plan", "-f", &empty.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("no *.yaml"), "{out:?}");
+}
