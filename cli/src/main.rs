@@ -120,6 +120,12 @@ enum Cmd {
     Whoami,
     /// This modectl's version, and the version of the node that answers.
     Version,
+    /// Print a completion script for a shell: `source <(modectl completion bash)`, or write
+    /// it where your shell looks (`modectl completion zsh > ~/.zfunc/_modectl`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -265,6 +271,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.output == Format::Json;
     if let Cmd::Tls(cmd) = &cli.command {
         return access::tls(cmd, json);
+    }
+    if let Cmd::Completion { shell } = &cli.command {
+        use clap::CommandFactory as _;
+        // Written as generated (a script may hold tabs, which `say!` would escape).
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "modectl", &mut script);
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(&script).and_then(|()| out.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure {
+                code: 1,
+                message: format!("writing to stdout: {e}"),
+                grpc: None,
+            }),
+            _ => Ok(()),
+        };
     }
     let credentials = cli.credentials.credentials()?;
     let mut conn = Conn::new(&cli.endpoint, timeout, &credentials)?;
@@ -468,7 +490,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Cmd::Tls(_) => unreachable!("answered above without a connection"),
+        Cmd::Tls(_) | Cmd::Completion { .. } => {
+            unreachable!("answered above without a connection")
+        }
     }
     Ok(())
 }

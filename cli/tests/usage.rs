@@ -56,3 +56,34 @@ fn the_endpoint_can_come_from_mode_endpoint() {
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
 }
+
+#[test]
+fn completion_scripts_complete_subcommands_in_bash_and_exist_for_zsh_and_fish() {
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(MODECTL)
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("svc"),
+            "{shell}"
+        );
+    }
+    // Bash runs the script and completes `modectl sv` to `svc`, `modectl svc ap` to `apply`.
+    let script = format!(
+        "source <({MODECTL} completion bash) && \
+         COMP_WORDS=(modectl sv); COMP_CWORD=1; _modectl modectl sv modectl; echo \"[${{COMPREPLY[*]}}]\"; \
+         COMP_WORDS=(modectl svc ap); COMP_CWORD=2; _modectl modectl ap svc; echo \"[${{COMPREPLY[*]}}]\""
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines, ["[svc]", "[apply]"], "{out:?}");
+    let bad = Command::new(MODECTL)
+        .args(["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
