@@ -184,6 +184,27 @@ pub(crate) fn read_specs(
             file.display().to_string()
         };
         let cannot_read = |e: std::io::Error| fail(2, format!("cannot read {file_name}: {e}"));
+        let over = |size: usize| {
+            let what = if names.is_empty() {
+                format!("the file is {size} bytes")
+            } else {
+                format!("with the files before it, the specs come to {size} bytes")
+            };
+            fail(
+                2,
+                format!(
+                    "{file_name}: {what}, over the limit of {limit} bytes for one apply (and a spec is at most {} bytes): split it",
+                    mode::model::limits::MAX_SPEC_BYTES
+                ),
+            )
+        };
+        if !stdin {
+            // Before reading it: a file far over the limit is refused without loading it.
+            let size = std::fs::metadata(&file).map_err(cannot_read)?.len() as usize;
+            if total + size > limit {
+                return Err(over(total + size));
+            }
+        }
         let text = if stdin {
             use std::io::Read as _;
             let mut text = String::new();
@@ -197,13 +218,7 @@ pub(crate) fn read_specs(
         };
         total += text.len();
         if total > limit {
-            return Err(fail(
-                2,
-                format!(
-                    "{file_name}: the files come to more than {limit} bytes, the limit for one apply (and a spec is at most {} bytes): split them",
-                    mode::model::limits::MAX_SPEC_BYTES
-                ),
-            ));
+            return Err(over(total));
         }
         let specs = mode::model::spec::parse_specs(&file_name, &text)
             .map_err(|e| fail(2, e.to_string()))?;
