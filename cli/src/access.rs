@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::conn::{new_request_id, Call, Conn, Credentials};
 use crate::convert::format_utc_ms;
+use crate::json as js;
 use crate::Failure;
 
 /// The credential flags (global).
@@ -285,9 +286,8 @@ pub(crate) fn tls(cmd: &TlsCmd, json: bool) -> Result<(), Failure> {
 
 fn report(json: bool, cert: &Path, key: &Path, what: &str) {
     if json {
-        say!(
-            "{}",
-            json!({"certificate": cert.display().to_string(), "key": key.display().to_string()})
+        js::line(
+            &json!({"certificate": cert.display().to_string(), "key": key.display().to_string()}),
         );
     } else {
         say!("wrote {} and {}: {what}", cert.display(), key.display());
@@ -313,9 +313,8 @@ pub(crate) async fn token(cmd: &TokenCmd, conn: &mut Conn, json: bool) -> Result
             .await?;
             let info = r.info.unwrap_or_default();
             if json {
-                say!(
-                    "{}",
-                    json!({"token": r.token, "id": info.id, "name": info.name, "role": info.role, "expires_ms": info.expires_ms})
+                js::line(
+                    &json!({"token": r.token, "id": info.id, "name": info.name, "role": info.role, "expires_ms": info.expires_ms}),
                 );
             } else {
                 say!("{}", r.token);
@@ -333,7 +332,7 @@ pub(crate) async fn token(cmd: &TokenCmd, conn: &mut Conn, json: bool) -> Result
                     .iter()
                     .map(|t| json!({"id": t.id, "name": t.name, "role": t.role, "created_ms": t.created_ms, "expires_ms": t.expires_ms, "created_by": t.created_by}))
                     .collect();
-                say!("{}", serde_json::Value::Array(tokens));
+                js::line(&serde_json::Value::Array(tokens));
             } else {
                 let rows: Vec<Vec<String>> = r
                     .tokens
@@ -374,7 +373,7 @@ pub(crate) async fn token(cmd: &TokenCmd, conn: &mut Conn, json: bool) -> Result
             )
             .await?;
             if json {
-                say!("{}", json!({"revoked": id, "message": r.message}));
+                js::line(&json!({"revoked": id, "message": r.message}));
             } else {
                 say!("{}", r.message);
             }
@@ -387,10 +386,7 @@ pub(crate) async fn token(cmd: &TokenCmd, conn: &mut Conn, json: bool) -> Result
 pub(crate) async fn whoami(conn: &mut Conn, json: bool) -> Result<(), Failure> {
     let r = rpc!(conn, Call::Read, who_am_i, pb::WhoAmIRequest {}).await?;
     if json {
-        say!(
-            "{}",
-            json!({"name": r.name, "role": r.role, "proof": r.proof})
-        );
+        js::line(&json!({"name": r.name, "role": r.role, "proof": r.proof}));
     } else {
         say!("{} ({}, {})", r.name, r.role, r.proof);
     }

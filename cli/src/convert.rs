@@ -15,9 +15,52 @@ pub(crate) fn wanted(spec: &pb::ServiceSpec) -> u32 {
     }
 }
 
+/// This machine's clock, in ms since the epoch (for ages: the cluster's times are too).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An age or a wait, as kubectl writes them: `45s`, `12m`, `3h20m`, `4d`.
+pub(crate) fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=3_599 => format!("{}m", s / 60),
+        3_600..=86_399 if s % 3_600 >= 60 => format!("{}h{}m", s / 3_600, s % 3_600 / 60),
+        3_600..=86_399 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `text` cut to at most `max` characters, with `…` where it was cut.
+pub(crate) fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some(_) => {
+            let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+            format!("{cut}…")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_read_like_kubectl_and_long_text_is_cut_with_a_mark() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(45_900), "45s");
+        assert_eq!(age(12 * 60_000), "12m");
+        assert_eq!(age((3 * 3_600 + 20 * 60) * 1000), "3h20m");
+        assert_eq!(age(3 * 3_600 * 1000), "3h");
+        assert_eq!(age(4 * 86_400 * 1000 + 5), "4d");
+        assert_eq!(shorten("short", 60), "short");
+        assert_eq!(shorten("abcdef", 4), "abc…");
+        assert_eq!(shorten("ééééé", 5), "ééééé");
+    }
 
     #[test]
     fn a_parsed_spec_keeps_every_field() {

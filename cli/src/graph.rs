@@ -75,6 +75,8 @@ fn draw(graph: &ClusterGraph, format: GraphFormat, palette: Palette) -> String {
         GraphFormat::Tree => graph.render_tree(palette),
         GraphFormat::Dot => graph.to_dot(),
         GraphFormat::Svg => svg::render(graph),
+        GraphFormat::Json if crate::output::yaml() => serde_norway::to_string(graph)
+            .unwrap_or_else(|e| format!("# cannot write this as YAML: {e}\n")),
         GraphFormat::Json => {
             let mut s = serde_json::to_string(graph).unwrap_or_default();
             s.push('\n');

@@ -75,6 +75,11 @@ pub(crate) fn instance(i: &pb::Instance) -> Value {
         "generation": i.generation,
         "health": i.health,
         "running_since_ms": i.running_since_ms,
+        "status": i.status,
+        "waiting_for": i.waiting_for,
+        "next_attempt_ms": i.next_attempt_ms,
+        "last_crash_ms": i.last_crash_ms,
+        "last_crash_generation": i.last_crash_generation,
     })
 }
 
@@ -86,6 +91,8 @@ pub(crate) fn service(s: &pb::Service) -> Value {
         "running": s.running,
         "applied_index": s.applied_index,
         "rollout": s.rollout.as_ref().map(rollout),
+        "unplaced": s.unplaced,
+        "unplaced_reason": s.unplaced_reason,
     })
 }
 
@@ -154,7 +161,26 @@ pub(crate) fn kinds(r: &pb::ListKindsReply) -> Value {
     })
 }
 
-/// Pretty JSON on stdout.
+/// A structured answer on stdout: pretty JSON (`-o json`) or YAML (`-o yaml`).
 pub(crate) fn print(v: &Value) {
-    say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    if crate::output::yaml() {
+        say!("{}", yaml(v).trim_end());
+    } else {
+        say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+/// One record of a stream or a one-line answer: a line of JSON (NDJSON), or with `-o yaml` a
+/// YAML document (`---` first, so that a stream of them is one multi-document file).
+pub(crate) fn line(v: &Value) {
+    if crate::output::yaml() {
+        say!("---\n{}", yaml(v).trim_end());
+    } else {
+        say!("{v}");
+    }
+}
+
+/// `v` as YAML (the same tree as its JSON).
+fn yaml(v: &Value) -> String {
+    serde_norway::to_string(v).unwrap_or_else(|e| format!("# cannot write this as YAML: {e}\n"))
 }

@@ -29,6 +29,7 @@ mod plan;
 mod svc;
 
 use conn::{new_request_id, with_request_id, Call, Conn};
+use json as js;
 use output::{print_nodes, print_status};
 
 #[derive(Parser)]
@@ -65,8 +66,14 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Format {
+    /// Tables for people.
     Table,
+    /// Tables with more columns (times, epochs, full reasons).
+    Wide,
+    /// JSON (streams: one object per line).
     Json,
+    /// YAML (streams: one document per record).
+    Yaml,
 }
 
 #[derive(Subcommand)]
@@ -148,10 +155,15 @@ enum NodeCmd {
         #[arg(long)]
         stale: bool,
     },
-    /// Remove a node from the cluster.
+    /// Remove a node from the cluster. Refused while the node is up or runs instances that
+    /// could run on no other node, unless --force (drain it first: `node drain ID --wait`).
     Rm {
         /// Node id.
         id: u64,
+        /// Remove it even though it is up (it stops, its instances start elsewhere) or runs
+        /// instances that could run nowhere else (they stay unplaced).
+        #[arg(long)]
+        force: bool,
     },
     /// Move every instance off a node (started elsewhere before stopped here). Refused when
     /// an instance could run nowhere else, unless --force (it then stays on the node).
@@ -174,6 +186,15 @@ enum NodeCmd {
         /// Node id.
         id: u64,
     },
+}
+
+/// A refusal that a `--force` would override says the command that does it: the server says
+/// what to do in its API's words.
+pub(crate) fn force_hint(mut f: Failure, with_modectl: &str) -> Failure {
+    if f.grpc == Some(tonic::Code::FailedPrecondition) && !f.message.contains("--force") {
+        f.message = format!("{} (with modectl: {with_modectl})", f.message.trim_end());
+    }
+    f
 }
 
 /// A failure, with the exit status it maps to.
@@ -268,7 +289,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Svc(svc::SvcCmd::Restart { slot: None, .. })
     );
     let timeout = (!rolling).then(|| Duration::from_secs(cli.timeout));
-    let json = cli.output == Format::Json;
+    let json = matches!(cli.output, Format::Json | Format::Yaml);
+    output::set_style(cli.output == Format::Yaml, cli.output == Format::Wide);
     if let Cmd::Tls(cmd) = &cli.command {
         return access::tls(cmd, json);
     }
@@ -305,9 +327,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Cluster(ClusterCmd::Compact) => {
             let r = rpc!(conn, Call::WriteOnce, compact, pb::CompactRequest {}).await?;
             if json {
-                say!(
-                    "{}",
-                    json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index})
+                js::line(
+                    &json!({"snapshot_index": r.snapshot_index, "purged_index": r.purged_index}),
                 );
             } else {
                 say!(
@@ -322,18 +343,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let reply = rpc!(conn, Call::Read, list_nodes, pb::ListNodesRequest { stale }).await?;
             print_nodes(&reply, json);
         }
-        Cmd::Node(NodeCmd::Rm { id }) => {
-            let id = *id;
+        Cmd::Node(NodeCmd::Rm { id, force }) => {
+            let (id, force) = (*id, *force);
             let request_id = new_request_id();
             let r = rpc!(
                 conn,
                 Call::WriteOnce,
                 remove_node,
-                with_request_id(pb::RemoveNodeRequest { id }, &request_id)
+                with_request_id(pb::RemoveNodeRequest { id, force }, &request_id)
             )
-            .await?;
+            .await
+            .map_err(|f| {
+                force_hint(
+                    f,
+                    &format!("`modectl node drain {id} --wait`, then `modectl node rm {id}`; or `modectl node rm {id} --force`"),
+                )
+            })?;
             if json {
-                say!("{}", json!({"removed": id, "message": r.message}));
+                js::line(&json!({"removed": id, "message": r.message}));
             } else {
                 say!("{}", r.message);
             }
@@ -360,21 +387,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             )
             .await
-            .map_err(|mut f| {
-                // The server says what to do in its API's words; name the flag.
-                if f.grpc == Some(tonic::Code::FailedPrecondition) && !f.message.contains("--force")
-                {
-                    f.message = format!(
-                        "{} (with modectl: `modectl node drain {id} --force`)",
-                        f.message.trim_end()
-                    );
-                }
-                f
-            })?;
+            .map_err(|f| force_hint(f, &format!("`modectl node drain {id} --force`")))?;
             if json {
-                say!(
-                    "{}",
-                    json!({"node": id, "draining": true, "message": r.message, "stranded": r.stranded})
+                js::line(
+                    &json!({"node": id, "draining": true, "message": r.message, "stranded": r.stranded}),
                 );
             } else if !r.stranded.is_empty() {
                 say!(
@@ -417,10 +433,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             )
             .await?;
             if json {
-                say!(
-                    "{}",
-                    json!({"node": id, "draining": false, "message": r.message})
-                );
+                js::line(&json!({"node": id, "draining": false, "message": r.message}));
             } else {
                 say!("node {id} is back in service");
             }
@@ -471,9 +484,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         s.version.clone()
                     };
                     if json {
-                        say!(
-                            "{}",
-                            json!({"client": client, "server": {"node": s.answered_by, "endpoint": conn.endpoint(), "version": server}})
+                        js::line(
+                            &json!({"client": client, "server": {"node": s.answered_by, "endpoint": conn.endpoint(), "version": server}}),
                         );
                     } else {
                         say!("client: modectl {client}");

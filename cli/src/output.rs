@@ -16,6 +16,27 @@ use serde_json::{json, Value};
 use crate::convert::format_utc_ms;
 use crate::json as js;
 
+/// `-o yaml`: structured answers are written as YAML instead of JSON.
+static YAML: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `-o wide`: tables with more columns.
+static WIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set once, from `-o`, before anything is printed.
+pub(crate) fn set_style(yaml: bool, wide: bool) {
+    YAML.store(yaml, std::sync::atomic::Ordering::Relaxed);
+    WIDE.store(wide, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether structured answers are YAML.
+pub(crate) fn yaml() -> bool {
+    YAML.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether tables are wide.
+pub(crate) fn wide() -> bool {
+    WIDE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How [`printable`] treats line breaks and tabs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Breaks {
@@ -158,7 +179,7 @@ pub(crate) fn print_status(s: &pb::ClusterStatusReply, as_json: bool) {
             "agents": s.agents,
             "members": members,
         });
-        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        js::print(&v);
         return;
     }
     match leader {
@@ -244,7 +265,7 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
 /// One event as a line (`--follow`): no header; a JSON object per line with `-o json`.
 pub(crate) fn print_event_line(e: &pb::Event, as_json: bool) {
     if as_json {
-        say!("{}", js::event(e));
+        js::line(&js::event(e));
     } else {
         say!(
             "{}  {}  {}  {}",

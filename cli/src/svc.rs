@@ -71,6 +71,9 @@ pub(crate) enum SvcCmd {
     Get {
         /// Service name.
         name: String,
+        /// Also its recent events (a describe).
+        #[arg(long)]
+        events: bool,
     },
     /// Change the number of instances.
     Scale {
@@ -88,6 +91,10 @@ pub(crate) enum SvcCmd {
         /// With --wait: give up waiting after this many seconds (exit 7).
         #[arg(long, default_value_t = 300)]
         wait_timeout: u64,
+        /// Scale up even though the cluster cannot place every new instance (they wait,
+        /// unplaced, until capacity is added).
+        #[arg(long)]
+        force: bool,
     },
     /// Restart every instance, one at a time, each once the previous one runs again (or only
     /// one instance with --slot).
@@ -409,7 +416,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 &rows,
             );
         }
-        SvcCmd::Get { name } => {
+        SvcCmd::Get { name, events } => {
             let service = get(conn, name).await?;
             if json {
                 js::print(&js::service(&service));
@@ -429,37 +436,23 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             if let Some(r) = &service.rollout {
                 say!("rollout: {}", describe_rollout(r));
             }
-            let rows: Vec<Vec<String>> = service
-                .instances
-                .iter()
-                .map(|i| {
-                    vec![
-                        format!("{name}#{}", i.slot),
-                        i.node.to_string(),
-                        i.state.clone(),
-                        if i.health.is_empty() {
-                            "-".to_string()
-                        } else {
-                            i.health.clone()
-                        },
-                        i.generation.to_string(),
-                        i.restart_count.to_string(),
-                        i.last_crash.clone(),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "INSTANCE",
-                    "NODE",
-                    "STATE",
-                    "HEALTH",
-                    "GENERATION",
-                    "RESTARTS",
-                    "LAST CRASH",
-                ],
-                &rows,
-            );
+            print_instances(name, &service, wanted(&spec));
+            if *events {
+                let reply = rpc!(
+                    conn,
+                    Call::Read,
+                    list_events,
+                    pb::ListEventsRequest {
+                        service: name.clone(),
+                        tail: SERVICE_EVENTS,
+                        ..Default::default()
+                    }
+                )
+                .await?;
+                say!("");
+                say!("events (the last {SERVICE_EVENTS}):");
+                crate::output::print_events(&reply.events, false);
+            }
         }
         SvcCmd::Scale {
             name,
@@ -467,6 +460,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
             expect_generation,
             wait,
             wait_timeout,
+            force,
         } => {
             let request_id = new_request_id();
             let reply = rpc!(
@@ -479,6 +473,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                         replicas: *replicas,
                         expected_generation: expect_generation.unwrap_or(0),
                         request_id: request_id.clone(),
+                        force: *force,
                     },
                     &request_id,
                 )
@@ -492,7 +487,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 {
                     Failure { code: 2, ..f }
                 } else {
-                    f
+                    crate::force_hint(f, &format!("`modectl svc scale {name} {replicas} --force`"))
                 }
             })?;
             if json {
@@ -504,7 +499,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                             .await?;
                     out["rollout"] = rollouts.first().map(js::rollout).unwrap_or_default();
                 }
-                say!("{out}");
+                js::line(&out);
             } else {
                 if reply.message.is_empty() {
                     say!(
@@ -542,7 +537,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 wait_gone(conn, name).await?;
             }
             if json {
-                say!("{}", json!({"removed": name, "message": reply.message}));
+                js::line(&json!({"removed": name, "message": reply.message}));
             } else {
                 say!("{}", reply.message);
             }
@@ -580,6 +575,137 @@ fn print_changes(reply: &pb::ApplyServicesReply) {
 }
 
 /// Instances in state `running`.
+/// Events `svc get --events` shows.
+const SERVICE_EVENTS: u32 = 10;
+
+/// Unplaced instances listed one by one at most (then counted).
+const UNPLACED_ROWS: usize = 10;
+
+/// `svc get`'s table: every instance with what it does, restarts, age and last crash, then
+/// the instances that could not be placed (and why), and what the others wait for.
+fn print_instances(name: &str, service: &pb::Service, wanted: u32) {
+    let wide = crate::output::wide();
+    let now = crate::convert::now_ms();
+    let mut rows: Vec<Vec<String>> = service
+        .instances
+        .iter()
+        .map(|i| {
+            let status = if i.status.is_empty() {
+                &i.state
+            } else {
+                &i.status
+            };
+            let mut row = vec![
+                format!("{name}#{}", i.slot),
+                i.node.to_string(),
+                status.clone(),
+                if i.health.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.health.clone()
+                },
+                restarts(i),
+                match i.running_since_ms {
+                    0 => "-".to_string(),
+                    since => crate::convert::age(now.saturating_sub(since)),
+                },
+                i.generation.to_string(),
+                last_crash(i, now, !wide),
+            ];
+            if wide {
+                row.insert(7, i.epoch.to_string());
+                row.push(if i.waiting_for.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.waiting_for.clone()
+                });
+            }
+            row
+        })
+        .collect();
+    let placed: BTreeSet<u32> = service.instances.iter().map(|i| i.slot).collect();
+    let missing: Vec<u32> = (0..wanted).filter(|slot| !placed.contains(slot)).collect();
+    for slot in missing.iter().take(UNPLACED_ROWS) {
+        let mut row = vec![format!("{name}#{slot}"), "-".into(), "unplaced".into()];
+        row.extend(std::iter::repeat_n("-".to_string(), 4));
+        row.push(String::new());
+        if wide {
+            row.insert(7, "-".into());
+            row.push(service.unplaced_reason.clone());
+        }
+        rows.push(row);
+    }
+    let mut header = vec![
+        "INSTANCE",
+        "NODE",
+        "STATUS",
+        "HEALTH",
+        "RESTARTS",
+        "AGE",
+        "GENERATION",
+        "LAST CRASH",
+    ];
+    if wide {
+        header.insert(7, "EPOCH");
+        header.push("WAITING FOR");
+    }
+    table(&header, &rows);
+    if missing.len() > UNPLACED_ROWS {
+        say!("… and {} more unplaced", missing.len() - UNPLACED_ROWS);
+    }
+    if service.unplaced > 0 && !service.deleting {
+        say!(
+            "unplaced: {} of {} instance{} could not be placed: {}",
+            service.unplaced,
+            wanted,
+            if wanted == 1 { "" } else { "s" },
+            printable(&service.unplaced_reason, Breaks::Escape)
+        );
+    }
+    if !wide {
+        for i in service
+            .instances
+            .iter()
+            .filter(|i| !i.waiting_for.is_empty())
+        {
+            say!(
+                "{name}#{} waits for {}",
+                i.slot,
+                printable(&i.waiting_for, Breaks::Escape)
+            );
+        }
+    }
+}
+
+/// Restarts on its node, and the moves after escalated crashes: `4`, `4 (1 move)`.
+fn restarts(i: &pb::Instance) -> String {
+    match i.reschedules {
+        0 => i.restart_count.to_string(),
+        1 => format!("{} (1 move)", i.restart_count),
+        n => format!("{} ({n} moves)", i.restart_count),
+    }
+}
+
+/// `12s ago, generation 3: exit status 1 (last stderr line: boom)` (cut short in a table).
+fn last_crash(i: &pb::Instance, now: u64, short: bool) -> String {
+    if i.last_crash.is_empty() {
+        return String::new();
+    }
+    let reason = if short {
+        crate::convert::shorten(&i.last_crash, 60)
+    } else {
+        i.last_crash.clone()
+    };
+    match i.last_crash_ms {
+        0 => reason,
+        at => format!(
+            "{} ago, generation {}: {reason}",
+            crate::convert::age(now.saturating_sub(at)),
+            i.last_crash_generation
+        ),
+    }
+}
+
 fn running(s: &pb::Service) -> u32 {
     s.instances.iter().filter(|i| i.state == "running").count() as u32
 }
@@ -735,7 +861,7 @@ async fn restart(
         return Err(fail(3, format!("'{name}' was removed during its restart")));
     }
     if json {
-        say!("{}", json!({"service": name, "restarted": reply.slots}));
+        js::line(&json!({"service": name, "restarted": reply.slots}));
     } else {
         say!("{name} restarted");
     }

@@ -126,7 +126,7 @@ fn read_services<'a>(state: &ClusterState, names: impl IntoIterator<Item = &'a S
             crate::security::Caller::Node(1),
             crate::security::Caller::anonymous(),
         ] {
-            let _ = convert::service_to_proto(state, name, 1, NOW_MS, &caller);
+            let _ = convert::service_to_proto(state, name, 1, NOW_MS, &caller, None);
         }
     }
 }
@@ -664,7 +664,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ..Default::default()
             },
         ),
-        encode(7, &pb::RemoveNodeRequest { id: 3 }),
+        encode(7, &pb::RemoveNodeRequest { id: 3, force: true }),
         encode(
             8,
             &pb::GetServiceRequest {

@@ -300,6 +300,26 @@ impl TestCluster {
         c
     }
 
+    /// [`TestCluster::start`] with flags of each node's own (`per_node(id)`) after `extra`.
+    pub fn start_each(
+        n: u64,
+        extra: &[&str],
+        per_node: impl Fn(u64) -> Vec<String>,
+    ) -> TestCluster {
+        let mut c = TestCluster::build(
+            Launcher::mode_node(),
+            n,
+            extra,
+            false,
+            per_node,
+            Scratch::new("cluster"),
+        );
+        for node in c.nodes.values_mut() {
+            node.start();
+        }
+        c
+    }
+
     /// `n` nodes registered (not started), with `per_node(id)` flags after `extra`.
     fn build(
         launcher: Launcher,

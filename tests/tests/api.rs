@@ -816,15 +816,29 @@ async fn drain_undrain_and_remove_nodes() {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         let e = c1
-            .remove_node(pb::RemoveNodeRequest { id })
+            .remove_node(pb::RemoveNodeRequest { id, force: true })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         assert!(e.message().contains(&format!("no node {id}")), "{e:?}");
     }
+    // A live node is removed only when asked with force, and the refusal says what would
+    // happen.
+    let e = c1
+        .remove_node(pb::RemoveNodeRequest {
+            id: 3,
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("node 3 is up") && e.message().contains("with force"),
+        "{e:?}"
+    );
     // A Raft member leaves the voters and the node table.
     let removed = c1
-        .remove_node(pb::RemoveNodeRequest { id: 3 })
+        .remove_node(pb::RemoveNodeRequest { id: 3, force: true })
         .await
         .unwrap()
         .into_inner();

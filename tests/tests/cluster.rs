@@ -188,8 +188,16 @@ async fn a_fourth_node_joins_as_a_learner_then_becomes_a_voter() {
     c.node(4).start();
     c.put_spec(leader, "again").await.unwrap();
     c.wait_specs(4, 2, Duration::from_secs(20)).await;
-    // modectl node rm removes it from the membership.
+    // modectl node rm of a live node asks for --force, saying what would happen; with it,
+    // the node leaves the membership.
     let out = c.modectl(leader, &["node", "rm", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("node 4 was not removed: node 4 is up") && err.contains("--force"),
+        "{err}"
+    );
+    let out = c.modectl(leader, &["node", "rm", "4", "--force"]);
     assert!(
         out.status.success(),
         "{}",

@@ -202,7 +202,7 @@ async fn a_removed_node_stops_its_instances_and_exits_saying_so() {
         pids_in(&pid_file).len() >= 4
     })
     .await;
-    let out = c.modectl(leader, &["node", "rm", &victim.to_string()]);
+    let out = c.modectl(leader, &["node", "rm", &victim.to_string(), "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let t0 = Instant::now();
     while c.node(victim).exited().is_none() {

@@ -346,15 +346,7 @@ impl Control for ControlService {
         let r = request.into_inner();
         let applied = self.barrier(r.stale).await?;
         self.node
-            .local_state(|s| {
-                convert::service_to_proto(
-                    s,
-                    &r.name,
-                    applied,
-                    crate::replication::now_ms(),
-                    &caller,
-                )
-            })
+            .local_state(|s| service_view(s, &r.name, applied, &caller))
             .map(Response::new)
             .ok_or_else(|| no_service(&r.name))
     }
@@ -366,6 +358,7 @@ impl Control for ControlService {
         let caller = Caller::of(&request);
         let applied = self.barrier(request.into_inner().stale).await?;
         let services = self.node.local_state(|s| {
+            let reasons = s.unplaced_reasons();
             s.specs
                 .keys()
                 .filter_map(|name| {
@@ -375,6 +368,7 @@ impl Control for ControlService {
                         applied,
                         crate::replication::now_ms(),
                         &caller,
+                        Some(&reasons),
                     )
                 })
                 .collect()
@@ -391,6 +385,23 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ScaleServiceReply>, Status> {
         let id = write_id(&request, &request.get_ref().request_id);
         let r = request.into_inner();
+        if !r.force {
+            self.barrier(false).await?;
+            let (shortfall, now) = self.node.local_state(|s| {
+                (
+                    s.scale_shortfall(&r.name, r.replicas),
+                    s.specs.get(&r.name).map_or(0, |spec| spec.instances()),
+                )
+            });
+            if let Some((n, why)) = shortfall {
+                return Err(Status::failed_precondition(format!(
+                    "'{}' was not scaled to {}: {n} of the {} new instances could not be placed ({why}). Add nodes or capacity, or scale with force (they then wait, unplaced, until they fit)",
+                    r.name,
+                    r.replicas,
+                    r.replicas.saturating_sub(now)
+                )));
+            }
+        }
         let out = self
             .commit(
                 Command::ScaleSpec {
@@ -679,7 +690,27 @@ impl Control for ControlService {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeReply>, Status> {
         let asked = write_id(&request, "");
-        let id = request.into_inner().id;
+        let r = request.into_inner();
+        let id = r.id;
+        if !r.force {
+            self.barrier(false).await?;
+            let known = self.node.graph_context().members.contains_key(&id);
+            match self.node.local_state(|s| s.removal_hazards(id)) {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {id} was not removed: {why}. Drain it first (its instances start elsewhere before they stop), or remove it with force"
+                    )))
+                }
+                // A Raft member that never registered as a node: nothing runs there.
+                Err(_) if known => {}
+                Err(e) => {
+                    return Err(Status::not_found(format!(
+                        "{e} in the cluster (see `modectl node ls`)"
+                    )))
+                }
+            }
+        }
         if self.node.graph_context().members.contains_key(&id) {
             // A Raft member leaves the voters (or learners) and the node table.
             let message = self
@@ -854,15 +885,7 @@ impl Control for ControlService {
         let node = self.node.clone();
         let mut applied = node.applied_changes();
         let first = node
-            .local_state(|s| {
-                convert::service_to_proto(
-                    s,
-                    &name,
-                    node.applied_index(),
-                    crate::replication::now_ms(),
-                    &caller,
-                )
-            })
+            .local_state(|s| service_view(s, &name, node.applied_index(), &caller))
             .ok_or_else(|| no_service(&name))?;
         // One message in flight: a slow client sees the latest state, not every one between.
         let (tx, rx) = mpsc::channel(1);
@@ -880,15 +903,7 @@ impl Control for ControlService {
                     _ = tx.closed() => return,
                 }
                 let index = *applied.borrow_and_update();
-                let Some(now) = node.local_state(|s| {
-                    convert::service_to_proto(
-                        s,
-                        &name,
-                        index,
-                        crate::replication::now_ms(),
-                        &caller,
-                    )
-                }) else {
+                let Some(now) = node.local_state(|s| service_view(s, &name, index, &caller)) else {
                     // Purged: the watch ends.
                     return;
                 };
@@ -1131,3 +1146,25 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests;
+
+/// Service `name` as a client sees it, now, with why its unplaced instances are unplaced
+/// (a plan of the cluster, run only when it has fewer instances placed than wanted).
+fn service_view(
+    s: &crate::model::state::ClusterState,
+    name: &str,
+    applied: u64,
+    caller: &Caller,
+) -> Option<pb::Service> {
+    let reasons = s
+        .short_services()
+        .any(|n| n == name)
+        .then(|| s.unplaced_reasons());
+    convert::service_to_proto(
+        s,
+        name,
+        applied,
+        crate::replication::now_ms(),
+        caller,
+        reasons.as_ref(),
+    )
+}

@@ -408,10 +408,112 @@ pub fn instance_to_proto(service: &str, slot: u32, p: &Placement) -> pb::Instanc
         generation: p.generation,
         health: health_word(p.healthy).to_string(),
         running_since_ms: p.running_since_ms.unwrap_or(0),
+        last_crash_ms: p.last_crash_at_ms.unwrap_or(0),
+        last_crash_generation: p.last_crash_generation.unwrap_or(0),
+        ..Default::default()
     }
 }
 
-/// Service `name` (spec and instances) in `state`, when it is stored.
+/// A crash within this long of now, by an instance that has restarted or moved this often,
+/// makes a running instance `crash-loop` (it keeps failing soon after each start).
+const CRASH_LOOP_WINDOW_MS: u64 = 30_000;
+const CRASH_LOOP_RESTARTS: u32 = 3;
+
+/// What instance `service#slot` is doing and waits for, for people: fills `status`,
+/// `next_attempt_ms` and `waiting_for` of `i`.
+fn describe_instance(
+    state: &ClusterState,
+    spec: &crate::model::spec::ServiceSpec,
+    p: &Placement,
+    now_ms: u64,
+    i: &mut pb::Instance,
+) {
+    let node_status = state.nodes.get(&p.node).map(|n| n.status);
+    let crashed_recently = p
+        .last_crash_at_ms
+        .is_some_and(|at| now_ms.saturating_sub(at) < CRASH_LOOP_WINDOW_MS);
+    let (status, waiting_for) = match p.state.as_str() {
+        "failed" => {
+            let at = crate::control::reschedule_at(p);
+            i.next_attempt_ms = at;
+            (
+                "backing-off",
+                format!(
+                    "exceeded its restart intensity on node {}: moves to another node in {}",
+                    p.node,
+                    in_words(at.saturating_sub(now_ms))
+                ),
+            )
+        }
+        "crashed" => (
+            "crash-loop",
+            format!(
+                "its node to restart it after a backoff ({} restarts so far)",
+                p.restart_count
+            ),
+        ),
+        "waiting" => {
+            let missing: Vec<&str> = spec
+                .depends_on
+                .iter()
+                .filter(|d| {
+                    !state
+                        .placements
+                        .get(*d)
+                        .is_some_and(|slots| slots.values().any(|q| q.state == "running"))
+                })
+                .map(String::as_str)
+                .collect();
+            (
+                "waiting",
+                if missing.is_empty() {
+                    "its dependencies (they run now: it starts soon)".to_string()
+                } else {
+                    format!("its dependencies to run: {}", missing.join(", "))
+                },
+            )
+        }
+        "running"
+            if crashed_recently
+                && p.restart_count.saturating_add(p.reschedules) >= CRASH_LOOP_RESTARTS =>
+        {
+            ("crash-loop", String::new())
+        }
+        "running" => ("running", String::new()),
+        _ if node_status == Some(NodeStatus::Down) => (
+            p.state.as_str(),
+            format!(
+                "node {} is down: it moves once the node's grace ends",
+                p.node
+            ),
+        ),
+        _ if p.moving_from.is_some() => (
+            "moving",
+            format!(
+                "node {} to start it (node {} keeps it until then)",
+                p.node,
+                p.moving_from.unwrap_or_default()
+            ),
+        ),
+        "pending" => ("pending", format!("node {} to start it", p.node)),
+        "starting" => ("starting", String::new()),
+        other => (other, String::new()),
+    };
+    i.status = status.to_string();
+    i.waiting_for = waiting_for;
+}
+
+/// `3.2s`, `45s`, `2m10s`.
+fn in_words(ms: u64) -> String {
+    match ms {
+        0..=9_999 => format!("{:.1}s", ms as f64 / 1000.0),
+        10_000..=119_999 => format!("{}s", ms / 1000),
+        _ => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+    }
+}
+
+/// Service `name` (spec and instances) in `state`, when it is stored. `unplaced_reasons`
+/// ([`ClusterState::unplaced_reasons`]) say why instances wanted are not placed.
 /// `now_ms` is the answering server's clock (for `min_healthy_ms` in the rollout's progress).
 pub fn service_to_proto(
     state: &ClusterState,
@@ -419,6 +521,7 @@ pub fn service_to_proto(
     applied: u64,
     now_ms: u64,
     caller: &Caller,
+    unplaced_reasons: Option<&BTreeMap<String, String>>,
 ) -> Option<pb::Service> {
     let spec = state.specs.get(name)?;
     let rollout = state.current_version(name).map(|v| {
@@ -434,15 +537,33 @@ pub fn service_to_proto(
         .get(name)
         .into_iter()
         .flatten()
-        .map(|(slot, p)| instance_to_proto(name, *slot, p))
+        .map(|(slot, p)| {
+            let mut i = instance_to_proto(name, *slot, p);
+            describe_instance(state, spec, p, now_ms, &mut i);
+            i
+        })
         .collect();
+    let deleting = state.deleting.contains(name);
+    let unplaced = if deleting {
+        0
+    } else {
+        (spec.instances() as usize).saturating_sub(instances.len()) as u32
+    };
+    let unplaced_reason = match unplaced {
+        0 => String::new(),
+        _ => unplaced_reasons
+            .and_then(|r| r.get(name).cloned())
+            .unwrap_or_else(|| "not placed yet".to_string()),
+    };
     Some(pb::Service {
         spec: Some(spec_for(caller, spec)),
-        deleting: state.deleting.contains(name),
+        deleting,
         running: instances.iter().filter(|i| i.state == "running").count() as u32,
         instances,
         applied_index: applied,
         rollout,
+        unplaced,
+        unplaced_reason,
     })
 }
 
@@ -814,7 +935,7 @@ secrets: {DB_PASSWORD: hunter2}
             proof: Proof::Certificate,
         };
         let read = |caller: &Caller| {
-            let s = service_to_proto(&state, "db", 1, 0, caller).unwrap();
+            let s = service_to_proto(&state, "db", 1, 0, caller, None).unwrap();
             s.spec.unwrap().secrets["DB_PASSWORD"].clone()
         };
         assert_eq!(read(&client(Role::Viewer)), "(secret)");

@@ -4,4 +4,4 @@
 
 mod reconciler;
 
-pub use reconciler::{run as run_control_loop, Liveness};
+pub use reconciler::{reschedule_at, run as run_control_loop, Liveness};

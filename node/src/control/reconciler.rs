@@ -637,6 +637,12 @@ fn rollout_commands(
     commands
 }
 
+/// When a failed instance moves to another node (ms since the epoch): when it failed plus
+/// its backoff.
+pub fn reschedule_at(p: &crate::model::state::Placement) -> u64 {
+    p.failed_at_ms.unwrap_or(0) + reschedule_wait(Liveness::default(), p.reschedules)
+}
+
 /// How long an instance that exceeded its restart intensity waits before it is moved: the
 /// backoff doubles with each move, up to 30 s.
 fn reschedule_wait(liveness: Liveness, reschedules: u32) -> u64 {

@@ -139,6 +139,12 @@ pub struct Placement {
     /// Its health check's verdict as last reported (`None`: no check, or none yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy: Option<bool>,
+    /// When its last crash was reported (proposer's clock, ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash_at_ms: Option<u64>,
+    /// The generation it ran when it last crashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crash_generation: Option<u64>,
 }
 
 impl Placement {
@@ -159,8 +165,25 @@ impl Placement {
             generation: 0,
             running_since_ms: None,
             healthy: None,
+            last_crash_at_ms: None,
+            last_crash_generation: None,
         }
     }
+}
+
+/// The first few of `items`, comma-separated, with how many more there are.
+fn shown(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut out = items
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        out.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    out
 }
 
 fn pending() -> String {
@@ -1203,7 +1226,16 @@ impl ClusterState {
                     p.trace = None;
                 }
                 if let Some(why) = last_crash {
-                    p.last_crash = Some(crate::model::limits::bounded_message(why).into_owned());
+                    let why = crate::model::limits::bounded_message(why).into_owned();
+                    // A new crash (or the first reason heard): when, and of which version.
+                    if restarted
+                        || (changed && state == "failed")
+                        || p.last_crash.as_ref() != Some(&why)
+                    {
+                        p.last_crash_at_ms = Some(at);
+                        p.last_crash_generation = Some(p.generation);
+                    }
+                    p.last_crash = Some(why);
                 }
                 if state == "failed" && !p.avoid.contains(node) {
                     p.avoid.push(*node);
@@ -2149,6 +2181,160 @@ impl ClusterState {
             })
             .collect();
         Ok(serde_json::Value::Array(stuck))
+    }
+
+    /// What scaling `name` to `replicas` would leave unplaced that is placed (or placeable)
+    /// now: how many more of its instances the scheduler could not place, and the most common
+    /// reason. `None` when the scale adds no unplaced instance (or `name` is unknown).
+    pub fn scale_shortfall(&self, name: &str, replicas: u32) -> Option<(usize, String)> {
+        let spec = self.specs.get(name)?;
+        // Over the limit is refused when committed, with its own message (and would be a
+        // plan of billions of slots here).
+        if spec.singleton
+            || replicas <= spec.instances()
+            || replicas > crate::model::limits::MAX_REPLICAS
+            || self.deleting.contains(name)
+        {
+            return None;
+        }
+        let nodes = self.node_views();
+        let current = self.assignments_except(&self.deleting);
+        let unplaced = |views: &[crate::schedule::SpecView]| {
+            let plan = crate::schedule::plan(&nodes, views, &current);
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            for u in plan.unplaced.iter().filter(|u| u.service == name) {
+                *reasons.entry(u.reason.clone()).or_default() += 1;
+            }
+            reasons
+        };
+        let mut views = self.spec_views();
+        let before: usize = unplaced(&views).values().sum();
+        for v in views.iter_mut().filter(|v| v.name == name) {
+            v.replicas = replicas;
+        }
+        let after = unplaced(&views);
+        let extra = after.values().sum::<usize>().saturating_sub(before);
+        if extra == 0 {
+            return None;
+        }
+        let reason = after
+            .into_iter()
+            .max_by_key(|(reason, n)| (*n, std::cmp::Reverse(reason.clone())))
+            .map(|(r, _)| r)
+            .unwrap_or_default();
+        Some((extra, reason))
+    }
+
+    /// Services with fewer instances placed than wanted.
+    pub fn short_services(&self) -> impl Iterator<Item = &str> {
+        self.specs
+            .values()
+            .filter(|s| !self.deleting.contains(&s.name))
+            .filter(|s| {
+                self.placements.get(&s.name).map_or(0, |p| p.len()) < s.instances() as usize
+            })
+            .map(|s| s.name.as_str())
+    }
+
+    /// Why the scheduler cannot place the instances of services that have fewer placed than
+    /// wanted: service -> the most common reason (one plan of the whole cluster; empty without
+    /// running it when every service is fully placed).
+    pub fn unplaced_reasons(&self) -> BTreeMap<String, String> {
+        if self.short_services().next().is_none() {
+            return BTreeMap::new();
+        }
+        let plan = crate::schedule::plan(
+            &self.node_views(),
+            &self.spec_views(),
+            &self.assignments_except(&self.deleting),
+        );
+        let mut counts: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+        for u in &plan.unplaced {
+            *counts
+                .entry(u.service.as_str())
+                .or_default()
+                .entry(u.reason.as_str())
+                .or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .filter_map(|(service, reasons)| {
+                let (reason, _) = reasons
+                    .into_iter()
+                    .max_by_key(|(r, n)| (*n, std::cmp::Reverse(*r)))?;
+                Some((service.to_string(), reason.to_string()))
+            })
+            .collect()
+    }
+
+    /// What removing node `id` would do that an operator should confirm: `None` when it is
+    /// down and runs nothing that could not move.
+    pub fn removal_hazards(&self, id: u64) -> Result<Option<String>, QueryError> {
+        let Some(node) = self.nodes.get(&id) else {
+            return Err(QueryError::NotFound(format!("no node {id}")));
+        };
+        let instances: Vec<String> = self
+            .placements
+            .iter()
+            .flat_map(|(s, slots)| {
+                slots
+                    .iter()
+                    .filter(|(_, p)| p.node == id)
+                    .map(move |(slot, _)| format!("{s}#{slot}"))
+            })
+            .collect();
+        // What could run with the node (up, as if it came back) but not without it: its own
+        // instances that fit nowhere else, and those already stranded while it is down.
+        let current = self.assignments_except(&self.deleting);
+        let specs = self.spec_views();
+        let mut with = self.node_views();
+        for n in with.iter_mut().filter(|n| n.id == id) {
+            n.schedulable = true;
+        }
+        let without: Vec<_> = with.iter().filter(|n| n.id != id).cloned().collect();
+        let unplaced_with: std::collections::BTreeSet<(String, u32)> =
+            crate::schedule::plan(&with, &specs, &current)
+                .unplaced
+                .into_iter()
+                .map(|u| (u.service, u.slot))
+                .collect();
+        let stuck: Vec<String> = crate::schedule::plan(&without, &specs, &current)
+            .unplaced
+            .into_iter()
+            .filter(|u| !unplaced_with.contains(&(u.service.clone(), u.slot)))
+            .map(|u| format!("{}#{} ({})", u.service, u.slot, u.reason))
+            .collect();
+        let live = node.status != NodeStatus::Down;
+        if !live && stuck.is_empty() {
+            return Ok(None);
+        }
+        let mut why = Vec::new();
+        if live {
+            why.push(format!(
+                "node {id} is {} (its heartbeats arrive): removing it stops it for good{}",
+                if node.draining { "draining" } else { "up" },
+                match instances.len() {
+                    0 => String::new(),
+                    n => format!(
+                        " and its {n} instance{} ({}) start elsewhere",
+                        if n == 1 { "" } else { "s" },
+                        shown(&instances)
+                    ),
+                }
+            ));
+        }
+        if !stuck.is_empty() {
+            why.push(format!(
+                "{} could run on no other node and would stay unplaced: {}",
+                if stuck.len() == 1 {
+                    "1 instance".to_string()
+                } else {
+                    format!("{} instances", stuck.len())
+                },
+                shown(&stuck)
+            ));
+        }
+        Ok(Some(why.join("; ")))
     }
 
     /// Answer a read query: `nodes`, `specs`, `spec:<name>`, `placements`, `events`,

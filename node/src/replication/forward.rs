@@ -183,7 +183,10 @@ pub(crate) async fn join(
 
 pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<String, ClusterError> {
     let reply = client(peers, address)?
-        .remove_member(forwarded(pb::RemoveNodeRequest { id }))
+        .remove_member(forwarded(pb::RemoveNodeRequest {
+            id,
+            ..Default::default()
+        }))
         .await
         .map_err(|s| from_status(address, &s))?
         .into_inner();

@@ -1316,8 +1316,17 @@ impl ClusterNode {
             .nodes()
             .map(|(id, node)| {
                 let voter = voters.contains(id);
+                let h = health.get(id);
+                let reachable = *id == self.config.id || h.is_some_and(|h| h.reachable());
                 let role = if Some(*id) == m.current_leader {
                     "leader"
+                } else if !reachable
+                    && (m.current_leader == Some(self.config.id)
+                        || h.is_some_and(|h| h.last_error.is_some()))
+                {
+                    // The leader (which calls every member) or a failed call says it does
+                    // not answer: say so, not the role it last had.
+                    "unreachable"
                 } else if !voter {
                     "learner"
                 } else if *id == self.config.id {
@@ -1341,14 +1350,13 @@ impl ClusterNode {
                 } else {
                     matched
                 };
-                let h = health.get(id);
                 MemberStatus {
                     id: *id,
                     address: node.addr.clone(),
                     role: role.to_string(),
                     voter,
                     lag: matched.map(|x| last_log.saturating_sub(x)),
-                    reachable: *id == self.config.id || h.is_some_and(|h| h.reachable()),
+                    reachable,
                     last_error: h.and_then(|h| h.last_error.clone()),
                     matched_index: matched,
                 }
