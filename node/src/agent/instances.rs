@@ -219,6 +219,7 @@ fn plain_report(
         last_crash: crash,
         epoch,
         healthy: None,
+        retry_at_ms: None,
         move_: String::new(),
     }
 }
@@ -232,6 +233,7 @@ fn release_report(key: &Key) -> InstanceReport {
         last_crash: None,
         epoch: 0,
         healthy: None,
+        retry_at_ms: None,
         move_: "release".into(),
     }
 }
@@ -742,6 +744,12 @@ async fn pass(
             continue;
         }
         let (st, restarts, last) = observe(l);
+        // A crash is reported once its supervisor has said when it restarts it (at once, or
+        // on the next look).
+        let retry_at_ms = l.inner.next_restart_ms();
+        if st == "crashed" && retry_at_ms.is_none() {
+            continue;
+        }
         // The spec's check, or else what an in-process service says of itself.
         let healthy = match &l.health {
             Some(h) => h.verdict(),
@@ -758,6 +766,7 @@ async fn pass(
             l.reported_at = Instant::now();
             let mut report = plain_report(key, &st, restarts, last, l.epoch);
             report.healthy = healthy;
+            report.retry_at_ms = retry_at_ms.filter(|_| st == "crashed");
             reports.push(report);
         }
     }

@@ -32,6 +32,7 @@ pub(crate) fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
         epoch: r.epoch,
         r#move: r.move_.clone(),
         health: convert::health_word(r.healthy).to_string(),
+        retry_at_ms: r.retry_at_ms.unwrap_or(0),
     }
 }
 
@@ -44,6 +45,7 @@ pub(crate) fn report_from_proto(r: &pb::InstanceReport) -> InstanceReport {
         last_crash: (!r.last_crash.is_empty()).then(|| r.last_crash.clone()),
         epoch: r.epoch,
         healthy: convert::health_from_word(&r.health),
+        retry_at_ms: (r.retry_at_ms != 0).then_some(r.retry_at_ms),
         move_: r.r#move.clone(),
     }
 }

@@ -445,13 +445,23 @@ fn describe_instance(
                 ),
             )
         }
-        "crashed" => (
-            "crash-loop",
-            format!(
-                "its node to restart it after a backoff ({} restarts so far)",
-                p.restart_count
-            ),
-        ),
+        "crashed" => {
+            i.next_attempt_ms = p.retry_at_ms.unwrap_or(0);
+            (
+                "crash-loop",
+                match p.retry_at_ms {
+                    Some(at) => format!(
+                        "its node to restart it in {} ({} restarts so far)",
+                        in_words(at.saturating_sub(now_ms)),
+                        p.restart_count
+                    ),
+                    None => format!(
+                        "its node to restart it after a backoff ({} restarts so far)",
+                        p.restart_count
+                    ),
+                },
+            )
+        }
         "waiting" => {
             let missing: Vec<&str> = spec
                 .depends_on

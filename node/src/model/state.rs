@@ -145,6 +145,9 @@ pub struct Placement {
     /// The generation it ran when it last crashed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_crash_generation: Option<u64>,
+    /// While `crashed`: when its node restarts it (the node's clock, ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<u64>,
 }
 
 impl Placement {
@@ -167,6 +170,7 @@ impl Placement {
             healthy: None,
             last_crash_at_ms: None,
             last_crash_generation: None,
+            retry_at_ms: None,
         }
     }
 }
@@ -356,6 +360,9 @@ pub enum Command {
         /// Its health check's verdict (`None`: no check, or none yet).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         healthy: Option<bool>,
+        /// While `crashed`: when its node restarts it (ms since the epoch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at_ms: Option<u64>,
     },
     /// A moved instance runs on its new node: release the old one.
     FinishMove {
@@ -517,6 +524,9 @@ pub struct InstanceReport {
     /// Its health check's verdict (`None`: no check, or none yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy: Option<bool>,
+    /// While `crashed`: when its node restarts it (ms since the epoch, the node's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<u64>,
     /// `release` (a singleton moving away was stopped: [`Command::ReleaseMove`]), `finish`
     /// (a moved instance runs on its new node: [`Command::FinishMove`]) or "" (a plain report).
     #[serde(default, rename = "move", skip_serializing_if = "String::is_empty")]
@@ -537,6 +547,7 @@ impl InstanceReport {
                 last_crash: self.last_crash.clone(),
                 epoch: self.epoch,
                 healthy: self.healthy,
+                retry_at_ms: self.retry_at_ms,
             }),
             "release" => Ok(Command::ReleaseMove {
                 service,
@@ -1189,6 +1200,7 @@ impl ClusterState {
                 last_crash,
                 epoch,
                 healthy,
+                retry_at_ms,
             } => {
                 let Some(p) = self
                     .placements
@@ -1221,6 +1233,7 @@ impl ClusterState {
                 p.healthy = if state == "running" { *healthy } else { None };
                 p.state = state.clone();
                 p.restart_count = *restart_count;
+                p.retry_at_ms = retry_at_ms.filter(|_| state == "crashed");
                 if state == "running" {
                     // The request that placed it is done; later restarts are not part of it.
                     p.trace = None;
@@ -2425,6 +2438,7 @@ mod tests {
             last_crash: None,
             epoch,
             healthy: None,
+            retry_at_ms: None,
         }
     }
 
@@ -3208,6 +3222,7 @@ mod rollout_tests {
                 last_crash: None,
                 epoch,
                 healthy: None,
+                retry_at_ms: None,
             }));
         }
         s

@@ -693,6 +693,7 @@ mod tests {
             last_crash: None,
             epoch: 0,
             healthy: None,
+            retry_at_ms: None,
         };
         apply(&mut state, &views, 6, report);
         assert_eq!(

@@ -80,6 +80,8 @@ struct Info {
     crash_reason: Option<CrashReason>,
     last_crash: Option<CrashReason>,
     started_at: Option<Instant>,
+    /// When its supervisor restarts it (ms since the epoch), and its restart count then.
+    next_restart: Option<(u32, u64)>,
 }
 
 #[derive(Default)]
@@ -212,6 +214,25 @@ impl ServiceHandle {
     /// Why the service is crashed, while it is.
     pub fn crash_reason(&self) -> Option<CrashReason> {
         lock(&self.cell.info).crash_reason.clone()
+    }
+
+    /// While it is crashed and its supervisor waits out a backoff: when it restarts it (ms
+    /// since the epoch).
+    pub fn next_restart_ms(&self) -> Option<u64> {
+        if self.state() != ServiceState::Crashed {
+            return None;
+        }
+        let count = self.restart_count();
+        lock(&self.cell.info)
+            .next_restart
+            .filter(|(c, _)| *c == count)
+            .map(|(_, at)| at)
+    }
+
+    /// Its supervisor restarts this crash at `at_ms` (ms since the epoch).
+    pub(crate) fn set_next_restart_ms(&self, at_ms: u64) {
+        let count = self.restart_count();
+        lock(&self.cell.info).next_restart = Some((count, at_ms));
     }
 
     /// The reason of the most recent crash, kept across restarts.

@@ -401,6 +401,10 @@ impl Supervision {
         if delay.is_zero() {
             return Decision::RestartNow(child);
         }
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        child.set_next_restart_ms(wall_ms + delay.as_millis() as u64);
         self.pending.push((now + delay, child));
         Decision::Wait
     }
