@@ -650,7 +650,11 @@ mod tests {
         let out = log.attach("web", 0);
         out.begin_run();
         out.push(Pipe::Stdout, "hello");
-        written.changed().await.unwrap();
+        // Bounded, so that a broken wake-up fails instead of hanging.
+        tokio::time::timeout(std::time::Duration::from_secs(10), written.changed())
+            .await
+            .expect("woken")
+            .unwrap();
         let seq = *written.borrow_and_update();
         let (lines, last) = log.after("web", 0, 0).unwrap();
         assert_eq!((lines.len(), last), (1, seq));
