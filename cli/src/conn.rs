@@ -266,13 +266,17 @@ pub(crate) fn is_connect_error(status: &tonic::Status) -> bool {
     if status.code() != tonic::Code::Unavailable {
         return false;
     }
+    // A status a server sent (no error behind it) is its answer, even when it says that it
+    // could not reach another node.
+    let from_transport = std::error::Error::source(status).is_some();
     let m = root_cause(status).to_lowercase();
     status.message().contains("transport error")
         || status.message().contains("tcp connect error")
-        || m.contains("connect")
-        || m.contains("refused")
-        || m.contains("dns")
-        || m.contains("resolve")
+        || (from_transport
+            && (m.contains("connect")
+                || m.contains("refused")
+                || m.contains("dns")
+                || m.contains("resolve")))
 }
 
 /// The innermost error of a status (the OS error behind a transport error).
@@ -330,6 +334,11 @@ mod tests {
             "cluster unavailable: outcome unknown: forwarding to node 1 failed (tcp connect error)",
         );
         assert_eq!(classify(&relayed), Outcome::Unknown);
+        // A node that was reached, saying that another node cannot be: its answer.
+        let other = tonic::Status::unavailable(
+            "node 2, which runs web#0, cannot be reached: 127.0.0.1:9 is unreachable: Connection refused (os error 111)",
+        );
+        assert_eq!(classify(&other), Outcome::NotDone);
         let dropped = tonic::Status::cancelled("operation was canceled");
         assert_eq!(classify(&dropped), Outcome::Unknown);
     }

@@ -24,6 +24,7 @@ mod convert;
 mod events;
 mod graph;
 mod json;
+mod logs;
 mod output;
 mod plan;
 mod svc;
@@ -112,6 +113,10 @@ enum Cmd {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// What an instance (`web#0`) or every instance of a service (`web`) wrote to stdout and
+    /// stderr (`exec` instances), as the node that runs it keeps it: the current run, or the
+    /// one before the last restart (--previous).
+    Logs(logs::LogsArgs),
     /// The service kinds the nodes offer.
     Kinds,
     /// The combined beacon graph: cluster → nodes → instances → their service trees, and the
@@ -459,6 +464,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 events::list(&mut conn, &args, json).await?;
             }
         }
+        Cmd::Logs(args) => logs::run(args, &mut conn, json).await?,
         Cmd::Kinds => {
             let reply = rpc!(conn, Call::Read, list_kinds, pb::ListKindsRequest {}).await?;
             output::print_kinds(&reply, json);
@@ -536,6 +542,7 @@ fn main() -> ExitCode {
     let endless = match &cli.command {
         Cmd::Graph(args) => args.watching(),
         Cmd::Events { follow, .. } => *follow,
+        Cmd::Logs(args) => args.follow,
         _ => false,
     };
     // One worker thread: the trace exporter sends from its own thread through the runtime.

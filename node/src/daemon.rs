@@ -656,7 +656,7 @@ async fn run(
         }
     };
     let peer_grpc = ServiceHandle::builder(PeerServer {
-        service: Some(crate::api::PeerService::new(inspector.clone())),
+        service: Some(crate::api::PeerService::new(inspector.clone(), &kinds)),
         listen: peer_listen,
         tls: tls.clone(),
     })
@@ -901,7 +901,7 @@ async fn run_agent(
         .build();
     let beacon = crate::api::AgentBeacon::new(args.id, instances.clone());
     let peer_grpc = ServiceHandle::builder(PeerServer {
-        service: Some(crate::api::PeerService::agent(beacon.clone())),
+        service: Some(crate::api::PeerService::agent(beacon.clone(), &kinds)),
         listen: peer_listen,
         tls: tls.clone(),
     })

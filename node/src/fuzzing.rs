@@ -173,7 +173,7 @@ pub fn control_request(data: &[u8]) {
     };
     let mut follower = Follower::new(small_state());
     // The write handlers move the request's fields into the command as they are.
-    match rpc % 19 {
+    match rpc % 20 {
         0 => {
             let Ok(r) = pb::ApplyServicesRequest::decode(body) else {
                 return;
@@ -303,6 +303,14 @@ pub fn control_request(data: &[u8]) {
         15 => drop(pb::ListNodesRequest::decode(body)),
         16 => drop(pb::ClusterStatusRequest::decode(body)),
         17 => drop(pb::CompactRequest::decode(body)),
+        18 => {
+            let Ok(r) = pb::LogsRequest::decode(body) else {
+                return;
+            };
+            if crate::api::LogAsk::new(r.previous, r.follow, r.tail, r.since_ms).is_ok() {
+                let _ = crate::api::log_sources(follower.state(), kinds(), &r.service, r.slot);
+            }
+        }
         _ => drop(pb::ListKindsRequest::decode(body)),
     }
     follower.send_views();
@@ -337,7 +345,7 @@ pub fn peer_request(data: &[u8]) {
         return;
     };
     let mut follower = Follower::new(small_state());
-    match rpc % 15 {
+    match rpc % 16 {
         0..=3 => {
             if let Ok(r) = pb::RaftRequest::decode(body) {
                 let _ = follower.take_request(rpc, &r);
@@ -391,6 +399,16 @@ pub fn peer_request(data: &[u8]) {
         11 => drop(pb::RelayHeartbeatsRequest::decode(body)),
         12 => drop(pb::WatchPlacementsRequest::decode(body)),
         13 => drop(pb::RemoveNodeRequest::decode(body)),
+        14 => {
+            let Ok(r) = pb::InstanceLogsRequest::decode(body) else {
+                return;
+            };
+            // As the node asked reads its own output (empty here).
+            if let Ok(ask) = crate::api::LogAsk::new(r.previous, r.follow, r.tail, r.since_ms) {
+                let log = crate::agent::output::OutputLog::default();
+                let _ = crate::api::kept_logs(&log, 1, &r.service, &r.slots, ask);
+            }
+        }
         _ => drop(pb::ClusterStatusRequest::decode(body)),
     }
     follower.send_views();
@@ -403,7 +421,7 @@ pub fn peer_reply(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 9 {
+    match which % 10 {
         0 => {
             if let Ok(u) = pb::PlacementsUpdate::decode(body) {
                 let view = crate::agent::view_from_proto(&u);
@@ -436,6 +454,8 @@ pub fn peer_reply(data: &[u8]) {
                 let _ = crate::replication::status_from_proto(r);
             }
         }
+        // A line of another node's instance output, relayed as it came.
+        9 => drop(pb::LogLine::decode(body)),
         _ => {
             if let Ok(r) = pb::RaftReply::decode(body) {
                 let _ = crate::replication::fuzz::take_reply(which, &r);
@@ -698,6 +718,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 only_new: false,
             },
         ),
+        encode(
+            18,
+            &pb::LogsRequest {
+                service: "batch".into(),
+                slot: Some(0),
+                tail: 100,
+                since_ms: NOW_MS,
+                ..Default::default()
+            },
+        ),
     ];
     out.extend(control.into_iter().map(|c| ("control_request", c)));
 
@@ -805,6 +835,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 after_index: 7,
             },
         ),
+        encode(
+            14,
+            &pb::InstanceLogsRequest {
+                node: 2,
+                service: "batch".into(),
+                slots: vec![0, 1],
+                follow: true,
+                tail: 10,
+                ..Default::default()
+            },
+        ),
     ];
     out.extend(peer.into_iter().map(|p| ("peer_request", p)));
 
@@ -872,6 +913,21 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         // `peer_reply` numbers the Raft RPCs from 5.
         out.push(("peer_reply", encode(5 + rpc, &reply)));
     }
+    out.push((
+        "peer_reply",
+        encode(
+            9,
+            &pb::LogLine {
+                service: "batch".into(),
+                slot: 0,
+                node: 2,
+                time_ms: NOW_MS,
+                stream: "stderr".into(),
+                text: "\u{1b}[31mfailed\u{1b}[0m".into(),
+                run: 2,
+            },
+        ),
+    ));
 
     // Raft messages, all in one input and one of each kind alone.
     let requests = raft::seed_requests(batches.clone(), &state);

@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::output::OutputLog;
 use crate::model::secret::Secret;
 use crate::model::spec::{HealthCheck, Probe};
 use crate::service::ServiceHandle;
@@ -261,6 +262,8 @@ pub struct KindRegistry {
     processes: ledger::ProcessLedger,
     /// What the stock `exec` kind may run (shared by the clones).
     exec_policy: exec::ExecPolicy,
+    /// Where the stock `exec` kind keeps its processes' output (shared by the clones).
+    output: OutputLog,
 }
 
 impl KindRegistry {
@@ -275,8 +278,16 @@ impl KindRegistry {
         let mut kinds = Self::new();
         let ledger = kinds.processes.clone();
         let policy = kinds.exec_policy.clone();
+        let output = kinds.output.clone();
         kinds
-            .register("exec", exec::ExecKind { ledger, policy })
+            .register(
+                "exec",
+                exec::ExecKind {
+                    ledger,
+                    policy,
+                    output,
+                },
+            )
             .register("ticker", demo::TickerKind)
             .register("counter", demo::CounterKind)
             .register("crasher", demo::CrasherKind)
@@ -299,6 +310,17 @@ impl KindRegistry {
     pub(crate) fn disable(&mut self, kind: &str, why: &'static str) -> &mut Self {
         self.disabled.insert(kind.to_string(), why);
         self
+    }
+
+    /// What this node's instances wrote (the stock `exec` kind's processes).
+    pub(crate) fn output(&self) -> &OutputLog {
+        &self.output
+    }
+
+    /// Whether instances of `kind` keep their output here: the stock `exec` kind's. An
+    /// unknown kind (a custom kind of other nodes) may.
+    pub(crate) fn keeps_output(&self, kind: &str) -> bool {
+        kind == "exec" || !self.kinds.contains_key(kind)
     }
 
     /// Let the stock `exec` kind run only the programs `allow` permits (`--exec-allow`).

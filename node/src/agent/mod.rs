@@ -6,6 +6,7 @@ mod health;
 mod instances;
 pub mod kinds;
 mod link;
+pub(crate) mod output;
 mod wire;
 
 pub(crate) use instances::run;

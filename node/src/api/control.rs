@@ -948,6 +948,17 @@ impl Control for ControlService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    type LogsStream = super::logs::LineStream;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        super::logs::logs(&self.node, &self.kinds, request.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 /// Send the events from sequence number `from` on (those still kept, then each new one as it

@@ -5,6 +5,7 @@ mod control;
 pub mod convert;
 mod http;
 mod inspect;
+mod logs;
 mod peer;
 
 pub(crate) use control::checked_specs;
@@ -12,5 +13,7 @@ pub use control::{public_extras, serve, ControlService, CONTROL_SERVICE, RESTART
 pub use http::{serve_agent_http, serve_http};
 pub(crate) use inspect::report_from_reply;
 pub use inspect::{Inspector, DEFAULT_DEADLINE, MAX_GRAPH_BYTES};
+pub(crate) use logs::{kept as kept_logs, sources as log_sources, Ask as LogAsk};
+pub use logs::{MAX_INSTANCES as MAX_LOG_INSTANCES, MAX_TAIL as MAX_LOG_TAIL};
 pub(crate) use peer::{command_from_json, register_command, reports_command};
 pub use peer::{serve_peer, AgentBeacon, PeerService};

@@ -8,6 +8,9 @@ use mode_proto::v1::peer_server::{Peer, PeerServer};
 use tonic::{Request, Response, Status};
 
 use super::inspect::Inspector;
+use super::logs;
+use crate::agent::output::OutputLog;
+use crate::agent::KindRegistry;
 use crate::graph::GraphFilter;
 use crate::model::limits;
 use crate::model::state::{Command, NodeRole};
@@ -18,10 +21,12 @@ use crate::security::{Caller, Proof, Role};
 use crate::service::ServiceHandle;
 
 /// The peer API of one node: a server's, or an agent-only node's (which answers beacons and
-/// refuses everything else).
+/// instance logs, and refuses everything else).
 pub struct PeerService {
     server: Option<(Arc<ClusterNode>, RaftService)>,
     beacon: Beacon,
+    /// What this node's instances wrote.
+    output: OutputLog,
 }
 
 enum Beacon {
@@ -53,31 +58,38 @@ impl AgentBeacon {
 }
 
 impl PeerService {
-    /// Serve the server `inspector` looks at.
-    pub fn new(inspector: Arc<Inspector>) -> Self {
+    /// Serve the server `inspector` looks at, whose instances run with `kinds`.
+    pub fn new(inspector: Arc<Inspector>, kinds: &KindRegistry) -> Self {
         let node = inspector.node().clone();
         PeerService {
             server: Some((node.clone(), node.raft_service())),
             beacon: Beacon::Server(inspector),
+            output: kinds.output().clone(),
         }
     }
 
-    /// Serve an agent-only node.
-    pub fn agent(beacon: Arc<AgentBeacon>) -> Self {
+    /// Serve an agent-only node, whose instances run with `kinds`.
+    pub fn agent(beacon: Arc<AgentBeacon>, kinds: &KindRegistry) -> Self {
         PeerService {
             server: None,
             beacon: Beacon::Agent(beacon),
+            output: kinds.output().clone(),
+        }
+    }
+
+    /// This node's id.
+    fn id(&self) -> u64 {
+        match &self.beacon {
+            Beacon::Agent(b) => b.id,
+            Beacon::Server(i) => i.node().id(),
         }
     }
 
     fn server(&self) -> Result<&(Arc<ClusterNode>, RaftService), Status> {
         self.server.as_ref().ok_or_else(|| {
-            let id = match &self.beacon {
-                Beacon::Agent(b) => b.id,
-                Beacon::Server(i) => i.node().id(),
-            };
+            let id = self.id();
             Status::failed_precondition(format!(
-                "node {id} is an agent-only node (--role agent): it takes no part in Raft and answers only NodeBeacon; send this to a server (one of its --servers)"
+                "node {id} is an agent-only node (--role agent): it takes no part in Raft and answers only NodeBeacon and InstanceLogs; send this to a server (one of its --servers)"
             ))
         })
     }
@@ -476,6 +488,25 @@ impl Peer for PeerService {
             node: id,
             report_json,
         }))
+    }
+
+    type InstanceLogsStream = logs::LineStream;
+
+    async fn instance_logs(
+        &self,
+        request: Request<pb::InstanceLogsRequest>,
+    ) -> Result<Response<Self::InstanceLogsStream>, Status> {
+        calling_node(&request)?;
+        let r = request.into_inner();
+        let me = self.id();
+        if r.node != me {
+            return Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {}: is node {} registered with a stale address?",
+                r.node, r.node
+            )));
+        }
+        let ask = logs::Ask::new(r.previous, r.follow, r.tail, r.since_ms)?;
+        logs::local(&self.output, me, &r.service, &r.slots, ask).map(Response::new)
     }
 }
 

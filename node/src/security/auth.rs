@@ -35,7 +35,7 @@ pub struct Limits {
     pub writes_per_s: f64,
     /// Changes allowed at once after a quiet time.
     pub write_burst: f64,
-    /// Open watch streams (WatchEvents, WatchService) at once.
+    /// Open watch streams (WatchEvents, WatchService, Logs) at once.
     pub streams: usize,
 }
 
@@ -146,7 +146,10 @@ impl Policy {
         let who = caller.to_string();
         match required_role(path) {
             Need::Role(Role::Operator | Role::Admin) => self.take_write(&who).map(|()| None),
-            _ if path.ends_with("/WatchEvents") || path.ends_with("/WatchService") => {
+            _ if path.ends_with("/WatchEvents")
+                || path.ends_with("/WatchService")
+                || path.ends_with("/Logs") =>
+            {
                 self.open_stream(&who).map(Some)
             }
             _ => Ok(None),
@@ -265,9 +268,8 @@ pub fn required_role(path: &str) -> Need {
     };
     match method {
         "ClusterStatus" | "GetService" | "ListServices" | "ServiceHistory" | "WatchService"
-        | "ListNodes" | "ListEvents" | "WatchEvents" | "ListKinds" | "Graph" | "WhoAmI" => {
-            Need::Role(Role::Viewer)
-        }
+        | "ListNodes" | "ListEvents" | "WatchEvents" | "ListKinds" | "Graph" | "WhoAmI"
+        | "Logs" => Need::Role(Role::Viewer),
         "ApplyServices" | "ScaleService" | "RestartService" | "DeleteService"
         | "RollbackService" | "DrainNode" | "UndrainNode" => Need::Role(Role::Operator),
         "RemoveNode" | "Compact" | "CreateToken" | "ListTokens" | "RevokeToken" => {
@@ -524,6 +526,10 @@ mod tests {
         assert!(policy.limit(&alice, watch).is_err());
         drop(first);
         assert!(policy.limit(&alice, watch).unwrap().is_some());
+        // A logs stream (followed or not) holds one as well.
+        let logs = policy.limit(&alice, "/mode.v1.Control/Logs").unwrap();
+        assert!(logs.is_some());
+        assert!(policy.limit(&alice, watch).is_err());
         // Off (no TLS): no limits.
         let off = Policy::new(Surface::Public, false, None);
         for _ in 0..1000 {
@@ -561,6 +567,8 @@ mod tests {
             "{}",
             e.message()
         );
+        // Reading instance output is a viewer's, as pods/log is in Kubernetes' view role.
+        assert!(check(&viewer, required_role("/mode.v1.Control/Logs"), "x").is_ok());
         let operator = Caller::Client {
             name: "o".into(),
             role: Role::Operator,

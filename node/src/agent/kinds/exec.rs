@@ -1,5 +1,6 @@
-//! The `exec` kind: a supervised OS process whose output goes to the log, stopped with SIGTERM
-//! and then SIGKILL after the instance's grace period.
+//! The `exec` kind: a supervised OS process whose output goes to the log and to the node's
+//! [`OutputLog`] (what `modectl logs` reads), stopped with SIGTERM and then SIGKILL after the
+//! instance's grace period.
 //!
 //! The process runs in its own process group and every signal goes to the whole group, so
 //! what it forks (a shell's children) stops with it. The signals are sent by the task that
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 use super::ledger::{self, GroupRecord, ProcessId, ProcessLedger};
 use super::spawner::{self, Keeper};
 use super::{parse_config, InstanceSpec, Kind};
+use crate::agent::output::{InstanceOutput, OutputLog, Pipe};
 use crate::model::secret::Secret;
 use crate::service::{lock, Context, Result, Service, ServiceHandle};
 
@@ -67,6 +69,8 @@ const REASON_LINE: usize = 200;
 pub(crate) struct ExecKind {
     pub(crate) ledger: ProcessLedger,
     pub(crate) policy: ExecPolicy,
+    /// Where each run's output is kept.
+    pub(crate) output: OutputLog,
 }
 
 /// What this node lets `exec` processes run (its `--exec-allow`), shared by the registry that
@@ -205,6 +209,7 @@ impl Kind for ExecKind {
             kill: instance.kill.clone(),
             lease: instance.lease.clone(),
             ledger: self.ledger.clone(),
+            output: Arc::new(self.output.attach(&instance.service, instance.slot)),
         };
         Ok(ServiceHandle::builder(service)
             .label(label)
@@ -227,6 +232,8 @@ struct Exec {
     kill: super::KillSwitch,
     lease: Option<super::LeaseDeadline>,
     ledger: ProcessLedger,
+    /// Where its runs' output is kept.
+    output: Arc<InstanceOutput>,
 }
 
 /// What one run starts: which program, with what environment, as whom.
@@ -354,6 +361,7 @@ impl Service for Exec {
             return Err(format!("`{}` started without a usable pid", config.command).into());
         };
         tracing::info!("[{}] started `{}` as pid {pid}", self.label, config.command);
+        self.output.begin_run();
         let mut group = ProcessGroup {
             pgid: pid,
             keeper: keeper.ok(),
@@ -369,6 +377,7 @@ impl Service for Exec {
             grace: self.grace,
             last_stderr: None,
             kill: self.kill.clone(),
+            output: self.output.clone(),
         };
         let c = ctx.clone();
         ctx.spawn("process", process.supervise(c, stdout, stderr));
@@ -384,6 +393,7 @@ struct Process {
     grace: Duration,
     last_stderr: Option<String>,
     kill: super::KillSwitch,
+    output: Arc<InstanceOutput>,
 }
 
 impl Process {
@@ -405,11 +415,11 @@ impl Process {
         let status = loop {
             tokio::select! {
                 line = next_line(&mut stdout), if stdout.is_some() => match line {
-                    Some(line) => tracing::info!("[{}] {line}", self.label),
+                    Some(piece) => self.log_stdout(piece),
                     None => stdout = None,
                 },
                 line = next_line(&mut stderr), if stderr.is_some() => match line {
-                    Some(line) => self.log_stderr(line),
+                    Some(piece) => self.log_stderr(piece),
                     None => stderr = None,
                 },
                 status = self.child.wait() => break status,
@@ -450,11 +460,11 @@ impl Process {
         while stdout.is_some() || stderr.is_some() {
             tokio::select! {
                 line = next_line(&mut stdout), if stdout.is_some() => match line {
-                    Some(line) => tracing::info!("[{}] {line}", self.label),
+                    Some(piece) => self.log_stdout(piece),
                     None => stdout = None,
                 },
                 line = next_line(&mut stderr), if stderr.is_some() => match line {
-                    Some(line) => self.log_stderr(line),
+                    Some(piece) => self.log_stderr(piece),
                     None => stderr = None,
                 },
                 _ = tokio::time::sleep_until(drain_until) => break,
@@ -472,8 +482,21 @@ impl Process {
         .into())
     }
 
-    fn log_stderr(&mut self, line: String) {
+    fn log_stdout(&self, piece: Piece) {
+        tracing::info!("[{}] {}", self.label, piece.text);
+        if !piece.continued {
+            self.output.push(Pipe::Stdout, &piece.text);
+        }
+    }
+
+    fn log_stderr(&mut self, piece: Piece) {
+        let line = piece.text;
         tracing::warn!("[{}] {line}", self.label);
+        // The rest of a line longer than the node's log pieces is cut in the kept output
+        // (which keeps less of a line than a piece).
+        if !piece.continued {
+            self.output.push(Pipe::Stderr, &line);
+        }
         if !line.trim().is_empty() {
             self.last_stderr = Some(truncate(&line, REASON_LINE));
         }
@@ -597,7 +620,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn next_line<R: AsyncRead + Unpin>(lines: &mut Option<OutputLines<R>>) -> Option<String> {
+async fn next_line<R: AsyncRead + Unpin>(lines: &mut Option<OutputLines<R>>) -> Option<Piece> {
     match lines {
         Some(lines) => lines.next().await,
         None => std::future::pending().await,
@@ -605,10 +628,20 @@ async fn next_line<R: AsyncRead + Unpin>(lines: &mut Option<OutputLines<R>>) -> 
 }
 
 /// Lines of a pipe, tolerant of invalid UTF-8 and of lines without an end; cancel-safe (a
-/// partly read line stays in `pending`), so it can sit in a `select!` loop.
+/// partly read line stays in `pending`), so it can sit in a `select!` loop. A line longer
+/// than [`MAX_LINE`] comes in pieces.
 struct OutputLines<R> {
     reader: BufReader<R>,
     pending: Vec<u8>,
+    /// The last piece ended at [`MAX_LINE`], not at a line break: the next one continues it.
+    cut: bool,
+}
+
+/// A line, or a piece of a long one.
+struct Piece {
+    text: String,
+    /// It continues the previous piece (the same line).
+    continued: bool,
 }
 
 impl<R: AsyncRead + Unpin> OutputLines<R> {
@@ -616,11 +649,12 @@ impl<R: AsyncRead + Unpin> OutputLines<R> {
         OutputLines {
             reader: BufReader::new(pipe),
             pending: Vec::new(),
+            cut: false,
         }
     }
 
     /// The next line, `None` at the end of the output (or on a read error).
-    async fn next(&mut self) -> Option<String> {
+    async fn next(&mut self) -> Option<Piece> {
         loop {
             let available = match self.reader.fill_buf().await {
                 Ok(bytes) => bytes,
@@ -636,27 +670,32 @@ impl<R: AsyncRead + Unpin> OutputLines<R> {
             if let Some(end) = available.iter().take(room).position(|&b| b == b'\n') {
                 self.pending.extend_from_slice(&available[..end]);
                 self.reader.consume(end + 1);
-                return Some(self.take_line());
+                return Some(self.take_line(false));
             }
             let n = available.len().min(room);
             self.pending.extend_from_slice(&available[..n]);
             self.reader.consume(n);
             if self.pending.len() >= MAX_LINE {
-                return Some(self.take_line());
+                return Some(self.take_line(true));
             }
         }
     }
 
-    fn take_rest(&mut self) -> Option<String> {
-        (!self.pending.is_empty()).then(|| self.take_line())
+    fn take_rest(&mut self) -> Option<Piece> {
+        (!self.pending.is_empty()).then(|| self.take_line(false))
     }
 
-    fn take_line(&mut self) -> String {
+    /// The pending bytes as a piece; `cut`: the line goes on in the next piece.
+    fn take_line(&mut self, cut: bool) -> Piece {
         let mut bytes = std::mem::take(&mut self.pending);
-        if bytes.last() == Some(&b'\r') {
+        if !cut && bytes.last() == Some(&b'\r') {
             bytes.pop();
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        let continued = std::mem::replace(&mut self.cut, cut);
+        Piece {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            continued,
+        }
     }
 }
 
