@@ -186,6 +186,7 @@ mod tests {
             last_crash: None,
             epoch: 0,
             healthy: None,
+            retry_at_ms: None,
             move_: "release".into(),
         };
         assert_eq!(report_from_proto(&report_to_proto(&report)), report);

@@ -2599,6 +2599,7 @@ mod tests {
             last_crash: None,
             epoch: 0,
             healthy: None,
+            retry_at_ms: None,
             move_: String::new(),
         };
         let batch = |incarnation| Command::ReportInstances {

@@ -738,6 +738,7 @@ mod tests {
                 epoch: 0,
                 move_: String::new(),
                 healthy: None,
+                retry_at_ms: None,
             }],
         };
         apply(&mut state, &views, 1, place("db", 0, 1));
