@@ -5,6 +5,7 @@ mod control;
 pub mod convert;
 mod http;
 mod inspect;
+pub(crate) mod metrics;
 mod peer;
 
 pub(crate) use control::checked_specs;
