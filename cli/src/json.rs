@@ -68,6 +68,7 @@ pub(crate) fn instance(i: &pb::Instance) -> Value {
         "node": i.node,
         "state": i.state,
         "restart_count": i.restart_count,
+        "restarts_total": i.restarts_total,
         "last_crash": i.last_crash,
         "moving_from": i.moving_from,
         "reschedules": i.reschedules,
@@ -91,6 +92,7 @@ pub(crate) fn service(s: &pb::Service) -> Value {
         "running": s.running,
         "applied_index": s.applied_index,
         "rollout": s.rollout.as_ref().map(rollout),
+        "restarts_total": s.restarts_total,
         "unplaced": s.unplaced,
         "unplaced_reason": s.unplaced_reason,
     })

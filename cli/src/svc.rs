@@ -400,8 +400,8 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 .iter()
                 .filter_map(|s| {
                     let spec = s.spec.as_ref()?;
-                    let restarts: u64 =
-                        s.instances.iter().map(|i| u64::from(i.restart_count)).sum();
+                    // Since it was created: moves and scaling down do not lower it.
+                    let restarts = s.restarts_total;
                     Some(vec![
                         spec.name.clone(),
                         spec.kind.clone(),
@@ -677,12 +677,14 @@ fn print_instances(name: &str, service: &pb::Service, wanted: u32) {
     }
 }
 
-/// Restarts on its node, and the moves after escalated crashes: `4`, `4 (1 move)`.
+/// Restarts in total, across moves (each move after an escalated crash counts one), and the
+/// moves: `4`, `4 (1 move)`.
 fn restarts(i: &pb::Instance) -> String {
+    let total = i.restarts_total.max(i.restart_count);
     match i.reschedules {
-        0 => i.restart_count.to_string(),
-        1 => format!("{} (1 move)", i.restart_count),
-        n => format!("{} ({n} moves)", i.restart_count),
+        0 => total.to_string(),
+        1 => format!("{total} (1 move)"),
+        n => format!("{total} ({n} moves)"),
     }
 }
 

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 pub mod chaos;
 pub mod netns;
 pub mod probe;
+pub mod prom;
 pub mod proxy;
 
 /// A workspace binary built next to the test executables (`cargo test --workspace` builds

@@ -1144,6 +1144,8 @@ pub async fn serve(
         // One client connection may not hold more calls open at once than this (watches
         // included); beyond it, HTTP/2 makes the client wait.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Outside the auth layer: refused calls are counted too.
+        .layer(super::metrics::GrpcMetricsLayer)
         .layer(AuthLayer::new(policy))
         .add_service(ControlService::new(inspector, kinds).into_server())
         .add_service(health)

@@ -408,6 +408,7 @@ pub fn instance_to_proto(service: &str, slot: u32, p: &Placement) -> pb::Instanc
         generation: p.generation,
         health: health_word(p.healthy).to_string(),
         running_since_ms: p.running_since_ms.unwrap_or(0),
+        restarts_total: p.total_restarts(),
         last_crash_ms: p.last_crash_at_ms.unwrap_or(0),
         last_crash_generation: p.last_crash_generation.unwrap_or(0),
         ..Default::default()
@@ -572,6 +573,7 @@ pub fn service_to_proto(
         instances,
         applied_index: applied,
         rollout,
+        restarts_total: state.restarts.get(name).copied().unwrap_or(0),
         unplaced,
         unplaced_reason,
     })

@@ -144,13 +144,13 @@ async fn readyz(State(inspector): State<Arc<Inspector>>) -> impl IntoResponse {
     }
 }
 
+/// The content type of Prometheus text.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 async fn metrics(State(inspector): State<Arc<Inspector>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        inspector.node().prometheus(),
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        super::metrics::render(inspector.node()),
     )
 }
 
@@ -274,9 +274,9 @@ pub async fn serve_http(
     .await
 }
 
-/// The side port of an agent-only node: `/healthz`, and `/readyz` (registered with the
-/// servers; `ready` says why not). It keeps no cluster state, so it serves no web view and no
-/// metrics of the cluster; with `tls`, HTTPS.
+/// The side port of an agent-only node: `/healthz`, `/readyz` (registered with the servers;
+/// `ready` says why not) and `/metrics` (its build and process). It keeps no cluster state, so
+/// it serves no web view and no metrics of the cluster; with `tls`, HTTPS.
 pub async fn serve_agent_http(
     ready: crate::daemon::ReadyCheck,
     listener: TcpListener,
@@ -298,6 +298,15 @@ pub async fn serve_agent_http(
                     }
                 },
             ),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                    super::metrics::render_agent(),
+                )
+            }),
         )
         .with_state(ready)
         // Only open paths here: the gate just turns plaintext on the HTTPS port away.

@@ -6,6 +6,7 @@ pub mod convert;
 mod http;
 mod inspect;
 mod logs;
+pub(crate) mod metrics;
 mod peer;
 
 pub(crate) use control::checked_specs;

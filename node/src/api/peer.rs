@@ -612,6 +612,8 @@ pub async fn serve_peer(
         // load; h2's default of 20 such streams pending per connection closes the connection
         // (and every Raft call on it) exactly when the cluster is busiest.
         .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
+        // Outside the auth layer: refused calls are counted too.
+        .layer(super::metrics::GrpcMetricsLayer)
         .layer(AuthLayer::new(policy))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -96,9 +96,15 @@ pub struct Placement {
     /// Reported state: `pending` until its node reports.
     #[serde(default = "pending")]
     pub state: String,
-    /// Restarts reported by its node.
+    /// Restarts reported by its node for the current run (0 again after each move,
+    /// reschedule or requested restart: the node starts a fresh copy).
     #[serde(default)]
     pub restart_count: u32,
+    /// Restarts of this instance in total, carried across moves and reschedules: every
+    /// increase of `restart_count` a node reported, plus one per reschedule after an escalated
+    /// crash. Starts again at 0 only when a rollout replaces it with a new version.
+    #[serde(default)]
+    pub restarts_total: u32,
     /// The last crash reason reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_crash: Option<String>,
@@ -157,6 +163,7 @@ impl Placement {
             node,
             state: pending(),
             restart_count: 0,
+            restarts_total: 0,
             last_crash: None,
             moving_from: None,
             avoid: Vec::new(),
@@ -188,6 +195,30 @@ fn shown(items: &[String]) -> String {
         out.push_str(&format!(" and {} more", items.len() - SHOWN));
     }
     out
+}
+
+impl Placement {
+    /// Its restarts in total ([`Placement::restarts_total`]; for a placement stored before
+    /// that was counted, at least the restarts of its current run).
+    pub fn total_restarts(&self) -> u32 {
+        self.restarts_total.max(self.restart_count)
+    }
+
+    /// Count `n` more restarts of this instance of `service`, in its total and in the
+    /// service's (`service_restarts`).
+    fn count_restarts(
+        &mut self,
+        n: u32,
+        service: &str,
+        service_restarts: &mut BTreeMap<String, u64>,
+    ) {
+        if n == 0 {
+            return;
+        }
+        self.restarts_total = self.total_restarts().saturating_add(n);
+        let total = service_restarts.entry(service.to_string()).or_default();
+        *total = total.saturating_add(u64::from(n));
+    }
 }
 
 fn pending() -> String {
@@ -788,6 +819,10 @@ pub struct ClusterState {
     /// Bearer tokens by id (hashes only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Restarts of each service's instances in total (see [`Placement::restarts_total`]):
+    /// only increases, whatever moves, scales or rolls; forgotten when the service is purged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restarts: BTreeMap<String, u64>,
 }
 
 use crate::model::rollout::{RolloutStatus, SpecVersion};
@@ -892,6 +927,7 @@ impl ClusterState {
             heartbeat_grace_ms: self.heartbeat_grace_ms,
             versions: self.versions.clone(),
             tokens: self.tokens.clone(),
+            restarts: self.restarts.clone(),
         }
     }
 
@@ -1182,6 +1218,7 @@ impl ClusterState {
                 self.traces.remove(name);
                 self.placements.remove(name);
                 self.versions.remove(name);
+                self.restarts.remove(name);
                 match self.specs.remove(name) {
                     Some(_) => {
                         let msg = format!("service '{name}' removed");
@@ -1223,6 +1260,11 @@ impl ClusterState {
                 let changed = p.state != *state || p.restart_count != *restart_count;
                 // A local restart shows as a higher count, whatever state the report caught.
                 let restarted = *restart_count > p.restart_count;
+                p.count_restarts(
+                    restart_count.saturating_sub(p.restart_count),
+                    service,
+                    &mut self.restarts,
+                );
                 if state != "running" {
                     p.running_since_ms = None;
                 } else if p.state != "running" || restarted || p.running_since_ms.is_none() {
@@ -1381,6 +1423,9 @@ impl ClusterState {
                     Some(p) => {
                         p.restart_seq += 1;
                         p.epoch = index.max(p.epoch + 1);
+                        // A fresh copy: its reports count restarts from 0 again.
+                        p.restarts_total = p.total_restarts();
+                        p.restart_count = 0;
                         p.state = pending();
                         p.running_since_ms = None;
                         p.healthy = None;
@@ -1417,7 +1462,12 @@ impl ClusterState {
                         p.reschedules += 1;
                         // Even when placed on the same node again, it must start afresh.
                         p.restart_seq += 1;
+                        p.count_restarts(1, &a.service, &mut self.restarts);
                     }
+                    // Its node starts a fresh copy (new epoch), whose reports count from 0;
+                    // `restarts_total` keeps the restarts so far.
+                    p.restarts_total = p.total_restarts();
+                    p.restart_count = 0;
                     p.node = a.node;
                     p.state = pending();
                     p.running_since_ms = None;
@@ -1467,6 +1517,7 @@ impl ClusterState {
                             // A new instance: the old one's crashes are not its own.
                             p.last_crash = None;
                             p.restart_count = 0;
+                            p.restarts_total = 0;
                             p.trace = proposal.trace.clone();
                             rolled.push(format!("{service}#{slot}"));
                         }
@@ -2755,6 +2806,93 @@ mod tests {
         assert_eq!(s.placements["a"][&0].state, "pending");
         assert!(s.apply(&p(running_report(20))).ok);
         assert_eq!(s.placements["a"][&0].state, "running");
+    }
+
+    #[test]
+    fn restarts_are_counted_across_moves_and_reschedules_and_never_go_down() {
+        let mut s = ClusterState::default();
+        s.apply(&p(Command::PutSpec { spec: spec("a") }));
+        let place = |node, moving_from| Command::Place {
+            assign: vec![SlotAssignment {
+                service: "a".into(),
+                slot: 0,
+                node,
+                moving_from,
+            }],
+            unassign: vec![],
+        };
+        let report = |node, state: &str, restart_count, epoch| Command::ReportInstance {
+            service: "a".into(),
+            slot: 0,
+            node,
+            state: state.into(),
+            restart_count,
+            last_crash: Some("boom".into()),
+            epoch,
+            healthy: None,
+            retry_at_ms: None,
+        };
+        let totals = |s: &ClusterState| {
+            let i = &s.placements["a"][&0];
+            (i.restart_count, i.restarts_total, s.restarts["a"])
+        };
+        s.apply_at(&p(place(1, None)), 10);
+        assert!(s.apply(&p(report(1, "running", 2, 10))).ok);
+        assert_eq!(totals(&s), (2, 2, 2));
+        // The same count again is no new restart; a higher one counts what it adds.
+        s.apply(&p(report(1, "running", 2, 10)));
+        s.apply(&p(report(1, "crashed", 3, 10)));
+        s.apply(&p(report(1, "failed", 3, 10)));
+        assert_eq!(totals(&s), (3, 3, 3));
+        // Rescheduled after the escalated crash: one more restart, and the new node's
+        // reports start from 0 without taking anything away.
+        s.apply_at(&p(place(2, None)), 20);
+        assert_eq!(s.placements["a"][&0].reschedules, 1);
+        assert_eq!(totals(&s), (0, 4, 4));
+        s.apply(&p(report(2, "running", 0, 20)));
+        assert_eq!(totals(&s), (0, 4, 4));
+        s.apply(&p(report(2, "running", 1, 20)));
+        assert_eq!(totals(&s), (1, 5, 5));
+        // A drain moves it (no crash, so no restart); the old node's reports are refused.
+        s.apply_at(&p(place(3, Some(2))), 30);
+        assert!(!s.apply(&p(report(2, "running", 9, 20))).ok);
+        s.apply(&p(report(3, "running", 0, 30)));
+        assert_eq!(totals(&s), (0, 5, 5));
+        // A requested restart starts a fresh copy too.
+        s.apply_at(
+            &p(Command::RestartInstance {
+                service: "a".into(),
+                slot: 0,
+            }),
+            40,
+        );
+        s.apply(&p(report(3, "running", 1, 40)));
+        assert_eq!(totals(&s), (1, 6, 6));
+        // Scaled away: the service's count stays.
+        s.apply(&p(Command::Place {
+            assign: vec![],
+            unassign: vec![SlotAssignment {
+                service: "a".into(),
+                slot: 0,
+                node: 3,
+                moving_from: None,
+            }],
+        }));
+        assert_eq!(s.restarts["a"], 6);
+        // It survives a snapshot, and a snapshot from before the counts decodes.
+        let json = serde_json::to_string(&s).unwrap();
+        let back: ClusterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.restarts["a"], 6);
+        let old: Placement =
+            serde_json::from_str(r#"{"node": 1, "state": "running", "restart_count": 3}"#).unwrap();
+        assert_eq!((old.restarts_total, old.total_restarts()), (0, 3));
+        // Purged with the service.
+        s.apply(&p(Command::DeleteSpec {
+            name: "a".into(),
+            force: false,
+        }));
+        s.apply(&p(Command::PurgeSpec { name: "a".into() }));
+        assert!(s.restarts.is_empty());
     }
 
     #[test]

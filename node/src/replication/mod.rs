@@ -9,7 +9,7 @@ mod election;
 mod forward;
 pub(crate) mod fuzz;
 mod heartbeats;
-mod metrics;
+pub(crate) mod metrics;
 mod network;
 mod node;
 mod proposer;

@@ -1124,7 +1124,8 @@ impl ClusterNode {
         Ok(())
     }
 
-    /// The node's metrics in Prometheus text format.
+    /// This node's Raft metrics in Prometheus text format (`/metrics` adds the cluster's state,
+    /// the process and the gRPC servers: [`crate::api::metrics`]).
     pub fn prometheus(&self) -> String {
         use std::fmt::Write as _;
         use std::sync::atomic::Ordering;
@@ -1140,92 +1141,66 @@ impl ClusterNode {
         };
         gauge(
             "mode_raft_term",
-            "Current Raft term.",
+            "The Raft term this node is in.",
             "gauge",
             m.current_term as f64,
         );
         gauge(
             "mode_raft_leader",
-            "Id of the leader this node knows (0: none).",
+            "Id of the leader this node follows (0: it knows none).",
             "gauge",
             m.current_leader.unwrap_or(0) as f64,
         );
         gauge(
             "mode_raft_is_leader",
-            "1 if this node leads.",
+            "1 if this node is the Raft leader, else 0.",
             "gauge",
             f64::from(u8::from(m.current_leader == Some(id))),
         );
         gauge(
             "mode_raft_commit_index",
-            "Highest committed log index.",
+            "Highest Raft log index this node knows to be committed.",
             "gauge",
             self.log.committed_index() as f64,
         );
         gauge(
             "mode_raft_applied_index",
-            "Highest applied log index.",
+            "Highest Raft log index this node has applied to its state.",
             "gauge",
             m.last_applied.map(|x| x.index).unwrap_or(0) as f64,
         );
         gauge(
             "mode_raft_last_log_index",
-            "Last log index.",
+            "Index of the last entry in this node's Raft log.",
             "gauge",
             m.last_log_index.unwrap_or(0) as f64,
         );
         gauge(
             "mode_raft_leader_changes_total",
-            "Leadership changes seen by this node.",
+            "Changes of Raft leader this node has seen since it started.",
             "counter",
             self.counters.leader_changes.load(Ordering::Relaxed) as f64,
         );
         gauge(
             "mode_raft_proposals_total",
-            "Writes committed through this node.",
+            "Writes (Raft proposals) this node proposed as leader and saw committed, since it started.",
             "counter",
             self.counters.proposals.load(Ordering::Relaxed) as f64,
         );
-        let _ = writeln!(out, "# HELP mode_raft_proposal_duration_seconds Time from a write's arrival to its commit.\n# TYPE mode_raft_proposal_duration_seconds histogram");
+        let _ = writeln!(out, "# HELP mode_raft_proposal_duration_seconds Seconds from a write's arrival at the leader to its commit.\n# TYPE mode_raft_proposal_duration_seconds histogram");
         self.counters
             .latency_histogram("mode_raft_proposal_duration_seconds", &l, &mut out);
-        let (by_state, restarts, placements, nodes) = self.local_state(|s| {
-            let mut by_state: std::collections::BTreeMap<String, u64> = Default::default();
-            let mut restarts = 0u64;
-            let mut placements = 0u64;
-            for slots in s.placements.values() {
-                for p in slots.values() {
-                    placements += 1;
-                    if p.node == id {
-                        *by_state.entry(p.state.clone()).or_default() += 1;
-                        restarts += u64::from(p.restart_count);
-                    }
-                }
-            }
-            let mut nodes: std::collections::BTreeMap<String, u64> = Default::default();
-            for n in s.nodes.values() {
-                *nodes
-                    .entry(format!("{:?}", n.status).to_lowercase())
-                    .or_default() += 1;
-            }
-            (by_state, restarts, placements, nodes)
-        });
-        let _ = writeln!(out, "# HELP mode_instances Instances placed on this node, by reported state.\n# TYPE mode_instances gauge");
-        for (state, n) in by_state {
-            let _ = writeln!(out, "mode_instances{{{l},state=\"{state}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP mode_instance_restarts Local restarts of the instances on this node.\n# TYPE mode_instance_restarts gauge\nmode_instance_restarts{{{l}}} {restarts}");
-        let _ = writeln!(out, "# HELP mode_placements Instances placed in the whole cluster.\n# TYPE mode_placements gauge\nmode_placements{{{l}}} {placements}");
-        let _ = writeln!(
-            out,
-            "# HELP mode_nodes Cluster nodes by status.\n# TYPE mode_nodes gauge"
-        );
-        for (status, n) in nodes {
-            let _ = writeln!(out, "mode_nodes{{{l},status=\"{status}\"}} {n}");
-        }
         if m.current_leader == Some(id) {
-            let _ = writeln!(out, "# HELP mode_heartbeat_age_seconds Time since each node's last heartbeat (leader only).\n# TYPE mode_heartbeat_age_seconds gauge");
-            for (peer, age) in self.heartbeats.ages() {
+            let _ = writeln!(out, "# HELP mode_heartbeat_age_seconds Seconds since the leader last heard from each member node (peer), on the leader only.\n# TYPE mode_heartbeat_age_seconds gauge");
+            // Only current members: a removed node's series goes with it.
+            let members: std::collections::BTreeSet<u64> =
+                self.local_state(|s| s.nodes.keys().copied().collect());
+            for (peer, age) in self
+                .heartbeats
+                .ages()
+                .into_iter()
+                .filter(|(peer, _)| members.contains(peer))
+            {
                 let _ = writeln!(
                     out,
                     "mode_heartbeat_age_seconds{{{l},peer=\"{peer}\"}} {}",
