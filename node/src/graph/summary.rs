@@ -12,8 +12,13 @@ use super::GraphContext;
 use crate::model::state::{ClusterState, NodeStatus, Placement};
 
 /// The most instances a summary lists by name (the rest are counted in
-/// [`ClusterSummary::attention_omitted`]).
-pub const MAX_ATTENTION: usize = 100;
+/// [`ClusterSummary::attention_omitted`]): with crash reasons of the longest kept (4 KB), a
+/// summary stays near 200 KB.
+pub const MAX_ATTENTION: usize = 50;
+
+/// The most instances one service's detail lists, whatever `per_node` (so that a service on
+/// hundreds of nodes stays a page's worth).
+pub const MAX_DETAIL_INSTANCES: usize = 1_000;
 
 /// Restarts from which an instance that is not running counts as crash-looping.
 pub const CRASH_LOOP_RESTARTS: u32 = 1;
@@ -137,9 +142,10 @@ pub struct InstanceBrief {
 pub struct ServiceDetail {
     /// Its health.
     pub service: ServiceHealth,
-    /// Its instances by node then slot, at most `per_node` on each node.
+    /// Its instances by node then slot, at most `per_node` on each node and
+    /// [`MAX_DETAIL_INSTANCES`] in all.
     pub instances: Vec<InstanceBrief>,
-    /// Instances left out by the per-node limit.
+    /// Instances left out by the limits.
     #[serde(default)]
     pub omitted: usize,
 }
@@ -412,7 +418,8 @@ pub fn summarize(state: &ClusterState, ctx: &GraphContext) -> ClusterSummary {
     }
 }
 
-/// Service `name` in detail, at most `per_node` instances on each node; `None` when the
+/// Service `name` in detail, at most `per_node` instances on each node and
+/// [`MAX_DETAIL_INSTANCES`] in all; `None` when the
 /// cluster has no such service.
 pub fn service_detail(state: &ClusterState, name: &str, per_node: usize) -> Option<ServiceDetail> {
     if !state.specs.contains_key(name) && !state.placements.contains_key(name) {
@@ -420,9 +427,11 @@ pub fn service_detail(state: &ClusterState, name: &str, per_node: usize) -> Opti
     }
     let mut by_node: BTreeMap<u64, Vec<InstanceBrief>> = BTreeMap::new();
     let mut omitted = 0;
+    let mut listed = 0;
     for (slot, p) in state.placements.get(name).into_iter().flatten() {
         let list = by_node.entry(p.node).or_default();
-        if list.len() < per_node {
+        if list.len() < per_node && listed < MAX_DETAIL_INSTANCES {
+            listed += 1;
             list.push(brief(state, name, *slot, p));
         } else {
             omitted += 1;
@@ -587,5 +596,11 @@ mod tests {
         assert_eq!(d.omitted, 4);
         assert!(d.instances[..3].iter().all(|i| i.node == 1));
         assert!(service_detail(&s, "nope", 3).is_none());
+        let web = s.placements.entry("web".into()).or_default();
+        for slot in 0..(MAX_DETAIL_INSTANCES as u32 + 10) {
+            web.insert(slot, placement(1, "running"));
+        }
+        let d = service_detail(&s, "web", usize::MAX).unwrap();
+        assert_eq!((d.instances.len(), d.omitted), (MAX_DETAIL_INSTANCES, 10));
     }
 }

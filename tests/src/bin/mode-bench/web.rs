@@ -1,5 +1,5 @@
 //! `web`: the web view of 3 nodes running 10,000 instances. What the page fetches for its
-//! first render (the page, `/api/summary`, `/api/events?tail=200`) and per refresh, timed
+//! first render (the page, `/api/summary`, `/api/events?tail=100`) and per refresh, timed
 //! and weighed, next to the whole-graph SVG the page used to fetch every 2 s; and the wall
 //! clock of headless chromium loading and drawing the page (against its start-up alone).
 
@@ -48,7 +48,7 @@ pub fn web_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
 
     // What the page fetches to draw itself first, one after the other (it fetches the
     // summary and the events at once, so this is an upper bound).
-    let parts = ["/", "/api/summary", "/api/events?tail=200"];
+    let parts = ["/", "/api/summary", "/api/events?tail=100"];
     let mut first_render = Vec::new();
     let mut bytes = vec![0; parts.len()];
     for _ in 0..=samples {
