@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub mod browser;
+
 use mode_proto::v1 as pb;
 use mode_proto::v1::control_client::ControlClient;
 use mode_proto::v1::peer_client::PeerClient;
@@ -246,6 +248,11 @@ impl TestCluster {
     /// [`TestCluster::start`] with an HTTP side port on every node ([`NodeProc::http`]).
     pub fn start_with_http(n: u64, extra: &[&str]) -> TestCluster {
         TestCluster::launch(Launcher::mode_node(), n, extra, true)
+    }
+
+    /// [`TestCluster::start_with_http`] with another way of starting nodes.
+    pub fn start_with_http_as(launcher: Launcher, n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::launch(launcher, n, extra, true)
     }
 
     /// [`TestCluster::start`] with another way of starting nodes.

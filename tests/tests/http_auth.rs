@@ -104,7 +104,14 @@ async fn with_tls_the_side_port_is_https_and_the_web_view_needs_a_client() {
         .contains("mode_raft_is_leader{node=\"1\"} 1"));
 
     // The web view and its API need a client, and a browser is asked for the token.
-    for path in ["/", "/api/graph", "/api/graph.svg", "/api/events"] {
+    for path in [
+        "/",
+        "/api/graph",
+        "/api/graph.svg",
+        "/api/events",
+        "/api/summary",
+        "/api/service/web",
+    ] {
         let (code, response) = https(&c, path, &NO_CREDENTIALS);
         assert_eq!(code, 401, "{path}: {response}");
         assert!(asks_for_basic(&response), "{path}: {response}");
@@ -113,7 +120,7 @@ async fn with_tls_the_side_port_is_https_and_the_web_view_needs_a_client() {
     let bearer = format!("Authorization: Bearer {token}");
     let basic = format!("anyone:{token}");
     for credential in [["-H", bearer.as_str()], ["-u", basic.as_str()]] {
-        for path in ["/", "/api/graph", "/api/events"] {
+        for path in ["/", "/api/graph", "/api/events", "/api/summary"] {
             let (code, response) = https(&c, path, &credential);
             assert_eq!(code, 200, "{path} with {credential:?}: {response}");
         }

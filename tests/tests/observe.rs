@@ -238,20 +238,6 @@ async fn graph_watch_redraws_when_the_cluster_changes() {
     let _ = watch.wait();
 }
 
-/// The browser the web-view test drives: Debian's chromium (installed by `.ci/run`).
-fn chromium() -> std::path::PathBuf {
-    for p in [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ] {
-        if std::path::Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!("no chromium found: install Debian's `chromium` package (.ci/run does)");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_view_draws_every_node_and_instance_in_a_real_browser() {
     let c = running_cluster().await;
@@ -270,7 +256,7 @@ async fn the_web_view_draws_every_node_and_instance_in_a_real_browser() {
     let profile = c.scratch.0.join("chromium-profile");
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(chromium())
+        tokio::process::Command::new(mode_tests::browser::chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -310,7 +296,7 @@ async fn the_web_view_draws_every_node_and_instance_in_a_real_browser() {
     }
     assert!(dom.contains("spec-applied"), "the event log is shown");
     assert!(
-        dom.contains("3 nodes") && dom.contains("4 instances") && dom.contains("all reachable"),
+        dom.contains("3 nodes") && dom.contains("4 instances") && dom.contains("all nodes up"),
         "the summary is shown:\n{dom}"
     );
 }

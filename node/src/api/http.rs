@@ -1,6 +1,8 @@
 //! The HTTP side port: `/healthz` (the process is up), `/readyz` (a member of a cluster with a
 //! leader, caught up), `/metrics` (Prometheus text), and the web view: `/` (the live cluster
-//! graph and the event log), `/api/graph` (JSON), `/api/graph.svg` and `/api/events`.
+//! graph and the event log), `/api/graph` (JSON), `/api/graph.svg`, `/api/events` (`?tail=N`),
+//! and for big clusters `/api/summary` (counts, health, and the instances needing attention)
+//! and `/api/service/NAME` (one service's instances, `?per_node=N`).
 //!
 //! When the node has TLS the port speaks HTTPS with the node's certificate, and the web view
 //! and `/api/*` need a client credential (any role): a client certificate, or a token as
@@ -233,10 +235,124 @@ async fn graph_svg(State(inspector): State<Arc<Inspector>>, uri: Uri) -> Respons
     }
 }
 
-async fn events(State(inspector): State<Arc<Inspector>>) -> Response {
+/// `?tail=N`: only the latest N events (the web view asks for a page's worth, not all 10,000).
+async fn events(
+    State(inspector): State<Arc<Inspector>>,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let tail = match single_number(uri.query(), "tail") {
+        Ok(t) => t,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
     match inspector.node().read("events", true, false).await {
-        Ok((v, _)) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
+        Ok((serde_json::Value::Array(mut events), _)) => {
+            if let Some(tail) = tail {
+                events.drain(..events.len().saturating_sub(tail));
+            }
+            json_with_etag(&headers, serde_json::Value::Array(events).to_string())
+        }
+        Ok((v, _)) => json_with_etag(&headers, v.to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// The value of `key` in a query string that may hold only that key (`None`: absent).
+fn single_number(query: Option<&str>, key: &str) -> Result<Option<usize>, String> {
+    let mut found = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some((k, v)) if k == key => {
+                found = Some(
+                    v.parse()
+                        .map_err(|_| format!("{key} '{v}' is not a number: use e.g. {key}=200"))?,
+                )
+            }
+            _ => {
+                let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+                return Err(format!("unknown parameter '{name}': use {key}"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A JSON body with an `ETag`; `304 Not Modified` when the client already has it (a page
+/// polling with `cache: "no-cache"` then moves no body while nothing changed).
+fn json_with_etag(headers: &axum::http::HeaderMap, body: String) -> Response {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut h);
+    let etag = format!("\"{:016x}\"", h.finish());
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if cached {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::ETAG, etag),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The cluster summed up from this node's replica ([`crate::graph::summary`]): a few KB
+/// whatever the number of instances.
+async fn summary(
+    State(inspector): State<Arc<Inspector>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let node = inspector.node();
+    let ctx = node.graph_context();
+    let body = node.local_state(|s| {
+        serde_json::to_string(&crate::graph::summary::summarize(s, &ctx)).unwrap_or_default()
+    });
+    json_with_etag(&headers, body)
+}
+
+/// Instances of one service listed per node by default (`?per_node=N`, at most
+/// [`MAX_PER_NODE`]).
+const DEFAULT_PER_NODE: usize = 200;
+const MAX_PER_NODE: usize = 5_000;
+
+/// One service in detail ([`crate::graph::summary::service_detail`]), for the web view when
+/// a service is expanded.
+async fn service(
+    State(inspector): State<Arc<Inspector>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !crate::model::spec::is_valid_name(&name) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("'{}' is not a service name\n", name.escape_default()),
+        )
+            .into_response();
+    }
+    let per_node = match single_number(uri.query(), "per_node") {
+        Ok(n) => n.unwrap_or(DEFAULT_PER_NODE).min(MAX_PER_NODE),
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let detail = inspector
+        .node()
+        .local_state(|s| crate::graph::summary::service_detail(s, &name, per_node));
+    match detail {
+        Some(d) => json_with_etag(&headers, serde_json::to_string(&d).unwrap_or_default()),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no service named '{name}' (see `modectl svc ls`)\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -260,6 +376,8 @@ pub async fn serve_http(
         .route("/api/graph", get(graph_json))
         .route("/api/graph.svg", get(graph_svg))
         .route("/api/events", get(events))
+        .route("/api/summary", get(summary))
+        .route("/api/service/{name}", get(service))
         .with_state(inspector)
         .layer(axum::middleware::from_fn_with_state(gate, admit));
     let connections = Connections {
@@ -333,7 +451,19 @@ pub async fn serve_agent_http(
 
 #[cfg(test)]
 mod tests {
-    use super::filter_from_query;
+    use super::{filter_from_query, single_number};
+
+    #[test]
+    fn a_single_number_parses_from_the_query_string() {
+        assert_eq!(single_number(None, "tail"), Ok(None));
+        assert_eq!(single_number(Some("tail=200"), "tail"), Ok(Some(200)));
+        assert!(single_number(Some("tail=x"), "tail")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(single_number(Some("tail=1&colour=red"), "tail")
+            .unwrap_err()
+            .contains("unknown parameter 'colour'"));
+    }
 
     #[test]
     fn graph_filters_parse_from_the_query_string() {

@@ -5,7 +5,8 @@
 //! to every member and [`merge`]s the reports with its replica of the cluster state. A node that
 //! did not answer appears as `unreachable` with the error, its instances as the control plane
 //! last recorded them. Renderings: [`ClusterGraph::render_tree`], [`ClusterGraph::to_dot`],
-//! [`svg::render`], JSON (serde).
+//! [`svg::render`], JSON (serde). For big clusters, [`summary`] sums the state up without
+//! asking any node.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +16,7 @@ use crate::model::state::{ClusterState, NodeStatus};
 use crate::service::BeaconNode;
 
 mod render;
+pub mod summary;
 pub mod svg;
 
 pub use render::Palette;

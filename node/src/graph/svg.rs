@@ -1,6 +1,7 @@
 //! The cluster graph as SVG, laid out without Graphviz: one column per node, its daemon and
 //! instances stacked inside as boxes listing their service trees, dependency edges drawn as
-//! dashed curves between instances.
+//! dashed lines between instances that run only in the gaps between columns and the channel
+//! above them, never over a box or its text.
 //!
 //! Every element a test or a browser looks for carries data attributes: node columns
 //! `class="node" data-node data-state`, instance boxes `class="instance" data-instance
@@ -132,7 +133,6 @@ struct Column {
 /// Where an edge attaches to an instance box, in document coordinates.
 #[derive(Clone, Copy)]
 struct Anchor {
-    left: i64,
     right: i64,
     y: i64,
     column: usize,
@@ -189,7 +189,6 @@ impl<'a> Layout<'a> {
                 anchors
                     .entry((node.id, inst.service.as_str()))
                     .or_insert(Anchor {
-                        left: i64::from(x + PAD),
                         right: i64::from(x + width - PAD),
                         y: i64::from(COLUMNS_TOP + b.y + 12),
                         column: c,
@@ -395,11 +394,11 @@ fn write_document(out: &mut String, scratch: &mut String, graph: &ClusterGraph, 
     }
     if !graph.edges.is_empty() {
         out.push_str("<g class=\"edges\">\n");
-        for e in &graph.edges {
+        for (k, e) in graph.edges.iter().enumerate() {
             let from = layout.anchors.get(&(e.from_node, e.from_service.as_str()));
             let to = layout.anchors.get(&(e.to_node, e.to_service.as_str()));
             if let (Some(from), Some(to)) = (from, to) {
-                write_edge(out, e, from, to);
+                write_edge(out, e, from, to, &layout.columns, k);
             }
         }
         out.push_str("</g>\n");
@@ -628,52 +627,45 @@ fn write_box(
     out.push_str("</g>\n");
 }
 
-fn write_edge(out: &mut String, e: &super::DependencyEdge, from: &Anchor, to: &Anchor) {
+/// Lanes in a gap between columns (and in the channel above them), so that parallel edges
+/// stay apart.
+const LANES: i64 = 8;
+
+/// An edge drawn only where nothing else is: out of the right edge of its box, along the gap
+/// right of its column, across the channel above the columns (when it changes columns), down
+/// the gap right of the target's column, and into the right edge of the target's box. It
+/// never crosses a box or a line of text.
+fn write_edge(
+    out: &mut String,
+    e: &super::DependencyEdge,
+    from: &Anchor,
+    to: &Anchor,
+    columns: &[Column],
+    lane: usize,
+) {
     out.push_str("<path class=\"edge\" data-edge=\"");
     push_escaped(out, &e.from_service);
     let _ = write!(out, "@{}->", e.from_node);
     push_escaped(out, &e.to_service);
     let _ = write!(out, "@{}\" d=\"", e.to_node);
+    let lane = (lane as i64) % LANES;
+    // Gaps are COLUMN_GAP wide (EDGE_ROOM right of the last column): lanes 4 px apart.
+    let gap = |c: usize| columns.get(c).map_or(0, |c| i64::from(c.x + c.width)) + 6 + 4 * lane;
     let (y1, y2) = (from.y, to.y);
+    let (x1, x2) = (from.right, to.right);
     if from.index == to.index {
-        // A service depending on itself: a loop off the right side.
-        let x = from.right;
-        let _ = write!(
-            out,
-            "M{x},{y1} C{},{} {},{} {x},{}",
-            x + 36,
-            y1 - 20,
-            x + 36,
-            y1 + 24,
-            y1 + 6
-        );
+        // A service depending on itself: a small loop in the gap.
+        let _ = write!(out, "M{x1},{y1} H{} V{} H{x1}", gap(from.column), y1 + 8);
     } else if from.column == to.column {
-        // Same node: bulge out to the right, into the gap between columns.
-        let (x1, x2) = (from.right, to.right);
-        let bulge = 32 + ((y2 - y1).abs() / 40).min(8);
-        let _ = write!(
-            out,
-            "M{x1},{y1} C{},{y1} {},{y2} {x2},{y2}",
-            x1 + bulge,
-            x2 + bulge
-        );
-    } else if from.column < to.column {
-        let (x1, x2) = (from.right, to.left);
-        let dx = ((x2 - x1) / 2).max(30);
-        let _ = write!(
-            out,
-            "M{x1},{y1} C{},{y1} {},{y2} {x2},{y2}",
-            x1 + dx,
-            x2 - dx
-        );
+        let _ = write!(out, "M{x1},{y1} H{} V{y2} H{x2}", gap(from.column));
     } else {
-        let (x1, x2) = (from.left, to.right);
-        let dx = ((x1 - x2) / 2).max(30);
+        // The channel between the legend and the tops of the columns.
+        let channel = i64::from(COLUMNS_TOP) - 3 - lane;
         let _ = write!(
             out,
-            "M{x1},{y1} C{},{y1} {},{y2} {x2},{y2}",
-            x1 - dx,
-            x2 + dx
+            "M{x1},{y1} H{} V{channel} H{} V{y2} H{x2}",
+            gap(from.column),
+            gap(to.column)
         );
     }
     out.push_str("\" marker-end=\"url(#mode-arrow)\"><title>");

@@ -375,6 +375,87 @@ fn edges_in_one_column_and_to_the_left_and_to_itself_stay_inside_the_document() 
     }
 }
 
+/// The `x`, `width` of each column's `<g class="node" ... translate(x,...)><rect ... width=`.
+fn column_spans(svg: &str) -> Vec<(i64, i64)> {
+    svg.split("<g class=\"node\"")
+        .skip(1)
+        .map(|g| {
+            let x = g
+                .split("translate(")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap();
+            let w = g
+                .split("width=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let x: i64 = x.parse().unwrap();
+            (x, x + w.parse::<i64>().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn edges_run_in_the_gaps_between_columns_never_over_a_box() {
+    let mut g = sample();
+    g.edges = vec![
+        edge("web", 1, "db", 1),
+        edge("web", 2, "db", 1),
+        edge("db", 1, "web", 2),
+        edge("db", 1, "db", 1),
+    ];
+    let svg = render(&g);
+    let columns = column_spans(&svg);
+    assert!(columns.len() >= 2, "{svg}");
+    let inside = |x: i64| columns.iter().any(|(l, r)| *l < x && x < *r);
+    let mut paths = 0;
+    for path in svg.split("class=\"edge\" data-edge=\"").skip(1) {
+        paths += 1;
+        let d = path
+            .split("d=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        // M x,y then H x / V y steps: every vertical run is outside every column, and every
+        // horizontal run above the columns or between a box's right edge and a gap.
+        let mut parts = d.split_whitespace();
+        let (x, y) = parts.next().unwrap()[1..].split_once(',').unwrap();
+        let (mut x, mut y): (i64, i64) = (x.parse().unwrap(), y.parse().unwrap());
+        for step in parts {
+            let v: i64 = step[1..]
+                .parse()
+                .unwrap_or_else(|_| panic!("{step} is not a straight run (H or V): {d}"));
+            match &step[..1] {
+                "V" => {
+                    assert!(!inside(x), "a vertical run at x={x} crosses a column: {d}");
+                    y = v;
+                }
+                "H" => {
+                    let (lo, hi) = (x.min(v), x.max(v));
+                    let crossed: Vec<_> = columns
+                        .iter()
+                        .filter(|(l, r)| lo < *r - 12 && *l + 12 < hi)
+                        .collect();
+                    assert!(
+                        crossed.is_empty() || y < i64::from(super::COLUMNS_TOP),
+                        "a horizontal run at y={y} from {x} to {v} crosses {crossed:?}: {d}"
+                    );
+                    x = v;
+                }
+                other => panic!("unexpected step {other} in {d}"),
+            }
+        }
+    }
+    assert_eq!(paths, 4);
+}
+
 #[test]
 fn an_empty_graph_is_a_valid_document() {
     let svg = render(&empty());

@@ -43,6 +43,13 @@ pub fn bench_cluster(extra: &[&str]) -> anyhow::Result<TestCluster> {
     bench_cluster_as(Security::Plain, extra)
 }
 
+/// [`bench_cluster`] with an HTTP side port on every node (the web view).
+pub fn bench_cluster_http(extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut args = vec!["--log-level", "warn"];
+    args.extend_from_slice(extra);
+    Ok(TestCluster::start_with_http_as(launcher()?, 3, &args))
+}
+
 /// [`bench_cluster`], with mutual TLS when `security` says so (a CA and node certificates in
 /// the cluster's scratch directory; no HTTP side port, as in plaintext).
 pub fn bench_cluster_as(security: Security, extra: &[&str]) -> anyhow::Result<TestCluster> {

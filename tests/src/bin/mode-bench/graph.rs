@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use mode_proto::v1 as pb;
 use serde_json::{json, Value};
 
+use mode_tests::TestCluster;
+
 use super::cluster::{bench_cluster, median, percentile};
 
 /// The target for the median.
@@ -26,6 +28,42 @@ fn share(instances: u32, i: usize) -> u32 {
     }
 }
 
+/// Wait for a leader and 3 registered nodes, then run `instances` quiet instances of the
+/// [`KINDS`] on `cluster`, waiting until all run; the leader's id.
+pub async fn load(cluster: &TestCluster, instances: u32) -> anyhow::Result<u64> {
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    cluster.wait_registered(3).await;
+    let t0 = Instant::now();
+    for (i, kind) in KINDS.iter().enumerate() {
+        let n = share(instances, i);
+        // Slow timers: the cluster stays quiet while it is measured.
+        cluster
+            .apply(
+                leader,
+                &format!(
+                    "name: load-{kind}\nkind: {kind}\nconfig: {{every_ms: 10000}}\nreplicas: {n}\n"
+                ),
+            )
+            .await?;
+    }
+    for (i, kind) in KINDS.iter().enumerate() {
+        let n = share(instances, i) as usize;
+        cluster
+            .wait_instances(
+                leader,
+                &format!("load-{kind}"),
+                Duration::from_secs(300),
+                |p| p.len() == n && p.values().all(|p| p["state"] == "running"),
+            )
+            .await;
+    }
+    println!(
+        "{instances} instances running on 3 nodes after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(leader)
+}
+
 pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
     let modectl = std::env::current_exe()?.with_file_name("modectl");
     anyhow::ensure!(
@@ -37,41 +75,17 @@ pub fn graph_suite(instances: u32, samples: usize) -> anyhow::Result<Value> {
     let capacity = instances.to_string();
     let cluster = bench_cluster(&["--capacity", &capacity])?;
     let (reply_bytes, report_bytes, rpc_p50, beacon_p50) = rt.block_on(async {
-        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
-        cluster.wait_registered(3).await;
-        let t0 = Instant::now();
-        for (i, kind) in KINDS.iter().enumerate() {
-            let n = share(instances, i);
-            // Slow timers: the cluster stays quiet while it is measured.
-            cluster
-                .apply(
-                    leader,
-                    &format!("name: load-{kind}\nkind: {kind}\nconfig: {{every_ms: 10000}}\nreplicas: {n}\n"),
-                )
-                .await?;
-        }
-        for (i, kind) in KINDS.iter().enumerate() {
-            let n = share(instances, i) as usize;
-            cluster
-                .wait_instances(leader, &format!("load-{kind}"), Duration::from_secs(300), |p| {
-                    p.len() == n && p.values().all(|p| p["state"] == "running")
-                })
-                .await;
-        }
-        println!(
-            "graph: {instances} instances running on 3 nodes after {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
+        let leader = load(&cluster, instances).await?;
         // Bytes on the wire: the merged graph, and each node's own report.
-        let mut c = cluster.client(leader).await.max_decoding_message_size(1 << 30);
-        let graph = prost::Message::encoded_len(
-            &c.graph(pb::GraphRequest::default()).await?.into_inner(),
-        );
+        let mut c = cluster
+            .client(leader)
+            .await
+            .max_decoding_message_size(1 << 30);
+        let graph =
+            prost::Message::encoded_len(&c.graph(pb::GraphRequest::default()).await?.into_inner());
         let mut reports = 0;
         for id in 1..=3 {
-            let mut c = cluster
-                .peer_client(id)
-                .max_decoding_message_size(1 << 30);
+            let mut c = cluster.peer_client(id).max_decoding_message_size(1 << 30);
             reports += c
                 .node_beacon(pb::NodeBeaconRequest::default())
                 .await?

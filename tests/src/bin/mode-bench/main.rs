@@ -4,6 +4,7 @@
 //! cargo run --release -p mode-tests --bin mode-bench -- <services|timers|restart|all> [--json]
 //! mode-bench fleet [--agents 1000] [--services 100] [--replicas 1000] [--heartbeat-grace 10s] --json
 //! mode-bench rollout [--instances 300] [--min-healthy-ms 500] --json
+//! mode-bench web [--instances 10000] [--samples 10] --json   # needs chromium
 //! mode-bench chaos --minutes 3 [--nodes 5] [--seed 1] [--verbose] --json   # as root
 //! ```
 //!
@@ -39,6 +40,7 @@ mod fleet;
 mod graph;
 mod rollout;
 mod schedule;
+mod web;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mode::service::{
@@ -179,6 +181,17 @@ enum Suite {
         #[arg(long, default_value_t = 30)]
         samples: usize,
     },
+    /// The web view of 3 nodes running 10,000 instances: bytes and time of what the page
+    /// fetches for its first render and per refresh, and headless chromium's wall clock
+    /// loading and drawing it (needs Debian's `chromium`).
+    Web {
+        /// Instances spread over the 3 nodes.
+        #[arg(long, default_value_t = 10_000)]
+        instances: u32,
+        /// Timed runs (after one warm-up; chromium runs at most 5).
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+    },
     /// Random faults (kill -9, partitions, SIGSTOP) on nodes in network namespaces, against
     /// acknowledged writes and singleton probes: writes lost, singleton overlaps, duplicate
     /// processes, time to converge. Needs root.
@@ -302,6 +315,7 @@ fn main() -> anyhow::Result<()> {
         Suite::Graph { instances, samples } => {
             timed("graph", || graph::graph_suite(*instances, *samples))?
         }
+        Suite::Web { instances, samples } => timed("web", || web::web_suite(*instances, *samples))?,
         Suite::Chaos {
             minutes,
             nodes,
