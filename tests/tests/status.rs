@@ -71,10 +71,7 @@ restart: {max_restarts: 1, within_s: 60, backoff_initial_ms: 10, backoff_max_ms:
     let v = get_json(&c, leader, "nowhere");
     assert_eq!(v["unplaced"], 3, "{v:#}");
     assert!(
-        v["unplaced_reason"]
-            .as_str()
-            .unwrap()
-            .contains("zone=mars"),
+        v["unplaced_reason"].as_str().unwrap().contains("zone=mars"),
         "{v:#}"
     );
     let out = c.modectl(leader, &["svc", "get", "nowhere"]);
@@ -117,7 +114,9 @@ restart: {max_restarts: 1, within_s: 60, backoff_initial_ms: 10, backoff_max_ms:
     let out = c.modectl(leader, &["-o", "wide", "svc", "get", "crashy"]);
     let wide = text(&out.stdout);
     assert!(
-        wide.contains("EPOCH") && wide.contains("WAITING FOR") && wide.contains("last stderr line: boom"),
+        wide.contains("EPOCH")
+            && wide.contains("WAITING FOR")
+            && wide.contains("last stderr line: boom"),
         "{wide}"
     );
     let out = c.modectl(leader, &["-o", "yaml", "svc", "get", "crashy"]);
