@@ -563,6 +563,7 @@ fn main() -> ExitCode {
         let log = mode::worker::LogConfig {
             level: Some("warn".to_string()),
             otel_service: Some("modectl".to_string()),
+            otel_no_retry: true,
             ..Default::default()
         };
         if let Err(e) = mode::worker::init_logging(&log) {

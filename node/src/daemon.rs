@@ -558,6 +558,7 @@ fn run_node(mut kinds: KindRegistry, args: impl IntoIterator<Item = OsString>) -
         format: args.log_format,
         file: None,
         otel_service: Some("mode-node".to_string()),
+        otel_no_retry: false,
         otel_attributes: vec![("mode.node.id".to_string(), args.id.to_string())],
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -45,10 +45,11 @@ pub fn configured() -> bool {
 /// Start the OTLP exporter if the environment asks for it: a layer for the subscriber, or
 /// `None` when tracing is off. Must run inside a tokio runtime (the exporter's gRPC client
 /// lives on it). `service` names the program unless `OTEL_SERVICE_NAME` does; `attributes` are
-/// added to the resource (`mode.node.id`, ...).
+/// added to the resource (`mode.node.id`, ...); without `retry` each batch is sent once.
 pub fn layer<S>(
     service: &str,
     attributes: Vec<KeyValue>,
+    retry: bool,
 ) -> Result<Option<Box<dyn tracing_subscriber::Layer<S> + Send + Sync>>, String>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
@@ -57,12 +58,16 @@ where
     if !configured() {
         return Ok(None);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| {
-            format!("cannot set up the OTLP exporter (check OTEL_EXPORTER_OTLP_ENDPOINT): {e}")
-        })?;
+    use opentelemetry_otlp::WithTonicConfig as _;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if !retry {
+        // One attempt: a collector that is down costs a refused connection, not the
+        // exporter's backoff (0.8 s per modectl call).
+        exporter = exporter.with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled());
+    }
+    let exporter = exporter.build().map_err(|e| {
+        format!("cannot set up the OTLP exporter (check OTEL_EXPORTER_OTLP_ENDPOINT): {e}")
+    })?;
     let mut resource = Resource::builder().with_attributes(attributes);
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_string());

@@ -47,6 +47,9 @@ pub struct LogConfig {
     pub otel_service: Option<String>,
     /// Extra OpenTelemetry resource attributes (`mode.node.id`, ...).
     pub otel_attributes: Vec<(String, String)>,
+    /// Export each batch once, without retrying: for a short-lived program (a CLI) that must
+    /// not wait on a collector that is down.
+    pub otel_no_retry: bool,
 }
 
 /// Logging could not be set up.
@@ -132,8 +135,8 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
         .iter()
         .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone()))
         .collect();
-    if let Some(otel) =
-        crate::telemetry::layer(&service, attributes).map_err(LoggingError::Telemetry)?
+    if let Some(otel) = crate::telemetry::layer(&service, attributes, !config.otel_no_retry)
+        .map_err(LoggingError::Telemetry)?
     {
         layers.push(otel);
     }
