@@ -34,32 +34,18 @@ pub(crate) fn age(ms: u64) -> String {
     }
 }
 
-/// `text` cut to at most `max` characters, with `…` where it was cut.
-pub(crate) fn shorten(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_string(),
-        Some(_) => {
-            let cut: String = text.chars().take(max.saturating_sub(1)).collect();
-            format!("{cut}…")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ages_read_like_kubectl_and_long_text_is_cut_with_a_mark() {
+    fn ages_read_like_kubectl() {
         assert_eq!(age(0), "0s");
         assert_eq!(age(45_900), "45s");
         assert_eq!(age(12 * 60_000), "12m");
         assert_eq!(age((3 * 3_600 + 20 * 60) * 1000), "3h20m");
         assert_eq!(age(3 * 3_600 * 1000), "3h");
         assert_eq!(age(4 * 86_400 * 1000 + 5), "4d");
-        assert_eq!(shorten("short", 60), "short");
-        assert_eq!(shorten("abcdef", 4), "abc…");
-        assert_eq!(shorten("ééééé", 5), "ééééé");
     }
 
     #[test]

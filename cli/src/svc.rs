@@ -610,7 +610,7 @@ fn print_instances(name: &str, service: &pb::Service, wanted: u32) {
                     since => crate::convert::age(now.saturating_sub(since)),
                 },
                 i.generation.to_string(),
-                last_crash(i, now, !wide),
+                last_crash(i, now),
             ];
             if wide {
                 row.insert(7, i.epoch.to_string());
@@ -688,16 +688,12 @@ fn restarts(i: &pb::Instance) -> String {
     }
 }
 
-/// `12s ago, generation 3: exit status 1 (last stderr line: boom)` (cut short in a table).
-fn last_crash(i: &pb::Instance, now: u64, short: bool) -> String {
+/// `12s ago, generation 3: exit status 1 (last stderr line: boom)`.
+fn last_crash(i: &pb::Instance, now: u64) -> String {
     if i.last_crash.is_empty() {
         return String::new();
     }
-    let reason = if short {
-        crate::convert::shorten(&i.last_crash, 60)
-    } else {
-        i.last_crash.clone()
-    };
+    let reason = i.last_crash.clone();
     match i.last_crash_ms {
         0 => reason,
         at => format!(

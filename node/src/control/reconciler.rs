@@ -686,15 +686,7 @@ fn unplaced_summaries(
     state: &ClusterState,
     unplaced: &[crate::schedule::Unplaced],
 ) -> BTreeMap<String, String> {
-    let mut by_service: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
-    for u in unplaced {
-        *by_service
-            .entry(u.service.as_str())
-            .or_default()
-            .entry(u.reason.as_str())
-            .or_default() += 1;
-    }
-    by_service
+    crate::schedule::count_unplaced(unplaced)
         .into_iter()
         .map(|(service, reasons)| {
             let count: usize = reasons.values().sum();
@@ -702,10 +694,7 @@ fn unplaced_summaries(
                 .specs
                 .get(service)
                 .map_or(count as u64, |s| u64::from(s.instances()));
-            let (reason, most) = reasons
-                .iter()
-                .max_by_key(|(reason, n)| (**n, std::cmp::Reverse(**reason)))
-                .map_or(("", 0), |(r, n)| (*r, *n));
+            let (reason, most) = crate::schedule::most_common(&reasons);
             let mut summary = format!(
                 "{service}: {} of {} instance{} could not be placed: {reason}",
                 thousands(count as u64),

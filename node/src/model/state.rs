@@ -2265,27 +2265,27 @@ impl ClusterState {
         let current = self.assignments_except(&self.deleting);
         let unplaced = |views: &[crate::schedule::SpecView]| {
             let plan = crate::schedule::plan(&nodes, views, &current);
-            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-            for u in plan.unplaced.iter().filter(|u| u.service == name) {
-                *reasons.entry(u.reason.clone()).or_default() += 1;
-            }
-            reasons
+            let counts =
+                crate::schedule::count_unplaced(plan.unplaced.iter().filter(|u| u.service == name));
+            counts
+                .values()
+                .next()
+                .map(|reasons| {
+                    let (reason, _) = crate::schedule::most_common(reasons);
+                    (reasons.values().sum::<usize>(), reason.to_string())
+                })
+                .unwrap_or_default()
         };
         let mut views = self.spec_views();
-        let before: usize = unplaced(&views).values().sum();
+        let (before, _) = unplaced(&views);
         for v in views.iter_mut().filter(|v| v.name == name) {
             v.replicas = replicas;
         }
-        let after = unplaced(&views);
-        let extra = after.values().sum::<usize>().saturating_sub(before);
+        let (after, reason) = unplaced(&views);
+        let extra = after.saturating_sub(before);
         if extra == 0 {
             return None;
         }
-        let reason = after
-            .into_iter()
-            .max_by_key(|(reason, n)| (*n, std::cmp::Reverse(reason.clone())))
-            .map(|(r, _)| r)
-            .unwrap_or_default();
         Some((extra, reason))
     }
 
@@ -2312,21 +2312,11 @@ impl ClusterState {
             &self.spec_views(),
             &self.assignments_except(&self.deleting),
         );
-        let mut counts: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
-        for u in &plan.unplaced {
-            *counts
-                .entry(u.service.as_str())
-                .or_default()
-                .entry(u.reason.as_str())
-                .or_default() += 1;
-        }
-        counts
+        crate::schedule::count_unplaced(&plan.unplaced)
             .into_iter()
-            .filter_map(|(service, reasons)| {
-                let (reason, _) = reasons
-                    .into_iter()
-                    .max_by_key(|(r, n)| (*n, std::cmp::Reverse(*r)))?;
-                Some((service.to_string(), reason.to_string()))
+            .map(|(service, reasons)| {
+                let (reason, _) = crate::schedule::most_common(&reasons);
+                (service.to_string(), reason.to_string())
             })
             .collect()
     }

@@ -114,6 +114,29 @@ pub struct Unplaced {
     pub reason: String,
 }
 
+/// Unplaced instances counted by service, then by reason.
+pub fn count_unplaced<'a>(
+    unplaced: impl IntoIterator<Item = &'a Unplaced>,
+) -> BTreeMap<&'a str, BTreeMap<&'a str, usize>> {
+    let mut counts: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    for u in unplaced {
+        *counts
+            .entry(u.service.as_str())
+            .or_default()
+            .entry(u.reason.as_str())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// The most common of `reasons` (of equals, the first by name) and how many had it.
+pub fn most_common<'a>(reasons: &BTreeMap<&'a str, usize>) -> (&'a str, usize) {
+    reasons
+        .iter()
+        .max_by_key(|(reason, n)| (**n, Reverse(**reason)))
+        .map_or(("", 0), |(r, n)| (*r, *n))
+}
+
 /// What to change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
