@@ -15,13 +15,6 @@ pub(crate) fn wanted(spec: &pb::ServiceSpec) -> u32 {
     }
 }
 
-/// This machine's clock, in ms since the epoch (for ages: the cluster's times are too).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// An age or a wait, as kubectl writes them: `45s`, `12m`, `3h20m`, `4d`.
 pub(crate) fn age(ms: u64) -> String {
     let s = ms / 1000;

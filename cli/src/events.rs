@@ -30,10 +30,7 @@ pub(crate) struct Filter {
 
 impl Filter {
     pub(crate) fn new(since: Option<Duration>, node: Option<u64>, kind: Option<String>) -> Self {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = mode::replication::now_ms();
         Filter {
             since_ms: since.map(|d| now_ms.saturating_sub(d.as_millis() as u64)),
             node,

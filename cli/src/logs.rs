@@ -74,11 +74,9 @@ pub(crate) async fn run(args: &LogsArgs, conn: &mut Conn, json: bool) -> Result<
         None => 0,
     };
     let since_ms = args.since.map_or(0, |d| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        now.saturating_sub(d.as_millis() as u64).max(1)
+        mode::replication::now_ms()
+            .saturating_sub(d.as_millis() as u64)
+            .max(1)
     });
     let request = pb::LogsRequest {
         service,

@@ -235,6 +235,7 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
         js::print(&js::nodes(reply));
         return;
     }
+    let (wide, now) = (crate::output::wide(), mode::replication::now_ms());
     let rows: Vec<Vec<String>> = reply
         .nodes
         .iter()
@@ -246,20 +247,37 @@ pub(crate) fn print_nodes(reply: &pb::ListNodesReply, as_json: bool) {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            vec![
+            let mut row = vec![
                 n.id.to_string(),
                 n.role.clone(),
                 n.address.clone(),
                 n.status.clone(),
                 n.capacity.to_string(),
                 labels,
-            ]
+            ];
+            if wide {
+                row.extend([
+                    n.instances.to_string(),
+                    n.kinds.join(","),
+                    match n.registered_at_ms {
+                        0 => "-".to_string(),
+                        at => crate::convert::age(now.saturating_sub(at)),
+                    },
+                    if n.api_address.is_empty() {
+                        "-".to_string()
+                    } else {
+                        n.api_address.clone()
+                    },
+                ]);
+            }
+            row
         })
         .collect();
-    table(
-        &["ID", "ROLE", "ADDRESS", "STATUS", "CAPACITY", "LABELS"],
-        &rows,
-    );
+    let mut header = vec!["ID", "ROLE", "ADDRESS", "STATUS", "CAPACITY", "LABELS"];
+    if wide {
+        header.extend(["INSTANCES", "KINDS", "REGISTERED", "API ADDRESS"]);
+    }
+    table(&header, &rows);
 }
 
 /// One event as a line (`--follow`): no header; a JSON object per line with `-o json`.
@@ -299,18 +317,52 @@ pub(crate) fn print_events(events: &[pb::Event], as_json: bool) {
         js::print(&Value::Array(events.iter().map(js::event).collect()));
         return;
     }
+    // Wide: who made the change, the service and node in columns of their own.
+    let wide = crate::output::wide();
+    let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
     let rows: Vec<Vec<String>> = events
         .iter()
         .map(|e| {
-            vec![
-                e.seq.to_string(),
-                format_utc_ms(e.time_ms),
-                e.kind.clone(),
-                format!("{}{}", e.message, by_suffix(e)),
-            ]
+            if wide {
+                vec![
+                    e.seq.to_string(),
+                    format_utc_ms(e.time_ms),
+                    e.kind.clone(),
+                    dash(e.service.clone()),
+                    dash(if e.node == 0 {
+                        String::new()
+                    } else {
+                        e.node.to_string()
+                    }),
+                    dash(e.by.clone()),
+                    e.message.clone(),
+                ]
+            } else {
+                vec![
+                    e.seq.to_string(),
+                    format_utc_ms(e.time_ms),
+                    e.kind.clone(),
+                    format!("{}{}", e.message, by_suffix(e)),
+                ]
+            }
         })
         .collect();
-    table(&["SEQ", "TIME (UTC)", "KIND", "MESSAGE"], &rows);
+    if wide {
+        table(
+            &[
+                "SEQ",
+                "TIME (UTC)",
+                "KIND",
+                "SERVICE",
+                "NODE",
+                "BY",
+                "MESSAGE",
+            ],
+            &rows,
+        );
+    } else {
+        table(&["SEQ", "TIME (UTC)", "KIND", "MESSAGE"], &rows);
+    }
 }
 
 /// ` (by alice (operator, certificate))` for a change a client made.

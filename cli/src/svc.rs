@@ -395,6 +395,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 js::print(&js::services(&reply));
                 return Ok(());
             }
+            let wide = crate::output::wide();
             let rows: Vec<Vec<String>> = reply
                 .services
                 .iter()
@@ -402,19 +403,35 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                     let spec = s.spec.as_ref()?;
                     // Since it was created: moves and scaling down do not lower it.
                     let restarts = s.restarts_total;
-                    Some(vec![
+                    let mut row = vec![
                         spec.name.clone(),
                         spec.kind.clone(),
                         format!("{}/{}", running(s), wanted(spec)),
                         restarts.to_string(),
                         spec.generation.to_string(),
-                    ])
+                    ];
+                    if wide {
+                        row.extend([
+                            if spec.singleton { "yes" } else { "-" }.to_string(),
+                            if spec.depends_on.is_empty() {
+                                "-".to_string()
+                            } else {
+                                spec.depends_on.join(",")
+                            },
+                            match s.unplaced {
+                                0 => "-".to_string(),
+                                n => format!("{n}: {}", s.unplaced_reason),
+                            },
+                        ]);
+                    }
+                    Some(row)
                 })
                 .collect();
-            table(
-                &["NAME", "KIND", "RUNNING", "RESTARTS", "GENERATION"],
-                &rows,
-            );
+            let mut header = vec!["NAME", "KIND", "RUNNING", "RESTARTS", "GENERATION"];
+            if wide {
+                header.extend(["SINGLETON", "DEPENDS ON", "UNPLACED"]);
+            }
+            table(&header, &rows);
         }
         SvcCmd::Get { name, events } => {
             let service = get(conn, name).await?;
@@ -585,7 +602,7 @@ const UNPLACED_ROWS: usize = 10;
 /// the instances that could not be placed (and why), and what the others wait for.
 fn print_instances(name: &str, service: &pb::Service, wanted: u32) {
     let wide = crate::output::wide();
-    let now = crate::convert::now_ms();
+    let now = mode::replication::now_ms();
     let mut rows: Vec<Vec<String>> = service
         .instances
         .iter()

@@ -672,6 +672,7 @@ async fn run(
         instances: instances.clone(),
         heartbeat_grace: args.heartbeat_grace,
         api_address: args.advertise_api().unwrap_or_default(),
+        registered: Default::default(),
     })
     .label("Agent")
     .build();
@@ -1044,6 +1045,8 @@ struct Agent {
     instances: ServiceHandle,
     heartbeat_grace: Duration,
     api_address: String,
+    /// Set once the node's registration is committed: a clean shutdown then says it leaves.
+    registered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Service for Agent {
@@ -1063,7 +1066,7 @@ impl Service for Agent {
         };
         let (kinds, instances) = (self.kinds.clone(), self.instances.clone());
         let timings = AgentTimings::for_grace(self.heartbeat_grace);
-        let c = ctx.clone();
+        let (c, registered) = (ctx.clone(), self.registered.clone());
         ctx.spawn("register", async move {
             match c.wait(node.bootstrap(timeout)).await {
                 None => return Ok(()),
@@ -1076,6 +1079,7 @@ impl Service for Agent {
                     None => return Ok(()),
                     Some(Ok(out)) if out.result.ok => {
                         tracing::info!("{}", out.result.message);
+                        registered.store(true, std::sync::atomic::Ordering::Release);
                         break;
                     }
                     Some(Ok(out)) => return Err(out.result.message.into()),
@@ -1094,6 +1098,15 @@ impl Service for Agent {
             crate::agent::run(c, link, me, incarnation, kinds, instances, timings).await;
             Ok(())
         });
+        Ok(())
+    }
+
+    async fn on_shutdown(&mut self, _ctx: &Context) -> Result<()> {
+        if self.registered.load(std::sync::atomic::Ordering::Acquire) {
+            let (me, incarnation) = (self.node.id(), self.node.incarnation());
+            let link = crate::agent::Link::Local(self.node.clone());
+            crate::agent::leave_cleanly(&link, me, incarnation, &self.instances).await;
+        }
         Ok(())
     }
 }

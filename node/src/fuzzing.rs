@@ -825,6 +825,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             &pb::HeartbeatRequest {
                 node: 2,
                 incarnation: 12,
+                leaving: true,
             },
         ),
         encode(

@@ -332,6 +332,7 @@ async fn another_incarnations_heartbeats_and_reports_are_refused_and_agents_refu
         .heartbeat(pb::HeartbeatRequest {
             node: agent,
             incarnation: 0x1234,
+            leaving: false,
         })
         .await
         .unwrap_err();

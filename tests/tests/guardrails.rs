@@ -102,3 +102,121 @@ async fn scaling_past_capacity_and_removing_a_live_node_or_a_singletons_only_hom
         "node {home} still listed"
     );
 }
+
+/// Poll `cond` every 50 ms for up to `timeout`; how long it took.
+async fn within(timeout: Duration, what: &str, c: &TestCluster, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < timeout,
+            "{what} within {timeout:?}\n{}",
+            c.log_tails(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_cleanly_is_marked_as_left_at_once_not_as_failed() {
+    // A long grace: a node marked down well within it was marked on its notice.
+    let grace = ["--heartbeat-grace", "10s"];
+    let mut c = TestCluster::start(3, &grace);
+    let leader = c.wait_leader(ELECTION).await;
+    c.add_agent(4, grace.iter().map(|s| s.to_string()).collect())
+        .start();
+    c.wait_registered(4).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let watcher = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
+    eprintln!("leader {leader}, stopping {follower}, watching through {watcher}");
+    c.apply(watcher, "name: web\nkind: ticker\nreplicas: 12\n")
+        .await
+        .expect("apply web");
+    c.wait_instances(watcher, "web", Duration::from_secs(20), |i| {
+        mode_tests::all_running(i, 12)
+            && [4, follower]
+                .iter()
+                .all(|n| i.values().any(|p| p["node"] == *n))
+    })
+    .await;
+
+    // An agent-only node, then a server that is not the leader.
+    for gone in [4, follower] {
+        let t0 = Instant::now();
+        c.node(gone).signal("TERM");
+        while c.node(gone).exited().is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(8),
+                "node {gone} did not exit on SIGTERM\n{}",
+                c.log_tails(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            c.node(gone).exited(),
+            Some(Some(0)),
+            "{}",
+            c.node(gone).logs()
+        );
+        within(
+            Duration::from_secs(5),
+            "the node is marked down on its notice",
+            &c,
+            || node_status(&c, watcher, gone) == "down",
+        )
+        .await;
+        let inst = c
+            .wait_instances(watcher, "web", Duration::from_secs(5), |i| {
+                mode_tests::all_running(i, 12) && i.values().all(|p| p["node"] != gone)
+            })
+            .await;
+        eprintln!(
+            "node {gone}: down and its instances moved {:?} after SIGTERM (grace 10 s); {} instances",
+            t0.elapsed(),
+            inst.len()
+        );
+    }
+    let events = c.events(watcher).await;
+    for gone in [4, follower] {
+        let about = |kind: &str| {
+            events
+                .iter()
+                .filter(|e| e["kind"] == kind && e["node"] == gone)
+                .count()
+        };
+        assert_eq!(about("node-left"), 1, "node {gone}: {events:?}");
+        assert_eq!(about("node-down"), 0, "node {gone}: {events:?}");
+    }
+    // The others log it as a departure: no failure, no warning about the left node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = [leader, watcher]
+        .map(|id| {
+            let log = c.node(id).logs();
+            log.lines()
+                .map(|l| format!("node {id}: {l}\n"))
+                .collect::<String>()
+        })
+        .join("");
+    assert!(!logs.contains("missed its heartbeats"), "{logs}");
+    assert!(logs.contains("is leaving (a clean shutdown)"), "{logs}");
+    let alarms: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            // openraft's own line for a linearizable read while any voter is down.
+            !l.contains("timeout while confirming leadership for read request")
+                && (l.contains(" WARN ") || l.contains(" ERROR "))
+                && [4, follower].iter().any(|n| {
+                    l.contains(&format!("peer {n}:"))
+                        || l.contains(&format!("target={n}"))
+                        || l.contains(&format!("node {n}"))
+                })
+        })
+        .collect();
+    assert!(alarms.is_empty(), "{alarms:#?}");
+
+    // Left is not gone: started again, it is up again.
+    c.node(4).start();
+    within(Duration::from_secs(15), "the agent is up again", &c, || {
+        node_status(&c, watcher, 4) == "up"
+    })
+    .await;
+}

@@ -30,13 +30,6 @@ async fn labelled(n: u64) -> (NetCluster, u64) {
     (c, leader)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Where `service`'s instance 0 is placed and runs, as node `via` sees it.
 async fn running_on(c: &NetCluster, via: u64, service: &str) -> Option<u64> {
     let inst = c.instances(via, service).await;
@@ -90,15 +83,16 @@ async fn a_singleton_on_the_stranded_leaders_side_stops_before_the_majority_repl
     let minority = [leader, host];
     let majority: Vec<u64> = (1..=5).filter(|id| !minority.contains(id)).collect();
     c.partition(&[&minority, &majority]);
-    let cut_at = now_ms();
+    let cut_at = mode::replication::now_ms();
     // The majority elects a leader, marks the host down (1.5 s grace) and starts the probe on
     // one of its nodes; hold the partition for 10 s.
     let replacement = wait_new_run(&file, &[first.pid], Duration::from_secs(10)).await;
     let moved_to = running_on(&c, majority[0], "probe").await;
-    let held = Duration::from_millis(10_000u64.saturating_sub(now_ms() - cut_at));
+    let held =
+        Duration::from_millis(10_000u64.saturating_sub(mode::replication::now_ms() - cut_at));
     tokio::time::sleep(held).await;
     c.heal();
-    let healed_at = now_ms();
+    let healed_at = mode::replication::now_ms();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let runs = probe::runs(&file);
     let overlaps = probe::overlaps(&runs, TOLERANCE_MS);
@@ -157,13 +151,13 @@ async fn a_healed_node_never_runs_the_singleton_that_moved_away() {
     );
 
     c.isolate(leader);
-    let cut_at = now_ms();
+    let cut_at = mode::replication::now_ms();
     let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     let moved = wait_new_run(&file, &[first.pid], Duration::from_secs(15)).await;
     let moved_to = running_on(&c, rest[0], "probe").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.heal();
-    let healed_at = now_ms();
+    let healed_at = mode::replication::now_ms();
     // The healed node catches up; watch it for a while.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let runs = probe::runs(&file);

@@ -362,20 +362,24 @@ async fn a_node_certificate_speaks_only_for_its_node_and_strangers_cannot_write_
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("speaks only for itself"), "{e}");
     // Heartbeats, reports and watches for another node.
-    let e = stranger
-        .heartbeat(pb::HeartbeatRequest {
-            node: follower,
-            incarnation: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    for leaving in [false, true] {
+        let e = stranger
+            .heartbeat(pb::HeartbeatRequest {
+                node: follower,
+                incarnation: 0,
+                leaving,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    }
     let other = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
     let mut member = peer_client_on(tls.channel(&address, Some(Who::Node(other))));
     let e = member
         .heartbeat(pb::HeartbeatRequest {
             node: leader,
             incarnation: 0,
+            leaving: false,
         })
         .await
         .unwrap_err();

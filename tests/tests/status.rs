@@ -84,7 +84,7 @@ restart: {max_restarts: 1, within_s: 60, backoff_initial_ms: 10, backoff_max_ms:
     );
 
     // Crash-looping on its node, waiting out a backoff: when it is tried next.
-    let now = mode_now_ms();
+    let now = mode::replication::now_ms();
     let v = until(&c, leader, "crashy", |v| {
         v["instances"][0]["status"] == "crash-loop" && v["instances"][0]["next_attempt_ms"] != 0
     })
@@ -123,6 +123,37 @@ restart: {max_restarts: 1, within_s: 60, backoff_initial_ms: 10, backoff_max_ms:
     let yaml: Value = serde_norway::from_slice(&out.stdout).expect("svc get -o yaml is YAML");
     assert_eq!(yaml["spec"]["name"], "crashy", "{yaml:#}");
     assert!(yaml["instances"][0]["status"].is_string(), "{yaml:#}");
+    // -o wide on the lists too: what cannot be placed and why, what each node runs, who
+    // changed what.
+    let out = c.modectl(leader, &["-o", "wide", "svc", "ls"]);
+    let wide = text(&out.stdout);
+    let nowhere = wide
+        .lines()
+        .find(|l| l.starts_with("nowhere "))
+        .unwrap_or_default();
+    assert!(
+        wide.contains("UNPLACED") && nowhere.contains("3: ") && nowhere.contains("zone=mars"),
+        "{wide}"
+    );
+    let out = c.modectl(leader, &["-o", "wide", "node", "ls"]);
+    let wide = text(&out.stdout);
+    assert!(
+        wide.contains("INSTANCES")
+            && wide.contains("KINDS")
+            && wide.contains("exec")
+            && wide.contains("ticker"),
+        "{wide}"
+    );
+    let out = c.modectl(leader, &["-o", "wide", "events", "--service", "crashy"]);
+    let wide = text(&out.stdout);
+    let applied = wide
+        .lines()
+        .find(|l| l.contains("spec-applied"))
+        .unwrap_or_default();
+    assert!(
+        wide.contains("SERVICE") && wide.contains("BY") && applied.contains(" crashy "),
+        "{wide}"
+    );
 
     // Over its restart intensity: backing off before it moves, with when.
     let v = until(&c, leader, "gives-up", |v| {
@@ -172,11 +203,4 @@ async fn cluster_status_calls_a_member_it_cannot_reach_unreachable() {
         .find(|l| l.starts_with(&format!("{victim} ")))
         .unwrap_or_default();
     assert!(row.contains("unreachable"), "{table}");
-}
-
-fn mode_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

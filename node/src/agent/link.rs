@@ -51,6 +51,18 @@ impl Link {
         }
     }
 
+    /// Tell the leader this node is leaving (its instances stopped): it is marked down at
+    /// once, as having left.
+    pub(crate) async fn leave(&self, me: u64, incarnation: u64) -> Result<(), String> {
+        match self {
+            Link::Local(node) => node
+                .leave(me, incarnation, true)
+                .await
+                .map_err(|e| e.to_string()),
+            Link::Remote(servers) => servers.leave(me, incarnation).await,
+        }
+    }
+
     /// Send a batch of reports (one command).
     pub(crate) async fn report(
         &self,
@@ -73,6 +85,33 @@ impl Link {
             }
             Link::Remote(servers) => servers.report(me, incarnation, reports).await,
         }
+    }
+}
+
+/// How long a node shutting down waits for the leader to take its notice that it leaves.
+pub(crate) const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A clean shutdown of the node's agent: stop its instances, then tell the leader that the
+/// node leaves (bounded by [`LEAVE_TIMEOUT`]), so that it is marked down at once as having
+/// left and its instances move, instead of after a missed-heartbeat grace reported as a
+/// failure.
+pub(crate) async fn leave_cleanly(
+    link: &Link,
+    me: u64,
+    incarnation: u64,
+    instances: &ServiceHandle,
+) {
+    instances.stop().await;
+    match tokio::time::timeout(LEAVE_TIMEOUT, link.leave(me, incarnation)).await {
+        Ok(Ok(())) => tracing::info!(
+            "node {me} stopped its instances and told the leader it is leaving: it is marked down and its instances move"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            "node {me} could not tell the leader it is leaving ({e}): it is marked down once its heartbeats are missed"
+        ),
+        Err(_) => tracing::warn!(
+            "node {me}: the leader did not take the notice that it is leaving within {LEAVE_TIMEOUT:?}: it is marked down once its heartbeats are missed"
+        ),
     }
 }
 
@@ -193,6 +232,7 @@ impl Servers {
         let mut req = tonic::Request::new(pb::HeartbeatRequest {
             node: me,
             incarnation,
+            leaving: false,
         });
         const TIMEOUT: Duration = Duration::from_millis(1500);
         req.set_timeout(TIMEOUT);
@@ -226,6 +266,21 @@ impl Servers {
                 Err(why)
             }
         }
+    }
+
+    async fn leave(&self, me: u64, incarnation: u64) -> Result<(), String> {
+        let (i, mut client) = self.client();
+        let mut req = tonic::Request::new(pb::HeartbeatRequest {
+            node: me,
+            incarnation,
+            leaving: true,
+        });
+        req.set_timeout(LEAVE_TIMEOUT);
+        client
+            .heartbeat(req)
+            .await
+            .map(drop)
+            .map_err(|s| crate::replication::describe_status(&self.addresses[i], &s))
     }
 
     async fn report(
@@ -383,6 +438,14 @@ impl Service for RemoteAgent {
             super::run(c, link, me, incarnation, kinds, instances, timings).await;
             Ok(())
         });
+        Ok(())
+    }
+
+    async fn on_shutdown(&mut self, _ctx: &Context) -> crate::service::Result<()> {
+        if self.registered.load(std::sync::atomic::Ordering::Acquire) {
+            let link = Link::Remote(self.servers.clone());
+            leave_cleanly(&link, self.register.node, self.incarnation, &self.instances).await;
+        }
         Ok(())
     }
 }

@@ -13,5 +13,5 @@ pub(crate) use instances::run;
 pub use instances::AgentTimings;
 pub use kinds::{InstanceSpec, KillSwitch, Kind, KindRegistry, LeaseDeadline};
 pub use link::{agent_incarnation, run_remote, EmbeddedAgent, RemoteAgentConfig, Servers};
-pub(crate) use link::{register_request, Link, RemoteAgent};
+pub(crate) use link::{leave_cleanly, register_request, Link, RemoteAgent};
 pub(crate) use wire::{report_from_proto, view_from_proto, view_to_proto};

@@ -894,6 +894,7 @@ impl Control for ControlService {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            let mut next_view = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() {
@@ -902,6 +903,11 @@ impl Control for ControlService {
                     },
                     _ = tx.closed() => return,
                 }
+                // A view of a short service runs a plan of the whole cluster under the
+                // state's lock: at most one per WATCH_SERVICE_EVERY, of the latest state
+                // (thousands of reports a second at scale do not each cost one).
+                tokio::time::sleep_until(next_view).await;
+                next_view = tokio::time::Instant::now() + WATCH_SERVICE_EVERY;
                 let index = *applied.borrow_and_update();
                 let Some(now) = node.local_state(|s| service_view(s, &name, index, &caller)) else {
                     // Purged: the watch ends.
@@ -1159,6 +1165,9 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests;
+
+/// How often a `WatchService` stream looks at the state at most.
+const WATCH_SERVICE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Service `name` as a client sees it, now, with why its unplaced instances are unplaced
 /// (a plan of the cluster, run only when it has fewer instances placed than wanted).

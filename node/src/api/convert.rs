@@ -595,12 +595,7 @@ pub fn node_to_proto(n: &NodeInfo, members: &BTreeMap<u64, String>, instances: u
         } else {
             String::new()
         },
-        status: match n.status {
-            NodeStatus::Up => "up",
-            NodeStatus::Down => "down",
-            NodeStatus::Draining => "draining",
-        }
-        .to_string(),
+        status: n.status.as_str().to_string(),
         role: if server { "server" } else { "agent" }.to_string(),
         labels: n.labels.clone().into_iter().collect(),
         capacity: n.capacity,

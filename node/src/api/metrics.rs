@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::model::state::{ClusterState, NodeStatus};
+use crate::model::state::ClusterState;
 use crate::replication::metrics::Histogram;
 use crate::replication::ClusterNode;
 
@@ -54,19 +54,11 @@ fn esc(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn status_word(status: NodeStatus) -> &'static str {
-    match status {
-        NodeStatus::Up => "up",
-        NodeStatus::Down => "down",
-        NodeStatus::Draining => "draining",
-    }
-}
-
 /// The families computed from the replicated state `s`.
 fn cluster_state(s: &ClusterState, out: &mut String) {
     let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
     for n in s.nodes.values() {
-        *by_status.entry(status_word(n.status)).or_default() += 1;
+        *by_status.entry(n.status.as_str()).or_default() += 1;
     }
     family(
         out,
@@ -88,7 +80,7 @@ fn cluster_state(s: &ClusterState, out: &mut String) {
             out,
             "mode_node_status{{node=\"{}\",status=\"{}\"}} 1",
             n.id,
-            status_word(n.status)
+            n.status.as_str()
         );
     }
 

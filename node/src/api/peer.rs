@@ -327,6 +327,16 @@ impl Peer for PeerService {
         }
         let node = self.node()?;
         let r = request.into_inner();
+        if r.leaving {
+            node.leave(r.node, r.incarnation, forward)
+                .await
+                .map_err(|e| heartbeat_status(&e))?;
+            return Ok(Response::new(pb::HeartbeatReply {
+                leader: node.leader().unwrap_or(0),
+                lease_ms: 0,
+                lease_index: 0,
+            }));
+        }
         // From the agent: through the leader, translated into the index of the view this
         // server sends it. From another server (relayed): the leader's own answer.
         let grant = if forward {

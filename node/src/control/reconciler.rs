@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::model::limits::PLACE_CHUNK;
 use crate::model::state::{ClusterState, Command, NodeStatus, SlotAssignment};
-use crate::replication::ClusterNode;
+use crate::replication::{ClusterNode, Heartbeats};
 use crate::schedule::{plan_avoiding, Assignment, Avoid};
 
 /// How often the leader reconciles.
@@ -259,13 +259,29 @@ fn describe_slots(slots: &[SlotAssignment]) -> String {
     out
 }
 
-/// Mark silent nodes down, and nodes heard again up.
+/// Mark silent nodes down (and nodes that said they were leaving, if the notice's own call
+/// did not), and nodes heard again up.
 fn liveness_commands(node: &ClusterNode, state: &ClusterState, liveness: Liveness) -> Vec<Command> {
+    liveness_of(node.heartbeats(), state, liveness)
+}
+
+fn liveness_of(heartbeats: &Heartbeats, state: &ClusterState, liveness: Liveness) -> Vec<Command> {
     let mut commands = Vec::new();
     for (id, info) in &state.nodes {
-        let age = node.heartbeats().age(*id);
-        match info.status {
-            NodeStatus::Up | NodeStatus::Draining if age > liveness.grace => {
+        let up = matches!(info.status, NodeStatus::Up | NodeStatus::Draining);
+        match heartbeats.left(*id) {
+            // Being committed by the call that took the notice.
+            Some(left) if left.committing => continue,
+            Some(_) if up => {
+                commands.extend(Command::node_left(*id));
+                continue;
+            }
+            // Down for having left: not back until heard again.
+            Some(_) => continue,
+            None => {}
+        }
+        if up {
+            if heartbeats.age(*id) > liveness.grace {
                 commands.push(Command::SetNodeStatus {
                     id: *id,
                     status: NodeStatus::Down,
@@ -277,15 +293,16 @@ fn liveness_commands(node: &ClusterNode, state: &ClusterState, liveness: Livenes
                     Some(*id),
                 ));
             }
-            NodeStatus::Down if age <= liveness.grace => {
-                let status = if info.draining {
-                    NodeStatus::Draining
-                } else {
-                    NodeStatus::Up
-                };
-                commands.push(Command::SetNodeStatus { id: *id, status });
-            }
-            _ => {}
+        } else if heartbeats
+            .heard(*id)
+            .is_some_and(|age| age <= liveness.grace)
+        {
+            let status = if info.draining {
+                NodeStatus::Draining
+            } else {
+                NodeStatus::Up
+            };
+            commands.push(Command::SetNodeStatus { id: *id, status });
         }
     }
 
@@ -739,6 +756,57 @@ mod tests {
     use super::*;
     use crate::model::state::TraceMark;
     use crate::service::lock;
+
+    fn three_nodes(statuses: [&str; 3]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (i, status) in statuses.iter().enumerate() {
+            let id = i as u64 + 1;
+            let info = serde_json::from_value(serde_json::json!({
+                "id": id, "address": format!("127.0.0.1:{id}"), "status": status
+            }))
+            .unwrap();
+            s.nodes.insert(id, info);
+        }
+        s
+    }
+
+    fn kinds(commands: &[Command]) -> Vec<String> {
+        commands
+            .iter()
+            .map(|c| match c {
+                Command::SetNodeStatus { id, status } => format!("{id} {}", status.as_str()),
+                Command::RecordEvent { kind, node, .. } => format!("{} {kind}", node.unwrap()),
+                other => other.op().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_that_left_goes_down_as_left_and_a_new_leader_does_not_bring_down_nodes_up() {
+        let liveness = Liveness::default();
+        let h = Heartbeats::default();
+        let s = three_nodes(["up", "up", "down"]);
+        // A new leader: every node gets a grace period; node 3, down, stays down until heard.
+        h.reset(s.nodes.keys().copied());
+        assert!(liveness_of(&h, &s, liveness).is_empty());
+        h.record(3);
+        assert_eq!(kinds(&liveness_of(&h, &s, liveness)), ["3 up"]);
+        // Node 2 says it leaves: its own call commits; if that failed, the loop does.
+        h.leave(2);
+        assert!(liveness_of(&h, &s, liveness)
+            .iter()
+            .all(|c| !kinds(std::slice::from_ref(c))[0].starts_with('2')));
+        h.leave_committed(2);
+        let left = kinds(&liveness_of(&h, &s, liveness));
+        assert!(
+            left.contains(&"2 down".to_string()) && left.contains(&"2 node-left".to_string()),
+            "{left:?}"
+        );
+        // Once down it stays down, heartbeats on their way or not.
+        let s = three_nodes(["up", "down", "up"]);
+        h.record(2);
+        assert!(liveness_of(&h, &s, liveness).is_empty());
+    }
 
     fn slot(service: &str, slot: u32) -> SlotAssignment {
         SlotAssignment {

@@ -166,6 +166,8 @@ pub enum Waiting<'a> {
         service: &'a str,
         /// How many.
         count: u32,
+        /// Why, as the scheduler says now ([`ClusterState::unplaced_reasons`]), when known.
+        reason: Option<&'a str>,
     },
 }
 
@@ -178,7 +180,11 @@ pub enum Waiting<'a> {
 pub fn waiting_for(state: &ClusterState, waiting: Waiting) -> Option<String> {
     let (service, p) = match waiting {
         Waiting::Unplaced { count: 0, .. } => return None,
-        Waiting::Unplaced { service, count } => {
+        Waiting::Unplaced {
+            service,
+            count,
+            reason,
+        } => {
             let noun = if count == 1 { "instance" } else { "instances" };
             if state.deleting.contains(service) {
                 return None;
@@ -196,9 +202,12 @@ pub fn waiting_for(state: &ClusterState, waiting: Waiting) -> Option<String> {
                     .find(|e| e.kind == "unplaced" && e.service.as_deref() == Some(service))
                     .map(|e| e.message.clone())
             };
-            let why = rolling.or_else(event).unwrap_or_else(|| {
-                "the control plane to place them (no reason recorded yet)".to_string()
-            });
+            let why = rolling
+                .or_else(|| reason.map(str::to_string))
+                .or_else(event)
+                .unwrap_or_else(|| {
+                    "the control plane to place them (no reason recorded yet)".to_string()
+                });
             return Some(format!("{count} {noun} on no node: {why}"));
         }
         Waiting::Placed { service, placement } => (service, placement),
@@ -310,8 +319,9 @@ fn brief(state: &ClusterState, service: &str, slot: u32, p: &Placement) -> Insta
     }
 }
 
-/// The health of service `name` (which has a spec, or instances left after its spec went).
-fn health(state: &ClusterState, name: &str) -> ServiceHealth {
+/// The health of service `name` (which has a spec, or instances left after its spec went);
+/// `reasons`: why each short service's instances cannot be placed now.
+fn health(state: &ClusterState, name: &str, reasons: &BTreeMap<String, String>) -> ServiceHealth {
     let spec = state.specs.get(name);
     let slots = state.placements.get(name);
     let mut h = ServiceHealth {
@@ -343,6 +353,7 @@ fn health(state: &ClusterState, name: &str) -> ServiceHealth {
         Waiting::Unplaced {
             service: name,
             count: h.unplaced,
+            reason: reasons.get(name).map(String::as_str),
         },
     );
     h
@@ -411,7 +422,14 @@ pub fn summarize(state: &ClusterState, ctx: &GraphContext) -> ClusterSummary {
         term: ctx.term,
         instances,
         nodes: nodes.into_values().collect(),
-        services: names.into_iter().map(|n| health(state, n)).collect(),
+        services: {
+            // A plan, only when some service is short.
+            let reasons = state.unplaced_reasons();
+            names
+                .into_iter()
+                .map(|n| health(state, n, &reasons))
+                .collect()
+        },
         attention,
         attention_omitted,
         last_event: state.events.back().map_or(0, |e| e.seq),
@@ -438,7 +456,7 @@ pub fn service_detail(state: &ClusterState, name: &str, per_node: usize) -> Opti
         }
     }
     Some(ServiceDetail {
-        service: health(state, name),
+        service: health(state, name, &state.unplaced_reasons()),
         instances: by_node.into_values().flatten().collect(),
         omitted,
     })
@@ -554,6 +572,7 @@ mod tests {
                 Waiting::Unplaced {
                     service: "web",
                     count: 2,
+                    reason: None,
                 },
             )
             .unwrap()
@@ -581,6 +600,19 @@ mod tests {
         assert_eq!(
             unplaced(&s),
             "2 instances on no node: web: 2 of 4 instances could not be placed: no node with zone=mars"
+        );
+        // What the scheduler says now wins over an older event.
+        let now = waiting_for(
+            &s,
+            Waiting::Unplaced {
+                service: "web",
+                count: 2,
+                reason: Some("no node has label gpu"),
+            },
+        );
+        assert_eq!(
+            now.as_deref(),
+            Some("2 instances on no node: no node has label gpu")
         );
     }
 

@@ -22,6 +22,17 @@ pub enum NodeStatus {
     Draining,
 }
 
+impl NodeStatus {
+    /// `up`, `down` or `draining`, as in its JSON form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Up => "up",
+            NodeStatus::Down => "down",
+            NodeStatus::Draining => "draining",
+        }
+    }
+}
+
 /// What a node is: a server (a Raft member that also runs an agent) or an agent-only node
 /// (runs instances, fed by a server).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -882,6 +893,25 @@ pub struct TraceMark {
 }
 
 impl Command {
+    /// What the leader commits when node `id` leaves cleanly (its agent stopped its instances
+    /// and said so): down at once, with an event that says it left rather than failed.
+    pub fn node_left(id: u64) -> [Command; 2] {
+        [
+            Command::SetNodeStatus {
+                id,
+                status: NodeStatus::Down,
+            },
+            Command::RecordEvent {
+                kind: "node-left".to_string(),
+                message: format!(
+                    "node {id} shut down cleanly after stopping its instances; marked down, its instances move"
+                ),
+                service: None,
+                node: Some(id),
+            },
+        ]
+    }
+
     /// Its name (`put_spec`, `place`, ...), as in its JSON form.
     pub fn op(&self) -> &'static str {
         match self {

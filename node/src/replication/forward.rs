@@ -193,6 +193,26 @@ pub(crate) async fn remove(peers: &Peers, address: &str, id: u64) -> Result<Stri
     Ok(reply.message)
 }
 
+/// Tell the leader at `address` that `node` is leaving (see [`super::ClusterNode::leave`]).
+pub(crate) async fn leave(
+    peers: &Peers,
+    address: &str,
+    node: u64,
+    incarnation: u64,
+) -> Result<(), ClusterError> {
+    let mut req = forwarded(pb::HeartbeatRequest {
+        node,
+        incarnation,
+        leaving: true,
+    });
+    req.set_timeout(Duration::from_secs(3));
+    client(peers, address)?
+        .heartbeat(req)
+        .await
+        .map_err(|s| from_status(address, &s))?;
+    Ok(())
+}
+
 /// Relay agents' heartbeats `(node, incarnation)` to the leader at `address`: its grant, and
 /// the heartbeats it refused (node -> why).
 pub(crate) async fn relay_heartbeats(
@@ -206,6 +226,7 @@ pub(crate) async fn relay_heartbeats(
             .map(|(node, incarnation)| pb::HeartbeatRequest {
                 node: *node,
                 incarnation: *incarnation,
+                leaving: false,
             })
             .collect(),
     });

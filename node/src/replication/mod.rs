@@ -20,9 +20,10 @@ mod views;
 
 pub use forward::status_from_proto;
 pub(crate) use forward::{status_to_proto, to_status};
+pub(crate) use heartbeats::Heartbeats;
 pub(crate) use network::describe_status;
 pub use network::{PeerHealth, Peers};
-pub(crate) use node::now_ms;
+pub use node::now_ms;
 pub use node::{
     check_address, ClusterConfig, ClusterError, ClusterNode, ClusterStatus, LeaseGrant,
     MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,

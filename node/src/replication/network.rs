@@ -59,6 +59,8 @@ pub struct Peers {
     refused_membership: Mutex<std::collections::BTreeSet<u64>>,
     /// The node's TLS for its calls (None: plaintext).
     tls: Option<crate::security::tls::ClientTls>,
+    /// Peers that said they were shutting down cleanly: not reaching them is expected.
+    left: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Peers {
@@ -123,6 +125,12 @@ impl Peers {
         lock(&self.health).clone()
     }
 
+    /// `peer` said it is shutting down cleanly: calls to it failing until it is back is
+    /// expected, not a warning.
+    pub(crate) fn note_left(&self, peer: u64) {
+        lock(&self.left).insert(peer);
+    }
+
     fn record(&self, peer: u64, result: Result<(), String>) {
         let mut health = lock(&self.health);
         let h = health.entry(peer).or_default();
@@ -130,13 +138,19 @@ impl Peers {
             Ok(()) => {
                 if h.last_error.is_some() {
                     tracing::info!("peer {peer} is reachable again");
+                    // Back (calls still answered between its notice and its exit are not).
+                    lock(&self.left).remove(&peer);
                 }
                 h.last_ok = Some(Instant::now());
                 h.last_error = None;
             }
             Err(e) => {
                 if h.last_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!("peer {peer}: {e}");
+                    if lock(&self.left).contains(&peer) {
+                        tracing::info!("peer {peer}, which shut down cleanly: {e}");
+                    } else {
+                        tracing::warn!("peer {peer}: {e}");
+                    }
                 }
                 h.last_error = Some(e);
             }

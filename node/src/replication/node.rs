@@ -335,7 +335,8 @@ fn watch_applied(raft: &Raft) -> tokio::sync::watch::Receiver<u64> {
 /// Why this node is refused by its peers (shared with the Raft transport).
 pub(crate) type Refusal = Arc<std::sync::Mutex<Option<String>>>;
 
-pub(crate) fn now_ms() -> u64 {
+/// The wall clock in ms since the Unix epoch (the clock events and reports are stamped with).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -1454,6 +1455,47 @@ impl ClusterNode {
         self.check_incarnation(node, incarnation)?;
         self.heartbeats.record(node);
         Ok(())
+    }
+
+    /// `node` (data directory `incarnation`) is shutting down cleanly and has stopped its
+    /// instances: the leader marks it down at once as having left (its instances move; no
+    /// missed-heartbeat failure is reported), forwarded there from a follower.
+    pub async fn leave(
+        &self,
+        node: u64,
+        incarnation: u64,
+        may_forward: bool,
+    ) -> Result<(), ClusterError> {
+        self.check_incarnation(node, incarnation)?;
+        if !self.is_leader() {
+            return match (may_forward, self.leader_with_address()) {
+                (true, Some((_, addr))) => {
+                    super::forward::leave(&self.peers, &addr, node, incarnation).await
+                }
+                _ => Err(ClusterError::Unavailable(
+                    "no leader to take the notice that the node is leaving".into(),
+                )),
+            };
+        }
+        self.heartbeats.leave(node);
+        self.peers.note_left(node);
+        let up = self.local_state(|s| {
+            s.nodes
+                .get(&node)
+                .is_some_and(|n| n.status != crate::model::state::NodeStatus::Down)
+        });
+        let mut outcome = Ok(());
+        if up {
+            tracing::info!("node {node} is leaving (a clean shutdown): marking it down");
+            for command in Command::node_left(node) {
+                if let Err(e) = self.write(command, false).await {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        self.heartbeats.leave_committed(node);
+        outcome
     }
 
     /// On the leader: the singleton lease it grants now, if it heard from a quorum recently

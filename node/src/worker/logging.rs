@@ -84,11 +84,13 @@ pub fn init_logging(config: &LogConfig) -> Result<(), LoggingError> {
         .clone()
         .or_else(|| std::env::var("MODE_LOG").ok())
         .unwrap_or_else(|| "info".to_string());
-    // openraft and h2 are chatty at info.
+    // openraft and h2 are chatty at info. openraft's replication also logs every failed
+    // attempt to reach a peer that is down (an ERROR a second); the transport logs each
+    // change of a peer's reachability once instead.
     let filter_text = if filter_text.contains('=') || filter_text.contains(',') {
         filter_text
     } else {
-        format!("{filter_text},openraft=warn,h2=warn,tower=warn")
+        format!("{filter_text},openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=off,h2=warn,tower=warn")
     };
     let filter = EnvFilter::try_new(&filter_text).map_err(|e| LoggingError::BadFilter {
         filter: config.level.clone().unwrap_or(filter_text.clone()),
