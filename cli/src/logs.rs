@@ -3,6 +3,7 @@
 //! (the Logs stream, relayed by the node asked). The text is the workload's: control
 //! characters in it print as visible escapes.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Args;
@@ -86,14 +87,151 @@ pub(crate) async fn run(args: &LogsArgs, conn: &mut Conn, json: bool) -> Result<
         tail,
         since_ms,
     };
-    let mut stream = rpc!(conn, Call::Read, logs, request.clone()).await?;
     let prefixed = slot.is_none();
+    if args.follow {
+        return follow(conn, request, prefixed, args.timestamps, json).await;
+    }
+    let mut stream = rpc!(conn, Call::Read, logs, request.clone()).await?;
     loop {
         match stream.message().await {
             Ok(Some(line)) => print_line(&line, prefixed, args.timestamps, json),
             Ok(None) => return Ok(()),
             Err(status) => return Err(Failure::from_status(conn.endpoint(), &status)),
         }
+    }
+}
+
+/// Streams of lines kept per instance at once with `-f`: the node it runs on now and the one
+/// it moved from (which may still write its last lines while the new one starts).
+const STREAMS_PER_INSTANCE: usize = 2;
+
+/// `-f`: the lines asked for, then new ones as they are written; and, watching the service,
+/// the lines of an instance that moves to another node (or of a new instance of the service,
+/// when following all of them) from the node it runs on next.
+async fn follow(
+    conn: &mut Conn,
+    request: pb::LogsRequest,
+    prefixed: bool,
+    timestamps: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    type Lines = tonic::Streaming<pb::LogLine>;
+    let mut watch = rpc!(
+        conn,
+        Call::Read,
+        watch_service,
+        pb::WatchServiceRequest {
+            name: request.service.clone(),
+        }
+    )
+    .await?;
+    // Where each instance followed runs, from the service as it was when the lines began.
+    let placed = |s: &pb::Service| -> BTreeMap<u32, u64> {
+        s.instances
+            .iter()
+            .filter(|i| request.slot.is_none_or(|slot| slot == i.slot))
+            .map(|i| (i.slot, i.node))
+            .collect()
+    };
+    let mut following = match watch.message().await {
+        Ok(Some(s)) => placed(&s),
+        _ => BTreeMap::new(),
+    };
+    // The stream asked for goes on following each instance on the node it ran on then.
+    let initial = following.clone();
+    let first = rpc!(conn, Call::Read, logs, request.clone()).await?;
+    /// What a stream of lines says: `first`: the stream of the request as asked.
+    enum Said {
+        Line(pb::LogLine),
+        Failed { first: bool, status: tonic::Status },
+        Ended { first: bool },
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Said>(256);
+    let forward = |mut lines: Lines, first: bool| {
+        let tx = tx.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let said = match lines.message().await {
+                    Ok(Some(line)) => Said::Line(line),
+                    Ok(None) => Said::Ended { first },
+                    Err(status) => Said::Failed { first, status },
+                };
+                let over = !matches!(said, Said::Line(_));
+                if tx.send(said).await.is_err() || over {
+                    return;
+                }
+            }
+        }))
+    };
+    let _first = forward(first, true);
+    // Per instance, the streams opened after it moved (node, stream), newest last.
+    let mut moved: BTreeMap<u32, Vec<(u64, AbortOnDrop)>> = BTreeMap::new();
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            said = rx.recv() => match said {
+                Some(Said::Line(line)) => print_line(&line, prefixed, timestamps, json),
+                Some(Said::Failed { first: true, status }) => {
+                    return Err(Failure::from_status(conn.endpoint(), &status))
+                }
+                Some(Said::Failed { first: false, status }) => {
+                    say_err!("modectl: {}", status.message())
+                }
+                // The server ended the stream asked for (the instances are gone from it):
+                // done, unless some moved elsewhere and are followed there.
+                Some(Said::Ended { first: true }) if moved.values().all(Vec::is_empty) => {
+                    return Ok(())
+                }
+                Some(Said::Ended { .. }) | None => {}
+            },
+            service = watch.message(), if watching => {
+                let Ok(Some(service)) = service else {
+                    // The service is gone (or the watch broke): what is open goes on.
+                    watching = false;
+                    continue;
+                };
+                for (slot, node) in placed(&service) {
+                    if following.get(&slot) == Some(&node) {
+                        continue;
+                    }
+                    let instance = format!("{}#{slot}", request.service);
+                    let streams = moved.entry(slot).or_default();
+                    // Back on a node a stream still follows it on: that one carries its lines.
+                    let open = initial.get(&slot) != Some(&node)
+                        && streams.iter().all(|(n, _)| *n != node);
+                    if open {
+                        let mut one = request.clone();
+                        one.slot = Some(slot);
+                        (one.tail, one.since_ms) = (0, 0);
+                        match rpc!(conn, Call::Read, logs, one.clone()).await {
+                            Ok(lines) => {
+                                streams.push((node, forward(lines, false)));
+                                if streams.len() > STREAMS_PER_INSTANCE {
+                                    streams.remove(0);
+                                }
+                            }
+                            // Tried again on the service's next change.
+                            Err(f) => {
+                                say_err!("modectl: following {instance} on node {node}: {}", f.message);
+                                continue;
+                            }
+                        }
+                    }
+                    if following.insert(slot, node).is_some() {
+                        say_err!("modectl: {instance} now runs on node {node}: following it there");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A task stopped when its handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

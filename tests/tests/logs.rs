@@ -2,8 +2,9 @@
 //! stderr, crash once and are restarted by their node. Its instances run on an agent-only
 //! node (the only one that runs `exec`), and every `modectl` call asks the server, which
 //! relays the lines from the agent: the current run, `--previous`, a whole service (lines
-//! prefixed), `--follow`, escaping, JSON, and the errors (unknown names exit 3, a kind without
-//! output, the owning node unreachable exits 4 naming it).
+//! prefixed), `--follow` (also after the instance moves to another node), escaping, JSON, and
+//! the errors (unknown names exit 3, a kind without output, the owning node unreachable exits
+//! 4 naming it).
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -298,4 +299,43 @@ async fn follow_prints_new_lines_until_interrupted_and_a_closed_pipe_ends_it_qui
     }
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_goes_with_an_instance_that_moves_to_another_node() {
+    let (mut c, out) = talker_cluster().await;
+    c.add_agent(3, vec![]).start();
+    c.wait_registered(3).await;
+
+    let (child, rx) = spawn_modectl(&c, &["-o", "json", "logs", "talker#0", "-f"]);
+    let mut seen = Vec::new();
+    if !expect_line(&rx, "slot 0 run 2 out", &mut seen) {
+        stop(child);
+        panic!("no kept lines: {seen:?}\n{}", c.log_tails(40));
+    }
+    // Node 2 drained: talker#0 starts on node 3 (its third run), and the same `-f` goes on
+    // with its lines from there.
+    ok(&c, &["node", "drain", "2"]);
+    let moved = expect_line(&rx, "slot 0 run 3 out", &mut seen);
+    touch(&out.join("go-0"));
+    let later = moved && expect_line(&rx, "slot 0 later", &mut seen);
+    stop(child);
+    assert!(later, "{seen:?}\n{}", c.log_tails(40));
+    let node_of = |text: &str| {
+        seen.iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .find(|l| l["text"] == text)
+            .map(|l| l["node"].clone())
+    };
+    assert_eq!(
+        node_of("slot 0 run 2 out"),
+        Some(Value::from(2)),
+        "{seen:?}"
+    );
+    assert_eq!(
+        node_of("slot 0 run 3 out"),
+        Some(Value::from(3)),
+        "{seen:?}"
+    );
+    assert_eq!(node_of("slot 0 later"), Some(Value::from(3)), "{seen:?}");
 }
