@@ -865,4 +865,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         opened.unwrap();
     }
+
+    /// The committed log id waits for an operation to share its transaction; with none
+    /// coming it is still written, on its own.
+    #[tokio::test]
+    async fn the_committed_log_id_is_stored_without_an_append_to_carry_it() {
+        let dir = std::env::temp_dir().join(format!("mode-store-committed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (db, recovered) = open(&dir, 1).unwrap();
+        let (mut log, _sm) = stores(db.clone(), recovered).unwrap();
+        let committed = LogId::new(openraft::CommittedLeaderId::new(1, 1), 5);
+        log.save_committed(Some(committed)).await.unwrap();
+        assert_eq!(log.committed(), Some(committed), "known at once in memory");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stored = loop {
+            let stored = recover(&db).unwrap().committed;
+            if stored.is_some() || std::time::Instant::now() > deadline {
+                break stored;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        drop((log, db));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(stored, Some(committed));
+    }
 }
