@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use super::identity::identity_of;
 use super::tls::{ConnInfo, Transport};
 use super::{Caller, Proof, Role};
 
@@ -181,15 +180,14 @@ impl Policy {
                 "this node accepts only TLS connections: connect with TLS (modectl --ca CA.pem with --cert/--key or --token, or MODE_CA...; grpcurl -cacert CA.pem -cert ... -key ...)",
             ));
         }
-        let cert = transport.and_then(Transport::peer_cert);
         match self.surface {
             Surface::Peer => {
-                let cert = cert.ok_or_else(|| {
+                let identity = transport.and_then(Transport::peer_identity).ok_or_else(|| {
                     Status::unauthenticated(
                         "the peer API takes calls from cluster nodes only, with their node certificate",
                     )
                 })?;
-                match identity_of(cert).map_err(Status::unauthenticated)? {
+                match identity.map_err(Status::unauthenticated)? {
                     // Versions are told only to nodes of the cluster.
                     Caller::Node(id) => protocol().map(|()| Caller::Node(id)),
                     client => Err(Status::permission_denied(format!(
@@ -236,10 +234,7 @@ pub fn credentials(
         let lookup = tokens.ok_or("this node does not take tokens")?;
         return lookup(&token).map(Some);
     }
-    match transport.and_then(Transport::peer_cert) {
-        Some(cert) => identity_of(cert).map(Some),
-        None => Ok(None),
-    }
+    transport.and_then(Transport::peer_identity).transpose()
 }
 
 /// What a public method needs.

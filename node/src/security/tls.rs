@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -295,16 +295,52 @@ pub enum Transport {
     /// Plaintext, on a listener without TLS.
     Plain,
     /// TLS, with the caller's verified certificate chain if it presented one.
-    Tls(Option<Arc<Vec<CertificateDer<'static>>>>),
+    Tls(Option<Arc<PeerChain>>),
     /// Plaintext on a TLS listener: every call is refused with a message saying so.
     PlainOnTlsListener,
+}
+
+/// The verified certificate chain a caller presented for its connection, and who its leaf
+/// names, read once: parsing a certificate costs more than the rest of a small call, and
+/// every call on the connection presents the same one.
+#[derive(Debug)]
+pub struct PeerChain {
+    certs: Vec<CertificateDer<'static>>,
+    identity: OnceLock<Result<super::Caller, String>>,
+}
+
+impl PeerChain {
+    /// The chain as the handshake verified it, leaf first.
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> PeerChain {
+        PeerChain {
+            certs,
+            identity: OnceLock::new(),
+        }
+    }
 }
 
 impl Transport {
     /// The caller's own (leaf) certificate, when it presented one over TLS.
     pub fn peer_cert(&self) -> Option<&CertificateDer<'static>> {
         match self {
-            Transport::Tls(Some(chain)) => chain.first(),
+            Transport::Tls(Some(chain)) => chain.certs.first(),
+            _ => None,
+        }
+    }
+
+    /// Who the caller's certificate names ([`identity_of`](super::identity::identity_of) of
+    /// its leaf, read once per connection), when it presented one over TLS.
+    pub fn peer_identity(&self) -> Option<Result<super::Caller, String>> {
+        match self {
+            Transport::Tls(Some(chain)) => {
+                let leaf = chain.certs.first()?;
+                Some(
+                    chain
+                        .identity
+                        .get_or_init(|| super::identity::identity_of(leaf))
+                        .clone(),
+                )
+            }
             _ => None,
         }
     }
@@ -463,11 +499,11 @@ async fn accept_tls(
         Served::Http => tls.http_server(),
     };
     let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
-    let chain = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+    let chain = stream.get_ref().1.peer_certificates().map(|c| {
+        Arc::new(PeerChain::new(
+            c.iter().map(|c| c.clone().into_owned()).collect(),
+        ))
+    });
     Ok(ServerConn {
         io: ServerIo::Tls(Box::new(stream)),
         info: ConnInfo {
