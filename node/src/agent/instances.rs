@@ -35,6 +35,12 @@ use crate::service::{
 pub struct AgentTimings {
     /// Heartbeat period.
     pub heartbeat: Duration,
+    /// How long a heartbeat waits for its answer.
+    pub heartbeat_timeout: Duration,
+    /// How long an agent-only node's heartbeats fail (twice at least) before it moves to
+    /// another server: a server slowed by a big deploy is given time before thousands of
+    /// agents move at once, each re-reading its whole view from the next one.
+    pub fail_over_after: Duration,
 }
 
 impl AgentTimings {
@@ -45,9 +51,15 @@ impl AgentTimings {
     pub fn for_grace(grace: Duration) -> Self {
         AgentTimings {
             heartbeat: (grace / 6).max(Duration::from_millis(10)),
+            heartbeat_timeout: (grace / 4).max(MIN_HEARTBEAT_TIMEOUT),
+            fail_over_after: grace / 3,
         }
     }
 }
+
+/// The shortest wait for a heartbeat's answer (a relayed heartbeat may take a server that
+/// long to answer: the leader's answer, then the node's view catching up with it).
+const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How often the lease watchdog looks while a singleton runs.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
@@ -55,8 +67,16 @@ const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 /// How often it looks while none runs.
 const WATCHDOG_IDLE: Duration = Duration::from_secs(1);
 
-/// How often the agent looks at the replicated state (and its instances) without being woken.
+/// How often the agent looks at the replicated state (and its instances) without being woken,
+/// while something is unsettled: an instance not running yet, a report not taken yet, a stop
+/// under way, a health check.
 const PERIOD: Duration = Duration::from_millis(100);
+
+/// How often it looks while everything is settled (every instance placed here runs and the
+/// cluster has taken its report): a view, a lifecycle event, a finished stop or a lease
+/// answer wakes it at once anyway, so an idle fleet of thousands of agents does not look at
+/// its instances 10 times a second each for nothing.
+const SETTLED_PERIOD: Duration = Duration::from_secs(1);
 
 /// After an instance's lifecycle event, how long the agent waits for more before it looks.
 const EVENT_COALESCE: Duration = Duration::from_millis(10);
@@ -346,7 +366,7 @@ pub(crate) async fn run(
             loop {
                 // The lease counts from when the heartbeat was sent, not when it was answered.
                 let sent = Instant::now();
-                if let Ok(grant) = link.heartbeat(me, incarnation).await {
+                if let Ok(grant) = link.heartbeat(me, incarnation, &timings).await {
                     leases.answered(grant.index);
                     if !grant.lease.is_zero() {
                         leases.grant(sent + grant.lease, grant.index);
@@ -460,6 +480,7 @@ pub(crate) async fn run(
         unbuildable: HashMap::new(),
     };
     let mut said_waiting_for_catch_up = false;
+    let mut period = PERIOD;
     // The instances' lifecycle events (a start, a crash, a restart, a stop) wake the loop at
     // once, so their reports go out without waiting for the next look at the state.
     let mut events = Some(agent.supervisor.subscribe_tree());
@@ -475,7 +496,7 @@ pub(crate) async fn run(
             }
         };
         let woken = tokio::select! {
-            alive = ctx.sleep(PERIOD) => {
+            alive = ctx.sleep(period) => {
                 if !alive {
                     break;
                 }
@@ -503,7 +524,8 @@ pub(crate) async fn run(
         acting.store(state.index, Ordering::Release);
         let leased = leases.valid(state.index);
         let caught_up = leases.caught_up(state.index);
-        pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await;
+        let settled = pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await;
+        period = if settled { SETTLED_PERIOD } else { PERIOD };
         if !caught_up && !said_waiting_for_catch_up && !state.services.is_empty() {
             said_waiting_for_catch_up = true;
             tracing::info!(
@@ -522,7 +544,8 @@ pub(crate) async fn run(
     }
 }
 
-/// One pass of the agent over the replicated state.
+/// One pass of the agent over the replicated state. Whether everything is settled: every
+/// instance that should run here runs, untouched by a health check, and its state is taken.
 async fn pass(
     agent: &mut Instances,
     kinds: &KindRegistry,
@@ -530,8 +553,12 @@ async fn pass(
     leases: &Leases,
     leased: bool,
     caught_up: bool,
-) {
+) -> bool {
     let me = agent.me;
+    // Quiet reports repeat while their reason lasts; a reason gone is forgotten.
+    agent
+        .quiet_sent
+        .retain(|_, sent| sent.elapsed() < Duration::from_secs(2));
     // What should run here: placed here, or moving away from here (kept until it runs on
     // its new node).
     let mut desired: BTreeMap<Key, Desired<'_>> = BTreeMap::new();
@@ -731,6 +758,10 @@ async fn pass(
     }
 
     // Report changes (only for instances placed here; a moving-away copy stays quiet).
+    let mut settled = agent.stopping.is_empty()
+        && agent.quiet_sent.is_empty()
+        && desired.len() == agent.local.len()
+        && desired.keys().all(|k| agent.local.contains_key(k));
     let mut reports = Vec::new();
     let mut acked = lock(&agent.acked);
     acked.retain(|key, _| agent.local.contains_key(key) || desired.contains_key(key));
@@ -744,6 +775,7 @@ async fn pass(
             continue;
         }
         let (st, restarts, last) = observe(l);
+        settled &= st == "running" && l.health.is_none();
         // A crash is reported once its supervisor has said when it restarts it (at once, or
         // on the next look).
         let retry_at_ms = l.inner.next_restart_ms();
@@ -760,6 +792,7 @@ async fn pass(
         let stale = acked.get(key) != Some(&(st.clone(), restarts, l.epoch, healthy));
         // Re-send a report the state does not show yet, at most once a second; an identical
         // one the state shows is never sent again.
+        settled &= !stale;
         let resend = stale && l.reported_at.elapsed() > Duration::from_secs(1);
         if (l.reported != current && stale) || resend {
             l.reported = current;
@@ -774,4 +807,5 @@ async fn pass(
     for report in reports {
         let _ = agent.report_tx.send(report);
     }
+    settled
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::peer_client::PeerClient;
@@ -41,13 +41,18 @@ impl Link {
     }
 
     /// Heartbeat; the answer carries the lease, its index translated into the view's.
-    pub(crate) async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+    pub(crate) async fn heartbeat(
+        &self,
+        me: u64,
+        incarnation: u64,
+        timings: &AgentTimings,
+    ) -> Result<LeaseGrant, String> {
         match self {
             Link::Local(node) => node
-                .agent_heartbeat(me, incarnation)
+                .agent_heartbeat(me, incarnation, timings.heartbeat_timeout)
                 .await
                 .map_err(|e| e.to_string()),
-            Link::Remote(servers) => servers.heartbeat(me, incarnation).await,
+            Link::Remote(servers) => servers.heartbeat(me, incarnation, timings).await,
         }
     }
 
@@ -115,7 +120,8 @@ pub(crate) async fn leave_cleanly(
     }
 }
 
-/// Heartbeats that may fail in a row before the agent moves to another server.
+/// Heartbeats that may fail in a row before the agent moves to another server (and they must
+/// have failed for [`AgentTimings::fail_over_after`]).
 const FAILOVER_AFTER: u64 = 2;
 
 /// The servers an agent-only node talks to (their peer addresses), and the one in use.
@@ -126,6 +132,8 @@ pub struct Servers {
     /// Bumped on each failover: the watch stream reconnects.
     generation: tokio::sync::watch::Sender<u64>,
     failures: AtomicU64,
+    /// Since when the heartbeats to the server in use fail (None: the last one was answered).
+    failing_since: std::sync::Mutex<Option<Instant>>,
     /// When a server last granted this node a lease (its readiness).
     last_lease: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -159,6 +167,7 @@ impl Servers {
             current: AtomicUsize::new(0),
             generation: tokio::sync::watch::channel(0).0,
             failures: AtomicU64::new(0),
+            failing_since: std::sync::Mutex::new(None),
             last_lease: std::sync::Mutex::new(None),
         }))
     }
@@ -186,6 +195,7 @@ impl Servers {
                 self.addresses[next]
             );
             self.failures.store(0, Ordering::Release);
+            *crate::service::lock(&self.failing_since) = None;
             self.generation.send_modify(|g| *g += 1);
         }
     }
@@ -227,27 +237,33 @@ impl Servers {
         }
     }
 
-    async fn heartbeat(&self, me: u64, incarnation: u64) -> Result<LeaseGrant, String> {
+    async fn heartbeat(
+        &self,
+        me: u64,
+        incarnation: u64,
+        timings: &AgentTimings,
+    ) -> Result<LeaseGrant, String> {
         let (i, mut client) = self.client();
         let mut req = tonic::Request::new(pb::HeartbeatRequest {
             node: me,
             incarnation,
             leaving: false,
         });
-        const TIMEOUT: Duration = Duration::from_millis(1500);
-        req.set_timeout(TIMEOUT);
+        let timeout = timings.heartbeat_timeout;
+        req.set_timeout(timeout);
         // A client-side deadline too: the header bounds the server's work, not a call stuck
         // on its way (the lease must not wait for TCP's keep-alive to notice).
-        let answer = tokio::time::timeout(TIMEOUT, client.heartbeat(req))
+        let answer = tokio::time::timeout(timeout, client.heartbeat(req))
             .await
             .unwrap_or_else(|_| {
                 Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer within {TIMEOUT:?}"
+                    "no answer within {timeout:?}"
                 )))
             });
         match answer {
             Ok(r) => {
                 self.failures.store(0, Ordering::Release);
+                *crate::service::lock(&self.failing_since) = None;
                 *crate::service::lock(&self.last_lease) = Some(std::time::Instant::now());
                 let r = r.into_inner();
                 Ok(LeaseGrant {
@@ -260,7 +276,12 @@ impl Servers {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(s.message().to_string()),
             Err(s) => {
                 let why = crate::replication::describe_status(&self.addresses[i], &s);
-                if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER {
+                let failing_for = crate::service::lock(&self.failing_since)
+                    .get_or_insert_with(Instant::now)
+                    .elapsed();
+                if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER
+                    && failing_for >= timings.fail_over_after
+                {
                     self.fail_over(i, &why);
                 }
                 Err(why)
@@ -543,4 +564,37 @@ pub async fn run_remote(config: RemoteAgentConfig) -> Result<EmbeddedAgent, Stri
         .build();
     root.start().await.map_err(|e| e.to_string())?;
     Ok(EmbeddedAgent { root, instances })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing listens on these (port 1 and 2 of loopback refuse at once).
+    fn two_dead_servers() -> Arc<Servers> {
+        Servers::new(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()], None).expect("servers")
+    }
+
+    #[tokio::test]
+    async fn an_agent_moves_to_another_server_only_after_failing_for_a_while() {
+        // A big fleet's grace (10 s): heartbeats failing for less than a third of it do not
+        // move the agent, however many fail.
+        let patient = AgentTimings::for_grace(Duration::from_secs(10));
+        assert_eq!(patient.fail_over_after, Duration::from_secs(10) / 3);
+        assert_eq!(patient.heartbeat_timeout, Duration::from_millis(2500));
+        let servers = two_dead_servers();
+        for _ in 0..4 {
+            assert!(servers.heartbeat(7, 1, &patient).await.is_err());
+        }
+        assert_eq!(servers.current(), "127.0.0.1:1");
+        // The default grace: two failures in a row are enough (as before).
+        let quick = AgentTimings::for_grace(Duration::from_millis(1500));
+        assert_eq!(quick.heartbeat_timeout, Duration::from_millis(1500));
+        let servers = two_dead_servers();
+        assert!(servers.heartbeat(7, 1, &quick).await.is_err());
+        assert_eq!(servers.current(), "127.0.0.1:1");
+        tokio::time::sleep(quick.fail_over_after).await;
+        assert!(servers.heartbeat(7, 1, &quick).await.is_err());
+        assert_eq!(servers.current(), "127.0.0.1:2");
+    }
 }

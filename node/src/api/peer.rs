@@ -2,6 +2,7 @@
 //! operations and the per-node beacon. Served on its own listener (`--peer-listen`).
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use mode_proto::v1 as pb;
 use mode_proto::v1::peer_server::{Peer, PeerServer};
@@ -326,6 +327,7 @@ impl Peer for PeerService {
             self.require_member(&request, "a relayed heartbeat")?;
         }
         let node = self.node()?;
+        let budget = deadline(&request).unwrap_or(DEFAULT_HEARTBEAT_BUDGET);
         let r = request.into_inner();
         if r.leaving {
             node.leave(r.node, r.incarnation, forward)
@@ -340,7 +342,7 @@ impl Peer for PeerService {
         // From the agent: through the leader, translated into the index of the view this
         // server sends it. From another server (relayed): the leader's own answer.
         let grant = if forward {
-            node.agent_heartbeat(r.node, r.incarnation).await
+            node.agent_heartbeat(r.node, r.incarnation, budget).await
         } else {
             node.heartbeat(r.node, r.incarnation, false).await
         }
@@ -365,16 +367,13 @@ impl Peer for PeerService {
             )));
         }
         let grant = node.lease_grant();
-        let refused = request
+        let beats: Vec<(u64, u64)> = request
             .into_inner()
             .heartbeats
             .iter()
-            .filter_map(|h| {
-                node.take_heartbeat(h.node, h.incarnation)
-                    .err()
-                    .map(|e| (h.node, e.to_string()))
-            })
+            .map(|h| (h.node, h.incarnation))
             .collect();
+        let refused = node.take_heartbeats(&beats).into_iter().collect();
         Ok(Response::new(pb::RelayHeartbeatsReply {
             grant: Some(pb::HeartbeatReply {
                 leader: grant.leader,
@@ -578,6 +577,25 @@ pub(crate) fn reports_command(r: &pb::ReportInstancesRequest) -> Result<Command,
 
 /// A refusal of the node itself (another incarnation) is FAILED_PRECONDITION, so that agents
 /// do not fail over for it; the rest as usual.
+/// How long a heartbeat without a deadline may take to answer.
+const DEFAULT_HEARTBEAT_BUDGET: Duration = Duration::from_millis(1500);
+
+/// The caller's deadline: its `grpc-timeout` header (digits and a unit, e.g. `2500m`).
+fn deadline<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn heartbeat_status(e: &crate::replication::ClusterError) -> Status {
     match e {
         crate::replication::ClusterError::Conflict(m) => Status::failed_precondition(m.clone()),
@@ -628,4 +646,37 @@ pub async fn serve_peer(
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("grpc-timeout", value.parse().expect("ascii"));
+        r
+    }
+
+    #[test]
+    fn a_heartbeat_answers_within_the_callers_deadline() {
+        assert_eq!(
+            deadline(&with_timeout("2500m")),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(deadline(&with_timeout("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            deadline(&with_timeout("1500000u")),
+            Some(Duration::from_millis(1500))
+        );
+        // What tonic sends for a request timeout.
+        let mut r = Request::new(());
+        r.set_timeout(Duration::from_millis(2500));
+        assert_eq!(deadline(&r), Some(Duration::from_millis(2500)));
+        for bad in ["", "m", "12x", "123456789m", "-5m"] {
+            assert_eq!(deadline(&with_timeout(bad)), None, "{bad:?}");
+        }
+        assert_eq!(deadline(&Request::new(())), None);
+    }
 }

@@ -38,16 +38,23 @@ pub(crate) struct Left {
 
 impl Heartbeats {
     pub(crate) fn record(&self, node: u64) {
+        self.record_all([node]);
+    }
+
+    /// Record a heartbeat of each of `nodes` (a relayed batch: one lock for all).
+    pub(crate) fn record_all(&self, nodes: impl IntoIterator<Item = u64>) {
         let mut inner = lock(&self.inner);
         let now = Instant::now();
-        inner.seen.insert(node, (now, true));
-        if inner
-            .left
-            .get(&node)
-            .is_some_and(|l| now.duration_since(l.at) >= LEAVE_SETTLES)
-        {
-            // Back after a clean shutdown.
-            inner.left.remove(&node);
+        for node in nodes {
+            inner.seen.insert(node, (now, true));
+            if inner
+                .left
+                .get(&node)
+                .is_some_and(|l| now.duration_since(l.at) >= LEAVE_SETTLES)
+            {
+                // Back after a clean shutdown.
+                inner.left.remove(&node);
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! Raft, bootstrap or join, and serve writes (forwarded to the leader), linearizable or stale
 //! reads, status and membership changes in domain terms.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -296,6 +296,25 @@ pub struct ClusterNode {
     applied: tokio::sync::watch::Receiver<u64>,
     relay: Arc<HeartbeatRelay>,
 }
+
+/// Why a heartbeat or report of `node` from data directory `incarnation` is refused, if it is:
+/// the node table knows another incarnation (a duplicate id, or a wiped data directory).
+fn incarnation_conflict(
+    state: &crate::model::state::ClusterState,
+    node: u64,
+    incarnation: u64,
+) -> Option<String> {
+    match state.nodes.get(&node).map(|n| n.incarnation) {
+        Some(k) if k != 0 && incarnation != 0 && k != incarnation => Some(format!(
+            "node {node} is registered with data-directory incarnation {k:016x}, but this comes from {incarnation:016x}: another node uses id {node}, or its data directory was wiped (give it a new --id, or remove the old node with `modectl node rm {node}`)"
+        )),
+        _ => None,
+    }
+}
+
+/// How long a heartbeat relayed to the leader waits for its answer, when the caller gives no
+/// deadline.
+const RELAY_WAIT: Duration = Duration::from_millis(1500);
 
 /// Agents' heartbeats waiting to be relayed to the leader.
 #[derive(Default)]
@@ -1381,16 +1400,25 @@ impl ClusterNode {
     /// grant's index translated into the index of the view this server publishes to `node`
     /// (no lease when this replica, or the node's view here, has not caught up with the grant
     /// within a second).
+    ///
+    /// It answers within `budget` (the caller's deadline): the leader's answer may take 60 %
+    /// of it, the view's catching up what remains but a tenth (a heartbeat answered late is
+    /// cancelled, counted as the server's failure, and thousands of agents move at once).
     pub async fn agent_heartbeat(
         &self,
         node: u64,
         incarnation: u64,
+        budget: Duration,
     ) -> Result<LeaseGrant, ClusterError> {
-        let mut grant = self.heartbeat(node, incarnation, true).await?;
+        let started = std::time::Instant::now();
+        let mut grant = self
+            .heartbeat_within(node, incarnation, true, budget * 3 / 5)
+            .await?;
+        let view_wait = (budget - budget / 10).saturating_sub(started.elapsed());
         match self
             .sm
             .views
-            .wait_view_index(node, grant.index, Duration::from_secs(1))
+            .wait_view_index(node, grant.index, view_wait.min(Duration::from_secs(1)))
             .await
         {
             Some(index) => grant.index = index,
@@ -1408,13 +1436,8 @@ impl ClusterNode {
     /// Refuse a heartbeat or report of `node` from another incarnation than the node table's
     /// (a duplicate id, or a node whose data directory was wiped).
     pub fn check_incarnation(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
-        let known = self.local_state(|s| s.nodes.get(&node).map(|n| n.incarnation));
-        match known {
-            Some(k) if k != 0 && incarnation != 0 && k != incarnation => Err(ClusterError::Conflict(format!(
-                "node {node} is registered with data-directory incarnation {k:016x}, but this comes from {incarnation:016x}: another node uses id {node}, or its data directory was wiped (give it a new --id, or remove the old node with `modectl node rm {node}`)"
-            ))),
-            _ => Ok(()),
-        }
+        self.local_state(|s| incarnation_conflict(s, node, incarnation))
+            .map_or(Ok(()), |why| Err(ClusterError::Conflict(why)))
     }
 
     /// Record a heartbeat from `node` (data directory `incarnation`, 0: unknown) on the leader
@@ -1426,6 +1449,18 @@ impl ClusterNode {
         node: u64,
         incarnation: u64,
         may_forward: bool,
+    ) -> Result<LeaseGrant, ClusterError> {
+        self.heartbeat_within(node, incarnation, may_forward, RELAY_WAIT)
+            .await
+    }
+
+    /// [`ClusterNode::heartbeat`], waiting at most `wait` for a relayed answer.
+    async fn heartbeat_within(
+        &self,
+        node: u64,
+        incarnation: u64,
+        may_forward: bool,
+        wait: Duration,
     ) -> Result<LeaseGrant, ClusterError> {
         self.check_incarnation(node, incarnation)?;
         if self.is_leader() {
@@ -1441,11 +1476,11 @@ impl ClusterNode {
         let (tx, rx) = tokio::sync::oneshot::channel();
         crate::service::lock(&self.relay.queue).push((node, incarnation, tx));
         self.relay.wake.notify_one();
-        match tokio::time::timeout(Duration::from_millis(1500), rx).await {
+        match tokio::time::timeout(wait, rx).await {
             Ok(Ok(answer)) => answer,
-            _ => Err(ClusterError::Unavailable(
-                "the leader did not answer the relayed heartbeat within 1.5s".into(),
-            )),
+            _ => Err(ClusterError::Unavailable(format!(
+                "the leader did not answer the relayed heartbeat within {wait:?}"
+            ))),
         }
     }
 
@@ -1455,6 +1490,26 @@ impl ClusterNode {
         self.check_incarnation(node, incarnation)?;
         self.heartbeats.record(node);
         Ok(())
+    }
+
+    /// On the leader: [`ClusterNode::take_heartbeat`] for a relayed batch `(node,
+    /// incarnation)`, with one look at the state for all (thousands of agents' heartbeats
+    /// must not each wait for the state while a big apply holds it). The refused ones: node ->
+    /// why.
+    pub(crate) fn take_heartbeats(&self, beats: &[(u64, u64)]) -> HashMap<u64, String> {
+        let refused: HashMap<u64, String> = self.local_state(|s| {
+            beats
+                .iter()
+                .filter_map(|(n, i)| incarnation_conflict(s, *n, *i).map(|why| (*n, why)))
+                .collect()
+        });
+        self.heartbeats.record_all(
+            beats
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !refused.contains_key(n)),
+        );
+        refused
     }
 
     /// `node` (data directory `incarnation`) is shutting down cleanly and has stopped its
@@ -1531,18 +1586,7 @@ impl ClusterNode {
                 }
                 let beats: Vec<(u64, u64)> = batch.iter().map(|(n, i, _)| (*n, *i)).collect();
                 let answer = match node.leader_with_address() {
-                    _ if node.is_leader() => {
-                        let grant = node.lease_grant();
-                        let refused = beats
-                            .iter()
-                            .filter_map(|(n, i)| {
-                                node.take_heartbeat(*n, *i)
-                                    .err()
-                                    .map(|e| (*n, e.to_string()))
-                            })
-                            .collect();
-                        Ok((grant, refused))
-                    }
+                    _ if node.is_leader() => Ok((node.lease_grant(), node.take_heartbeats(&beats))),
                     Some((_, addr)) => {
                         super::forward::relay_heartbeats(&node.peers, &addr, &beats).await
                     }

@@ -766,6 +766,10 @@ pub(super) fn apply_entry(
     }
 }
 
+/// How long the state machine holds the state's write lock at most before it lets readers in
+/// between two entries.
+const APPLY_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
@@ -779,22 +783,35 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut results = Vec::new();
-        let started = std::time::Instant::now();
-        let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
-        let locked = std::time::Instant::now();
-        let mut touched = super::views::Touched::default();
-        for entry in entries {
-            results.push(apply_entry(&mut a, &entry, &mut touched));
+        let mut entries = entries.into_iter().peekable();
+        // In slices: a long run of entries (a big deploy's reports) must not keep every
+        // reader (heartbeats, views, queries) waiting for all of it.
+        while entries.peek().is_some() {
+            {
+                let started = std::time::Instant::now();
+                let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+                let locked = std::time::Instant::now();
+                let mut touched = super::views::Touched::default();
+                for entry in entries.by_ref() {
+                    results.push(apply_entry(&mut a, &entry, &mut touched));
+                    if locked.elapsed() >= APPLY_SLICE {
+                        break;
+                    }
+                }
+                let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+                self.views.applied(&a.state, touched, index);
+                drop(a);
+                slow_lock(
+                    "apply",
+                    std::panic::Location::caller(),
+                    locked - started,
+                    locked.elapsed(),
+                );
+            }
+            if entries.peek().is_some() {
+                tokio::task::yield_now().await;
+            }
         }
-        let index = a.last_applied.map(|l| l.index).unwrap_or(0);
-        self.views.applied(&a.state, touched, index);
-        drop(a);
-        slow_lock(
-            "apply",
-            std::panic::Location::caller(),
-            locked - started,
-            locked.elapsed(),
-        );
         Ok(results)
     }
 

@@ -10,7 +10,8 @@
 //!
 //! With `--json` the last line of stdout is one JSON object with the suite's figures; the
 //! human-readable tables come before it. No tracing subscriber is installed, so the
-//! framework's logging costs (next to) nothing.
+//! framework's logging costs (next to) nothing; `MODE_BENCH_LOG=<filter>` (e.g.
+//! `mode::agent=info`) installs one on stderr, to see what in-process agents say.
 //!
 //! * `services`: start and stop N no-op services, N = 100, 1000, 10000, 100000, in two shapes.
 //!   *flat*: one root with N children (N + 1 services). *tree*: exactly N services in four
@@ -262,6 +263,12 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(i32::from(
             mode::daemon::main_with_args(node_args) != std::process::ExitCode::SUCCESS,
         ));
+    }
+    if let Ok(filter) = std::env::var("MODE_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
     }
     let cli = Cli::parse();
     let json = match &cli.suite {
