@@ -61,6 +61,18 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// CPU of the leader and of this process (the agents), in % of one core, over 10 s.
+async fn idle_cpu(leader_pid: u32) -> anyhow::Result<(f64, f64)> {
+    let me = std::process::id();
+    let (l0, a0, w0) = (cpu_s(leader_pid)?, cpu_s(me)?, Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let s = w0.elapsed().as_secs_f64();
+    Ok((
+        (cpu_s(leader_pid)? - l0) / s * 100.0,
+        (cpu_s(me)? - a0) / s * 100.0,
+    ))
+}
+
 pub fn fleet_suite(
     agents: u64,
     services: u32,
@@ -150,12 +162,7 @@ pub fn fleet_suite(
 
         // Idle: heartbeats only.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let me = std::process::id();
-        let (c0, a0, w0) = (cpu_s(leader_pid)?, cpu_s(me)?, Instant::now());
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle_s = w0.elapsed().as_secs_f64();
-        let idle_cpu_pct = (cpu_s(leader_pid)? - c0) / idle_s * 100.0;
-        let idle_agents_cpu_pct = (cpu_s(me)? - a0) / idle_s * 100.0;
+        let (idle_cpu_pct, idle_agents_cpu_pct) = idle_cpu(leader_pid).await?;
         println!(
             "  idle: the leader used {idle_cpu_pct:.1} % of one core over 10 s with {agents} agents heartbeating (target < 10 % with 5,000); the {agents} agents together {idle_agents_cpu_pct:.1} %"
         );
@@ -241,11 +248,7 @@ pub fn fleet_suite(
         );
         // Idle again, every instance running: heartbeats, and the agents' looks at their
         // instances.
-        let (c0, a0, w0) = (cpu_s(leader_pid)?, cpu_s(me)?, Instant::now());
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle_s = w0.elapsed().as_secs_f64();
-        let running_leader_cpu_pct = (cpu_s(leader_pid)? - c0) / idle_s * 100.0;
-        let running_agents_cpu_pct = (cpu_s(me)? - a0) / idle_s * 100.0;
+        let (running_leader_cpu_pct, running_agents_cpu_pct) = idle_cpu(leader_pid).await?;
         println!(
             "  idle with every instance running: the leader used {running_leader_cpu_pct:.1} % of one core over 10 s, the {agents} agents together {running_agents_cpu_pct:.1} %"
         );
