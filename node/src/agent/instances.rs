@@ -73,9 +73,9 @@ const WATCHDOG_IDLE: Duration = Duration::from_secs(1);
 const PERIOD: Duration = Duration::from_millis(100);
 
 /// How often it looks while everything is settled (every instance placed here runs and the
-/// cluster has taken its report): a view, a lifecycle event, a finished stop or a lease
-/// answer wakes it at once anyway, so an idle fleet of thousands of agents does not look at
-/// its instances 10 times a second each for nothing.
+/// cluster has taken its report): a new view or a lifecycle event wakes it at once anyway, and
+/// whatever waits (a stop, a lease, a report) keeps it unsettled, so an idle fleet of
+/// thousands of agents does not look at its instances 10 times a second each for nothing.
 const SETTLED_PERIOD: Duration = Duration::from_secs(1);
 
 /// After an instance's lifecycle event, how long the agent waits for more before it looks.
