@@ -49,7 +49,7 @@ impl Link {
     ) -> Result<LeaseGrant, String> {
         match self {
             Link::Local(node) => node
-                .agent_heartbeat(me, incarnation, timings.heartbeat_timeout)
+                .agent_heartbeat(me, incarnation, LOCAL_HEARTBEAT_BUDGET)
                 .await
                 .map_err(|e| e.to_string()),
             Link::Remote(servers) => servers.heartbeat(me, incarnation, timings).await,
@@ -119,6 +119,11 @@ pub(crate) async fn leave_cleanly(
         ),
     }
 }
+
+/// How long a server's own agent lets its heartbeat take (no caller's deadline here): about
+/// 2.5 s in all for the leader's answer and the view's catching up with it, as before
+/// heartbeats had deadlines.
+const LOCAL_HEARTBEAT_BUDGET: Duration = Duration::from_millis(2800);
 
 /// Heartbeats that may fail in a row before the agent moves to another server (and they must
 /// have failed for [`AgentTimings::fail_over_after`]).

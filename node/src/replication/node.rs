@@ -1401,9 +1401,10 @@ impl ClusterNode {
     /// (no lease when this replica, or the node's view here, has not caught up with the grant
     /// within a second).
     ///
-    /// It answers within `budget` (the caller's deadline): the leader's answer may take 60 %
-    /// of it, the view's catching up what remains but a tenth (a heartbeat answered late is
-    /// cancelled, counted as the server's failure, and thousands of agents move at once).
+    /// It answers within `budget` (the caller's deadline): the leader's answer may take 90 %
+    /// of it, the view's catching up (at most a second) what remains of that (a heartbeat
+    /// answered late is cancelled, counted as the server's failure, and thousands of agents
+    /// move at once; one answered in time without a lease is not).
     pub async fn agent_heartbeat(
         &self,
         node: u64,
@@ -1411,10 +1412,11 @@ impl ClusterNode {
         budget: Duration,
     ) -> Result<LeaseGrant, ClusterError> {
         let started = std::time::Instant::now();
+        let usable = budget - budget / 10;
         let mut grant = self
-            .heartbeat_within(node, incarnation, true, budget * 3 / 5)
+            .heartbeat_within(node, incarnation, true, usable)
             .await?;
-        let view_wait = (budget - budget / 10).saturating_sub(started.elapsed());
+        let view_wait = usable.saturating_sub(started.elapsed());
         match self
             .sm
             .views
