@@ -603,6 +603,29 @@ async fn converged(
     Ok(())
 }
 
+/// What a failed run needs to be understood: each probe's instance as every node's replica
+/// has it, the last events, and the tail of every node's log.
+async fn diagnose(c: &NetCluster, probes: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..probes {
+        let name = format!("probe-{i}");
+        for id in c.ids() {
+            let seen = tokio::time::timeout(Duration::from_secs(2), c.instances(id, &name)).await;
+            out.push(format!("{name} as node {id} has it: {seen:?}"));
+        }
+    }
+    if let Some(id) = c.ids().first() {
+        let events = tokio::time::timeout(Duration::from_secs(2), c.events(*id))
+            .await
+            .unwrap_or_default();
+        out.push(format!("last events (node {id}'s replica):"));
+        let from = events.len().saturating_sub(60);
+        out.extend(events[from..].iter().map(|e| format!("  {e}")));
+    }
+    out.push(c.log_tails(40));
+    out
+}
+
 /// Run faults for `cfg.duration` against a fresh cluster, heal, and report.
 pub async fn run(cfg: ChaosConfig) -> ChaosReport {
     let mut report = ChaosReport {
@@ -699,6 +722,7 @@ pub async fn run(cfg: ChaosConfig) -> ChaosReport {
         report
             .timeline
             .push(format!("did not converge: {last_problem}"));
+        report.timeline.extend(diagnose(&c, cfg.probes).await);
     }
     // A write still in flight ends within its 3 s timeout.
     for w in writers {

@@ -154,6 +154,31 @@ pub fn live(file: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The `mode-keeper` processes in process group `pgid` (the watcher a node gives each process
+/// group it starts; for a singleton it also kills the group when the node's lease passes).
+pub fn keepers(pgid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ..."
+        let group: Option<u32> = rest.split_whitespace().nth(2).and_then(|g| g.parse().ok());
+        if head.ends_with("(mode-keeper") && group == Some(pgid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// Whether process `pid`'s parent is a `mode-node` (its command line has `--peers`): false
 /// for a process that outlived the node that started it.
 pub fn parent_is_a_node(pid: u32) -> bool {

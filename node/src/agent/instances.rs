@@ -380,14 +380,17 @@ pub(crate) async fn run(
     }
     let singletons: Arc<Mutex<HashMap<Key, KillSwitch>>> = Default::default();
     let singleton_started = Arc::new(tokio::sync::Notify::new());
+    // The watchdog killed something: the loop replaces it (even if a lease is back by then).
+    let killed = Arc::new(tokio::sync::Notify::new());
     {
         // The watchdog: independent of the loop below (which may be busy starting instances),
         // it kills every singleton as soon as no lease covers it.
-        let (acting, leases, singletons, started, c) = (
+        let (acting, leases, singletons, started, killed, c) = (
             acting.clone(),
             leases.clone(),
             singletons.clone(),
             singleton_started.clone(),
+            killed.clone(),
             ctx.clone(),
         );
         ctx.spawn("lease-watchdog", async move {
@@ -407,6 +410,7 @@ pub(crate) async fn run(
                 if leases.valid(acting.load(Ordering::Acquire)) {
                     continue;
                 }
+                let mut fired = false;
                 for (key, kill) in lock(&singletons).iter() {
                     if !kill.is_fired() {
                         tracing::warn!(
@@ -415,7 +419,11 @@ pub(crate) async fn run(
                             key.1
                         );
                         kill.fire();
+                        fired = true;
                     }
+                }
+                if fired {
+                    killed.notify_one();
                 }
             }
             Ok(())
@@ -505,6 +513,8 @@ pub(crate) async fn run(
             open = next_event => Some(open),
             // A new view: act at once.
             _ = views.changed() => None,
+            // The watchdog killed a singleton: replace it once a lease covers it again.
+            () = killed.notified() => None,
         };
         match woken {
             Some(true) => {
@@ -596,9 +606,12 @@ async fn pass(
     // once: its replacement may start elsewhere as soon as the lease would have run out).
     let keys: Vec<Key> = agent.local.keys().cloned().collect();
     for key in keys {
+        // Killed by the watchdog: dead whether or not a lease is back by now (a lease gap
+        // shorter than this loop's period is seen only here). Replaced by a new copy.
+        let killed = agent.local.get(&key).is_some_and(|l| l.kill.is_fired());
         let (keep, kill) = match desired.get(&key) {
             None => (false, false),
-            Some(d) if d.spec.singleton && !leased => (false, true),
+            Some(d) if d.spec.singleton && (!leased || killed) => (false, true),
             // A dependency being removed: its dependents stop first (an operator's
             // decision; a dependency that merely restarts or moves stops nothing).
             Some(d) if d.spec.depends_on.iter().any(|x| is_deleting(state, x)) => (false, false),
