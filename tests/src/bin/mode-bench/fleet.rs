@@ -163,8 +163,10 @@ pub fn fleet_suite(
         // Idle: heartbeats only.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (idle_cpu_pct, idle_agents_cpu_pct) = idle_cpu(leader_pid).await?;
+        let idle_agents_rss = rss_mib(std::process::id());
         println!(
-            "  idle: the leader used {idle_cpu_pct:.1} % of one core over 10 s with {agents} agents heartbeating (target < 10 % with 5,000); the {agents} agents together {idle_agents_cpu_pct:.1} %"
+            "  idle: the leader used {idle_cpu_pct:.1} % of one core over 10 s with {agents} agents heartbeating (target < 10 % with 5,000); the {agents} agents together {idle_agents_cpu_pct:.1} %, RSS {idle_agents_rss:.0} MiB ({:.0} KiB per agent)",
+            idle_agents_rss * 1024.0 / agents.max(1) as f64
         );
 
         // Deploy.
@@ -249,12 +251,18 @@ pub fn fleet_suite(
         // Idle again, every instance running: heartbeats, and the agents' looks at their
         // instances.
         let (running_leader_cpu_pct, running_agents_cpu_pct) = idle_cpu(leader_pid).await?;
+        let running_agents_rss = rss_mib(std::process::id());
+        let bytes_per_instance =
+            (running_agents_rss - idle_agents_rss) * 1024.0 * 1024.0 / instances.max(1) as f64;
         println!(
-            "  idle with every instance running: the leader used {running_leader_cpu_pct:.1} % of one core over 10 s, the {agents} agents together {running_agents_cpu_pct:.1} %"
+            "  idle with every instance running: the leader used {running_leader_cpu_pct:.1} % of one core over 10 s, the {agents} agents together {running_agents_cpu_pct:.1} %, RSS {running_agents_rss:.0} MiB (+{bytes_per_instance:.0} bytes per instance over the idle agents)"
         );
-        for a in &fleet {
-            a.stop().await;
+        // All at once: one by one, each agent that leaves hands its instances to the others.
+        let mut stopping = tokio::task::JoinSet::new();
+        for a in fleet {
+            stopping.spawn(async move { a.stop().await });
         }
+        while stopping.join_next().await.is_some() {}
         Ok(json!({
             "agents": agents,
             "services": services,
@@ -276,6 +284,9 @@ pub fn fleet_suite(
             "idle_agents_cpu_pct": idle_agents_cpu_pct,
             "running_idle_leader_cpu_pct": running_leader_cpu_pct,
             "running_idle_agents_cpu_pct": running_agents_cpu_pct,
+            "idle_agents_rss_mib": idle_agents_rss,
+            "running_agents_rss_mib": running_agents_rss,
+            "agents_bytes_per_instance": bytes_per_instance,
         }))
     })
 }
