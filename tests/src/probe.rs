@@ -115,26 +115,31 @@ pub fn overlaps(runs: &[Run], tolerance_ms: u64) -> Vec<Overlap> {
     out
 }
 
+/// Every process now: its pid and its /proc directory.
+fn processes() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// The probe processes writing to `file` that run now (by their command line; the shell's
 /// short-lived forks for `$(date)` are not counted).
 pub fn live(file: &Path) -> Vec<u32> {
     let needle = file.display().to_string();
     let mut matching = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for (pid, dir) in processes() {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
         if !String::from_utf8_lossy(&cmdline).contains(&needle) {
             continue;
         }
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
         // "pid (comm) state ppid ...": the fields after the last ')'.
         let mut after = stat
             .rsplit_once(')')
@@ -158,15 +163,8 @@ pub fn live(file: &Path) -> Vec<u32> {
 /// group it starts; for a singleton it also kills the group when the node's lease passes).
 pub fn keepers(pgid: u32) -> Vec<u32> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+    for (pid, dir) in processes() {
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
         let Some((head, rest)) = stat.rsplit_once(')') else {
             continue;
         };
