@@ -972,7 +972,16 @@ async fn exec_group_has_a_keeper_and_is_in_the_ledger_until_reaped() {
         .unwrap_or_else(|| panic!("no keeper in group {shell}: {members:?}"));
     pids.0.push(keeper);
     assert_eq!(members.len(), 3, "{members:?}");
-    let (ppid, _, name) = stat(keeper).unwrap();
+    // The keeper names itself once it runs (until then it has its spawner's name).
+    let mut seen = stat(keeper).unwrap();
+    for _ in 0..200 {
+        if seen.2 == "mode-keeper" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        seen = stat(keeper).unwrap();
+    }
+    let (ppid, _, name) = seen;
     assert_eq!(
         (ppid, name.as_str()),
         (std::process::id() as i32, "mode-keeper")
