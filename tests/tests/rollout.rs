@@ -614,3 +614,54 @@ async fn a_rollout_carries_on_under_a_new_leader_and_drain_wait_ends_when_instan
         "{s:?}"
     );
 }
+
+/// An idle agent looks at its instances cheaply (no view, lease or lifecycle change: only
+/// their state and health against what it last saw); a health flip of an in-process kind,
+/// which changes none of those, must still be seen and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_agent_still_reports_an_in_process_health_flip() {
+    let (c, leader) = cluster(1).await;
+    let scratch = Scratch::new("settled-health");
+    let ready = scratch.0.join("ready");
+    let file = scratch.0.join("inproc.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: inproc\nkind: ticker\nconfig: {{every_ms: 100, healthy_file: \"{}\"}}\n",
+            ready.display()
+        ),
+    )
+    .unwrap();
+    let out = c.modectl(leader, &["svc", "apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", both(&out));
+    let until = |health: &'static str| {
+        let c = &c;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let now = service(c, leader, "inproc")
+                    .await
+                    .and_then(|s| s.instances.first().cloned())
+                    .map(|i| (i.state, i.health))
+                    .unwrap_or_default();
+                if now == ("running".to_string(), health.to_string()) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "not running {health}: {now:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until("unhealthy").await;
+    for round in 0..2 {
+        // Long enough for the agent to settle into its idle looks.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if round % 2 == 0 {
+            std::fs::write(&ready, "").unwrap();
+            until("healthy").await;
+        } else {
+            std::fs::remove_file(&ready).unwrap();
+            until("unhealthy").await;
+        }
+    }
+}

@@ -148,40 +148,69 @@ struct Local {
     inner: ServiceHandle,
     /// What the instance was built from (kind, config, restart policy, grace): a change
     /// replaces it; other spec changes (replicas, placement rules) do not.
-    fingerprint: String,
+    fingerprint: Arc<str>,
     restart_seq: u64,
     /// The fencing token it was started with.
     epoch: u64,
     kill: KillSwitch,
     /// Its health check, when the spec has one.
     health: Option<super::health::Health>,
-    reported: Option<(String, u32, Option<bool>)>,
+    reported: Option<(&'static str, u32, Option<bool>)>,
+    /// What the last report look saw of it (state, restarts, health), while it is placed
+    /// here: what [`still`] compares with.
+    seen: Option<(&'static str, u32, Option<bool>)>,
     reported_at: Instant,
 }
 
-/// What the agent wants the leader to know about one instance.
-fn observe(local: &Local) -> (String, u32, Option<String>) {
+/// What the agent wants the leader to know about one instance: its state and restarts (the
+/// crash reason, which allocates, only when a report is sent: [`crash_of`]). Called for
+/// every instance on every look, so it allocates nothing.
+fn observe(local: &Local) -> (&'static str, u32) {
     let restarts = local.inner.restart_count();
-    let last = local.inner.last_crash_reason().map(|r| r.to_string());
     let state = match (local.wrapper.state(), local.inner.state()) {
-        (ServiceState::Crashed, _) => {
-            let why = local
-                .wrapper
-                .crash_reason()
-                .map(|r| r.to_string())
-                .or(last.clone());
-            return ("failed".to_string(), restarts, why);
-        }
+        (ServiceState::Crashed, _) => "failed",
         (_, ServiceState::Running) => "running",
         (_, ServiceState::Crashed) => "crashed",
         (_, ServiceState::Init | ServiceState::Starting) => "starting",
         _ => "stopped",
     };
-    (state.to_string(), restarts, last)
+    (state, restarts)
 }
 
-fn fingerprint(spec: &ServiceSpec) -> String {
-    spec.runtime().to_string()
+/// Why an instance observed in `state` last crashed (its supervisor's reason when it gave up).
+fn crash_of(local: &Local, state: &str) -> Option<String> {
+    let last = || local.inner.last_crash_reason().map(|r| r.to_string());
+    if state == "failed" {
+        local
+            .wrapper
+            .crash_reason()
+            .map(|r| r.to_string())
+            .or_else(last)
+    } else {
+        last()
+    }
+}
+
+/// What an instance is built from (kind, config, restart policy, grace, health, secrets), as
+/// text: a change replaces the instance.
+fn fingerprint(spec: &ServiceSpec) -> Arc<str> {
+    spec.runtime().to_string().into()
+}
+
+/// [`fingerprint`]s of the specs of one view, each computed once per look (hundreds of
+/// instances share a spec; serializing it for each, every look, was most of an idle agent's
+/// CPU).
+#[derive(Default)]
+struct Prints(HashMap<usize, Arc<str>>);
+
+impl Prints {
+    fn of(&mut self, spec: &ServiceSpec) -> Arc<str> {
+        // Keyed by address: every spec looked up lives in the one view of this look.
+        self.0
+            .entry(spec as *const ServiceSpec as usize)
+            .or_insert_with(|| fingerprint(spec))
+            .clone()
+    }
 }
 
 fn instance_supervisor(spec: &ServiceSpec, slot: u32, inner: ServiceHandle) -> ServiceHandle {
@@ -294,7 +323,7 @@ struct Instances {
     quiet_sent: HashMap<Key, Instant>,
     /// Instances whose service could not be built, with what they were built from: not
     /// retried (nor reported again) until the placement or the spec changes.
-    unbuildable: HashMap<Key, (String, u64, u64)>,
+    unbuildable: HashMap<Key, (Arc<str>, u64, u64)>,
 }
 
 impl Instances {
@@ -489,6 +518,8 @@ pub(crate) async fn run(
     };
     let mut said_waiting_for_catch_up = false;
     let mut period = PERIOD;
+    // What the last pass that found everything settled looked at: view index, lease, caught up.
+    let mut settled_on: Option<(u64, bool, bool)> = None;
     // The instances' lifecycle events (a start, a crash, a restart, a stop) wake the loop at
     // once, so their reports go out without waiting for the next look at the state.
     let mut events = Some(agent.supervisor.subscribe_tree());
@@ -503,11 +534,13 @@ pub(crate) async fn run(
                 None => std::future::pending().await,
             }
         };
+        let mut timer = false;
         let woken = tokio::select! {
             alive = ctx.sleep(period) => {
                 if !alive {
                     break;
                 }
+                timer = true;
                 None
             }
             open = next_event => Some(open),
@@ -534,7 +567,15 @@ pub(crate) async fn run(
         acting.store(state.index, Ordering::Release);
         let leased = leases.valid(state.index);
         let caught_up = leases.caught_up(state.index);
-        let settled = pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await;
+        let looked_at = (state.index, leased, caught_up);
+        let settled = if timer && settled_on == Some(looked_at) {
+            // Nothing changed since a settled pass but time: only see whether the instances
+            // still run (a fleet of idle agents does this for every instance every second).
+            still(&agent) || report_changes(&mut agent, &state)
+        } else {
+            pass(&mut agent, &kinds, &state, &leases, leased, caught_up).await
+        };
+        settled_on = settled.then_some(looked_at);
         period = if settled { SETTLED_PERIOD } else { PERIOD };
         if !caught_up && !said_waiting_for_catch_up && !state.services.is_empty() {
             said_waiting_for_catch_up = true;
@@ -565,6 +606,7 @@ async fn pass(
     caught_up: bool,
 ) -> bool {
     let me = agent.me;
+    let mut prints = Prints::default();
     // Quiet reports repeat while their reason lasts; a reason gone is forgotten.
     agent
         .quiet_sent
@@ -598,7 +640,7 @@ async fn pass(
     agent
         .unbuildable
         .retain(|k, (f, seq, epoch)| match desired.get(k) {
-            Some(d) => *f == fingerprint(d.spec) && *seq == d.restart_seq && *epoch == d.epoch,
+            Some(d) => *f == prints.of(d.spec) && *seq == d.restart_seq && *epoch == d.epoch,
             None => false,
         });
 
@@ -646,7 +688,7 @@ async fn pass(
     for (key, d) in &desired {
         let spec = d.spec;
         if let Some(l) = agent.local.get(key) {
-            if l.fingerprint == fingerprint(spec)
+            if l.fingerprint == prints.of(spec)
                 && l.restart_seq == d.restart_seq
                 && l.epoch == d.epoch
             {
@@ -705,7 +747,7 @@ async fn pass(
             Err(e) => {
                 agent
                     .unbuildable
-                    .insert(key.clone(), (fingerprint(spec), d.restart_seq, d.epoch));
+                    .insert(key.clone(), (prints.of(spec), d.restart_seq, d.epoch));
                 agent.report(
                     key,
                     "failed",
@@ -759,35 +801,65 @@ async fn pass(
             Local {
                 wrapper,
                 inner,
-                fingerprint: fingerprint(spec),
+                fingerprint: prints.of(spec),
                 restart_seq: d.restart_seq,
                 epoch: d.epoch,
                 kill,
                 health,
                 reported: None,
+                seen: None,
                 reported_at: Instant::now(),
             },
         );
     }
 
     // Report changes (only for instances placed here; a moving-away copy stays quiet).
-    let mut settled = agent.stopping.is_empty()
+    let settled = agent.stopping.is_empty()
         && agent.quiet_sent.is_empty()
         && desired.len() == agent.local.len()
         && desired.keys().all(|k| agent.local.contains_key(k));
+    lock(&agent.acked).retain(|key, _| agent.local.contains_key(key) || desired.contains_key(key));
+    report_changes(agent, state) && settled
+}
+
+/// Whether every instance placed here is as the last report look saw it (atomics only: the
+/// look of a settled agent whose view, lease and catch-up have not changed).
+fn still(agent: &Instances) -> bool {
+    agent.local.values().all(|l| {
+        l.seen.is_none_or(|seen| {
+            let (st, restarts) = observe(l);
+            let healthy = match &l.health {
+                Some(h) => h.verdict(),
+                None => l.inner.health(),
+            }
+            .filter(|_| st == "running");
+            seen == (st, restarts, healthy)
+        })
+    })
+}
+
+/// Report what changed in the instances running here since their last report (only for
+/// instances placed here: a moving-away copy stays quiet). Whether every one is running,
+/// untouched by a health check, and its state is taken.
+///
+/// Alone, this is the agent's periodic look while nothing else changed (same view, lease and
+/// catch-up as a settled pass): it allocates only for a report it sends.
+fn report_changes(agent: &mut Instances, state: &NodeView) -> bool {
+    let me = agent.me;
+    let mut settled = true;
     let mut reports = Vec::new();
-    let mut acked = lock(&agent.acked);
-    acked.retain(|key, _| agent.local.contains_key(key) || desired.contains_key(key));
+    let acked = lock(&agent.acked);
     for (key, l) in agent.local.iter_mut() {
         let placed_here = state
             .services
             .get(&key.0)
             .and_then(|s| s.here.get(&key.1))
             .is_some_and(|p| p.node == me && p.epoch == l.epoch);
+        l.seen = None;
         if !placed_here {
             continue;
         }
-        let (st, restarts, last) = observe(l);
+        let (st, restarts) = observe(l);
         settled &= st == "running" && l.health.is_none();
         // A crash is reported once its supervisor has said when it restarts it (at once, or
         // on the next look).
@@ -801,8 +873,11 @@ async fn pass(
             None => l.inner.health(),
         }
         .filter(|_| st == "running");
-        let current = Some((st.clone(), restarts, healthy));
-        let stale = acked.get(key) != Some(&(st.clone(), restarts, l.epoch, healthy));
+        let current = Some((st, restarts, healthy));
+        l.seen = current;
+        let stale = !acked.get(key).is_some_and(|(s, r, e, h)| {
+            s == st && *r == restarts && *e == l.epoch && *h == healthy
+        });
         // Re-send a report the state does not show yet, at most once a second; an identical
         // one the state shows is never sent again.
         settled &= !stale;
@@ -810,7 +885,7 @@ async fn pass(
         if (l.reported != current && stale) || resend {
             l.reported = current;
             l.reported_at = Instant::now();
-            let mut report = plain_report(key, &st, restarts, last, l.epoch);
+            let mut report = plain_report(key, st, restarts, crash_of(l, st), l.epoch);
             report.healthy = healthy;
             report.retry_at_ms = retry_at_ms.filter(|_| st == "crashed");
             reports.push(report);

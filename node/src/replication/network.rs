@@ -406,9 +406,7 @@ impl Caller {
                 ))))
             }
         };
-        let to_incarnation = self
-            .sm
-            .read(|a| a.state.nodes.get(&self.target).map_or(0, |n| n.incarnation));
+        let to_incarnation = self.sm.directory().incarnation(self.target);
         let request = RaftRequest {
             protocol: PROTOCOL_VERSION,
             from: self.my_id,

@@ -300,12 +300,12 @@ pub struct ClusterNode {
 /// Why a heartbeat or report of `node` from data directory `incarnation` is refused, if it is:
 /// the node table knows another incarnation (a duplicate id, or a wiped data directory).
 fn incarnation_conflict(
-    state: &crate::model::state::ClusterState,
+    directory: &super::store::NodeDirectory,
     node: u64,
     incarnation: u64,
 ) -> Option<String> {
-    match state.nodes.get(&node).map(|n| n.incarnation) {
-        Some(k) if k != 0 && incarnation != 0 && k != incarnation => Some(format!(
+    match directory.incarnation(node) {
+        k if k != 0 && incarnation != 0 && k != incarnation => Some(format!(
             "node {node} is registered with data-directory incarnation {k:016x}, but this comes from {incarnation:016x}: another node uses id {node}, or its data directory was wiped (give it a new --id, or remove the old node with `modectl node rm {node}`)"
         )),
         _ => None,
@@ -1438,7 +1438,7 @@ impl ClusterNode {
     /// Refuse a heartbeat or report of `node` from another incarnation than the node table's
     /// (a duplicate id, or a node whose data directory was wiped).
     pub fn check_incarnation(&self, node: u64, incarnation: u64) -> Result<(), ClusterError> {
-        self.local_state(|s| incarnation_conflict(s, node, incarnation))
+        incarnation_conflict(&self.sm.directory(), node, incarnation)
             .map_or(Ok(()), |why| Err(ClusterError::Conflict(why)))
     }
 
@@ -1495,16 +1495,14 @@ impl ClusterNode {
     }
 
     /// On the leader: [`ClusterNode::take_heartbeat`] for a relayed batch `(node,
-    /// incarnation)`, with one look at the state for all (thousands of agents' heartbeats
-    /// must not each wait for the state while a big apply holds it). The refused ones: node ->
-    /// why.
+    /// incarnation)`, checked against the node directory (never behind an apply). The
+    /// refused ones: node -> why.
     pub(crate) fn take_heartbeats(&self, beats: &[(u64, u64)]) -> HashMap<u64, String> {
-        let refused: HashMap<u64, String> = self.local_state(|s| {
-            beats
-                .iter()
-                .filter_map(|(n, i)| incarnation_conflict(s, *n, *i).map(|why| (*n, why)))
-                .collect()
-        });
+        let directory = self.sm.directory();
+        let refused: HashMap<u64, String> = beats
+            .iter()
+            .filter_map(|(n, i)| incarnation_conflict(&directory, *n, *i).map(|why| (*n, why)))
+            .collect();
         self.heartbeats.record_all(
             beats
                 .iter()

@@ -82,15 +82,13 @@ impl RaftService {
             *refused = Some(why.clone());
             return Err(Status::failed_precondition(format!("{WIPED} {why}")));
         }
-        let (known, member, initialized, server) = self.sm.read(|a| {
-            let node = a.state.nodes.get(&req.from);
-            (
-                node.map_or(0, |n| n.incarnation),
-                a.membership.membership().get_node(&req.from).is_some(),
-                a.membership.membership().nodes().next().is_some(),
-                node.is_some_and(|n| n.role == crate::model::state::NodeRole::Server),
-            )
-        });
+        let directory = self.sm.directory();
+        let (known, member, initialized, server) = (
+            directory.incarnation(req.from),
+            directory.is_member(req.from),
+            directory.initialized(),
+            directory.is_server(req.from),
+        );
         if known != 0 && req.incarnation != 0 && known != req.incarnation {
             return Err(Status::failed_precondition(format!(
                 "{WIPED} node {} spoke with data directory incarnation {:016x}, but the cluster knows node {} as {known:016x}: its data was lost, so it must not act as the member it was. Remove it (`modectl node rm {}`) and start it with --join, or start it with --rejoin",

@@ -6,7 +6,7 @@
 // openraft's StorageError is large, and its traits dictate it.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -587,10 +587,69 @@ pub(crate) struct Applied {
     pub(crate) state: ClusterState,
 }
 
+/// What the peer and agent paths ask of every message (a node's data-directory incarnation,
+/// whether it is a server, whether it is a Raft member), kept apart from the state: those
+/// paths must not wait behind a long apply for the state's lock (Raft's own heartbeats and
+/// thousands of agents' heartbeats did, for hundreds of milliseconds during a big deploy).
+#[derive(Debug, Default)]
+pub(crate) struct NodeDirectory {
+    /// node -> (incarnation, is a server).
+    nodes: HashMap<u64, (u64, bool)>,
+    /// The Raft members (voters and learners).
+    members: std::collections::HashSet<u64>,
+}
+
+impl NodeDirectory {
+    fn of(a: &Applied) -> Self {
+        NodeDirectory {
+            nodes: a
+                .state
+                .nodes
+                .iter()
+                .map(|(id, n)| {
+                    (
+                        *id,
+                        (
+                            n.incarnation,
+                            n.role == crate::model::state::NodeRole::Server,
+                        ),
+                    )
+                })
+                .collect(),
+            members: a
+                .membership
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect(),
+        }
+    }
+
+    /// `node`'s data-directory incarnation in the node table (0: unknown).
+    pub(crate) fn incarnation(&self, node: u64) -> u64 {
+        self.nodes.get(&node).map_or(0, |(i, _)| *i)
+    }
+
+    pub(crate) fn is_server(&self, node: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|(_, server)| *server)
+    }
+
+    pub(crate) fn is_member(&self, node: u64) -> bool {
+        self.members.contains(&node)
+    }
+
+    /// Whether the membership names anyone (it does once the cluster is initialized).
+    pub(crate) fn initialized(&self) -> bool {
+        !self.members.is_empty()
+    }
+}
+
 /// The state machine: in memory, snapshots durable.
 #[derive(Clone)]
 pub(crate) struct StateMachineStore {
     applied: Arc<RwLock<Applied>>,
+    /// Rebuilt from the state whenever an entry may change it.
+    directory: Arc<RwLock<Arc<NodeDirectory>>>,
     /// Each node's view of its placements, kept as entries apply.
     pub(crate) views: Arc<super::views::Views>,
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
@@ -628,6 +687,19 @@ impl StateMachineStore {
         drop(guard);
         slow_lock("read", caller, locked - started, locked.elapsed());
         out
+    }
+
+    /// The node directory as of the last applied entry (never waits for an apply).
+    pub(crate) fn directory(&self) -> Arc<NodeDirectory> {
+        self.directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_directory(&self, a: &Applied) {
+        let fresh = Arc::new(NodeDirectory::of(a));
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
     async fn persist_snapshot(
@@ -687,6 +759,7 @@ pub(crate) fn stores(
     );
     let sm = StateMachineStore {
         views,
+        directory: Arc::new(RwLock::new(Arc::new(NodeDirectory::of(&applied)))),
         applied: Arc::new(RwLock::new(applied)),
         snapshot: Arc::new(Mutex::new(r.snapshot)),
         writer,
@@ -760,6 +833,7 @@ pub(super) fn apply_entry(
                 .collect()
         }
         EntryPayload::Membership(m) => {
+            touched.membership();
             a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
             Vec::new()
         }
@@ -799,6 +873,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 }
                 let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+                if touched.may_change_nodes() {
+                    self.set_directory(&a);
+                }
                 self.views.applied(&a.state, touched, index);
                 drop(a);
                 slow_lock(
@@ -843,6 +920,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut all = super::views::Touched::default();
             all.everything();
             let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+            self.set_directory(&a);
             self.views.applied(&a.state, all, index);
         }
         *lock(&self.snapshot) = Some((meta.clone(), data));
@@ -905,5 +983,87 @@ mod tests {
         drop((log, db));
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(stored, Some(committed));
+    }
+
+    /// The node directory (what peer and agent messages are checked against without the
+    /// state's lock) follows the node table as entries apply: a node registering, removed and
+    /// registering from a new data directory; instance reports leave it as it was.
+    #[tokio::test]
+    async fn the_node_directory_follows_the_node_table() {
+        use crate::model::state::{Batch, Command, InstanceReport, NodeRole, Proposal};
+        let dir = std::env::temp_dir().join(format!("mode-store-directory-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (db, recovered) = open(&dir, 1).unwrap();
+        let (_log, mut sm) = stores(db, recovered).unwrap();
+        let entry = |index: u64, command: Command| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch {
+                proposals: vec![Proposal {
+                    at_ms: 0,
+                    command,
+                    trace: None,
+                    request_id: None,
+                    by: None,
+                }]
+                .into(),
+            }),
+        };
+        let register = |incarnation: u64, role: NodeRole| Command::RegisterNode {
+            id: 7,
+            address: "127.0.0.1:1".into(),
+            labels: Default::default(),
+            capacity: 0,
+            kinds: vec![],
+            incarnation,
+            heartbeat_grace_ms: 0,
+            api_address: String::new(),
+            role,
+        };
+        assert_eq!(
+            sm.directory().incarnation(7),
+            0,
+            "unknown before it registers"
+        );
+        sm.apply(vec![entry(1, register(42, NodeRole::Agent))])
+            .await
+            .unwrap();
+        let d = sm.directory();
+        assert_eq!((d.incarnation(7), d.is_server(7)), (42, false));
+        let report = Command::ReportInstances {
+            node: 7,
+            incarnation: 42,
+            reports: vec![InstanceReport {
+                service: "web".into(),
+                slot: 0,
+                state: "running".into(),
+                restart_count: 0,
+                last_crash: None,
+                epoch: 1,
+                healthy: None,
+                retry_at_ms: None,
+                move_: String::new(),
+            }],
+        };
+        sm.apply(vec![entry(2, report)]).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&d, &sm.directory()),
+            "a report does not rebuild the directory"
+        );
+        // A registration from another data directory is refused while the node is known...
+        sm.apply(vec![entry(3, register(43, NodeRole::Server))])
+            .await
+            .unwrap();
+        assert_eq!(sm.directory().incarnation(7), 42);
+        // ...and taken once it was removed.
+        sm.apply(vec![
+            entry(4, Command::RemoveNode { id: 7 }),
+            entry(5, register(43, NodeRole::Server)),
+        ])
+        .await
+        .unwrap();
+        let d = sm.directory();
+        assert_eq!((d.incarnation(7), d.is_server(7)), (43, true));
+        drop(sm);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

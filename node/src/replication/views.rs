@@ -51,6 +51,8 @@ pub(crate) struct Touched {
     /// Something the leader's placement plan depends on may have changed (not only reports
     /// of instances starting or running).
     plan: bool,
+    /// The Raft membership changed.
+    membership: bool,
 }
 
 impl Touched {
@@ -119,6 +121,17 @@ impl Touched {
     }
 
     /// Everything may have changed.
+    /// A membership entry was applied.
+    pub(crate) fn membership(&mut self) {
+        self.membership = true;
+    }
+
+    /// Whether the node table or the membership may have changed (anything but reports,
+    /// events and tokens may: see [`Touched::note`]).
+    pub(crate) fn may_change_nodes(&self) -> bool {
+        self.all || self.plan || self.membership
+    }
+
     pub(crate) fn everything(&mut self) {
         self.all = true;
         self.plan = true;
