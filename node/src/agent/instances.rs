@@ -177,6 +177,18 @@ fn observe(local: &Local) -> (&'static str, u32) {
     (state, restarts)
 }
 
+/// [`observe`], with the instance's health: the spec's check, or else what an in-process
+/// service says of itself (only while running).
+fn observe_health(local: &Local) -> (&'static str, u32, Option<bool>) {
+    let (st, restarts) = observe(local);
+    let healthy = match &local.health {
+        Some(h) => h.verdict(),
+        None => local.inner.health(),
+    }
+    .filter(|_| st == "running");
+    (st, restarts, healthy)
+}
+
 /// Why an instance observed in `state` last crashed (its supervisor's reason when it gave up).
 fn crash_of(local: &Local, state: &str) -> Option<String> {
     let last = || local.inner.last_crash_reason().map(|r| r.to_string());
@@ -825,17 +837,10 @@ async fn pass(
 /// Whether every instance placed here is as the last report look saw it (atomics only: the
 /// look of a settled agent whose view, lease and catch-up have not changed).
 fn still(agent: &Instances) -> bool {
-    agent.local.values().all(|l| {
-        l.seen.is_none_or(|seen| {
-            let (st, restarts) = observe(l);
-            let healthy = match &l.health {
-                Some(h) => h.verdict(),
-                None => l.inner.health(),
-            }
-            .filter(|_| st == "running");
-            seen == (st, restarts, healthy)
-        })
-    })
+    agent
+        .local
+        .values()
+        .all(|l| l.seen.is_none_or(|seen| seen == observe_health(l)))
 }
 
 /// Report what changed in the instances running here since their last report (only for
@@ -859,7 +864,7 @@ fn report_changes(agent: &mut Instances, state: &NodeView) -> bool {
         if !placed_here {
             continue;
         }
-        let (st, restarts) = observe(l);
+        let (st, restarts, healthy) = observe_health(l);
         settled &= st == "running" && l.health.is_none();
         // A crash is reported once its supervisor has said when it restarts it (at once, or
         // on the next look).
@@ -867,12 +872,6 @@ fn report_changes(agent: &mut Instances, state: &NodeView) -> bool {
         if st == "crashed" && retry_at_ms.is_none() {
             continue;
         }
-        // The spec's check, or else what an in-process service says of itself.
-        let healthy = match &l.health {
-            Some(h) => h.verdict(),
-            None => l.inner.health(),
-        }
-        .filter(|_| st == "running");
         let current = Some((st, restarts, healthy));
         l.seen = current;
         let stale = !acked.get(key).is_some_and(|(s, r, e, h)| {
