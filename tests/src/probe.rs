@@ -1,6 +1,7 @@
 //! Singleton probes: an `exec` instance that appends `<unix-time-ms> <pid>` to a file every
 //! 50 ms, and what its file says afterwards: which processes ran when, and whether two of them
-//! ever ran at once.
+//! ever ran at once. A line may carry a third number, when its process started: a restarted
+//! container reuses pids, and two processes with the same pid and another start are two runs.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +36,8 @@ pub fn probe_spec(name: &str, file: &Path, extra: serde_json::Value) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub pid: u32,
+    /// When the process started (the optional third number of its lines; 0 without one).
+    pub born: u64,
     pub first_ms: u64,
     pub last_ms: u64,
     pub lines: u64,
@@ -44,8 +47,13 @@ impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "pid {} from {} to {} ({} ms, {} lines)",
+            "pid {}{} from {} to {} ({} ms, {} lines)",
             self.pid,
+            if self.born == 0 {
+                String::new()
+            } else {
+                format!(" (started {})", self.born)
+            },
             self.first_ms,
             self.last_ms,
             self.last_ms - self.first_ms,
@@ -57,7 +65,7 @@ impl fmt::Display for Run {
 /// Every process that wrote to `file`, in order of its first line.
 pub fn runs(file: &Path) -> Vec<Run> {
     let text = std::fs::read_to_string(file).unwrap_or_default();
-    let mut by_pid: BTreeMap<u32, Run> = BTreeMap::new();
+    let mut by_pid: BTreeMap<(u32, u64), Run> = BTreeMap::new();
     for line in text.lines() {
         let mut parts = line.split_whitespace();
         let (Some(Ok(t)), Some(Ok(pid))) = (
@@ -66,8 +74,14 @@ pub fn runs(file: &Path) -> Vec<Run> {
         ) else {
             continue;
         };
-        let r = by_pid.entry(pid).or_insert(Run {
+        let born = match parts.next().map(str::parse::<u64>) {
+            None => 0,
+            Some(Ok(born)) => born,
+            Some(Err(_)) => continue,
+        };
+        let r = by_pid.entry((pid, born)).or_insert(Run {
             pid,
+            born,
             first_ms: t,
             last_ms: t,
             lines: 0,
@@ -207,7 +221,8 @@ mod tests {
         let file = dir.0.join("probe");
         std::fs::write(
             &file,
-            "1000 7\n1050 7\n1100 7\n1150 8\n1200 8\n1100 9\n2000 9\ngarbage\n",
+            "1000 7\n1050 7\n1100 7\n1150 8\n1200 8\n1100 9\n2000 9\ngarbage\n\
+             3000 7 2990\n3050 7 2990\n3100 7 x\n",
         )
         .unwrap();
         let r = runs(&file);
@@ -217,7 +232,12 @@ mod tests {
             .collect();
         assert_eq!(
             spans,
-            [(7, 1000, 1100, 3), (9, 1100, 2000, 2), (8, 1150, 1200, 2)]
+            [
+                (7, 1000, 1100, 3),
+                (9, 1100, 2000, 2),
+                (8, 1150, 1200, 2),
+                (7, 3000, 3050, 2)
+            ]
         );
         let o = overlaps(&r, 10);
         assert_eq!(o.len(), 1, "{o:?}");

@@ -110,11 +110,12 @@ fn uptime_ms() -> u64 {
     s.parse::<u64>().unwrap() * 1000 + cs.parse::<u64>().unwrap() * 10
 }
 
-/// A singleton exec probe appending `<uptime ms> <node * 1e6 + pid>` to /ledger/NAME every
-/// 50 ms (pids repeat across containers; the node id keeps them apart).
+/// A singleton exec probe appending `<uptime ms> <node * 1e6 + pid> <uptime ms it started>` to
+/// /ledger/NAME every 50 ms (pids repeat across containers, and in a restarted container: the
+/// node id and the start keep them apart).
 fn probe_spec(name: &str, servers: &[u64]) -> String {
     let script = format!(
-        "while :; do read up _ < /proc/uptime; echo \"${{up%.*}}${{up#*.}}0 $((MODE_NODE_ID * 1000000 + $$))\" >> /ledger/{name}; sleep 0.05; done"
+        "read up _ < /proc/uptime; born=${{up%.*}}${{up#*.}}0; while :; do read up _ < /proc/uptime; echo \"${{up%.*}}${{up#*.}}0 $((MODE_NODE_ID * 1000000 + $$)) $born\" >> /ledger/{name}; sleep 0.05; done"
     );
     let names: Vec<String> = servers.iter().map(|s| format!("mode-{s}")).collect();
     serde_json::json!({
@@ -634,11 +635,12 @@ async fn roll_servers(c: std::sync::Arc<Cluster>, how: Roll, probe: &str) -> Str
         c.logs()
     );
     format!(
-        "3 servers one at a time in {:.1} s; {writes} writes succeeded, {failed} attempts failed over to another server; longest gap between successful writes {:.2} s; singleton overlaps {}; singleton runs {}",
+        "3 servers one at a time in {:.1} s; {writes} writes succeeded, {failed} attempts failed over to another server; longest gap between successful writes {:.2} s; singleton overlaps {}; singleton runs {}:\n{}",
         rolled.as_secs_f64(),
         longest.as_secs_f64(),
         overlaps.len(),
-        runs.len()
+        runs.len(),
+        probe::describe(&runs)
     )
 }
 
