@@ -94,7 +94,7 @@ pub async fn run(
             commit(&node, commands).await;
             continue;
         }
-        let state = node.local_state(ClusterState::without_events);
+        let state = node.local_state_long(ClusterState::without_events);
         memory.planned_at = Some(seen);
         if !memory.leading {
             node.heartbeats().reset(state.nodes.keys().copied());
@@ -103,7 +103,10 @@ pub async fn run(
                 ..Memory::default()
             };
         }
-        let commands = decide(&node, &state, liveness, &mut memory);
+        // Planning 1,000,000 placements takes a while: off the runtime's workers, so that
+        // heartbeats and Raft are served meanwhile.
+        let commands =
+            crate::replication::off_worker(|| decide(&node, &state, liveness, &mut memory));
         let commands = split_traced(commands, &state, crate::replication::now_ms());
         commit_traced(&node, commands).await;
     }

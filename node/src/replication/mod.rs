@@ -29,8 +29,8 @@ pub use node::{
     MemberStatus, WriteOutcome, FORWARDED, REQUEST_ID, WRITE_TIMEOUT,
 };
 pub use raft_server::RaftService;
-pub(crate) use store::random_u64;
 pub use store::DataDirError;
 pub(crate) use store::PROCESS_LEDGER_FILE;
+pub(crate) use store::{off_worker, random_u64};
 pub use types::TypeConfig;
 pub use views::{NodeView, ViewService};

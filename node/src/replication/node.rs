@@ -1282,6 +1282,15 @@ impl ClusterNode {
         self.sm.read(|a| f(&a.state))
     }
 
+    /// [`ClusterNode::local_state`] for a reader that may hold the state long (a copy of all
+    /// of it): off the runtime's workers, so that heartbeats and Raft keep being served.
+    pub fn local_state_long<T>(
+        &self,
+        f: impl FnOnce(&crate::model::state::ClusterState) -> T,
+    ) -> T {
+        self.sm.read_long(|a| f(&a.state))
+    }
+
     // ---- status -------------------------------------------------------------------------------
 
     /// The cluster's status. Unless `local`, a follower asks the leader (which knows every

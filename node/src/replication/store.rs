@@ -668,19 +668,70 @@ fn slow_lock(
 ) {
     if waited >= SLOW_LOCK || held >= SLOW_LOCK {
         tracing::warn!(
-            "the replicated state's lock: {what} by {caller} waited {waited:?} and held it {held:?} (a runtime thread is blocked meanwhile)"
+            "the replicated state's lock: {what} by {caller} waited {waited:?} and held it {held:?} (everything else that needs the state waits meanwhile)"
         );
+    }
+}
+
+/// Run `f`, which may block its thread for long (waiting for the state's lock, or holding it
+/// through a big apply or a copy of the whole state), without stalling the other tasks queued
+/// on this runtime worker: on a multi-threaded runtime the worker hands them to another thread
+/// first. (Two blocked workers used to stall a server whole: every agent's heartbeat timed
+/// out at once and thousands of agents failed over.)
+pub(crate) fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
 impl StateMachineStore {
     /// Read the applied state. The lock blocks a runtime thread: holding (or waiting for) it
     /// long stalls everything else on that thread, Raft's heartbeats included, so a slow hold
-    /// is logged with its caller.
+    /// is logged with its caller. A read that has to wait (an apply holds the lock) waits off
+    /// the runtime's workers ([`off_worker`]); one that may hold the lock long says so
+    /// ([`StateMachineStore::read_long`]).
     #[track_caller]
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let caller = std::panic::Location::caller();
         let started = std::time::Instant::now();
+        match self.applied.try_read() {
+            Ok(guard) => {
+                let locked = std::time::Instant::now();
+                let out = f(&guard);
+                drop(guard);
+                slow_lock("read", caller, locked - started, locked.elapsed());
+                out
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let guard = p.into_inner();
+                let out = f(&guard);
+                drop(guard);
+                out
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                off_worker(|| self.read_held(caller, started, f))
+            }
+        }
+    }
+
+    /// [`StateMachineStore::read`] for a reader that may hold the lock long (a copy of the
+    /// whole state): off the runtime's workers from the start.
+    #[track_caller]
+    pub(crate) fn read_long<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        let caller = std::panic::Location::caller();
+        let started = std::time::Instant::now();
+        off_worker(|| self.read_held(caller, started, f))
+    }
+
+    fn read_held<T>(
+        &self,
+        caller: &std::panic::Location<'_>,
+        started: std::time::Instant,
+        f: impl FnOnce(&Applied) -> T,
+    ) -> T {
         let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
         let locked = std::time::Instant::now();
         let out = f(&guard);
@@ -770,7 +821,7 @@ pub(crate) fn stores(
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_applied, membership) = self.read(|a| {
+        let (data, last_applied, membership) = self.read_long(|a| {
             (
                 serde_json::to_vec(&a.state),
                 a.last_applied,
@@ -844,6 +895,33 @@ pub(super) fn apply_entry(
 /// between two entries.
 const APPLY_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Entries this heavy in all ([`weight`]) are applied off the runtime's workers
+/// ([`off_worker`]); lighter ones (a write, a few reports) on the worker, unless they have to
+/// wait for the lock: handing the worker off costs more than applying them.
+const HEAVY_APPLY: usize = 1_000;
+
+/// Roughly how much work applying `entry` is: one per command, plus one per placement,
+/// report, spec or slot it carries.
+fn weight(entry: &Entry) -> usize {
+    use crate::model::state::Command;
+    match &entry.payload {
+        EntryPayload::Normal(batch) => batch
+            .proposals
+            .iter()
+            .map(|p| {
+                1 + match &p.command {
+                    Command::Place { assign, unassign } => assign.len() + unassign.len(),
+                    Command::ReportInstances { reports, .. } => reports.len(),
+                    Command::ApplySpecs { specs, .. } => specs.len(),
+                    Command::RollInstances { slots, .. } => slots.len(),
+                    _ => 0,
+                }
+            })
+            .sum(),
+        _ => 1,
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
@@ -857,33 +935,57 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut results = Vec::new();
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let heavy = entries.iter().map(weight).sum::<usize>() >= HEAVY_APPLY;
         let mut entries = entries.into_iter().peekable();
         // In slices: a long run of entries (a big deploy's reports) must not keep every
         // reader (heartbeats, views, queries) waiting for all of it.
         while entries.peek().is_some() {
             {
-                let started = std::time::Instant::now();
-                let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
-                let locked = std::time::Instant::now();
-                let mut touched = super::views::Touched::default();
-                for entry in entries.by_ref() {
-                    results.push(apply_entry(&mut a, &entry, &mut touched));
-                    if locked.elapsed() >= APPLY_SLICE {
-                        break;
+                // Off the runtime's workers when heavy (one big placement may take most of a
+                // second to apply) or when readers hold the lock.
+                let mut apply = |mut a: std::sync::RwLockWriteGuard<'_, Applied>,
+                                 started: std::time::Instant| {
+                    let locked = std::time::Instant::now();
+                    let mut touched = super::views::Touched::default();
+                    for entry in entries.by_ref() {
+                        results.push(apply_entry(&mut a, &entry, &mut touched));
+                        if locked.elapsed() >= APPLY_SLICE {
+                            break;
+                        }
                     }
+                    let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+                    if touched.may_change_nodes() {
+                        self.set_directory(&a);
+                    }
+                    self.views.applied(&a.state, touched, index);
+                    drop(a);
+                    slow_lock(
+                        "apply",
+                        std::panic::Location::caller(),
+                        locked - started,
+                        locked.elapsed(),
+                    );
+                };
+                let started = std::time::Instant::now();
+                let uncontended = if heavy {
+                    None
+                } else {
+                    match self.applied.try_write() {
+                        Ok(a) => Some(a),
+                        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                        Err(std::sync::TryLockError::WouldBlock) => None,
+                    }
+                };
+                match uncontended {
+                    Some(a) => apply(a, started),
+                    None => off_worker(|| {
+                        apply(
+                            self.applied.write().unwrap_or_else(|p| p.into_inner()),
+                            started,
+                        )
+                    }),
                 }
-                let index = a.last_applied.map(|l| l.index).unwrap_or(0);
-                if touched.may_change_nodes() {
-                    self.set_directory(&a);
-                }
-                self.views.applied(&a.state, touched, index);
-                drop(a);
-                slow_lock(
-                    "apply",
-                    std::panic::Location::caller(),
-                    locked - started,
-                    locked.elapsed(),
-                );
             }
             if entries.peek().is_some() {
                 tokio::task::yield_now().await;
@@ -912,7 +1014,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist_snapshot(meta, &data).await?;
-        {
+        off_worker(|| {
             let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
             a.state = state;
             a.last_applied = meta.last_log_id;
@@ -922,7 +1024,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let index = a.last_applied.map(|l| l.index).unwrap_or(0);
             self.set_directory(&a);
             self.views.applied(&a.state, all, index);
-        }
+        });
         *lock(&self.snapshot) = Some((meta.clone(), data));
         Ok(())
     }
@@ -1065,5 +1167,65 @@ mod tests {
         assert_eq!((d.incarnation(7), d.is_server(7)), (43, true));
         drop(sm);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A read that has to wait for the state's lock (an apply holds it) waits off the
+    /// runtime's worker: the other tasks of a one-worker runtime keep running meanwhile (they
+    /// stood still for the whole apply, and a server's heartbeats timed out with them).
+    #[test]
+    fn a_read_waiting_for_the_lock_lets_the_other_tasks_run() {
+        let dir = std::env::temp_dir().join(format!("mode-store-offworker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (db, recovered) = open(&dir, 1).unwrap();
+        let (_log, sm) = stores(db, recovered).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(AtomicU64::new(0));
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let holder = {
+            let applied = sm.applied.clone();
+            std::thread::spawn(move || {
+                let guard = applied.write().unwrap();
+                held_tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                drop(guard);
+            })
+        };
+        held_rx.recv().unwrap();
+        let during = rt.block_on(async {
+            let ticker = {
+                let ticks = ticks.clone();
+                tokio::spawn(async move {
+                    loop {
+                        ticks.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                })
+            };
+            // Let the ticker start, then wait for the lock on the only worker.
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            let reader = tokio::spawn({
+                let sm = sm.clone();
+                let ticks = ticks.clone();
+                async move {
+                    let before = ticks.load(Ordering::Relaxed);
+                    sm.read(|_| ());
+                    ticks.load(Ordering::Relaxed) - before
+                }
+            });
+            let during = reader.await.unwrap();
+            ticker.abort();
+            during
+        });
+        holder.join().unwrap();
+        drop(rt);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            during >= 10,
+            "the other task ticked {during} times while a read waited 0.5 s for the lock"
+        );
     }
 }

@@ -475,6 +475,19 @@ impl Views {
         })
     }
 
+    /// The index, for a caller on a runtime worker (a heartbeat, a watch): an apply may hold
+    /// it through a big placement, and the wait is then done off the worker
+    /// ([`super::store::off_worker`]).
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        match self.index.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                super::store::off_worker(|| lock(&self.index))
+            }
+        }
+    }
+
     /// After the state machine applied through `applied` (it holds the state's write lock).
     pub(crate) fn applied(&self, state: &ClusterState, touched: Touched, applied: u64) {
         if touched.plan {
@@ -517,7 +530,7 @@ impl Views {
         node: u64,
         after: u64,
     ) -> (tokio::sync::watch::Receiver<Arc<NodeView>>, bool) {
-        let mut ix = lock(&self.index);
+        let mut ix = self.index();
         let processed = ix.processed;
         if let Some(w) = ix.watchers.get(&node) {
             if w.tx.receiver_count() > 0 {
@@ -541,7 +554,7 @@ impl Views {
     /// `wanted` (a lease's index), once this replica has processed that far and published
     /// `node`'s view; `None` meanwhile.
     fn view_index_for(&self, node: u64, wanted: u64) -> Option<u64> {
-        let ix = lock(&self.index);
+        let ix = self.index();
         if ix.processed < wanted {
             return None;
         }
@@ -635,7 +648,7 @@ impl Views {
 
     /// How many nodes are watched here.
     pub(crate) fn watchers(&self) -> usize {
-        lock(&self.index).watchers.len()
+        self.index().watchers.len()
     }
 }
 
