@@ -673,6 +673,20 @@ fn slow_lock(
     }
 }
 
+/// Call `f` with the state under `guard` (taken since `started`), logging a slow wait or hold.
+fn held<T>(
+    caller: &std::panic::Location<'_>,
+    started: std::time::Instant,
+    guard: std::sync::RwLockReadGuard<'_, Applied>,
+    f: impl FnOnce(&Applied) -> T,
+) -> T {
+    let locked = std::time::Instant::now();
+    let out = f(&guard);
+    drop(guard);
+    slow_lock("read", caller, locked - started, locked.elapsed());
+    out
+}
+
 /// Run `f`, which may block its thread for long (waiting for the state's lock, or holding it
 /// through a big apply or a copy of the whole state), without stalling the other tasks queued
 /// on this runtime worker: on a multi-threaded runtime the worker hands them to another thread
@@ -687,6 +701,19 @@ pub(crate) fn off_worker<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Take a lock with `try_now`; if it is busy, wait for it with `wait` off the runtime's
+/// worker ([`off_worker`]). A poisoned lock is taken as it is.
+pub(crate) fn lock_off_worker<G>(
+    try_now: impl FnOnce() -> Result<G, std::sync::TryLockError<G>>,
+    wait: impl FnOnce() -> G,
+) -> G {
+    match try_now() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => off_worker(wait),
+    }
+}
+
 impl StateMachineStore {
     /// Read the applied state. The lock blocks a runtime thread: holding (or waiting for) it
     /// long stalls everything else on that thread, Raft's heartbeats included, so a slow hold
@@ -697,24 +724,8 @@ impl StateMachineStore {
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let caller = std::panic::Location::caller();
         let started = std::time::Instant::now();
-        match self.applied.try_read() {
-            Ok(guard) => {
-                let locked = std::time::Instant::now();
-                let out = f(&guard);
-                drop(guard);
-                slow_lock("read", caller, locked - started, locked.elapsed());
-                out
-            }
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                let guard = p.into_inner();
-                let out = f(&guard);
-                drop(guard);
-                out
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {
-                off_worker(|| self.read_held(caller, started, f))
-            }
-        }
+        let guard = lock_off_worker(|| self.applied.try_read(), || self.read_guard());
+        held(caller, started, guard, f)
     }
 
     /// [`StateMachineStore::read`] for a reader that may hold the lock long (a copy of the
@@ -723,21 +734,15 @@ impl StateMachineStore {
     pub(crate) fn read_long<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let caller = std::panic::Location::caller();
         let started = std::time::Instant::now();
-        off_worker(|| self.read_held(caller, started, f))
+        off_worker(|| held(caller, started, self.read_guard(), f))
     }
 
-    fn read_held<T>(
-        &self,
-        caller: &std::panic::Location<'_>,
-        started: std::time::Instant,
-        f: impl FnOnce(&Applied) -> T,
-    ) -> T {
-        let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
-        let locked = std::time::Instant::now();
-        let out = f(&guard);
-        drop(guard);
-        slow_lock("read", caller, locked - started, locked.elapsed());
-        out
+    fn read_guard(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_guard(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The node directory as of the last applied entry (never waits for an apply).
@@ -943,7 +948,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         while entries.peek().is_some() {
             {
                 // Off the runtime's workers when heavy (one big placement may take most of a
-                // second to apply) or when readers hold the lock.
+                // second to apply); a light one only waits off them if readers hold the lock.
                 let mut apply = |mut a: std::sync::RwLockWriteGuard<'_, Applied>,
                                  started: std::time::Instant| {
                     let locked = std::time::Instant::now();
@@ -968,23 +973,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     );
                 };
                 let started = std::time::Instant::now();
-                let uncontended = if heavy {
-                    None
+                if heavy {
+                    off_worker(|| apply(self.write_guard(), started));
                 } else {
-                    match self.applied.try_write() {
-                        Ok(a) => Some(a),
-                        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                        Err(std::sync::TryLockError::WouldBlock) => None,
-                    }
-                };
-                match uncontended {
-                    Some(a) => apply(a, started),
-                    None => off_worker(|| {
-                        apply(
-                            self.applied.write().unwrap_or_else(|p| p.into_inner()),
-                            started,
-                        )
-                    }),
+                    apply(
+                        lock_off_worker(|| self.applied.try_write(), || self.write_guard()),
+                        started,
+                    );
                 }
             }
             if entries.peek().is_some() {
@@ -1015,7 +1010,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist_snapshot(meta, &data).await?;
         off_worker(|| {
-            let mut a = self.applied.write().unwrap_or_else(|p| p.into_inner());
+            let mut a = self.write_guard();
             a.state = state;
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();

@@ -479,13 +479,7 @@ impl Views {
     /// it through a big placement, and the wait is then done off the worker
     /// ([`super::store::off_worker`]).
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        match self.index.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                super::store::off_worker(|| lock(&self.index))
-            }
-        }
+        super::store::lock_off_worker(|| self.index.try_lock(), || lock(&self.index))
     }
 
     /// After the state machine applied through `applied` (it holds the state's write lock).
