@@ -458,6 +458,13 @@ pub(crate) struct Views {
 /// How long the sender waits for more changes before it publishes (coalescing).
 const COALESCE: Duration = Duration::from_millis(30);
 
+/// How soon a heartbeat that found the views' index busy looks again.
+const INDEX_BUSY_RETRY: Duration = Duration::from_millis(2);
+
+/// The views' index is held by another thread now.
+#[derive(Debug)]
+struct IndexBusy;
+
 /// How many views the sender builds per hold of the state's lock.
 const VIEWS_PER_LOCK: usize = 32;
 
@@ -546,21 +553,29 @@ impl Views {
 
     /// The index of the view `node`'s watcher must have for it to reflect the state at
     /// `wanted` (a lease's index), once this replica has processed that far and published
-    /// `node`'s view; `None` meanwhile.
-    fn view_index_for(&self, node: u64, wanted: u64) -> Option<u64> {
-        let ix = self.index();
+    /// `node`'s view; `Ok(None)` meanwhile, and `Err(IndexBusy)` without looking when an apply
+    /// or the sender holds the index now (the caller waits without blocking its thread).
+    fn view_index_for(&self, node: u64, wanted: u64) -> Result<Option<u64>, IndexBusy> {
+        let ix = match self.index.try_lock() {
+            Ok(ix) => ix,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(IndexBusy),
+        };
         if ix.processed < wanted {
-            return None;
+            return Ok(None);
         }
-        match ix.watchers.get(&node) {
+        Ok(match ix.watchers.get(&node) {
             // Nobody watches here: the lease is valid for a view of at least `wanted`.
             None => Some(wanted),
             Some(_) if ix.dirty.contains(&node) => None,
             Some(w) => Some(w.sent.min(wanted)),
-        }
+        })
     }
 
-    /// [`Views::view_index_for`], waiting up to `timeout`.
+    /// [`Views::view_index_for`], waiting up to `timeout`. Every agent's heartbeat through
+    /// this server waits here: a busy index is waited for by retrying, never by parking a
+    /// thread (thousands of heartbeats blocked on it took hundreds of threads, and stalled
+    /// the server they were meant to spare).
     pub(crate) async fn wait_view_index(
         &self,
         node: u64,
@@ -570,12 +585,13 @@ impl Views {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut processed = self.processed.subscribe();
         loop {
-            if let Some(i) = self.view_index_for(node, wanted) {
-                return Some(i);
-            }
-            let wait = tokio::time::sleep(COALESCE);
+            let wait = match self.view_index_for(node, wanted) {
+                Ok(Some(i)) => return Some(i),
+                Ok(None) => COALESCE,
+                Err(IndexBusy) => INDEX_BUSY_RETRY,
+            };
             tokio::select! {
-                _ = wait => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = processed.changed() => {}
             }
             if tokio::time::Instant::now() >= deadline {
@@ -679,6 +695,54 @@ mod tests {
         }
     }
 
+    /// A heartbeat waiting for a busy index (an apply or the sender holds it) must leave its
+    /// thread to the other tasks: parked threads, one per waiting heartbeat, stalled servers
+    /// with thousands of agents. On a one-thread runtime, a parked wait would stop the ticker.
+    #[test]
+    fn a_heartbeat_waits_for_a_busy_index_without_parking_its_thread() {
+        let views = Views::new(&ClusterState::default(), 5);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (held, release) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let views = views.clone();
+            std::thread::spawn(move || {
+                let _ix = views.index.lock().unwrap();
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(400));
+            })
+        };
+        release.recv().unwrap();
+        let (index, ticks) = rt.block_on(async {
+            let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let ticker = {
+                let ticks = ticks.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            let index = views.wait_view_index(1, 5, Duration::from_secs(5)).await;
+            ticker.abort();
+            (index, ticks.load(std::sync::atomic::Ordering::Relaxed))
+        });
+        holder.join().unwrap();
+        assert_eq!(
+            index,
+            Some(5),
+            "no watcher of node 1: the lease's own index"
+        );
+        assert!(
+            ticks >= 10,
+            "the other task ticked {ticks} times in the 400 ms the wait took"
+        );
+    }
+
     #[test]
     fn only_the_views_an_entry_touches_change_and_leases_translate() {
         let mut state = ClusterState::default();
@@ -701,8 +765,12 @@ mod tests {
         // An entry about other nodes leaves these views alone; a lease at a later index translates to the
         // index of the view already sent.
         apply(&mut state, &views, 5, place("other", 0, 9));
-        assert_eq!(views.view_index_for(1, 5), Some(4));
-        assert_eq!(views.view_index_for(1, 6), None, "not applied that far");
+        assert_eq!(views.view_index_for(1, 5).unwrap(), Some(4));
+        assert_eq!(
+            views.view_index_for(1, 6).unwrap(),
+            None,
+            "not applied that far"
+        );
         // db running on node 1: node 1's own view and node 2's (dependency) change.
         let report = Command::ReportInstance {
             service: "db".into(),
@@ -717,16 +785,20 @@ mod tests {
         };
         apply(&mut state, &views, 6, report);
         assert_eq!(
-            views.view_index_for(1, 6),
+            views.view_index_for(1, 6).unwrap(),
             Some(4),
             "node 1's own report changes nothing it is shown"
         );
         assert_eq!(
-            views.view_index_for(2, 6),
+            views.view_index_for(2, 6).unwrap(),
             None,
             "node 2's view is dirty: db, its dependency, runs now"
         );
-        assert_eq!(views.view_index_for(9, 6), Some(6), "no watcher there");
+        assert_eq!(
+            views.view_index_for(9, 6).unwrap(),
+            Some(6),
+            "no watcher there"
+        );
         // A reconnecting watcher whose view did not change since skips it.
         let (_, unchanged) = views.watch(&state, 9, 5);
         assert!(unchanged);
