@@ -400,7 +400,7 @@ pub(crate) async fn run(
 ) {
     let leases = Arc::new(Leases::default());
     let acting = Arc::new(AtomicU64::new(0));
-    let mut views = link.views(me, incarnation);
+    let mut views = link.views(me, incarnation, &timings);
     {
         let (link, leases, c) = (link.clone(), leases.clone(), ctx.clone());
         ctx.spawn("heartbeat", async move {

@@ -33,10 +33,11 @@ impl Link {
         &self,
         me: u64,
         incarnation: u64,
+        timings: &AgentTimings,
     ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
         match self {
             Link::Local(node) => node.watch_placements(me, 0).0,
-            Link::Remote(servers) => servers.clone().watch(me, incarnation),
+            Link::Remote(servers) => servers.clone().watch(me, incarnation, *timings),
         }
     }
 
@@ -143,6 +144,12 @@ fn failover_window(base: Duration, hops: u32) -> Duration {
     base * 2u32.pow(hops.min(MAX_FAILOVER_DOUBLINGS))
 }
 
+/// How long a server may take to answer the connection's keep-alive ping.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How soon a broken placements watch is reopened (on the same server until the agent moves).
+const WATCH_RETRY: Duration = Duration::from_millis(100);
+
 /// The servers an agent-only node talks to (their peer addresses), and the one in use.
 pub struct Servers {
     addresses: Vec<String>,
@@ -176,7 +183,10 @@ impl Servers {
                 e.connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(3))
+                    // The heartbeats judge whether a server is gone (their deadlines, then the
+                    // failover window); a loaded server late to answer a ping must not lose
+                    // the connection, and every call and watch on it, before that.
+                    .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
                     .keep_alive_while_idle(true)
             })
             .map_err(|e| format!("--servers address '{a}': {e}"))?;
@@ -300,18 +310,26 @@ impl Servers {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(s.message().to_string()),
             Err(s) => {
                 let why = crate::replication::describe_status(&self.addresses[i], &s);
-                let failing_for = crate::service::lock(&self.failing_since)
-                    .get_or_insert_with(Instant::now)
-                    .elapsed();
-                let window =
-                    failover_window(timings.fail_over_after, self.hops.load(Ordering::Acquire));
-                if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER
-                    && failing_for >= window
-                {
-                    self.fail_over(i, &why);
-                }
+                self.failed(i, &why, timings);
                 Err(why)
             }
+        }
+    }
+
+    /// A call to server `i` failed: move on once calls to it have failed twice in a row and
+    /// for the failover window ([`failover_window`]). Heartbeats and the placements watch
+    /// share this one judge: a watch that broke moving the agent at once, past the window and
+    /// its backoff, made thousands of agents hop together when a loaded server dropped
+    /// connections.
+    fn failed(&self, i: usize, why: &str, timings: &AgentTimings) {
+        let failing_for = crate::service::lock(&self.failing_since)
+            .get_or_insert_with(Instant::now)
+            .elapsed();
+        let window = failover_window(timings.fail_over_after, self.hops.load(Ordering::Acquire));
+        if self.failures.fetch_add(1, Ordering::AcqRel) + 1 >= FAILOVER_AFTER
+            && failing_for >= window
+        {
+            self.fail_over(i, why);
         }
     }
 
@@ -354,6 +372,7 @@ impl Servers {
         self: Arc<Self>,
         me: u64,
         incarnation: u64,
+        timings: AgentTimings,
     ) -> tokio::sync::watch::Receiver<Arc<NodeView>> {
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(NodeView::default()));
         tokio::spawn(async move {
@@ -395,9 +414,9 @@ impl Servers {
                 };
                 tracing::info!("watching placements through {}: {why}", self.addresses[i]);
                 if self.current.load(Ordering::Acquire) % self.channels.len() == i {
-                    self.fail_over(i, &why);
+                    self.failed(i, &why, &timings);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(WATCH_RETRY).await;
             }
         });
         rx
@@ -635,6 +654,22 @@ mod tests {
         tokio::time::sleep(quick.fail_over_after).await;
         assert!(servers.heartbeat(7, 1, &quick).await.is_err());
         assert_eq!(servers.current(), "127.0.0.1:1", "moved after two windows");
+    }
+
+    #[tokio::test]
+    async fn a_broken_watch_moves_the_agent_only_after_the_failover_window() {
+        // The default grace: a failover window of 0.5 s. The watch fails every 100 ms.
+        let quick = AgentTimings::for_grace(Duration::from_millis(1500));
+        let servers = two_dead_servers();
+        let _views = servers.clone().watch(7, 1, quick);
+        tokio::time::sleep(quick.fail_over_after / 2).await;
+        assert_eq!(
+            servers.current(),
+            "127.0.0.1:1",
+            "moved after a few broken watches, before the window"
+        );
+        tokio::time::sleep(quick.fail_over_after).await;
+        assert_eq!(servers.current(), "127.0.0.1:2", "moved after the window");
     }
 
     #[test]
