@@ -388,7 +388,12 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                 conn,
                 Call::Read,
                 list_services,
-                pb::ListServicesRequest { stale: false }
+                // The table shows counts only: no instance crosses the wire for it (JSON
+                // keeps every instance, as scripts read them).
+                pb::ListServicesRequest {
+                    stale: false,
+                    summary: !json
+                }
             )
             .await?;
             if json {
@@ -406,7 +411,7 @@ pub(crate) async fn run(cmd: &SvcCmd, conn: &mut Conn, json: bool) -> Result<(),
                     let mut row = vec![
                         spec.name.clone(),
                         spec.kind.clone(),
-                        format!("{}/{}", running(s), wanted(spec)),
+                        format!("{}/{}", s.running, wanted(spec)),
                         restarts.to_string(),
                         spec.generation.to_string(),
                     ];
@@ -721,10 +726,6 @@ fn last_crash(i: &pb::Instance, now: u64) -> String {
     }
 }
 
-fn running(s: &pb::Service) -> u32 {
-    s.instances.iter().filter(|i| i.state == "running").count() as u32
-}
-
 /// Follow `name` (WatchService) until `done` holds for it; a broken stream is reopened (on the
 /// next endpoint if this one is gone). `None` when the service is gone.
 async fn follow_service(
@@ -926,7 +927,7 @@ fn verdict(name: &str, generation: u64, s: &pb::Service) -> Verdict {
     let spec = s.spec.clone().unwrap_or_default();
     let Some(r) = s.rollout.clone() else {
         // Stored before versions were kept: every instance running is all there is to know.
-        let (running, wanted) = (running(s), wanted(&spec));
+        let (running, wanted) = (s.running, wanted(&spec));
         return if running >= wanted {
             Verdict::Done(pb::Rollout {
                 generation: spec.generation,
@@ -1112,7 +1113,10 @@ pub(crate) async fn wait_drained(
                 conn,
                 Call::Read,
                 list_services,
-                pb::ListServicesRequest { stale: false }
+                pb::ListServicesRequest {
+                    stale: false,
+                    summary: false
+                }
             )
             .await?;
             let left: Vec<String> = reply

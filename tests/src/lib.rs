@@ -643,7 +643,10 @@ impl TestCluster {
             let listed = self
                 .client(id)
                 .await
-                .list_services(pb::ListServicesRequest { stale: true })
+                .list_services(pb::ListServicesRequest {
+                    stale: true,
+                    summary: false,
+                })
                 .await;
             if let Ok(r) = listed {
                 if r.into_inner().services.len() == n {

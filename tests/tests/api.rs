@@ -51,14 +51,17 @@ fn apply(specs: Vec<pb::ServiceSpec>) -> pb::ApplyServicesRequest {
 }
 
 async fn names(c: &mut ControlClient<Channel>) -> Vec<String> {
-    c.list_services(pb::ListServicesRequest { stale: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .services
-        .into_iter()
-        .map(|s| s.spec.unwrap().name)
-        .collect()
+    c.list_services(pb::ListServicesRequest {
+        stale: false,
+        summary: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .services
+    .into_iter()
+    .map(|s| s.spec.unwrap().name)
+    .collect()
 }
 
 async fn get(c: &mut ControlClient<Channel>, name: &str) -> Result<pb::Service, tonic::Status> {

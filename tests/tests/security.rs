@@ -62,7 +62,10 @@ fn spec_file(c: &TestCluster, name: &str) -> String {
 async fn spec_names(c: &TestCluster, via: u64) -> Vec<String> {
     let mut client = c.client(via).await;
     let r = client
-        .list_services(pb::ListServicesRequest { stale: true })
+        .list_services(pb::ListServicesRequest {
+            stale: true,
+            summary: false,
+        })
         .await
         .expect("list services")
         .into_inner();

@@ -356,13 +356,19 @@ impl Control for ControlService {
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesReply>, Status> {
         let caller = Caller::of(&request);
-        let applied = self.barrier(request.into_inner().stale).await?;
+        let r = request.into_inner();
+        let applied = self.barrier(r.stale).await?;
+        let to_proto = if r.summary {
+            convert::service_summary_to_proto
+        } else {
+            convert::service_to_proto
+        };
         let services = self.node.local_state(|s| {
             let reasons = s.unplaced_reasons();
             s.specs
                 .keys()
                 .filter_map(|name| {
-                    convert::service_to_proto(
+                    to_proto(
                         s,
                         name,
                         applied,

@@ -534,6 +534,39 @@ pub fn service_to_proto(
     caller: &Caller,
     unplaced_reasons: Option<&BTreeMap<String, String>>,
 ) -> Option<pb::Service> {
+    service_with(state, name, applied, now_ms, caller, unplaced_reasons, true)
+}
+
+/// [`service_to_proto`] without its instances: the counts, rollout and restarts only (a
+/// summary, for `ListServices { summary }`), never building an instance's message.
+pub fn service_summary_to_proto(
+    state: &ClusterState,
+    name: &str,
+    applied: u64,
+    now_ms: u64,
+    caller: &Caller,
+    unplaced_reasons: Option<&BTreeMap<String, String>>,
+) -> Option<pb::Service> {
+    service_with(
+        state,
+        name,
+        applied,
+        now_ms,
+        caller,
+        unplaced_reasons,
+        false,
+    )
+}
+
+fn service_with(
+    state: &ClusterState,
+    name: &str,
+    applied: u64,
+    now_ms: u64,
+    caller: &Caller,
+    unplaced_reasons: Option<&BTreeMap<String, String>>,
+    with_instances: bool,
+) -> Option<pb::Service> {
     let spec = state.specs.get(name)?;
     let rollout = state.current_version(name).map(|v| {
         let empty = BTreeMap::new();
@@ -543,22 +576,27 @@ pub fn service_to_proto(
             Some(crate::model::rollout::progress(spec, placed, now_ms)),
         )
     });
-    let instances: Vec<pb::Instance> = state
-        .placements
-        .get(name)
+    let placed = state.placements.get(name);
+    let instances: Vec<pb::Instance> = placed
         .into_iter()
         .flatten()
+        .filter(|_| with_instances)
         .map(|(slot, p)| {
             let mut i = instance_to_proto(name, *slot, p);
             describe_instance(state, spec, p, now_ms, &mut i);
             i
         })
         .collect();
+    let running = placed
+        .into_iter()
+        .flatten()
+        .filter(|(_, p)| p.state == "running")
+        .count() as u32;
     let deleting = state.deleting.contains(name);
     let unplaced = if deleting {
         0
     } else {
-        (spec.instances() as usize).saturating_sub(instances.len()) as u32
+        (spec.instances() as usize).saturating_sub(placed.map_or(0, |p| p.len())) as u32
     };
     let unplaced_reason = match unplaced {
         0 => String::new(),
@@ -569,7 +607,7 @@ pub fn service_to_proto(
     Some(pb::Service {
         spec: Some(spec_for(caller, spec)),
         deleting,
-        running: instances.iter().filter(|i| i.state == "running").count() as u32,
+        running,
         instances,
         applied_index: applied,
         rollout,
@@ -925,6 +963,37 @@ secrets: {DB_PASSWORD: hunter2}
         assert_eq!(
             e,
             "spec 'web': field 'constraints[0]': set exactly one of `equals` and `in`, not both"
+        );
+    }
+
+    #[test]
+    fn a_summary_counts_the_instances_it_leaves_out() {
+        let mut spec = ServiceSpec::new("web", "ticker");
+        spec.replicas = 4;
+        let mut state = ClusterState::default();
+        state.specs.insert("web".into(), spec);
+        let mut running = Placement::on(1);
+        running.state = "running".into();
+        let mut starting = Placement::on(2);
+        starting.state = "starting".into();
+        let placed = BTreeMap::from([(0, running.clone()), (1, starting), (2, running)]);
+        state.placements.insert("web".into(), placed);
+        let caller = Caller::anonymous();
+        let full = service_to_proto(&state, "web", 7, 0, &caller, None).unwrap();
+        let summary = service_summary_to_proto(&state, "web", 7, 0, &caller, None).unwrap();
+        assert_eq!(full.instances.len(), 3);
+        assert!(summary.instances.is_empty(), "{:?}", summary.instances);
+        for s in [&full, &summary] {
+            assert_eq!((s.running, s.unplaced), (2, 1));
+            assert_eq!(s.unplaced_reason, "not placed yet");
+            assert_eq!(s.applied_index, 7);
+        }
+        assert_eq!(
+            pb::Service {
+                instances: vec![],
+                ..full
+            },
+            summary
         );
     }
 

@@ -86,7 +86,13 @@ async fn readers_who_may_not_see_secrets_get_every_spec_redacted() {
         assert_eq!(secret_of(got.get_ref().spec.as_ref()), want, "{role}");
 
         let listed = api
-            .list_services(as_client(role, pb::ListServicesRequest { stale: false }))
+            .list_services(as_client(
+                role,
+                pb::ListServicesRequest {
+                    stale: false,
+                    summary: false,
+                },
+            ))
             .await
             .unwrap()
             .into_inner();

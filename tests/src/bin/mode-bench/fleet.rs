@@ -213,7 +213,10 @@ pub fn fleet_suite(
             .max_decoding_message_size(1 << 30);
         loop {
             let list = control
-                .list_services(pb::ListServicesRequest { stale: true })
+                .list_services(pb::ListServicesRequest {
+                    stale: true,
+                    summary: true,
+                })
                 .await?
                 .into_inner();
             let running: u64 = list.services.iter().map(|s| u64::from(s.running)).sum();
@@ -234,6 +237,30 @@ pub fn fleet_suite(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let reported_s = deploy0.elapsed().as_secs_f64();
+        // What listing the services costs a server at this size, with and without their
+        // instances (`modectl svc ls` asks for the summary; `-o json` for everything).
+        let list = |summary: bool| {
+            let mut control = control.clone();
+            async move {
+                let t = Instant::now();
+                let reply = control
+                    .list_services(pb::ListServicesRequest {
+                        stale: true,
+                        summary,
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::Ok((
+                    t.elapsed().as_secs_f64() * 1000.0,
+                    prost::Message::encoded_len(&reply),
+                ))
+            }
+        };
+        let (full_ms, full_bytes) = list(false).await?;
+        let (summary_ms, summary_bytes) = list(true).await?;
+        println!(
+            "  listing the services from a follower: {full_ms:.0} ms and {full_bytes} bytes with every instance, {summary_ms:.0} ms and {summary_bytes} bytes as a summary"
+        );
         let deploy_cpu_s = cpu_s(leader_pid)? - cpu0;
         let rss = rss_mib(leader_pid);
         let status = cluster.status(leader, false).await?;
@@ -287,6 +314,10 @@ pub fn fleet_suite(
             "idle_agents_rss_mib": idle_agents_rss,
             "running_agents_rss_mib": running_agents_rss,
             "agents_bytes_per_instance": bytes_per_instance,
+            "list_services_ms": full_ms,
+            "list_services_bytes": full_bytes,
+            "list_services_summary_ms": summary_ms,
+            "list_services_summary_bytes": summary_bytes,
         }))
     })
 }
