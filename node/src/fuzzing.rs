@@ -126,7 +126,7 @@ fn read_services<'a>(state: &ClusterState, names: impl IntoIterator<Item = &'a S
             crate::security::Caller::Node(1),
             crate::security::Caller::anonymous(),
         ] {
-            let _ = convert::service_to_proto(state, name, 1, NOW_MS, &caller, None);
+            let _ = convert::service_to_proto(state, name, 1, NOW_MS, &caller, None, true);
         }
     }
 }

@@ -358,23 +358,19 @@ impl Control for ControlService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         let applied = self.barrier(r.stale).await?;
-        let to_proto = if r.summary {
-            convert::service_summary_to_proto
-        } else {
-            convert::service_to_proto
-        };
         let services = self.node.local_state(|s| {
             let reasons = s.unplaced_reasons();
             s.specs
                 .keys()
                 .filter_map(|name| {
-                    to_proto(
+                    convert::service_to_proto(
                         s,
                         name,
                         applied,
                         crate::replication::now_ms(),
                         &caller,
                         Some(&reasons),
+                        !r.summary,
                     )
                 })
                 .collect()
@@ -1194,5 +1190,6 @@ fn service_view(
         crate::replication::now_ms(),
         caller,
         reasons.as_ref(),
+        true,
     )
 }

@@ -526,39 +526,9 @@ fn in_words(ms: u64) -> String {
 /// Service `name` (spec and instances) in `state`, when it is stored. `unplaced_reasons`
 /// ([`ClusterState::unplaced_reasons`]) say why instances wanted are not placed.
 /// `now_ms` is the answering server's clock (for `min_healthy_ms` in the rollout's progress).
+/// With its instances only when `with_instances`: without them it is a summary (counts,
+/// rollout and restarts; `ListServices { summary }`) that never builds an instance's message.
 pub fn service_to_proto(
-    state: &ClusterState,
-    name: &str,
-    applied: u64,
-    now_ms: u64,
-    caller: &Caller,
-    unplaced_reasons: Option<&BTreeMap<String, String>>,
-) -> Option<pb::Service> {
-    service_with(state, name, applied, now_ms, caller, unplaced_reasons, true)
-}
-
-/// [`service_to_proto`] without its instances: the counts, rollout and restarts only (a
-/// summary, for `ListServices { summary }`), never building an instance's message.
-pub fn service_summary_to_proto(
-    state: &ClusterState,
-    name: &str,
-    applied: u64,
-    now_ms: u64,
-    caller: &Caller,
-    unplaced_reasons: Option<&BTreeMap<String, String>>,
-) -> Option<pb::Service> {
-    service_with(
-        state,
-        name,
-        applied,
-        now_ms,
-        caller,
-        unplaced_reasons,
-        false,
-    )
-}
-
-fn service_with(
     state: &ClusterState,
     name: &str,
     applied: u64,
@@ -979,8 +949,8 @@ secrets: {DB_PASSWORD: hunter2}
         let placed = BTreeMap::from([(0, running.clone()), (1, starting), (2, running)]);
         state.placements.insert("web".into(), placed);
         let caller = Caller::anonymous();
-        let full = service_to_proto(&state, "web", 7, 0, &caller, None).unwrap();
-        let summary = service_summary_to_proto(&state, "web", 7, 0, &caller, None).unwrap();
+        let full = service_to_proto(&state, "web", 7, 0, &caller, None, true).unwrap();
+        let summary = service_to_proto(&state, "web", 7, 0, &caller, None, false).unwrap();
         assert_eq!(full.instances.len(), 3);
         assert!(summary.instances.is_empty(), "{:?}", summary.instances);
         for s in [&full, &summary] {
@@ -1011,7 +981,7 @@ secrets: {DB_PASSWORD: hunter2}
             proof: Proof::Certificate,
         };
         let read = |caller: &Caller| {
-            let s = service_to_proto(&state, "db", 1, 0, caller, None).unwrap();
+            let s = service_to_proto(&state, "db", 1, 0, caller, None, true).unwrap();
             s.spec.unwrap().secrets["DB_PASSWORD"].clone()
         };
         assert_eq!(read(&client(Role::Viewer)), "(secret)");
