@@ -147,8 +147,10 @@ fn failover_window(base: Duration, hops: u32) -> Duration {
 /// How long a server may take to answer the connection's keep-alive ping.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How soon a broken placements watch is reopened (on the same server until the agent moves).
+/// How soon a broken placements watch is reopened (on the same server until the agent
+/// moves): this after its first break, up to [`MAX_WATCH_RETRY_STEPS`] times this after more.
 const WATCH_RETRY: Duration = Duration::from_millis(100);
+const MAX_WATCH_RETRY_STEPS: u32 = 5;
 
 /// The servers an agent-only node talks to (their peer addresses), and the one in use.
 pub struct Servers {
@@ -295,10 +297,7 @@ impl Servers {
             });
         match answer {
             Ok(r) => {
-                self.failures.store(0, Ordering::Release);
-                self.hops.store(0, Ordering::Release);
-                *crate::service::lock(&self.failing_since) = None;
-                *crate::service::lock(&self.last_lease) = Some(std::time::Instant::now());
+                self.answered();
                 let r = r.into_inner();
                 Ok(LeaseGrant {
                     leader: r.leader,
@@ -316,11 +315,19 @@ impl Servers {
         }
     }
 
-    /// A call to server `i` failed: move on once calls to it have failed twice in a row and
-    /// for the failover window ([`failover_window`]). Heartbeats and the placements watch
-    /// share this one judge: a watch that broke moving the agent at once, past the window and
-    /// its backoff, made thousands of agents hop together when a loaded server dropped
-    /// connections.
+    /// A heartbeat was answered: the server in use is fine, and so is this node's lease.
+    fn answered(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.hops.store(0, Ordering::Release);
+        *crate::service::lock(&self.failing_since) = None;
+        *crate::service::lock(&self.last_lease) = Some(std::time::Instant::now());
+    }
+
+    /// A heartbeat to server `i` failed: move on once they have failed twice in a row and for
+    /// the failover window ([`failover_window`]). A broken placements watch is judged the same
+    /// way, on its own count (see [`Servers::watch`]): one that moved the agent at once, past
+    /// the window and its backoff, made thousands of agents hop together when a loaded server
+    /// dropped connections.
     fn failed(&self, i: usize, why: &str, timings: &AgentTimings) {
         let failing_for = crate::service::lock(&self.failing_since)
             .get_or_insert_with(Instant::now)
@@ -377,10 +384,15 @@ impl Servers {
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(NodeView::default()));
         tokio::spawn(async move {
             let mut generation = self.generation.subscribe();
+            // Since when and how many times in a row the watch broke on the server in use
+            // without delivering anything (answered heartbeats do not clear it: a server may
+            // answer them and still fail every watch).
+            let mut broken: Option<(Instant, u32)> = None;
             loop {
                 if tx.is_closed() {
                     return;
                 }
+                let mut delivered = false;
                 let after = tx.borrow().index;
                 let (i, mut client) = self.client();
                 generation.borrow_and_update();
@@ -402,6 +414,7 @@ impl Servers {
                                 _ = tx.closed() => return,
                                 m = stream.message() => match m {
                                     Ok(Some(update)) => {
+                                        delivered = true;
                                         tx.send_replace(Arc::new(view_from_proto(&update)));
                                     }
                                     Ok(None) => break "the stream ended".to_string(),
@@ -413,10 +426,25 @@ impl Servers {
                     Err(s) => crate::replication::describe_status(&self.addresses[i], &s),
                 };
                 tracing::info!("watching placements through {}: {why}", self.addresses[i]);
-                if self.current.load(Ordering::Acquire) % self.channels.len() == i {
-                    self.failed(i, &why, &timings);
+                if delivered || self.current.load(Ordering::Acquire) % self.channels.len() != i {
+                    // It worked for a while, or the agent moved: a fresh start.
+                    broken = None;
                 }
-                tokio::time::sleep(WATCH_RETRY).await;
+                let mut retry = WATCH_RETRY;
+                if self.current.load(Ordering::Acquire) % self.channels.len() == i {
+                    let (since, times) = broken.get_or_insert_with(|| (Instant::now(), 0));
+                    *times += 1;
+                    let window =
+                        failover_window(timings.fail_over_after, self.hops.load(Ordering::Acquire));
+                    if u64::from(*times) >= FAILOVER_AFTER && since.elapsed() >= window {
+                        self.fail_over(i, &why);
+                        broken = None;
+                    } else {
+                        // Each reopening costs the server the node's whole view.
+                        retry = WATCH_RETRY * (*times).min(MAX_WATCH_RETRY_STEPS);
+                    }
+                }
+                tokio::time::sleep(retry).await;
             }
         });
         rx
@@ -668,8 +696,27 @@ mod tests {
             "127.0.0.1:1",
             "moved after a few broken watches, before the window"
         );
-        tokio::time::sleep(quick.fail_over_after).await;
+        tokio::time::sleep(quick.fail_over_after * 2).await;
         assert_eq!(servers.current(), "127.0.0.1:2", "moved after the window");
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_keeps_breaking_moves_the_agent_even_while_heartbeats_are_answered() {
+        let quick = AgentTimings::for_grace(Duration::from_millis(1500));
+        let servers = two_dead_servers();
+        let _views = servers.clone().watch(7, 1, quick);
+        // Heartbeats answered every 50 ms (what an answered heartbeat records).
+        let t0 = Instant::now();
+        while t0.elapsed() < quick.fail_over_after * 3 {
+            servers.answered();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Both servers fail it here, so it may have moved back already: count the moves.
+        let moves = *servers.generation.borrow();
+        assert!(
+            moves >= 1,
+            "a server that fails every watch kept the agent on a frozen view"
+        );
     }
 
     #[test]

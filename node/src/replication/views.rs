@@ -5,12 +5,11 @@
 //! An idle cluster costs nothing here; 1,000,000 placements are never scanned per entry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::model::spec::ServiceSpec;
 use crate::model::state::{ClusterState, Command, Placement};
-use crate::service::lock;
 
 /// What one node's agent needs: every service with an instance placed on the node (or moving
 /// from it) and each service those depend on. What is absent must not run there.
@@ -448,7 +447,8 @@ fn as_shown(p: &Placement) -> Placement {
 
 /// The per-node views of one replica (see the module docs).
 pub(crate) struct Views {
-    index: Mutex<Index>,
+    /// Written by applies, the sender and new watches; read by heartbeats (many at once).
+    index: RwLock<Index>,
     /// Counts the applies that may change the leader's placement plan (see [`Touched`]).
     plan_changes: std::sync::atomic::AtomicU64,
     wake: tokio::sync::Notify,
@@ -460,6 +460,9 @@ const COALESCE: Duration = Duration::from_millis(30);
 
 /// How soon a heartbeat that found the views' index busy looks again.
 const INDEX_BUSY_RETRY: Duration = Duration::from_millis(2);
+
+/// How long a heartbeat retries a busy index before it waits for it on a parked thread.
+const INDEX_PATIENCE: Duration = Duration::from_millis(250);
 
 /// The views' index is held by another thread now.
 #[derive(Debug)]
@@ -475,7 +478,7 @@ impl Views {
         index.rebuild(state, applied);
         index.processed = applied;
         Arc::new(Views {
-            index: Mutex::new(index),
+            index: RwLock::new(index),
             plan_changes: Default::default(),
             wake: tokio::sync::Notify::new(),
             processed: tokio::sync::watch::channel(applied).0,
@@ -485,8 +488,31 @@ impl Views {
     /// The index, for a caller on a runtime worker (a heartbeat, a watch): an apply may hold
     /// it through a big placement, and the wait is then done off the worker
     /// ([`super::store::off_worker`]).
-    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        super::store::lock_off_worker(|| self.index.try_lock(), || lock(&self.index))
+    fn index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        super::store::lock_off_worker(|| self.index.try_write(), || self.write_index())
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index to read, taken at once or `Err(IndexBusy)` while it is written; after
+    /// `patience` of busy tries, waited for (off the worker): one heartbeat parks a thread only
+    /// after it has retried that long, and is never turned away for good by a busy index.
+    fn read_index(
+        &self,
+        patient: bool,
+    ) -> Result<std::sync::RwLockReadGuard<'_, Index>, IndexBusy> {
+        match self.index.try_read() {
+            Ok(ix) => Ok(ix),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if patient => {
+                Ok(super::store::off_worker(|| {
+                    self.index.read().unwrap_or_else(|p| p.into_inner())
+                }))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => Err(IndexBusy),
+        }
     }
 
     /// After the state machine applied through `applied` (it holds the state's write lock).
@@ -495,7 +521,7 @@ impl Views {
             self.plan_changes
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
-        let mut guard = lock(&self.index);
+        let mut guard = self.write_index();
         let ix = &mut *guard;
         if touched.all {
             ix.rebuild(state, applied);
@@ -553,14 +579,16 @@ impl Views {
 
     /// The index of the view `node`'s watcher must have for it to reflect the state at
     /// `wanted` (a lease's index), once this replica has processed that far and published
-    /// `node`'s view; `Ok(None)` meanwhile, and `Err(IndexBusy)` without looking when an apply
-    /// or the sender holds the index now (the caller waits without blocking its thread).
-    fn view_index_for(&self, node: u64, wanted: u64) -> Result<Option<u64>, IndexBusy> {
-        let ix = match self.index.try_lock() {
-            Ok(ix) => ix,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(IndexBusy),
-        };
+    /// `node`'s view; `Ok(None)` meanwhile, and `Err(IndexBusy)` without looking when an apply,
+    /// the sender or a new watch holds the index now and the caller is not yet `patient`
+    /// ([`Views::read_index`]).
+    fn view_index_for(
+        &self,
+        node: u64,
+        wanted: u64,
+        patient: bool,
+    ) -> Result<Option<u64>, IndexBusy> {
+        let ix = self.read_index(patient)?;
         if ix.processed < wanted {
             return Ok(None);
         }
@@ -573,9 +601,9 @@ impl Views {
     }
 
     /// [`Views::view_index_for`], waiting up to `timeout`. Every agent's heartbeat through
-    /// this server waits here: a busy index is waited for by retrying, never by parking a
-    /// thread (thousands of heartbeats blocked on it took hundreds of threads, and stalled
-    /// the server they were meant to spare).
+    /// this server waits here: a busy index is retried for [`INDEX_PATIENCE`] before a thread
+    /// is parked on it (thousands of heartbeats parked on it at once took hundreds of threads,
+    /// and stalled the server they were meant to spare); heartbeats read it side by side.
     pub(crate) async fn wait_view_index(
         &self,
         node: u64,
@@ -584,12 +612,21 @@ impl Views {
     ) -> Option<u64> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut processed = self.processed.subscribe();
+        let mut busy_since: Option<tokio::time::Instant> = None;
         loop {
-            let wait = match self.view_index_for(node, wanted) {
+            let patient = busy_since.is_some_and(|t| t.elapsed() >= INDEX_PATIENCE);
+            let wait = match self.view_index_for(node, wanted, patient) {
                 Ok(Some(i)) => return Some(i),
-                Ok(None) => COALESCE,
-                Err(IndexBusy) => INDEX_BUSY_RETRY,
+                Ok(None) => {
+                    busy_since = None;
+                    COALESCE
+                }
+                Err(IndexBusy) => {
+                    busy_since.get_or_insert_with(tokio::time::Instant::now);
+                    INDEX_BUSY_RETRY
+                }
             };
+            let wait = wait.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = processed.changed() => {}
@@ -616,7 +653,7 @@ impl Views {
                 let me = self.clone();
                 let mut more = false;
                 read(&mut |state| {
-                    let mut ix = lock(&me.index);
+                    let mut ix = me.write_index();
                     let applied = ix.processed;
                     ix.watchers.retain(|_, w| w.tx.receiver_count() > 0);
                     let dirty: Vec<u64> = ix
@@ -658,7 +695,7 @@ impl Views {
 
     /// How many nodes are watched here.
     pub(crate) fn watchers(&self) -> usize {
-        self.index().watchers.len()
+        self.read_index(true).map_or(0, |ix| ix.watchers.len())
     }
 }
 
@@ -696,8 +733,9 @@ mod tests {
     }
 
     /// A heartbeat waiting for a busy index (an apply or the sender holds it) must leave its
-    /// thread to the other tasks: parked threads, one per waiting heartbeat, stalled servers
-    /// with thousands of agents. On a one-thread runtime, a parked wait would stop the ticker.
+    /// thread to the other tasks for its patience: parked threads, one per waiting heartbeat,
+    /// stalled servers with thousands of agents. On a one-thread runtime, a parked wait would
+    /// stop the ticker.
     #[test]
     fn a_heartbeat_waits_for_a_busy_index_without_parking_its_thread() {
         let views = Views::new(&ClusterState::default(), 5);
@@ -709,9 +747,9 @@ mod tests {
         let holder = {
             let views = views.clone();
             std::thread::spawn(move || {
-                let _ix = views.index.lock().unwrap();
+                let _ix = views.index.write().unwrap();
                 held.send(()).unwrap();
-                std::thread::sleep(Duration::from_millis(400));
+                std::thread::sleep(Duration::from_millis(200));
             })
         };
         release.recv().unwrap();
@@ -738,8 +776,8 @@ mod tests {
             "no watcher of node 1: the lease's own index"
         );
         assert!(
-            ticks >= 10,
-            "the other task ticked {ticks} times in the 400 ms the wait took"
+            ticks >= 5,
+            "the other task ticked {ticks} times in the 200 ms the wait took"
         );
     }
 
@@ -765,9 +803,9 @@ mod tests {
         // An entry about other nodes leaves these views alone; a lease at a later index translates to the
         // index of the view already sent.
         apply(&mut state, &views, 5, place("other", 0, 9));
-        assert_eq!(views.view_index_for(1, 5).unwrap(), Some(4));
+        assert_eq!(views.view_index_for(1, 5, true).unwrap(), Some(4));
         assert_eq!(
-            views.view_index_for(1, 6).unwrap(),
+            views.view_index_for(1, 6, true).unwrap(),
             None,
             "not applied that far"
         );
@@ -785,17 +823,17 @@ mod tests {
         };
         apply(&mut state, &views, 6, report);
         assert_eq!(
-            views.view_index_for(1, 6).unwrap(),
+            views.view_index_for(1, 6, true).unwrap(),
             Some(4),
             "node 1's own report changes nothing it is shown"
         );
         assert_eq!(
-            views.view_index_for(2, 6).unwrap(),
+            views.view_index_for(2, 6, true).unwrap(),
             None,
             "node 2's view is dirty: db, its dependency, runs now"
         );
         assert_eq!(
-            views.view_index_for(9, 6).unwrap(),
+            views.view_index_for(9, 6, true).unwrap(),
             Some(6),
             "no watcher there"
         );
